@@ -1,0 +1,398 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from trl_diffusion_opd.transition import (
+    KL_NORMALIZATIONS,
+    SAMPLERS,
+    closed_form_kl,
+    gaussian_log_prob,
+    ppo_surrogate_loss,
+    sample_step,
+    sde_sigma,
+    step_mean,
+    step_std,
+)
+
+
+def _sd3_scheduler():
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(10)
+    return scheduler
+
+
+def _flux_scheduler(num_steps=28, image_seq_len=1024):
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    )
+    mu = calculate_shift(image_seq_len, 256, 4096, 0.5, 1.15)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return scheduler
+
+
+def _flow_grpo_mean_and_std(x, v, sigma, sigma_prev, sigma_max, noise_level):
+    """Straight transcription of Flow-GRPO's ``sde_step_with_logprob`` mean / std (scalar sigmas)."""
+    dt = sigma_prev - sigma
+    denom_sigma = sigma_max if sigma == 1 else sigma
+    std_dev_t = math.sqrt(sigma / (1 - denom_sigma)) * noise_level
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std_dev_t * math.sqrt(-dt)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ODE == diffusers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_scheduler", [_sd3_scheduler, _flux_scheduler], ids=["sd35", "flux"])
+def test_ode_mean_matches_diffusers_euler(make_scheduler):
+    scheduler = make_scheduler()
+    sigmas = scheduler.sigmas
+    assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    for i, timestep in enumerate(scheduler.timesteps):
+        v = torch.randn(x.shape, generator=gen)
+        ref = scheduler.step(v, timestep, x).prev_sample
+        t, t_next = sigmas[i], sigmas[i + 1]
+        for sampler in SAMPLERS:
+            ours = step_mean(x, v, t, t_next, noise_level=0.0, sampler=sampler)
+            torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+        # python floats and (B,) tensors give the same step
+        ours = step_mean(x, v, float(t), float(t_next))
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+        ours = step_mean(x, v, t.repeat(2), t_next.repeat(2))
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+        x_next, mean, std = sample_step(x, v, t, t_next)
+        assert torch.equal(x_next, mean) and float(std) == 0.0
+        x = ref
+
+
+@pytest.mark.parametrize("sampler,a", [("sde", 0.7), ("cps", 0.5)])
+def test_sample_step_noise_scale(sampler, a):
+    gen = torch.Generator().manual_seed(7)
+    x, v = torch.randn(2, 50000, generator=gen), torch.randn(2, 50000, generator=gen)
+    t, t_next = torch.tensor([0.8, 0.4]), torch.tensor([0.7, 0.2])
+    x_next, mean, std = sample_step(x, v, t, t_next, a, sampler, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(mean, step_mean(x, v, t, t_next, a, sampler))
+    torch.testing.assert_close(std, step_std(t, t_next, a, sampler))
+    # same generator seed -> same draw; explicit noise -> mean + std * noise
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    again, _, _ = sample_step(x, v, t, t_next, a, sampler, noise=noise)
+    torch.testing.assert_close(x_next, again)
+    torch.testing.assert_close(again, mean + std[:, None] * noise)
+    # the empirical per-sample std of the draw is the transition std (SE of a std estimate ~ 1 / sqrt(2 n))
+    empirical = (x_next - mean).std(dim=1)
+    torch.testing.assert_close(empirical, std, rtol=4 / math.sqrt(2 * 50000), atol=0)
+
+
+def test_outputs_are_float32_for_low_precision_inputs():
+    x = torch.randn(2, 3, 4).bfloat16()
+    v = torch.randn(2, 3, 4).bfloat16()
+    for sampler in SAMPLERS:
+        for a in (0.0, 0.7):
+            mean = step_mean(x, v, 0.6, 0.5, a, sampler)
+            assert mean.dtype == torch.float32
+            torch.testing.assert_close(mean, step_mean(x.float(), v.float(), 0.6, 0.5, a, sampler))
+            assert step_std(0.6, 0.5, a, sampler).dtype == torch.float32
+            assert closed_form_kl(mean, x, 0.6, 0.5, a, sampler).dtype == torch.float32
+    assert gaussian_log_prob(x, v, torch.tensor(0.5).half()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SDE / CPS formulas
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sde_mean_and_std_hand_checked_value():
+    # x = 0.5, v = -0.3, t = 0.6, t_next = 0.5, a = 0.7:
+    # sigma_t^2 = 0.49 * 0.6 / 0.4 = 0.735; dt = -0.1
+    # mean = 0.5 * (1 - 0.735 * 0.1 / 1.2) + 0.03 * (1 + 0.735 * 0.4 / 1.2) = 0.469375 + 0.03735 = 0.506725
+    x, v = torch.tensor([[0.5]]), torch.tensor([[-0.3]])
+    mean = step_mean(x, v, 0.6, 0.5, noise_level=0.7, sampler="sde")
+    assert mean.item() == pytest.approx(0.506725, abs=1e-6)
+    assert sde_sigma(0.6, 0.7).item() == pytest.approx(math.sqrt(0.735), rel=1e-6)
+    assert step_std(0.6, 0.5, 0.7, "sde").item() == pytest.approx(math.sqrt(0.735 * 0.1), rel=1e-6)
+
+
+def test_cps_mean_and_std_hand_checked_value():
+    # a = 0.5: sigma_c = 0.5 sin(pi / 4); x0_hat = 0.5 + 0.6 * 0.3 = 0.68; x1_hat = 0.5 - 0.4 * 0.3 = 0.38
+    # mean = 0.5 * 0.68 + sqrt(0.25 - 0.125) * 0.38
+    x, v = torch.tensor([[0.5]]), torch.tensor([[-0.3]])
+    mean = step_mean(x, v, 0.6, 0.5, noise_level=0.5, sampler="cps")
+    assert mean.item() == pytest.approx(0.34 + math.sqrt(0.125) * 0.38, abs=1e-6)
+    assert step_std(0.6, 0.5, 0.5, "cps").item() == pytest.approx(0.5 * math.sin(math.pi / 4), rel=1e-6)
+    # a = 1: the x1_hat coefficient vanishes, the mean is the (rescaled) x0 prediction, std = t_next
+    mean = step_mean(x, v, 0.6, 0.5, noise_level=1.0, sampler="cps")
+    assert mean.item() == pytest.approx(0.34, abs=1e-6)
+    assert step_std(0.6, 0.5, 1.0, "cps").item() == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("make_scheduler", [_sd3_scheduler, _flux_scheduler], ids=["sd35", "flux"])
+def test_sde_matches_flow_grpo_over_schedule(make_scheduler):
+    sigmas = make_scheduler().sigmas
+    sigma_max = sigmas[1].item()
+    a = 0.7
+    for i in range(len(sigmas) - 1):
+        t, t_next = sigmas[i].item(), sigmas[i + 1].item()
+        for x, v in ((0.5, -0.3), (-1.2, 0.8)):
+            ref_mean, ref_std = _flow_grpo_mean_and_std(x, v, t, t_next, sigma_max, a)
+            mean = step_mean(torch.tensor([[x]]), torch.tensor([[v]]), t, t_next, a, "sde", t_guard=sigma_max)
+            std = step_std(t, t_next, a, "sde", t_guard=sigma_max)
+            assert mean.item() == pytest.approx(ref_mean, rel=1e-5, abs=1e-6)
+            assert std.item() == pytest.approx(ref_std, rel=1e-5)
+    # at t = 1 only the denominator is guarded: sigma_1 = a sqrt(1 / (1 - sigma_max))
+    assert sde_sigma(1.0, a, t_guard=sigma_max).item() == pytest.approx(a / math.sqrt(1 - sigma_max), rel=1e-6)
+    assert sde_sigma(1.0, a).item() == pytest.approx(a * 100.0, rel=1e-3)
+
+
+def test_per_sample_sigmas_and_guard():
+    gen = torch.Generator().manual_seed(1)
+    x, v = torch.randn(3, 2, 5, generator=gen), torch.randn(3, 2, 5, generator=gen)
+    t = torch.tensor([1.0, 0.7, 0.3])
+    t_next = torch.tensor([0.9, 0.5, 0.0])
+    guard = torch.tensor([0.95, 0.95, 0.95])
+    for sampler in SAMPLERS:
+        mean = step_mean(x, v, t, t_next, 0.8, sampler, t_guard=guard)
+        std = step_std(t, t_next, 0.8, sampler, t_guard=guard)
+        assert mean.shape == x.shape and std.shape == (3,)
+        for i in range(3):
+            mean_i = step_mean(x[i : i + 1], v[i : i + 1], t[i].item(), t_next[i].item(), 0.8, sampler, t_guard=0.95)
+            torch.testing.assert_close(mean[i : i + 1], mean_i)
+            assert std[i].item() == pytest.approx(step_std(t[i], t_next[i], 0.8, sampler, t_guard=0.95).item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# log-probs and KL
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_gaussian_log_prob_matches_torch_distributions():
+    gen = torch.Generator().manual_seed(2)
+    sample, mean = torch.randn(4, 3, 2, 5, generator=gen), torch.randn(4, 3, 2, 5, generator=gen)
+    std = torch.tensor([0.1, 0.5, 1.0, 2.0])
+    ref = torch.distributions.Normal(mean, std.view(4, 1, 1, 1)).log_prob(sample)
+    torch.testing.assert_close(gaussian_log_prob(sample, mean, std), ref.sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(gaussian_log_prob(sample, mean, std, reduction="mean"), ref.mean(dim=(1, 2, 3)))
+    ref = torch.distributions.Normal(mean, 0.3).log_prob(sample).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(gaussian_log_prob(sample, mean, 0.3), ref)
+    torch.testing.assert_close(gaussian_log_prob(sample, mean, torch.tensor(0.3)), ref)
+
+
+@pytest.mark.parametrize("sampler,a", [("sde", 0.7), ("cps", 0.5)])
+def test_closed_form_kl_matches_monte_carlo(sampler, a):
+    gen = torch.Generator().manual_seed(3)
+    n, t, t_next = 20000, 0.6, 0.5
+    x = torch.randn(n, 4, 2, 2, generator=gen)
+    v_student = torch.randn(x.shape, generator=gen)
+    v_teacher = v_student + 0.5 * torch.randn(x.shape, generator=gen)
+    mean_teacher = step_mean(x, v_teacher, t, t_next, a, sampler)
+    sample, mean_student, std = sample_step(x, v_student, t, t_next, a, sampler, generator=gen)
+    estimate = gaussian_log_prob(sample, mean_student, std) - gaussian_log_prob(sample, mean_teacher, std)
+    kl = closed_form_kl(mean_student, mean_teacher, t, t_next, a, sampler, normalization="paper")
+    assert kl.mean() > 0.1  # non-trivial KL, so the check has teeth
+    diff = estimate - kl  # paired: only the sampling noise remains
+    standard_error = diff.std() / math.sqrt(n)
+    assert abs(diff.mean()) < 3 * standard_error, (diff.mean(), standard_error)
+    # the estimator also recovers the absolute KL level
+    assert abs(estimate.mean() - kl.mean()) / kl.mean() < 0.05
+
+
+def test_kl_zero_for_equal_means_and_normalization_ratios():
+    gen = torch.Generator().manual_seed(4)
+    shape = (3, 4, 5, 6)
+    d = 4 * 5 * 6
+    mean_s, mean_t = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    t = torch.tensor([1.0, 0.6, 0.2])
+    t_next = torch.tensor([0.9, 0.45, 0.05])
+    for sampler in SAMPLERS:
+        for a in (0.0, 0.7):
+            for norm in KL_NORMALIZATIONS:
+                kl = closed_form_kl(mean_s, mean_s.clone(), t, t_next, a, sampler, norm, t_guard=0.95)
+                assert torch.equal(kl, torch.zeros(3))
+            paper = closed_form_kl(mean_s, mean_t, t, t_next, a, sampler, "paper", t_guard=0.95)
+            reference = closed_form_kl(mean_s, mean_t, t, t_next, a, sampler, "reference", t_guard=0.95)
+            if a == 0.0:
+                expected = torch.full((3,), float(d))
+                torch.testing.assert_close(paper, 0.5 * ((mean_s - mean_t) ** 2).sum(dim=(1, 2, 3)))
+            elif sampler == "sde":
+                expected = d / (t - t_next)
+            else:
+                expected = torch.full((3,), float(d))
+            torch.testing.assert_close(paper / reference, expected, rtol=1e-5, atol=0)
+    # paper normalization is the exact KL: hand-computed for one element
+    kl = closed_form_kl(torch.tensor([[0.3]]), torch.tensor([[0.1]]), 0.6, 0.5, 0.7, "sde", "paper")
+    assert kl.item() == pytest.approx(0.04 / (2 * 0.735 * 0.1), rel=1e-5)
+    kl = closed_form_kl(torch.tensor([[0.3]]), torch.tensor([[0.1]]), 0.6, 0.5, 0.7, "sde", "reference")
+    assert kl.item() == pytest.approx(0.04 / (2 * 0.735), rel=1e-5)
+
+
+def test_kl_gradient_flows_through_both_means():
+    mean_s = torch.tensor([[0.3, -0.2]], requires_grad=True)
+    mean_t = torch.tensor([[0.1, 0.4]], requires_grad=True)
+    closed_form_kl(mean_s, mean_t, 0.6, 0.5, 0.5, "cps", "paper").sum().backward()
+    var = (0.5 * math.sin(math.pi / 4)) ** 2
+    torch.testing.assert_close(mean_s.grad, torch.tensor([[0.2, -0.6]]) / var)
+    torch.testing.assert_close(mean_t.grad, -mean_s.grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO-style surrogate
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_ppo_surrogate_gradient_is_unbiased_but_noisier():
+    gen = torch.Generator().manual_seed(5)
+    n, d, t, t_next, a = 20000, 4, 0.6, 0.5, 0.7
+    weight = torch.randn(d, d, generator=gen) / math.sqrt(d)
+    bias = torch.randn(d, generator=gen)
+    teacher_weight = weight + 1.0 * torch.randn(d, d, generator=gen) / math.sqrt(d)
+    teacher_bias = bias + 1.0 * torch.randn(d, generator=gen)
+    x = torch.randn(n, d, generator=gen)  # a batch of random states
+    eps = torch.randn(n, d, generator=gen)
+    std = step_std(t, t_next, a, "sde")
+    mean_teacher = step_mean(x, x @ teacher_weight.T + teacher_bias, t, t_next, a, "sde")
+
+    def per_sample_grads(loss_fn):
+        # one copy of the (shared) parameters per sample: d(sum of losses)/d(copy j) = per-sample gradient j
+        w = weight.expand(n, d, d).clone().requires_grad_()
+        b = bias.expand(n, d).clone().requires_grad_()
+        mean_student = step_mean(x, torch.einsum("nij,nj->ni", w, x) + b, t, t_next, a, "sde")
+        loss_fn(mean_student).sum().backward()
+        return torch.cat([w.grad.reshape(n, -1), b.grad], dim=1).double()
+
+    def ppo(mean_student):
+        mean_old = mean_student.detach()
+        sample = mean_old + std * eps
+        return ppo_surrogate_loss(sample, mean_student, mean_old, mean_teacher, std)
+
+    def closed_form(mean_student):
+        return closed_form_kl(mean_student, mean_teacher, t, t_next, a, "sde", normalization="paper")
+
+    g_ppo = per_sample_grads(ppo)
+    g_kl = per_sample_grads(closed_form)
+    kl = closed_form(step_mean(x, x @ weight.T + bias, t, t_next, a, "sde"))
+    assert 0.1 < kl.mean() < 5.0
+
+    diff = g_ppo - g_kl  # paired over the same states: only the sampling noise of a remains
+    standard_error = diff.std(dim=0) / math.sqrt(n)
+    z = diff.mean(dim=0) / standard_error
+    assert z.abs().max() < 4.0, z
+    cosine = torch.nn.functional.cosine_similarity(g_ppo.mean(dim=0), g_kl.mean(dim=0), dim=0)
+    assert cosine > 0.99, cosine
+    # the closed form varies only with the state, the sampled surrogate also with the transition noise
+    variance_ratio = g_ppo.var(dim=0).sum() / g_kl.var(dim=0).sum()
+    assert variance_ratio > 2.0, variance_ratio
+
+
+def test_ppo_surrogate_values_and_clipping():
+    std = 1.0
+    sample = torch.tensor([[1.0]])
+    log_norm = 0.5 * math.log(2 * math.pi)
+    # on-policy: rho = 1 and loss = (log p_old - log p_T) + Delta = 2 Delta
+    mean_s = torch.tensor([[0.0]], requires_grad=True)
+    loss = ppo_surrogate_loss(sample, mean_s, mean_s.detach(), torch.tensor([[3.0]]), std)
+    assert loss.item() == pytest.approx(2 * 1.5, rel=1e-6)  # Delta = -0.5 + 2 = 1.5
+    loss.backward()
+    assert mean_s.grad.item() == pytest.approx(1.0 * (1 + 1.5), rel=1e-6)  # score (a - mu) / std^2 = 1
+    clipped_grad = torch.autograd.grad(
+        ppo_surrogate_loss(sample, mean_s, mean_s.detach(), torch.tensor([[3.0]]), std, clip_range=0.2).sum(), mean_s
+    )[0]
+    assert clipped_grad.item() == pytest.approx(2.5, rel=1e-6)  # clipping is inactive on-policy
+
+    # Delta is detached: a teacher that requires grad only gets the first term's gradient -(a - mu_T) / std^2
+    mean_teacher = torch.tensor([[3.0]], requires_grad=True)
+    (grad,) = torch.autograd.grad(
+        ppo_surrogate_loss(sample, mean_s, mean_s.detach(), mean_teacher, std).sum(), mean_teacher
+    )
+    assert grad.item() == pytest.approx(2.0, rel=1e-6)
+
+    # the sampled transition is a constant (no reparameterised gradient through it)
+    sample_rg = sample.clone().requires_grad_()
+    loss = ppo_surrogate_loss(sample_rg, mean_s, mean_s.detach(), mean_teacher, std)
+    assert torch.autograd.grad(loss.sum(), sample_rg, allow_unused=True)[0] is None
+
+    # off-policy, rho = exp(0.375) > 1.2
+    mean_old = torch.tensor([[0.0]])
+    rho = math.exp(0.375)
+    log_p_theta = -0.125 - log_norm
+    for teacher, delta in ((3.0, 1.5), (1.0, -0.5)):
+        log_p_teacher = -0.5 * (1.0 - teacher) ** 2 - log_norm
+        mean_s = torch.tensor([[0.5]], requires_grad=True)
+        for clip in (None, 0.2):
+            loss = ppo_surrogate_loss(sample, mean_s, mean_old, torch.tensor([[teacher]]), std, clip_range=clip)
+            (grad,) = torch.autograd.grad(loss.sum(), mean_s)
+            score = 0.5  # (a - mu_theta) / std^2
+            if clip is None or delta > 0:  # a cost above the clip range keeps its gradient (pessimistic max)
+                expected_loss, expected_grad = rho * delta, score * (1 + rho * delta)
+            else:
+                expected_loss, expected_grad = 1.2 * delta, score
+            assert loss.item() == pytest.approx(log_p_theta - log_p_teacher + expected_loss, rel=1e-6)
+            assert grad.item() == pytest.approx(expected_grad, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# edge cases
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("a", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("t,t_next,guard", [(1.0, 0.9, None), (1.0, 0.9, 0.95), (0.05, 0.0, None), (1.0, 0.0, None)])
+def test_no_nan_or_inf_at_schedule_ends(sampler, a, t, t_next, guard):
+    gen = torch.Generator().manual_seed(6)
+    x, v, v_t = (torch.randn(2, 3, 4, generator=gen) for _ in range(3))
+    v_s = v.clone().requires_grad_()
+    mean_s = step_mean(x, v_s, t, t_next, a, sampler, t_guard=guard)
+    mean_t = step_mean(x, v_t, t, t_next, a, sampler, t_guard=guard)
+    std = step_std(t, t_next, a, sampler, t_guard=guard)
+    x_next, _, _ = sample_step(x, v, t, t_next, a, sampler, t_guard=guard, generator=gen)
+    assert torch.isfinite(mean_s).all() and torch.isfinite(std).all() and torch.isfinite(x_next).all()
+    assert std >= 0
+    for norm in KL_NORMALIZATIONS:
+        kl = closed_form_kl(mean_s, mean_t, t, t_next, a, sampler, norm, t_guard=guard)
+        assert torch.isfinite(kl).all() and (kl > 0).all()
+        (grad,) = torch.autograd.grad(kl.sum(), v_s, retain_graph=True)
+        assert torch.isfinite(grad).all()
+    if (t_next == 0.0 and sampler == "cps") or a == 0.0:
+        # deterministic step: x_next is the mean, the KL falls back to the ODE form
+        assert float(std) == 0.0 and torch.equal(x_next, step_mean(x, v, t, t_next, a, sampler))
+        kl = closed_form_kl(mean_s, mean_t, t, t_next, a, sampler, "paper")
+        torch.testing.assert_close(kl, 0.5 * ((mean_s - mean_t) ** 2).sum(dim=(1, 2)))
+
+
+def test_sde_sigma_guard_values():
+    # without a guard t = 1 is clamped in the denominator only; with a guard, Flow-GRPO's sigma_max is used
+    assert torch.isfinite(sde_sigma(torch.tensor([1.0, 0.5, 0.0]), 0.7)).all()
+    assert sde_sigma(0.0, 0.7).item() == 0.0
+    guarded = sde_sigma(torch.tensor([1.0, 0.5]), 0.7, t_guard=0.9)
+    torch.testing.assert_close(guarded, torch.tensor([0.7 * math.sqrt(10.0), 0.7]))
+
+
+def test_invalid_arguments_raise():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="sampler"):
+        step_mean(x, x, 0.6, 0.5, 0.7, sampler="ddim")
+    with pytest.raises(ValueError, match="sampler"):
+        step_std(0.6, 0.5, 0.0, sampler="ddim")
+    with pytest.raises(ValueError, match="noise_level"):
+        step_mean(x, x, 0.6, 0.5, -0.1)
+    with pytest.raises(ValueError, match="noise_level"):
+        closed_form_kl(x, x, 0.6, 0.5, -0.1)
+    with pytest.raises(ValueError, match="normalization"):
+        closed_form_kl(x, x, 0.6, 0.5, 0.7, normalization="nats")
+    with pytest.raises(ValueError, match="reduction"):
+        gaussian_log_prob(x, x, 1.0, reduction="max")
+    with pytest.raises(ValueError, match="clip_range"):
+        ppo_surrogate_loss(x, x, x, x, 1.0, clip_range=0.0)
+    with pytest.raises(ValueError, match="sigma"):
+        step_mean(x, x, torch.ones(2, 1), 0.5, 0.7)

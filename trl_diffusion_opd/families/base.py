@@ -1,0 +1,180 @@
+"""The small interface every flow-matching model family implements.
+
+The trainer, evaluation and benchmarks only talk to a `FlowMatchingFamily`. A family knows how its pipeline encodes
+prompts, which sigma schedule its scheduler uses, how to lay out initial latents, how to call its transformer
+(timestep convention, CFG batching or guidance embedding) and how to decode latents to images.
+
+Adding a family (Wan 2.1, SANA, Qwen-Image, ...) is one file: subclass `FlowMatchingFamily`, set `pipeline_class`,
+`name`, `tag` and `default_lora_targets`, implement the five abstract methods, and decorate the class with
+`@register_family`. The conditioning a family returns is a plain `dict[str, torch.Tensor]` whose tensors all have the
+prompt batch as their first dimension, so the trainer can slice, tile and concatenate it without knowing its keys.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+
+Cond = dict[str, torch.Tensor]
+
+_FAMILIES: list[type[FlowMatchingFamily]] = []
+
+
+def register_family(cls: type[FlowMatchingFamily]) -> type[FlowMatchingFamily]:
+    """Class decorator that makes a family discoverable by `get_family`."""
+    _FAMILIES.append(cls)
+    return cls
+
+
+def get_family(pipeline: DiffusionPipeline, **kwargs) -> FlowMatchingFamily:
+    """Return the family wrapper for `pipeline`, chosen by the pipeline's class.
+
+    Raises:
+        ValueError: no registered family handles this pipeline class.
+    """
+    # Imported for their registration side effect.
+    from . import flux, sd3  # noqa: F401
+
+    for cls in _FAMILIES:
+        if isinstance(pipeline, cls.pipeline_class):
+            return cls(pipeline, **kwargs)
+    supported = ", ".join(cls.pipeline_class.__name__ for cls in _FAMILIES)
+    raise ValueError(f"{type(pipeline).__name__} is not supported; supported pipelines: {supported}.")
+
+
+def cond_select(cond: Cond, index: torch.Tensor | slice | list[int]) -> Cond:
+    """Rows `index` of every tensor in `cond`."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cond_tile(cond: Cond, times: int) -> Cond:
+    """`cond` repeated `times` times along the batch (block-wise: [c0, c1, c0, c1, ...])."""
+    if times == 1:
+        return cond
+    return {k: v.repeat(times, *([1] * (v.ndim - 1))) for k, v in cond.items()}
+
+
+def cond_cat(conds: list[Cond]) -> Cond:
+    """Concatenate conditionings with the same keys along the batch."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_to(cond: Cond, device: torch.device | str) -> Cond:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+class FlowMatchingFamily(abc.ABC):
+    """A rectified-flow text-to-image model family, wrapping one diffusers pipeline.
+
+    Latents `x` follow the family's own layout (e.g. `(B, C, h, w)` for SD3, packed `(B, h*w/4, 4C)` for FLUX);
+    the trainer treats them as opaque `(B, ...)` tensors. Sigmas are floats in [0, 1], 1 being pure noise.
+
+    Args:
+        pipeline: The diffusers pipeline (its transformer may carry PEFT adapters).
+        max_sequence_length: Length of the T5 prompt embeddings, when the family has a T5 encoder.
+    """
+
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    name: ClassVar[str]
+    tag: ClassVar[str]
+    default_lora_targets: ClassVar[list[str]]
+    # When `True`, `guidance_scale` is fed to a guidance embedding instead of doubling the batch for CFG.
+    uses_guidance_embedding: bool = False
+
+    def __init__(self, pipeline: DiffusionPipeline, max_sequence_length: int | None = None):
+        self.pipeline = pipeline
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipeline.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders, so that callers can move them off the accelerator once prompts are cached."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self.pipeline, n, None) for n in names) if m is not None]
+
+    def new_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        """A fresh copy of the pipeline's scheduler, so that setting timesteps never mutates the pipeline."""
+        return type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+
+    @abc.abstractmethod
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Embed prompts with the pipeline's text encoders (no CFG duplication).
+
+        Returns:
+            A `Cond` whose tensors have `len(prompts)` rows, in the transformer's dtype.
+        """
+
+    @abc.abstractmethod
+    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+        """The sampler's sigma schedule.
+
+        Returns:
+            float32 tensor of shape `(num_steps + 1,)`, decreasing from about 1 to exactly 0.
+        """
+
+    @abc.abstractmethod
+    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard-normal initial latents x_{t_0} for square images of side `resolution` pixels, float32."""
+
+    @abc.abstractmethod
+    def velocity(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Cond,
+        guidance_scale: float = 1.0,
+        negative_cond: Cond | None = None,
+    ) -> torch.Tensor:
+        """Predicted velocity v(x, sigma) with guidance applied.
+
+        Args:
+            transformer: The transformer to call (the pipeline's, possibly wrapped for DDP, or a full teacher).
+            x: Latents `(B, ...)`.
+            sigma: Sigmas `(B,)` in [0, 1], one per row (rows may be at different steps).
+            cond: Prompt conditioning with `B` rows.
+            guidance_scale: CFG scale, or the guidance-embedding value for guidance-distilled models.
+            negative_cond: Unconditional conditioning with `B` rows, used for CFG when `guidance_scale > 1`.
+
+        Returns:
+            Velocity of `x`'s shape, float32.
+        """
+
+    @abc.abstractmethod
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, resolution: int) -> list:
+        """Decode final latents x_{t_N} to a list of PIL images."""
+
+    @staticmethod
+    def cfg_velocity(
+        call, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, negative_cond: Cond | None, guidance_scale: float
+    ) -> torch.Tensor:
+        """Classifier-free guidance by batching the unconditional and conditional rows in one call.
+
+        `call(x, sigma, cond)` runs the transformer; the result is v_u + g (v_c − v_u), float32.
+        """
+        if guidance_scale <= 1.0 or negative_cond is None:
+            return call(x, sigma, cond).float()
+        v = call(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat([negative_cond, cond])).float()
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -1,0 +1,313 @@
+"""Teacher specifications, their resolution (local folder or Hub) and loading as adapters on the shared base.
+
+Every LoRA teacher becomes a named PEFT adapter on the one frozen transformer that also carries the student, so N
+teachers cost one copy of the base plus N small adapters. `AdapterSwitch` activates one adapter for a forward pass and
+restores the student afterwards.
+
+Accepted spec forms (strings in Python, YAML and on the command line):
+
+- `./path/to/folder` or `/abs/path` — a local folder;
+- `owner/repo`, `owner/repo@revision` — a Hub repo;
+- `owner/repo/sub/folder`, `owner/repo/sub/folder@revision` — a subfolder of a Hub repo (e.g. the released
+  `quanhaol/DiffusionOPD/OCRTeacher/lora`);
+- a dict with `path` and optional `subfolder`, `revision`, `guidance_scale`, `weight`, `weight_name`.
+
+A folder holds a LoRA in diffusers format (`pytorch_lora_weights.safetensors`) or PEFT format
+(`adapter_config.json` + `adapter_model.safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import HF_HUB_OFFLINE
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+
+DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+SPEC_FORMS = (
+    "'./local/folder', 'owner/repo', 'owner/repo@revision', 'owner/repo/sub/folder', "
+    "'owner/repo/sub/folder@revision', or a dict with 'path' and optional 'subfolder', 'revision', "
+    "'guidance_scale', 'weight', 'weight_name'"
+)
+_REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_HUB_SPEC = re.compile(rf"^(?P<repo>{_REPO_PART}/{_REPO_PART})(?P<sub>(/[^/@\s]+)*)(@(?P<rev>[^@\s/][^@\s]*))?$")
+_SPEC_KEYS = {"path", "subfolder", "revision", "guidance_scale", "weight", "weight_name"}
+
+
+@dataclass
+class TeacherSpec:
+    """One teacher: where its weights are and how it supervises.
+
+    Attributes:
+        name: Adapter name, by default the task the teacher supervises.
+        path: Local folder or Hub repo id.
+        subfolder: Folder inside the repo (or local folder) that holds the adapter.
+        revision: Hub revision (branch, tag or commit).
+        guidance_scale: CFG scale of this teacher's predictions; `None` uses the config's default.
+        weight: Weight of this teacher in its task's loss.
+        weight_name: Weight file name when a folder holds several.
+    """
+
+    name: str
+    path: str
+    subfolder: str | None = None
+    revision: str | None = None
+    guidance_scale: float | None = None
+    weight: float = 1.0
+    weight_name: str | None = None
+    local_dir: Path | None = field(default=None, repr=False)
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isdir(self.path)
+
+    @property
+    def display(self) -> str:
+        """`path[/subfolder][@revision]`, as users wrote it."""
+        text = self.path + (f"/{self.subfolder}" if self.subfolder else "")
+        return text + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_teacher_spec(name: str, spec: str | dict[str, Any] | TeacherSpec) -> TeacherSpec:
+    """Parse one teacher spec (see the module docstring for the accepted forms).
+
+    Raises:
+        ValueError: the spec matches none of the accepted forms; the message lists them.
+    """
+    if isinstance(spec, TeacherSpec):
+        return spec
+    if isinstance(spec, dict):
+        unknown = set(spec) - _SPEC_KEYS
+        if "path" not in spec or unknown:
+            problem = f"unknown keys {sorted(unknown)}" if unknown else "no 'path'"
+            raise ValueError(f"Teacher '{name}': malformed spec {spec!r} ({problem}). Accepted forms: {SPEC_FORMS}.")
+        base = parse_teacher_spec(name, str(spec["path"]))
+        return TeacherSpec(
+            name=name,
+            path=base.path,
+            subfolder=spec.get("subfolder", base.subfolder),
+            revision=spec.get("revision", base.revision),
+            guidance_scale=None if spec.get("guidance_scale") is None else float(spec["guidance_scale"]),
+            weight=float(spec.get("weight", 1.0)),
+            weight_name=spec.get("weight_name"),
+        )
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"Teacher '{name}': malformed spec {spec!r}. Accepted forms: {SPEC_FORMS}.")
+    spec = spec.strip()
+    if os.path.isdir(spec) or spec.startswith((".", "/", "~")) or os.sep in spec and os.path.exists(spec):
+        return TeacherSpec(name=name, path=os.path.expanduser(spec))
+    match = _HUB_SPEC.match(spec)
+    if match is None:
+        raise ValueError(
+            f"Teacher '{name}': '{spec}' is neither an existing local folder nor a Hub id. Accepted forms: "
+            f"{SPEC_FORMS}."
+        )
+    return TeacherSpec(name=name, path=match["repo"], subfolder=match["sub"].strip("/") or None, revision=match["rev"])
+
+
+def resolve_teacher(spec: TeacherSpec, cache_dir: str | None = None, token: str | bool | None = None) -> Path:
+    """Return the local folder holding the teacher's adapter, downloading it from the Hub when needed.
+
+    Only the adapter's subfolder is downloaded (with huggingface_hub's progress bars); `HF_HUB_OFFLINE=1` resolves
+    from the local cache.
+
+    Raises:
+        ValueError: the teacher cannot be found; the message names the teacher and says whether the Hub was offline.
+    """
+    if spec.local_dir is not None:
+        return spec.local_dir
+    if spec.is_local:
+        folder = Path(spec.path)
+    else:
+        patterns = [f"{spec.subfolder}/*"] if spec.subfolder else None
+        try:
+            folder = Path(
+                snapshot_download(
+                    spec.path,
+                    revision=spec.revision,
+                    allow_patterns=patterns,
+                    cache_dir=cache_dir,
+                    token=token,
+                )
+            )
+        except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
+            state = "offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "online"
+            raise ValueError(
+                f"Teacher '{spec.name}': could not resolve '{spec.display}' from the Hub ({state}): {error}"
+            ) from error
+    if spec.subfolder:
+        folder = folder / spec.subfolder
+    if not folder.is_dir():
+        raise ValueError(f"Teacher '{spec.name}': '{spec.display}' resolved to {folder}, which is not a folder.")
+    spec.local_dir = folder
+    return folder
+
+
+def _hub_offline() -> bool:
+    return HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def is_full_weight_folder(folder: Path) -> bool:
+    """Whether `folder` holds a whole model (a pipeline's `transformer/` or a transformer folder), not a LoRA."""
+    return (folder / "transformer" / "config.json").is_file() or (
+        (folder / "config.json").is_file() and not (folder / PEFT_CONFIG).is_file()
+    )
+
+
+def read_lora_folder(folder: Path, weight_name: str | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read a LoRA folder in diffusers or PEFT format.
+
+    Returns:
+        `(state_dict, lora_config)`: state-dict keys relative to the transformer in PEFT's naming
+        (`transformer_blocks.0.attn.to_q.lora_A.weight`); `lora_config` the `LoraConfig` kwargs when the folder
+        records them (PEFT's `adapter_config.json` or diffusers' safetensors metadata), else `None`.
+
+    Raises:
+        ValueError: the folder holds no LoRA in either format.
+    """
+    if weight_name is None:
+        if (folder / DIFFUSERS_LORA_WEIGHTS).is_file():
+            weight_name = DIFFUSERS_LORA_WEIGHTS
+        elif (folder / PEFT_WEIGHTS).is_file():
+            weight_name = PEFT_WEIGHTS
+        else:
+            raise ValueError(
+                f"{folder} holds no LoRA: expected '{DIFFUSERS_LORA_WEIGHTS}' (diffusers format) or "
+                f"'{PEFT_CONFIG}' + '{PEFT_WEIGHTS}' (PEFT format)."
+            )
+    path = folder / weight_name
+    state_dict = load_file(path)
+    config = None
+    if (folder / PEFT_CONFIG).is_file():
+        config = json.loads((folder / PEFT_CONFIG).read_text())
+    else:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        raw = metadata.get("transformer.lora_adapter_metadata") or metadata.get("lora_adapter_metadata")
+        if raw:
+            config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    prefixes = ("base_model.model.", "transformer.")
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in prefixes:
+            key = key.removeprefix(prefix)
+        if key.startswith(("text_encoder.", "text_encoder_2.")):
+            continue  # text-encoder LoRAs do not touch the transformer this trainer distils
+        cleaned[key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")] = value
+    return cleaned, config
+
+
+def lora_module_names(state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """Module paths that a LoRA state dict adapts (`...attn.to_q` for `...attn.to_q.lora_A.weight`)."""
+    return {key.split(".lora_")[0] for key in state_dict if ".lora_" in key}
+
+
+def lora_config_for(state_dict: dict[str, torch.Tensor], config: dict | None) -> LoraConfig:
+    """The `LoraConfig` of a LoRA state dict: from its recorded config when there is one (so alpha survives),
+    else inferred as diffusers does (rank from `lora_B`, alpha = rank, the adapted modules as exact targets)."""
+    if config is not None:
+        known = set(LoraConfig.__dataclass_fields__)
+        skip = {"init_lora_weights", "inference_mode", "base_model_name_or_path", "revision", "task_type"}
+        kwargs = {k: v for k, v in config.items() if k in known and k not in skip}
+        kwargs.pop("peft_type", None)
+        return LoraConfig(**kwargs)
+    ranks = {key.split(".lora_B")[0]: v.shape[1] for key, v in state_dict.items() if ".lora_B." in key and v.ndim > 1}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {f"^{m}$": r for m, r in ranks.items() if r != rank}
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+    )
+
+
+def load_lora_teacher(transformer: torch.nn.Module, spec: TeacherSpec, folder: Path) -> None:
+    """Load a LoRA teacher as the adapter `spec.name` on `transformer`, frozen.
+
+    Its rank, alpha and target modules are its own (they may differ from the student's and other teachers').
+
+    Raises:
+        ValueError: the adapter targets modules the base does not have.
+    """
+    state_dict, config = read_lora_folder(folder, spec.weight_name)
+    modules = dict(transformer.named_modules())
+    missing = sorted(m for m in lora_module_names(state_dict) if m not in modules)
+    if missing:
+        raise ValueError(
+            f"Teacher '{spec.name}' ({spec.display}) adapts {len(missing)} module(s) that the base transformer does "
+            f"not have, e.g. {missing[:3]}: is it a LoRA for another model?"
+        )
+    lora_config = lora_config_for(state_dict, config)
+    transformer.add_adapter(lora_config, adapter_name=spec.name)
+    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=spec.name)
+    expected = {k for k in transformer.state_dict() if f".{spec.name}." in k}
+    not_loaded = sorted(k for k in result.missing_keys if k in expected)
+    if not_loaded or result.unexpected_keys:
+        raise ValueError(
+            f"Teacher '{spec.name}' ({spec.display}) did not load exactly: missing {not_loaded[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}."
+        )
+    for param_name, param in transformer.named_parameters():
+        if f".{spec.name}." in param_name:
+            param.requires_grad_(False)
+
+
+class AdapterSwitch:
+    """Activates one named adapter (or none) on a PEFT-injected transformer and restores the student.
+
+    The tuner layers are listed once, so switching costs one attribute write per adapted layer. Teachers are
+    activated in inference mode (nothing requires grad); the student is restored as the only trainable adapter.
+
+    Args:
+        transformer: The transformer carrying the adapters.
+        student: Name of the trainable adapter.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, student: str):
+        self.student = student
+        self.layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+    def activate(self, name: str | None) -> None:
+        """Make `name` the only active adapter (`None`: the plain base)."""
+        for layer in self.layers:
+            if name is None:
+                layer.enable_adapters(False)
+                continue
+            if layer.disable_adapters:
+                layer.enable_adapters(True)
+            layer.set_adapter(name, inference_mode=name != self.student)
+
+    def use(self, name: str | None):
+        """Context manager: `with switch.use("ocr"): ...` runs with that adapter, then restores the student."""
+        return _AdapterContext(self, name)
+
+
+class _AdapterContext:
+    def __init__(self, switch: AdapterSwitch, name: str | None):
+        self.switch, self.name = switch, name
+
+    def __enter__(self):
+        self.switch.activate(self.name)
+
+    def __exit__(self, *exc):
+        self.switch.activate(self.switch.student)
+        return False

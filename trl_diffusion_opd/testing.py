@@ -1,0 +1,374 @@
+"""Offline, randomly initialised pipelines for tests, examples, the demo and benchmarks.
+
+Everything here is built from configs in memory: no file or network access, deterministic for a seed, and small
+enough that a transformer forward pass takes milliseconds on a CPU. The pipelines are real diffusers pipelines
+(`StableDiffusion3Pipeline`, `FluxPipeline`), so the code under test is the code users run on real checkpoints.
+
+```python
+from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache
+
+pipe = get_tiny_sd3_pipeline(seed=0)
+image = pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0]
+
+pipe.save_pretrained("tiny-sd3")
+save_to_hub_cache("tiny-sd3", "org/tiny-sd3", cache_dir="hub-cache")  # then HF_HUB_OFFLINE=1 from_pretrained works
+```
+
+This module is never imported by the training path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import string
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+
+__all__ = [
+    "TINY_RESOLUTION",
+    "get_tiny_clip_tokenizer",
+    "get_tiny_flux_pipeline",
+    "get_tiny_sd3_pipeline",
+    "get_tiny_t5_tokenizer",
+    "save_toy_lora",
+    "save_to_hub_cache",
+]
+
+# Image side (pixels) the tiny pipelines are meant to run at: 2x VAE downsampling -> 16x16 latents.
+TINY_RESOLUTION = 32
+_CLIP_MAX_LENGTH = 77
+_T5_MAX_LENGTH = 32
+_CHARS = string.ascii_lowercase + string.digits + ".,'\"!?-"
+
+
+def get_tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer built in memory (no vocab file, no download)."""
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    pieces = specials + list(_CHARS) + [c + "</w>" for c in _CHARS]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CLIP_MAX_LENGTH)
+
+
+def get_tiny_t5_tokenizer() -> T5Tokenizer:
+    """A character-level T5 Unigram tokenizer built in memory (no sentencepiece file, no download)."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -3.0) for c in _CHARS] + [("▁" + c, -2.5) for c in _CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
+
+
+def _clip_config(hidden_size: int, vocab_size: int, projection_dim: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=_CLIP_MAX_LENGTH,
+        vocab_size=vocab_size,
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def _t5_encoder(d_model: int, vocab_size: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def _tiny_vae(latent_channels: int) -> AutoencoderKL:
+    # Two blocks -> vae_scale_factor 2. Shift/scale mimic SD3's so that the code path that undoes them is exercised.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=TINY_RESOLUTION,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def _seeded(seed: int, offset: int):
+    torch.manual_seed(seed * 1000 + offset)
+
+
+def get_tiny_sd3_pipeline(
+    seed: int = 0,
+    with_t5: bool = True,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    attention_head_dim: int = 8,
+    patch_size: int = 2,
+    sample_size: int = TINY_RESOLUTION // 2,
+    shift: float = 3.0,
+) -> StableDiffusion3Pipeline:
+    """A randomly initialised `StableDiffusion3Pipeline` with SD3.5's structure at a tiny size.
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        with_t5: Include the T5 text encoder (SD3 also runs without it, padding with zeros).
+        num_layers, num_attention_heads, attention_head_dim, patch_size: Transformer size. The defaults are tiny
+            (milliseconds per forward pass); benchmarks pass e.g. `num_layers=4, num_attention_heads=4,
+            attention_head_dim=64` for a "small" model with hidden size 256.
+        sample_size: Latent side the transformer is configured for (the image side is twice this).
+        shift: Sigma shift of the flow-matching scheduler (SD3.5-Medium uses 3.0).
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32.
+    """
+    hidden = 32
+    clip_vocab = len(get_tiny_clip_tokenizer())
+    joint_dim = 2 * hidden  # concatenated CLIP-L + CLIP-G hidden states, the width of T5 too
+    _seeded(seed, 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_dim,
+        caption_projection_dim=num_attention_heads * attention_head_dim,
+        pooled_projection_dim=2 * hidden,
+        pos_embed_max_size=max(sample_size // patch_size, 16),
+    )
+    _seeded(seed, 2)
+    text_encoder = CLIPTextModelWithProjection(_clip_config(hidden, clip_vocab, hidden))
+    _seeded(seed, 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(hidden, clip_vocab, hidden))
+    text_encoder_3 = tokenizer_3 = None
+    if with_t5:
+        tokenizer_3 = get_tiny_t5_tokenizer()
+        _seeded(seed, 4)
+        text_encoder_3 = _t5_encoder(joint_dim, len(tokenizer_3))
+    _seeded(seed, 5)
+    vae = _tiny_vae(latent_channels=4)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=get_tiny_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=get_tiny_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    return _to_eval(pipe)
+
+
+def get_tiny_flux_pipeline(
+    seed: int = 0,
+    guidance_embeds: bool = True,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+) -> FluxPipeline:
+    """A randomly initialised `FluxPipeline` with FLUX.1's structure at a tiny size.
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        guidance_embeds: `True` mimics the guidance-distilled FLUX.1-dev, `False` FLUX.1-schnell.
+        num_layers, num_single_layers, num_attention_heads, attention_head_dim: Transformer size.
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32.
+    """
+    hidden = 32
+    latent_channels = 4
+    axes = attention_head_dim // 4
+    _seeded(seed, 1)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # FLUX packs 2x2 latent patches into channels
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=hidden,
+        pooled_projection_dim=hidden,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(axes, axes, attention_head_dim - 2 * axes),
+    )
+    clip_tokenizer = get_tiny_clip_tokenizer()
+    _seeded(seed, 2)
+    text_encoder = CLIPTextModel(_clip_config(hidden, len(clip_tokenizer), hidden))
+    tokenizer_2 = get_tiny_t5_tokenizer()
+    _seeded(seed, 3)
+    text_encoder_2 = _t5_encoder(hidden, len(tokenizer_2))
+    _seeded(seed, 4)
+    vae = _tiny_vae(latent_channels=latent_channels)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=16,
+        max_image_seq_len=256,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    return _to_eval(pipe)
+
+
+def _to_eval(pipe):
+    # Models built from a config start in train mode; eval() disables dropout so outputs are deterministic.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_to_hub_cache(
+    folder: str | os.PathLike,
+    repo_id: str,
+    cache_dir: str | os.PathLike,
+    revision: str = "main",
+    repo_type: str = "model",
+) -> Path:
+    """Place a saved folder into a Hugging Face Hub cache layout so that it resolves offline by repo id.
+
+    Writes `{cache_dir}/models--{org}--{name}/snapshots/{commit}/...` (a copy of `folder`) and
+    `refs/{revision}` pointing at that commit, which is what `huggingface_hub` reads when `HF_HUB_OFFLINE=1`. Point
+    `HF_HUB_CACHE` (or a `cache_dir=` argument) at `cache_dir`.
+
+    Args:
+        folder: A folder produced by `save_pretrained` / `save_lora_weights` (any files).
+        repo_id: The `org/name` id it should resolve as.
+        cache_dir: The Hub cache root.
+        revision: The branch name recorded in `refs/`.
+        repo_type: `"model"` or `"dataset"`.
+
+    Returns:
+        The snapshot folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    digest = hashlib.sha1()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    commit = digest.hexdigest()
+    repo_dir = Path(cache_dir) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(folder, snapshot)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+    (repo_dir / "blobs").mkdir(exist_ok=True)
+    return snapshot
+
+
+def save_toy_lora(
+    pipeline,
+    folder: str | os.PathLike,
+    seed: int = 0,
+    rank: int = 4,
+    lora_alpha: int | None = None,
+    target_modules: list[str] | None = None,
+    std: float = 0.1,
+    format: str = "diffusers",
+) -> Path:
+    """Save a LoRA with random non-zero A and B for `pipeline`'s transformer: a toy "teacher" that differs from
+    the base (a freshly initialised LoRA has B = 0 and equals the base).
+
+    Args:
+        pipeline: The pipeline whose transformer the LoRA adapts (left unchanged).
+        folder: Output folder.
+        seed: Seed of the weights.
+        rank, lora_alpha, target_modules: The adapter's shape (alpha defaults to rank, targets to the attention
+            projections).
+        std: Standard deviation of the A and B entries.
+        format: `"diffusers"` (`pytorch_lora_weights.safetensors` with adapter metadata) or `"peft"`
+            (`adapter_config.json` + `adapter_model.safetensors`, keys prefixed `base_model.model.`).
+
+    Returns:
+        The folder.
+    """
+    import copy
+    import json
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    targets = target_modules or ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha or rank, target_modules=targets, init_lora_weights=False)
+    transformer = copy.deepcopy(pipeline.transformer)
+    for name in list(getattr(transformer, "peft_config", {})):
+        transformer.delete_adapters(name)
+    inject_adapter_in_model(config, transformer, adapter_name="toy")
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in get_peft_model_state_dict(transformer, adapter_name="toy").items():
+        state[key] = torch.randn(value.shape, generator=generator) * std
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if format == "diffusers":
+        type(pipeline).save_lora_weights(
+            folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=config.to_dict()
+        )
+    elif format == "peft":
+        save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
+        data = config.to_dict()
+        data["target_modules"] = sorted(data["target_modules"])
+        (folder / "adapter_config.json").write_text(json.dumps(data, indent=2, default=str))
+    else:
+        raise ValueError(f"format must be 'diffusers' or 'peft', got {format!r}")
+    return folder

@@ -1,0 +1,557 @@
+"""`DiffusionOPDTrainer`: multi-task on-policy distillation of reward-specific teachers into one LoRA student."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import os
+import time
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from diffusers import DiffusionPipeline
+from diffusers.training_utils import EMAModel, cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import Trainer, TrainerCallback
+
+from . import transition
+from .config import DiffusionOPDConfig
+from .data import RoundRobinPrompts, prompts_by_task
+from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
+from .hub import create_model_card
+from .teachers import (
+    AdapterSwitch,
+    TeacherSpec,
+    load_lora_teacher,
+    lora_config_for,
+    parse_teacher_spec,
+    read_lora_folder,
+    resolve_teacher,
+)
+
+
+STUDENT = "student"
+TRAINING_WEIGHTS = "student_training_weights.safetensors"
+EMA_STATE = "ema_state.pt"
+
+
+def default_lora_config(family: FlowMatchingFamily) -> LoraConfig:
+    """The paper's student adapter: r=32, alpha=64, gaussian init, on the family's attention projections."""
+    return LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=family.default_lora_targets)
+
+
+class PromptCache:
+    """LRU cache of prompt embeddings, so each prompt goes through the text encoders once.
+
+    Args:
+        family: Encodes missing prompts.
+        max_size: Number of prompts kept.
+    """
+
+    def __init__(self, family: FlowMatchingFamily, max_size: int):
+        self.family = family
+        self.max_size = max_size
+        self._rows: OrderedDict[str, Cond] = OrderedDict()
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        """Conditioning with one row per prompt, in order."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        if missing:
+            cond = self.family.encode_prompts(missing)
+            for i, prompt in enumerate(missing):
+                self._rows[prompt] = {k: v[i : i + 1] for k, v in cond.items()}
+        rows = []
+        for prompt in prompts:
+            self._rows.move_to_end(prompt)
+            rows.append(self._rows[prompt])
+        while len(self._rows) > self.max_size:
+            self._rows.popitem(last=False)
+        return cond_cat(rows)
+
+
+class _EMACallback(TrainerCallback):
+    def __init__(self, trainer: DiffusionOPDTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.ema is not None and state.global_step % args.ema_update_interval == 0:
+            self.trainer.ema.step(self.trainer.student_parameters)
+
+
+class DiffusionOPDTrainer(Trainer):
+    """Trainer for DiffusionOPD (Li et al., 2026): on-policy distillation of several reward-specific teachers into
+    one student.
+
+    Each optimizer step is a *round* over the tasks. For every task: the student rolls out its own trajectory with no
+    grad; at each trained state x_tj the task's teacher gives its transition mean μ_T; the student's mean μ_S is
+    recomputed with grad at the same detached state; the loss is the closed-form per-step reverse KL
+    ‖μ_S − μ_T‖² / (2σ̄_j²) (½‖μ_S − μ_T‖² for the ODE sampler). Task losses are weighted and accumulated; one
+    optimizer step follows.
+
+    Args:
+        model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` (SD3/SD3.5, FLUX.1).
+        teachers: `{task: spec}`; a spec is a local folder, a Hub id (`owner/repo[/sub/folder][@revision]`), a
+            dict with `path` and optional `subfolder`, `revision`, `guidance_scale`, `weight`, or a list of those
+            (a weighted ensemble of teachers for that task). LoRA teachers are loaded as adapters on the base.
+        args: The `DiffusionOPDConfig`.
+        train_dataset: Prompts: a dataset with `prompt` and `task` columns, or `{task: source}` (a `Dataset`, a list
+            of prompts, a `.txt`/`.jsonl` path or a dataset id).
+        eval_dataset: Held-out prompts in the same forms; `evaluate()` reports the KL to each teacher on them.
+        peft_config: The student adapter; `None` uses `default_lora_config`.
+        callbacks: Extra `TrainerCallback`s.
+    """
+
+    _tag_names = ["trl", "diffusion-opd", "diffusers", "lora", "text-to-image"]
+    _name = "DiffusionOPD"
+    _paper = {
+        "title": "DiffusionOPD: On-Policy Distillation of Reward-Specific Teachers for Multi-Task Diffusion Alignment",
+        "id": "2605.15055",
+        "citation": (
+            "@article{li2026diffusionopd,\n"
+            "    title   = {{DiffusionOPD: On-Policy Distillation of Reward-Specific Teachers for Multi-Task "
+            "Diffusion Alignment}},\n"
+            "    author  = {Li, Quan and others},\n"
+            "    journal = {arXiv preprint arXiv:2605.15055},\n"
+            "    year    = {2026}\n"
+            "}"
+        ),
+    }
+
+    def __init__(
+        self,
+        model: str | DiffusionPipeline,
+        teachers: dict[str, Any],
+        args: DiffusionOPDConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        peft_config: LoraConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = DiffusionOPDConfig(f"{str(name).split('/')[-1]}-DiffusionOPD")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: the prompts of each task.")
+
+        # Everything that can be checked without a model is checked first.
+        self.task_prompts = prompts_by_task(train_dataset)
+        self.teacher_specs = self._parse_teachers(teachers)
+        self._check_tasks(self.task_prompts, self.teacher_specs)
+        self.eval_prompts = prompts_by_task(eval_dataset) if eval_dataset is not None else None
+        for task in args.task_weights or {}:
+            if task not in self.teacher_specs:
+                raise ValueError(f"`task_weights` names task '{task}', which has no teacher.")
+
+        if isinstance(model, str):
+            dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+            pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=args.revision)
+            self.base_model_id = model
+        else:
+            pipeline = model
+            self.base_model_id = getattr(model, "name_or_path", None) or model.config.get("_name_or_path")
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+        self.family = get_family(pipeline, max_sequence_length=args.max_sequence_length)
+        transformer = pipeline.transformer
+        transformer.requires_grad_(False)
+        transformer.eval()  # no dropout: rollouts and recomputed means must agree
+
+        for specs in self.teacher_specs.values():
+            for spec in specs:
+                resolve_teacher(spec)
+        for specs in self.teacher_specs.values():
+            for spec in specs:
+                load_lora_teacher(transformer, spec, spec.local_dir)
+        self.peft_config = self._add_student(transformer, peft_config, args)
+        self.adapters = AdapterSwitch(transformer, STUDENT)
+        self.adapters.activate(STUDENT)
+
+        if args.gradient_checkpointing:
+            # diffusers models have no `gradient_checkpointing_enable`, which the Trainer would call.
+            transformer.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False
+
+        super().__init__(
+            model=transformer,
+            args=args,
+            train_dataset=RoundRobinPrompts(self.task_prompts, 1, 1, args.seed),  # replaced in get_train_dataloader
+            callbacks=callbacks,
+        )
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        device = self.args.device
+        for encoder in self.family.text_encoders:
+            encoder.to(device)
+        self.prompt_cache = PromptCache(self.family, args.prompt_cache_size)
+        self.ema = (
+            EMAModel(self.student_parameters, decay=args.ema_decay, min_decay=args.ema_decay, foreach=False)
+            if args.ema
+            else None
+        )
+        if self.ema is not None:
+            self.ema.to(device)
+            self.add_callback(_EMACallback(self))
+        self.model_accepts_loss_kwargs = False
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _parse_teachers(teachers: dict[str, Any]) -> dict[str, list[TeacherSpec]]:
+        if not isinstance(teachers, dict) or not teachers:
+            raise ValueError("`teachers` must be a non-empty dict {task: teacher spec}.")
+        parsed: dict[str, list[TeacherSpec]] = {}
+        names = set()
+        for task, spec in teachers.items():
+            specs = spec if isinstance(spec, list) else [spec]
+            if not specs:
+                raise ValueError(f"Task '{task}' has an empty teacher list.")
+            parsed[task] = []
+            for index, item in enumerate(specs):
+                name = task if len(specs) == 1 else f"{task}_{index}"
+                if isinstance(item, dict) and "name" in item:
+                    item = dict(item)
+                    name = str(item.pop("name"))
+                name = name.replace(".", "_").replace("-", "_")
+                if name == STUDENT or name in names:
+                    raise ValueError(f"Teacher name '{name}' (task '{task}') is reserved or used twice.")
+                names.add(name)
+                parsed[task].append(parse_teacher_spec(name, item))
+        return parsed
+
+    @staticmethod
+    def _check_tasks(prompts: dict[str, list], teachers: dict[str, list[TeacherSpec]]) -> None:
+        no_teacher = [task for task in prompts if task not in teachers]
+        if no_teacher:
+            raise ValueError(f"Dataset task(s) {no_teacher} have no teacher; teachers are given for {list(teachers)}.")
+        no_prompts = [task for task in teachers if task not in prompts]
+        if no_prompts:
+            raise ValueError(f"Teacher task(s) {no_prompts} have no prompts in the dataset (tasks: {list(prompts)}).")
+
+    def _add_student(self, transformer, peft_config: LoraConfig | None, args: DiffusionOPDConfig) -> LoraConfig:
+        if args.student_adapter is not None:
+            spec = parse_teacher_spec(STUDENT, args.student_adapter)
+            state_dict, config = read_lora_folder(resolve_teacher(spec), spec.weight_name)
+            peft_config = lora_config_for(state_dict, config)
+            transformer.add_adapter(peft_config, adapter_name=STUDENT)
+            set_peft_model_state_dict(transformer, state_dict, adapter_name=STUDENT)
+        else:
+            peft_config = copy.deepcopy(peft_config) if peft_config is not None else default_lora_config(self.family)
+            transformer.add_adapter(peft_config, adapter_name=STUDENT)
+        for name, param in transformer.named_parameters():
+            param.requires_grad_(f".{STUDENT}." in name)
+        # LoRA weights train in float32 even on a bf16/fp16 base.
+        cast_training_params(transformer, torch.float32)
+        return peft_config
+
+    @property
+    def student_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if f".{STUDENT}." in n]
+
+    def create_optimizer(self, model=None):
+        # The optimizer holds the student only: peft's set_adapter can flip teachers to trainable.
+        trainable = {id(p) for p in self.student_parameters}
+        for name, param in (model or self.model).named_parameters():
+            if param.requires_grad and id(param) not in trainable:
+                raise RuntimeError(f"Parameter {name} is trainable but is not part of the student adapter.")
+        return super().create_optimizer(model)
+
+    def get_train_dataloader(self) -> DataLoader:
+        rounds = RoundRobinPrompts(
+            self.task_prompts, self.args.per_device_train_batch_size, self.accelerator.num_processes, self.args.seed
+        )
+        loader = DataLoader(rounds, batch_size=1, sampler=SequentialSampler(rounds), collate_fn=lambda items: items[0])
+        return self.accelerator.prepare(loader)
+
+    # ------------------------------------------------------------------ one round
+    def _generator(self, *keys: Any) -> torch.Generator:
+        """A generator seeded by (seed, keys): rollouts are a function of the step, so resuming is exact."""
+        digest = hashlib.sha256(repr((self.args.seed, *keys)).encode()).digest()
+        seed = int.from_bytes(digest[:8], "little") % (2**63)
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def _negative(self, batch: int) -> Cond:
+        return cond_tile(self.prompt_cache([self.args.negative_prompt]), batch)
+
+    @torch.no_grad()
+    def rollout(self, cond: Cond, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Sample the student's trajectory with no grad.
+
+        Returns:
+            `states` `(N + 1, B, ...)` float32 (x_{t_0}..x_{t_N}), `sigmas` `(N + 1,)`, and for stochastic samplers
+            `log_probs` `(N, B)` of the sampled transitions (used by the PPO-style loss).
+        """
+        args = self.args
+        batch = next(iter(cond.values())).shape[0]
+        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
+        x = self.family.init_latents(batch, args.resolution, generator).to(args.device)
+        negative = self._negative(batch) if args.guidance_scale > 1 else None
+        states, log_probs = [x], []
+        transformer = self.accelerator.unwrap_model(self.model)
+        t_guard = sigmas[1].item()
+        for j in range(args.num_inference_steps):
+            sigma = sigmas[j].expand(batch).to(args.device)
+            v = self.family.velocity(transformer, x, sigma, cond, args.guidance_scale, negative)
+            noise = torch.randn(x.shape, generator=generator).to(x.device) if args.noise_level > 0 else None
+            x, mean, std = transition.sample_step(
+                x, v, sigmas[j].item(), sigmas[j + 1].item(), args.noise_level, args.sde_type, t_guard, noise=noise
+            )
+            if args.noise_level > 0:
+                log_probs.append(transition.gaussian_log_prob(x, mean, std))
+            states.append(x)
+        out = {"states": torch.stack(states), "sigmas": sigmas}
+        if log_probs:
+            out["log_probs"] = torch.stack(log_probs)
+        return out
+
+    def _step_rows(self, rollout: dict[str, torch.Tensor], steps: range):
+        """Rows for a chunk of trained steps: states, sigma, next sigma, all `(len(steps) * B, ...)`."""
+        states = rollout["states"]
+        batch = states.shape[1]
+        x = states[steps.start : steps.stop].flatten(0, 1)
+        sigmas = rollout["sigmas"].to(x.device)
+        t = sigmas[steps.start : steps.stop].repeat_interleave(batch)
+        t_next = sigmas[steps.start + 1 : steps.stop + 1].repeat_interleave(batch)
+        return x, t, t_next
+
+    def _mean(self, transformer, x, t, t_next, cond, guidance_scale, negative, t_guard) -> torch.Tensor:
+        v = self.family.velocity(transformer, x, t, cond, guidance_scale, negative)
+        return transition.step_mean(x, v, t, t_next, self.args.noise_level, self.args.sde_type, t_guard)
+
+    @torch.no_grad()
+    def teacher_means(self, spec: TeacherSpec, task: str, x, t, t_next, cond: Cond, t_guard: float) -> torch.Tensor:
+        """Transition means of teacher `spec` at states `x` `(R, ...)` with its own CFG, no grad, float32."""
+        guidance = spec.guidance_scale if spec.guidance_scale is not None else self.args.teacher_guidance_for(task)
+        negative = self._negative(x.shape[0]) if guidance > 1 else None
+        transformer = self.accelerator.unwrap_model(self.model)
+        with self.adapters.use(spec.name):
+            return self._mean(transformer, x, t, t_next, cond, guidance, negative, t_guard)
+
+    def _chunks(self, num_steps: int):
+        size = self.args.step_batch_size or num_steps
+        return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
+
+    def task_loss(
+        self, model, task: str, rows: list[dict], generator: torch.Generator, backward: bool
+    ) -> tuple[float, torch.Tensor]:
+        """Roll out, supervise and (optionally) back-propagate one task's loss.
+
+        Returns:
+            `(loss, kl_per_step)`: the task's weighted loss (a float) and the unweighted KL per trained step `(T,)`.
+        """
+        args = self.args
+        cond = self.prompt_cache([row["prompt"] for row in rows])
+        batch = len(rows)
+        rollout = self.rollout(cond, generator)
+        num_steps = args.num_train_timesteps
+        t_guard = rollout["sigmas"][1].item()
+        task_weight = float((args.task_weights or {}).get(task, 1.0))
+        specs = self.teacher_specs[task]
+        total_weight = sum(spec.weight for spec in specs)
+        kl_per_step = torch.zeros(num_steps, device=args.device)
+        loss_value = 0.0
+        for steps in self._chunks(num_steps):
+            x, t, t_next = self._step_rows(rollout, steps)
+            rows_cond = cond_tile(cond, len(steps))
+            targets = [self.teacher_means(spec, task, x, t, t_next, rows_cond, t_guard) for spec in specs]
+            with self.compute_loss_context_manager():
+                negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
+                student = self._mean(model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard)
+                kl = (
+                    sum(
+                        spec.weight
+                        * transition.closed_form_kl(
+                            student, target, t, t_next, args.noise_level, args.sde_type, args.kl_normalization, t_guard
+                        )
+                        for spec, target in zip(specs, targets)
+                    )
+                    / total_weight
+                )
+                if args.loss_type == "ppo":
+                    per_row = self._ppo_rows(rollout, steps, student, targets, specs, t, t_next, t_guard)
+                else:
+                    per_row = kl
+                # mean over (steps, prompts) of the whole task, chunk by chunk
+                loss = task_weight * per_row.sum() / (num_steps * batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"Non-finite loss ({loss.item()}) for task '{task}' at optimizer step {self.state.global_step}; "
+                    "training stopped before the update, so the last checkpoint is intact."
+                )
+            if backward:
+                self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+            loss_value += loss.item()
+            kl_per_step[steps.start : steps.stop] = kl.detach().view(len(steps), batch).mean(1)
+        return loss_value, kl_per_step
+
+    def _ppo_rows(self, rollout, steps, student, targets, specs, t, t_next, t_guard) -> torch.Tensor:
+        args = self.args
+        sample = rollout["states"][steps.start + 1 : steps.stop + 1].flatten(0, 1)
+        std = transition.step_std(t, t_next, args.noise_level, args.sde_type, t_guard)
+        old = student.detach()  # on-policy: the rollout policy is the current student
+        total = sum(spec.weight for spec in specs)
+        return (
+            sum(
+                spec.weight * transition.ppo_surrogate_loss(sample, student, old, target, std, args.ppo_clip_range)
+                for spec, target in zip(specs, targets)
+            )
+            / total
+        )
+
+    def training_step(self, model, inputs: dict[str, list[dict]], num_items_in_batch=None) -> torch.Tensor:
+        """One round: every task in order, losses accumulated, one optimizer step afterwards (by the Trainer)."""
+        start = time.perf_counter()
+        model.eval()
+        step = self.state.global_step
+        rank = self.accelerator.process_index
+        tasks = list(inputs)
+        total = 0.0
+        kl_steps = []
+        for index, task in enumerate(tasks):
+            # DDP all-reduces once, on the last task's backward.
+            last = index == len(tasks) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync:
+                loss, kl_per_step = self.task_loss(model, task, inputs[task], self._generator(step, rank, task), True)
+            total += loss
+            kl_steps.append(kl_per_step)
+            self._metrics[f"kl/{task}"].append(kl_per_step.mean().item())
+            self._metrics[f"loss/{task}"].append(loss)
+        for j, value in enumerate(torch.stack(kl_steps).mean(0).tolist()):
+            self._metrics[f"kl_step/{j}"].append(value)
+        self._metrics["round_time"].append(time.perf_counter() - start)
+        return torch.tensor(total, device=self.args.device)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def compute_teacher_kl(
+        self, prompts: dict[str, list[str] | list[dict]] | None = None, seed: int = 0, use_ema: bool = True
+    ) -> dict[str, float]:
+        """Mean per-step KL between the student and each task's teacher on fresh student rollouts.
+
+        Args:
+            prompts: `{task: prompts}`; `None` uses `eval_dataset`.
+            seed: Seed of the rollouts (same seed, same initial noise).
+            use_ema: Evaluate the EMA weights when EMA is on.
+
+        Returns:
+            `{task: kl}` with the configured normalisation.
+        """
+        prompts = self.eval_prompts if prompts is None else prompts_by_task(prompts)
+        if not prompts:
+            raise ValueError("No evaluation prompts: pass `prompts` or an `eval_dataset`.")
+        model = self.accelerator.unwrap_model(self.model)
+        context = self._ema_weights() if use_ema else contextlib.nullcontext()
+        result = {}
+        with context:
+            for task, rows in prompts.items():
+                if task not in self.teacher_specs:
+                    raise ValueError(f"Evaluation task '{task}' has no teacher.")
+                rows = [{"prompt": r} if isinstance(r, str) else r for r in rows]
+                _, kl = self.task_loss(model, task, rows, self._generator("eval", seed, task), backward=False)
+                result[task] = kl.mean().item()
+        return result
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """KL to each teacher on held-out prompts, logged as `{prefix}_kl/{task}`."""
+        prompts = prompts_by_task(eval_dataset) if eval_dataset is not None else None
+        kl = self.compute_teacher_kl(prompts)
+        metrics = {f"{metric_key_prefix}_kl/{task}": value for task, value in kl.items()}
+        metrics[f"{metric_key_prefix}_kl"] = sum(kl.values()) / len(kl)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        params = self.student_parameters
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_eval = any(key.startswith("eval") for key in logs)
+        if not is_eval and self._metrics:
+            logs = {**logs, **{key: sum(values) / len(values) for key, values in self._metrics.items() if values}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saving and resuming
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student LoRA in PEFT naming (`...attn.to_q.lora_A.weight`), on CPU."""
+        model = self.accelerator.unwrap_model(self.model)
+        state = get_peft_model_state_dict(model, adapter_name=STUDENT)
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def save_student_lora(self, output_dir: str | os.PathLike, use_ema: bool = True) -> None:
+        """Write the student adapter in diffusers' LoRA format (`pytorch_lora_weights.safetensors`) with its adapter
+        metadata, loadable by `pipe.load_lora_weights(output_dir)`."""
+        with self._ema_weights() if use_ema else contextlib.nullcontext():
+            state = self.student_state_dict()
+        self.family.pipeline_class.save_lora_weights(
+            output_dir,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=self.peft_config.to_dict(),
+            is_main_process=self.accelerator.is_main_process,
+        )
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.save_student_lora(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            # The exported adapter holds the EMA weights; resuming needs the raw training weights too.
+            save_file(self.student_state_dict(), str(folder / TRAINING_WEIGHTS))
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), folder / EMA_STATE)
+            self.create_model_card(output_dir=str(folder))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        folder = Path(resume_from_checkpoint)
+        if not (folder / TRAINING_WEIGHTS).is_file():
+            raise ValueError(f"{folder} is not a DiffusionOPD checkpoint (no {TRAINING_WEIGHTS}).")
+        model = self.accelerator.unwrap_model(model or self.model)
+        state = load_file(str(folder / TRAINING_WEIGHTS))
+        result = set_peft_model_state_dict(model, state, adapter_name=STUDENT)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"Checkpoint {folder} does not match the student adapter: {result.unexpected_keys[:3]}")
+        if self.ema is not None and (folder / EMA_STATE).is_file():
+            self.ema.load_state_dict(torch.load(folder / EMA_STATE, weights_only=False))
+            self.ema.to(self.args.device)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
+        """Write `README.md` (the Hub model card) next to the adapter."""
+        if not self.is_world_process_zero():
+            return
+        card = create_model_card(self, **kwargs)
+        card.save(os.path.join(output_dir or self.args.output_dir, "README.md"))
+
+    def train(self, *args, **kwargs):
+        set_seed(self.args.seed)
+        return super().train(*args, **kwargs)
