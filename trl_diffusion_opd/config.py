@@ -134,7 +134,7 @@ class DiffusionOPDConfig(TrainingArguments):
     noise_level: float = field(default=0.0, metadata={"help": "SDE noise level a; 0 uses the ODE sampler."})
     sde_type: str = field(default="sde", metadata={"help": "Stochastic sampler.", "choices": list(SAMPLERS)})
     guidance_scale: float = field(default=4.5, metadata={"help": "Student CFG scale (rollout and loss)."})
-    teacher_guidance_scale: float | dict | str | None = field(
+    teacher_guidance_scale: dict | str | float | None = field(
         default=None, metadata={"help": "Teacher CFG scale: one value or a dict (or JSON string) task -> scale."}
     )
     negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})

@@ -6,8 +6,10 @@ lists). Sources per task:
 - a `datasets.Dataset` (or `IterableDataset` materialised) with a `"prompt"` column;
 - a list of strings or of row dicts;
 - a local `.txt` file, one prompt per line (Flow-GRPO's `dataset/ocr/train.txt`);
-- a local `.jsonl` file with a `"prompt"` field per line (GenEval's `*_metadata.jsonl`);
-- a local dataset folder or a Hub dataset id, loaded with `datasets.load_dataset` (`id:split` picks the split).
+- a local `.jsonl` file with a `"prompt"` field per line (GenEval's `*_metadata.jsonl`); every other field is kept;
+- a local `.csv`, `.json` or `.parquet` file with a `"prompt"` column;
+- a local dataset folder (data files, or a `Dataset.save_to_disk` folder) or a Hub dataset id, loaded with
+  `datasets` (`id:split` picks the split).
 
 A single dataset with `"prompt"` and `"task"` columns is split by task.
 """
@@ -33,14 +35,25 @@ def load_prompt_source(source: Any, name: str = "prompts") -> list[PromptRow]:
     Raises:
         ValueError: unreadable source, missing `"prompt"` field, or no prompts.
     """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if isinstance(source, str):
         rows = _load_path(source, name)
-    elif isinstance(source, datasets.Dataset):
-        if "prompt" not in source.column_names:
-            raise ValueError(f"{name}: the dataset has no 'prompt' column (columns: {source.column_names}).")
+    elif isinstance(source, datasets.DatasetDict):
+        if "train" not in source:
+            raise ValueError(f"{name}: the dataset has no 'train' split (splits: {list(source)}); pick one.")
+        rows = load_prompt_source(source["train"], name)
+    elif isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        columns = source.column_names
+        if columns is not None and "prompt" not in columns:
+            raise ValueError(f"{name}: the dataset has no 'prompt' column (columns: {columns}).")
         rows = [dict(row) for row in source]
     elif isinstance(source, Sequence):
-        rows = [{"prompt": item} if isinstance(item, str) else dict(item) for item in source]
+        rows = []
+        for index, item in enumerate(source):
+            if not isinstance(item, (str, Mapping)):
+                raise ValueError(f"{name}: item {index} is neither a prompt string nor a row dict: {item!r}")
+            rows.append({"prompt": item} if isinstance(item, str) else dict(item))
     else:
         raise ValueError(f"{name}: unsupported prompt source of type {type(source).__name__}.")
     for index, row in enumerate(rows):
@@ -51,27 +64,96 @@ def load_prompt_source(source: Any, name: str = "prompts") -> list[PromptRow]:
     return rows
 
 
+# Local data files that `datasets` reads with a packaged builder.
+_BUILDERS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
+
+
 def _load_path(source: str, name: str) -> list[PromptRow]:
-    if source.endswith(".txt") and os.path.isfile(source):
+    extension = os.path.splitext(source)[1].lower()
+    if extension in (".txt", ".jsonl", *_BUILDERS) and not os.path.isfile(source):
+        raise ValueError(f"{name}: prompt file '{source}' does not exist.")
+    if extension == ".txt":
         with open(source, encoding="utf-8") as handle:
             return [{"prompt": line.strip()} for line in handle if line.strip()]
-    if source.endswith(".jsonl") and os.path.isfile(source):
+    if extension == ".jsonl":
         rows = []
         with open(source, encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{name}: {source} line {number} is not valid JSON: {error}") from error
+                if not isinstance(row, dict):
+                    raise ValueError(f"{name}: {source} line {number} is not a JSON object: {line.strip()!r}")
+                rows.append(row)
         return rows
+    if extension in _BUILDERS:
+        return load_prompt_source(load_prompt_dataset(_BUILDERS[extension], data_files=source), name)
+    # `id:split` picks a split; a local path is taken whole (it may itself contain ':').
     path, _, split = source.partition(":") if not os.path.exists(source) else (source, "", "")
+    return load_prompt_source(load_prompt_dataset(path, split=split or "train", name=name), name)
+
+
+def load_prompt_dataset(
+    path: str,
+    config_name: str | None = None,
+    split: str = "train",
+    data_files: Any = None,
+    name: str = "prompts",
+) -> datasets.Dataset:
+    """Load a prompt dataset with `datasets`: a Hub dataset id, a local data folder, or a folder written by
+    `Dataset.save_to_disk`.
+
+    With `HF_HUB_OFFLINE=1`, a Hub dataset whose files are in the Hub cache (but that `datasets` never prepared) is
+    read from that cache.
+
+    Args:
+        path: Dataset id, local folder, or builder name (`"json"`, `"csv"`, `"parquet"`) with `data_files`.
+        config_name: Dataset configuration.
+        split: Split to load.
+        data_files: Data files for a builder name.
+        name: What to call the source in error messages.
+
+    Raises:
+        ValueError: the dataset or split cannot be loaded.
+    """
     try:
-        loaded = datasets.load_dataset(path, split=split or "train")
+        if os.path.isdir(path) and _is_saved_to_disk(path):
+            loaded = datasets.load_from_disk(path)
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"no split '{split}' (splits: {list(loaded)})")
+                loaded = loaded[split]
+            return loaded
+        try:
+            return datasets.load_dataset(path, config_name, split=split, data_files=data_files)
+        except ConnectionError:
+            if os.path.exists(path) or not _offline():
+                raise
+            # datasets cannot build a never-prepared Hub dataset offline, but huggingface_hub can find its files.
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(path, repo_type="dataset")
+            return datasets.load_dataset(local, config_name, split=split)
     except Exception as error:  # datasets raises many types; the message is what users need
-        raise ValueError(f"{name}: could not load prompts from '{source}': {error}") from error
-    return load_prompt_source(loaded, name)
+        raise ValueError(f"{name}: could not load prompts from '{path}': {error}") from error
+
+
+def _is_saved_to_disk(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, marker)) for marker in ("state.json", "dataset_dict.json"))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").upper() in {
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    }
 
 
 def prompts_by_task(train_dataset: Any) -> dict[str, list[PromptRow]]:
@@ -80,7 +162,8 @@ def prompts_by_task(train_dataset: Any) -> dict[str, list[PromptRow]]:
     Accepts a dataset with `"prompt"` and `"task"` columns (or a list of such rows), or a mapping
     `{task: source}` with any source `load_prompt_source` reads.
     """
-    if isinstance(train_dataset, Mapping):
+    # A DatasetDict is a Mapping of splits, not of tasks.
+    if isinstance(train_dataset, Mapping) and not isinstance(train_dataset, datasets.DatasetDict):
         return {str(task): load_prompt_source(src, f"task '{task}'") for task, src in train_dataset.items()}
     rows = load_prompt_source(train_dataset, "train_dataset")
     grouped: dict[str, list[PromptRow]] = {}

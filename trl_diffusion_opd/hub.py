@@ -1,19 +1,37 @@
-"""The model card of a distilled adapter, rendered from the package's Jinja template with `huggingface_hub`."""
+"""The Hub side of a distilled adapter: its model card (rendered from the package's Jinja template with
+`huggingface_hub.ModelCard`) and the uploads of `DiffusionOPDTrainer.push_to_hub`.
+
+What goes to the Hub is an allow-list, never a whole folder: the student adapter
+(`pytorch_lora_weights.safetensors`), the model card (`README.md`) and sample images (`samples/*.png`). The base
+model, the teachers, the training arguments and the optimizer state stay local, unless `hub_strategy` is
+`"checkpoint"` or `"all_checkpoints"`, which asks for resumable checkpoints on the Hub.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
+import re
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
 
 if TYPE_CHECKING:
+    from .teachers import TeacherSpec
     from .trainer import DiffusionOPDTrainer
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+CARD_NAME = "README.md"
+SAMPLES_DIR = "samples"
+# Files of `output_dir` that `push_to_hub` uploads; everything else stays local.
+UPLOAD_PATTERNS = [ADAPTER_WEIGHTS, CARD_NAME, f"{SAMPLES_DIR}/*.png"]
+
 TRL_CITATION = """@software{vonwerra2020trl,
     title   = {{TRL: Transformers Reinforcement Learning}},
     author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallouédec, Quentin},
@@ -21,19 +39,37 @@ TRL_CITATION = """@software{vonwerra2020trl,
     url     = {https://github.com/huggingface/trl},
     year    = {2020}
 }"""
-# Licenses of well-known bases, for the card's metadata when the base's own card cannot be read offline.
+
+
+def _license(name: str, license_name: str | None = None, base: str | None = None) -> dict[str, str]:
+    data = {"license": name}
+    if license_name:
+        data["license_name"] = license_name
+        data["license_link"] = f"https://huggingface.co/{base}/blob/main/LICENSE.md"
+    return data
+
+
+# Licenses of well-known bases, used before (and instead of) reading the base's own card, which may be offline.
+# An adapter inherits its base's terms, so the card links to the base's licence file.
 KNOWN_LICENSES = {
-    "stabilityai/stable-diffusion-3.5-medium": "other",
-    "stabilityai/stable-diffusion-3.5-large": "other",
-    "stabilityai/stable-diffusion-3-medium-diffusers": "other",
-    "black-forest-labs/FLUX.1-dev": "other",
-    "black-forest-labs/FLUX.1-schnell": "apache-2.0",
+    base: _license("other", "stabilityai-ai-community", base)
+    for base in (
+        "stabilityai/stable-diffusion-3.5-medium",
+        "stabilityai/stable-diffusion-3.5-large",
+        "stabilityai/stable-diffusion-3.5-large-turbo",
+        "stabilityai/stable-diffusion-3-medium-diffusers",
+    )
 }
+KNOWN_LICENSES["black-forest-labs/FLUX.1-dev"] = _license(
+    "other", "flux-1-dev-non-commercial-license", "black-forest-labs/FLUX.1-dev"
+)
+KNOWN_LICENSES["black-forest-labs/FLUX.1-schnell"] = _license("apache-2.0")
+
 PACKAGES = (
     "trl-diffusion-opd",
     "diffusers",
-    "peft",
     "transformers",
+    "peft",
     "accelerate",
     "trl",
     "torch",
@@ -41,6 +77,8 @@ PACKAGES = (
     "bitsandbytes",
     "huggingface_hub",
 )
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def package_versions() -> dict[str, str]:
@@ -54,20 +92,90 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def create_model_card(trainer: DiffusionOPDTrainer, samples: list[dict] | None = None) -> ModelCard:
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` reads as a Hub repo id (`owner/name`) rather than a local path."""
+    return bool(name) and _HUB_ID.match(name) is not None and not os.path.exists(name)
+
+
+@functools.lru_cache(maxsize=32)
+def base_license(base: str | None) -> dict[str, str]:
+    """Licence metadata (`license`, and `license_name` / `license_link` for custom licences) of a base model.
+
+    Well-known bases come from `KNOWN_LICENSES`; others from the base's own model card (a local `README.md`, or the
+    Hub's, which honours `HF_HUB_OFFLINE`). Empty when unknown.
+    """
+    if not base:
+        return {}
+    if base in KNOWN_LICENSES:
+        return dict(KNOWN_LICENSES[base])
+    try:
+        local = Path(base) / CARD_NAME
+        card = ModelCard.load(local if local.is_file() else base, ignore_metadata_errors=True)
+    except Exception:  # an unreachable or card-less base simply has no known licence
+        return {}
+    data = card.data.to_dict()
+    result = {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
+    link = result.get("license_link")
+    if link and "://" not in link and is_hub_id(base):
+        result["license_link"] = f"https://huggingface.co/{base}/blob/main/{link}"
+    return result if "license" in result else {}
+
+
+def teacher_source(spec: TeacherSpec) -> str:
+    """`id[/sub/folder]@revision` of a teacher; the revision is the resolved commit when none was asked for."""
+    if spec.revision or spec.local_dir is None or spec.is_local:
+        return spec.display
+    parts = Path(spec.local_dir).parts
+    if "snapshots" in parts:
+        index = parts.index("snapshots")
+        if index + 1 < len(parts) and _COMMIT.match(parts[index + 1]):
+            return f"{spec.display}@{parts[index + 1]}"
+    return spec.display
+
+
+def sample_widgets(trainer: DiffusionOPDTrainer) -> list[dict[str, str]]:
+    """Widget entries `{"text": prompt, "url": "samples/<file>.png"}` for the card.
+
+    `trainer.sample_widgets` wins when the trainer recorded its samples with their prompts; otherwise every
+    `output_dir/samples/*.png` is listed, its file name standing in for the prompt.
+    """
+    recorded = getattr(trainer, "sample_widgets", None)
+    if recorded:
+        return [{"text": str(item["text"]), "url": str(item["url"])} for item in recorded]
+    folder = Path(trainer.args.output_dir) / SAMPLES_DIR
+    if not folder.is_dir():
+        return []
+    return [
+        {"text": path.stem.replace("_", " "), "url": f"{SAMPLES_DIR}/{path.name}"}
+        for path in sorted(folder.glob("*.png"))
+    ]
+
+
+def create_model_card(
+    trainer: DiffusionOPDTrainer,
+    model_name: str | None = None,
+    dataset_name: str | list[str] | None = None,
+    tags: str | list[str] | None = None,
+    samples: list[dict] | None = None,
+) -> ModelCard:
     """Render the model card of `trainer`'s student adapter.
 
     Args:
         trainer: The trainer whose config, teachers and base describe the adapter.
-        samples: Widget entries `{"text": prompt, "url": relative image path}` of sample images.
+        model_name: Title of the card; defaults to the last part of `hub_model_id` or of `output_dir`.
+        dataset_name: Hub dataset id(s) of the prompts, recorded in the metadata.
+        tags: Extra tags.
+        samples: Widget entries `{"text": prompt, "url": path in the repo}`; defaults to `sample_widgets(trainer)`.
     """
     args = trainer.args
-    base = trainer.base_model_id or "unknown"
+    base = trainer.base_model_id
+    base_on_hub = is_hub_id(base)
+    repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or Path(args.output_dir).name
     tasks = list(trainer.teacher_specs)
     teachers = [
         {
             "task": task,
-            "source": spec.display,
+            "source": teacher_source(spec),
             "guidance_scale": spec.guidance_scale
             if spec.guidance_scale is not None
             else args.teacher_guidance_for(task),
@@ -76,41 +184,49 @@ def create_model_card(trainer: DiffusionOPDTrainer, samples: list[dict] | None =
         for task, specs in trainer.teacher_specs.items()
         for spec in specs
     ]
-    family = trainer.family
-    tags = list(dict.fromkeys([*trainer._tag_names, family.tag, *tasks]))
-    repo_id = args.hub_model_id or Path(args.output_dir).name
-    samples = samples if samples is not None else getattr(trainer, "sample_widgets", [])
+    extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+    all_tags = list(dict.fromkeys([*trainer._tag_names, trainer.family.tag, *tasks, *extra_tags]))
+    datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
+    samples = samples if samples is not None else sample_widgets(trainer)
     card_data = ModelCardData(
-        base_model=base if base != "unknown" else None,
-        base_model_relation="adapter",
+        base_model=base if base_on_hub else None,
+        base_model_relation="adapter" if base_on_hub else None,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        license=KNOWN_LICENSES.get(base),
-        tags=tags,
+        tags=all_tags,
+        datasets=[name for name in datasets if is_hub_id(name)] or None,
         widget=[{"text": s["text"], "output": {"url": s["url"]}} for s in samples] or None,
+        **(base_license(base) if base_on_hub else {}),
     )
-    sampler = "ODE (deterministic)" if args.noise_level == 0 else f"{args.sde_type.upper()} (a = {args.noise_level})"
+    peft_config = trainer.peft_config
+    targets = peft_config.target_modules or []
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    sampler = "ODE (deterministic)" if args.noise_level == 0 else f"{args.sde_type.upper()} (stochastic)"
     settings = {
         "sampler": sampler,
-        "steps (trained)": f"{args.num_inference_steps} ({args.num_train_timesteps})",
-        "student guidance": args.guidance_scale,
-        "resolution": args.resolution,
-        "loss": "closed-form KL" if args.loss_type == "kl" else "PPO-style surrogate",
+        "sampler steps (trained steps)": f"{args.num_inference_steps} ({args.num_train_timesteps})",
+        "noise level": args.noise_level,
+        "student CFG scale": args.guidance_scale,
+        "resolution": f"{args.resolution} px",
+        "loss": "closed-form per-step KL" if args.loss_type == "kl" else "PPO-style surrogate",
         "KL normalisation": args.kl_normalization,
-        "LoRA rank / alpha": f"{trainer.peft_config.r} / {trainer.peft_config.lora_alpha}",
-        "LoRA targets": ", ".join(sorted(trainer.peft_config.target_modules or [])),
+        "LoRA rank / alpha": f"{peft_config.r} / {peft_config.lora_alpha}",
+        "LoRA targets": ", ".join(targets),
         "learning rate": args.learning_rate,
-        "prompts per task per device per round": args.per_device_train_batch_size,
+        "prompts per task, device and round": args.per_device_train_batch_size,
         "rounds (optimizer steps)": trainer.state.global_step,
-        "EMA": f"decay {args.ema_decay} every {args.ema_update_interval} steps" if args.ema else "off",
+        "EMA": f"decay {args.ema_decay}, every {args.ema_update_interval} steps" if args.ema else "off",
+        "seed": args.seed,
     }
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
-        model_name=repo_id.split("/")[-1],
+        model_name=model_name or repo_id.split("/")[-1],
         repo_id=repo_id,
-        base_model=base,
+        base_model=base or "unknown",
+        base_on_hub=base_on_hub,
         paper_id=trainer._paper["id"],
+        paper_title=trainer._paper["title"],
         paper_citation=trainer._paper["citation"],
         trl_citation=TRL_CITATION,
         tasks=tasks,
@@ -120,3 +236,110 @@ def create_model_card(trainer: DiffusionOPDTrainer, samples: list[dict] | None =
         samples=samples,
         versions=package_versions(),
     )
+
+
+def _hf_api():
+    # The Trainer's shared client, so that uploads carry transformers' library info like the Trainer's own.
+    from transformers.utils.hub import hf_api
+
+    return hf_api()
+
+
+def push_to_hub(
+    trainer: DiffusionOPDTrainer,
+    commit_message: str | None = "End of training",
+    blocking: bool = True,
+    token: str | None = None,
+    revision: str | None = None,
+    private: bool | None = None,
+    **card_kwargs: Any,
+):
+    """Save the student adapter and its card into `output_dir`, then upload the allow-listed files to
+    `trainer.hub_model_id` (created from `hub_model_id` / `output_dir` and `hub_private_repo` when needed).
+
+    Args:
+        trainer: The trainer.
+        commit_message: Message of the commit.
+        blocking: Wait for the upload; `False` returns a `Future`.
+        token: Token with write access; defaults to `args.hub_token`.
+        revision: Branch to push to; defaults to `args.hub_revision`.
+        private: Visibility of a newly created repo; defaults to `args.hub_private_repo`.
+        card_kwargs: `model_name`, `dataset_name`, `tags` for the card.
+
+    Returns:
+        The `CommitInfo` of the upload (a `Future` when `blocking=False`); `None` on processes other than the first.
+    """
+    args = trainer.args
+    trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
+    token = token if token is not None else args.hub_token
+    if trainer.hub_model_id is None:
+        trainer.init_hf_repo(token=token, private=private)
+    trainer.save_model(_internal_call=True)  # every process: saving may need collective operations
+    if not trainer.is_world_process_zero():
+        return None
+    trainer.create_model_card(**card_kwargs)
+    trainer._finish_current_push()
+    return _hf_api().upload_folder(
+        repo_id=trainer.hub_model_id,
+        folder_path=args.output_dir,
+        allow_patterns=UPLOAD_PATTERNS,
+        commit_message=commit_message,
+        token=token,
+        run_as_future=not blocking,
+        revision=revision if revision is not None else args.hub_revision,
+    )
+
+
+def push_checkpoint(trainer: DiffusionOPDTrainer, checkpoint_folder: str | os.PathLike) -> None:
+    """Hub side of a checkpoint save, following `args.hub_strategy` (the body of the trainer's
+    `_push_from_checkpoint`).
+
+    `"every_save"`: the checkpoint's adapter and card are copied into `output_dir` and the allow-listed files are
+    uploaded. `"checkpoint"` / `"all_checkpoints"` also upload the whole checkpoint folder (optimizer state
+    included, so training can resume from the Hub) as `last-checkpoint/` or `checkpoint-N/`. `"end"` pushes nothing
+    until `push_to_hub`. Uploads run in the background; a save while the previous push runs is skipped unless
+    `hub_always_push`.
+    """
+    from transformers.trainer_utils import HubStrategy
+    from transformers.utils.hub import PushInProgress
+
+    args = trainer.args
+    if not trainer.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
+        return
+    in_progress = getattr(trainer, "push_in_progress", None)
+    if not args.hub_always_push and in_progress is not None and not in_progress.is_done():
+        return
+    trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
+    checkpoint_folder = Path(checkpoint_folder)
+    for name in (ADAPTER_WEIGHTS, CARD_NAME):
+        if (checkpoint_folder / name).is_file():
+            shutil.copy(checkpoint_folder / name, Path(args.output_dir) / name)
+    message = f"Training in progress, step {trainer.state.global_step}"
+    jobs = [
+        _hf_api().upload_folder(
+            repo_id=trainer.hub_model_id,
+            folder_path=args.output_dir,
+            allow_patterns=UPLOAD_PATTERNS,
+            commit_message=message,
+            token=args.hub_token,
+            run_as_future=True,
+            revision=args.hub_revision,
+        )
+    ]
+    if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+        path_in_repo = "last-checkpoint" if args.hub_strategy == HubStrategy.CHECKPOINT else checkpoint_folder.name
+        jobs.append(
+            _hf_api().upload_folder(
+                repo_id=trainer.hub_model_id,
+                folder_path=str(checkpoint_folder),
+                path_in_repo=path_in_repo,
+                commit_message=f"{message}, checkpoint",
+                token=args.hub_token,
+                run_as_future=True,
+                revision=args.hub_revision,
+            )
+        )
+    if in_progress is None or in_progress.is_done():
+        trainer.push_in_progress = PushInProgress(jobs)
+    else:
+        in_progress.jobs.extend(jobs)

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
-from huggingface_hub.constants import HF_HUB_OFFLINE
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -123,43 +123,76 @@ def parse_teacher_spec(name: str, spec: str | dict[str, Any] | TeacherSpec) -> T
 def resolve_teacher(spec: TeacherSpec, cache_dir: str | None = None, token: str | bool | None = None) -> Path:
     """Return the local folder holding the teacher's adapter, downloading it from the Hub when needed.
 
-    Only the adapter's subfolder is downloaded (with huggingface_hub's progress bars); `HF_HUB_OFFLINE=1` resolves
-    from the local cache.
+    Only the adapter's files are downloaded (the LoRA weights and the small JSON files next to them, never a whole
+    model), with huggingface_hub's progress bars. `HF_HUB_OFFLINE=1` resolves from the local cache. The result is kept
+    on the spec, so a teacher is resolved once per run.
+
+    Args:
+        spec: The teacher.
+        cache_dir: Hub cache folder; `None` uses `HF_HUB_CACHE`.
+        token: Hub token for private or gated repos; `None` uses the stored login or `HF_TOKEN`.
 
     Raises:
-        ValueError: the teacher cannot be found; the message names the teacher and says whether the Hub was offline.
+        ValueError: the teacher cannot be found (the message names the teacher and says whether the Hub was
+            offline), or it is a full-weight model rather than a LoRA (not supported yet).
     """
     if spec.local_dir is not None:
         return spec.local_dir
     if spec.is_local:
         folder = Path(spec.path)
     else:
-        patterns = [f"{spec.subfolder}/*"] if spec.subfolder else None
+        prefix = f"{spec.subfolder}/" if spec.subfolder else ""
+        names = [DIFFUSERS_LORA_WEIGHTS, PEFT_WEIGHTS, "*.json"] + ([spec.weight_name] if spec.weight_name else [])
         try:
             folder = Path(
                 snapshot_download(
                     spec.path,
                     revision=spec.revision,
-                    allow_patterns=patterns,
+                    allow_patterns=[prefix + name for name in names],
                     cache_dir=cache_dir,
                     token=token,
                 )
             )
         except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
-            state = "offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "online"
             raise ValueError(
-                f"Teacher '{spec.name}': could not resolve '{spec.display}' from the Hub ({state}): {error}"
+                f"Teacher '{spec.name}': could not resolve '{spec.display}' from the Hub ({_hub_state()}): "
+                f"{_first_line(error)}"
             ) from error
     if spec.subfolder:
         folder = folder / spec.subfolder
     if not folder.is_dir():
-        raise ValueError(f"Teacher '{spec.name}': '{spec.display}' resolved to {folder}, which is not a folder.")
+        where = "local path" if spec.is_local else f"Hub repo, {_hub_state()}"
+        raise ValueError(
+            f"Teacher '{spec.name}': '{spec.display}' has no folder '{spec.subfolder or spec.path}' ({where})."
+        )
+    if not _holds_lora(folder, spec.weight_name) and is_full_weight_folder(folder):
+        raise ValueError(
+            f"Teacher '{spec.name}': '{spec.display}' is a full-weight model (it holds a transformer config, not a "
+            f"LoRA). Full-weight teachers are not supported yet; give a LoRA teacher instead: a folder with "
+            f"'{DIFFUSERS_LORA_WEIGHTS}' (diffusers format) or '{PEFT_CONFIG}' + '{PEFT_WEIGHTS}' (PEFT format)."
+        )
     spec.local_dir = folder
     return folder
 
 
 def _hub_offline() -> bool:
-    return HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+    # Read at call time: huggingface_hub's own flag is frozen when it is imported.
+    env = os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(hub_constants.HF_HUB_OFFLINE) or env
+
+
+def _hub_state() -> str:
+    return "HF_HUB_OFFLINE=1: offline, local cache only" if _hub_offline() else "online"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _holds_lora(folder: Path, weight_name: str | None) -> bool:
+    names = [weight_name] if weight_name else [DIFFUSERS_LORA_WEIGHTS, PEFT_WEIGHTS]
+    return any((folder / name).is_file() for name in names)
 
 
 def is_full_weight_folder(folder: Path) -> bool:
@@ -311,3 +344,34 @@ class _AdapterContext:
     def __exit__(self, *exc):
         self.switch.activate(self.switch.student)
         return False
+
+
+def parse_teachers(teachers: dict[str, Any], reserved: tuple[str, ...] = ()) -> dict[str, list[TeacherSpec]]:
+    """Parse `{task: spec or [specs]}` into `{task: [TeacherSpec]}`.
+
+    A task with one teacher names its adapter after the task; an ensemble's teachers are named `{task}_{i}` unless a
+    dict spec gives a `name`. Names are made valid module keys (dots and dashes become underscores).
+
+    Raises:
+        ValueError: empty input, an empty teacher list, a malformed spec, or a duplicate or reserved name.
+    """
+    if not isinstance(teachers, dict) or not teachers:
+        raise ValueError("`teachers` must be a non-empty dict {task: teacher spec}.")
+    parsed: dict[str, list[TeacherSpec]] = {}
+    names: set[str] = set()
+    for task, spec in teachers.items():
+        specs = spec if isinstance(spec, list) else [spec]
+        if not specs:
+            raise ValueError(f"Task '{task}' has an empty teacher list.")
+        parsed[task] = []
+        for index, item in enumerate(specs):
+            name = task if len(specs) == 1 else f"{task}_{index}"
+            if isinstance(item, dict) and "name" in item:
+                item = dict(item)
+                name = str(item.pop("name"))
+            name = name.replace(".", "_").replace("-", "_")
+            if name in reserved or name in names:
+                raise ValueError(f"Teacher name '{name}' (task '{task}') is reserved or used twice.")
+            names.add(name)
+            parsed[task].append(parse_teacher_spec(name, item))
+    return parsed

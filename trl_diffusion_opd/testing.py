@@ -324,9 +324,15 @@ def save_toy_lora(
     target_modules: list[str] | None = None,
     std: float = 0.1,
     format: str = "diffusers",
+    shared_seed: int | None = None,
+    specific_scale: float = 0.7,
 ) -> Path:
     """Save a LoRA with random non-zero A and B for `pipeline`'s transformer: a toy "teacher" that differs from
     the base (a freshly initialised LoRA has B = 0 and equals the base).
+
+    Teachers fine-tuned from one base share part of their update. With `shared_seed`, the LoRA has rank `2 * rank`:
+    ΔW = B_shared A_shared + specific_scale · B_own A_own, the shared half drawn from `shared_seed` (identical for
+    every teacher given the same shared seed and targets) and the own half from `seed`.
 
     Args:
         pipeline: The pipeline whose transformer the LoRA adapts (left unchanged).
@@ -349,15 +355,25 @@ def save_toy_lora(
     from safetensors.torch import save_file
 
     targets = target_modules or ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
-    config = LoraConfig(r=rank, lora_alpha=lora_alpha or rank, target_modules=targets, init_lora_weights=False)
+    full_rank = 2 * rank if shared_seed is not None else rank
+    alpha = lora_alpha or full_rank
+    config = LoraConfig(r=full_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
     transformer = copy.deepcopy(pipeline.transformer)
     for name in list(getattr(transformer, "peft_config", {})):
         transformer.delete_adapters(name)
     inject_adapter_in_model(config, transformer, adapter_name="toy")
-    generator = torch.Generator().manual_seed(seed)
+    own = torch.Generator().manual_seed(seed)
+    shared = torch.Generator().manual_seed(shared_seed) if shared_seed is not None else None
     state = {}
-    for key, value in get_peft_model_state_dict(transformer, adapter_name="toy").items():
-        state[key] = torch.randn(value.shape, generator=generator) * std
+    for key, value in sorted(get_peft_model_state_dict(transformer, adapter_name="toy").items()):
+        if shared is None:
+            state[key] = torch.randn(value.shape, generator=own) * std
+            continue
+        is_b = ".lora_B." in key
+        half = (value.shape[0], rank) if is_b else (rank, value.shape[1])
+        common = torch.randn(half, generator=shared) * std
+        specific = torch.randn(half, generator=own) * std * (specific_scale if is_b else 1.0)
+        state[key] = torch.cat([common, specific], dim=1 if is_b else 0)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":

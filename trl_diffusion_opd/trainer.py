@@ -25,13 +25,14 @@ from . import transition
 from .config import DiffusionOPDConfig
 from .data import RoundRobinPrompts, prompts_by_task
 from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
-from .hub import create_model_card
+from .hub import create_model_card, push_checkpoint, push_to_hub
 from .teachers import (
     AdapterSwitch,
     TeacherSpec,
     load_lora_teacher,
     lora_config_for,
     parse_teacher_spec,
+    parse_teachers,
     read_lora_folder,
     resolve_teacher,
 )
@@ -142,7 +143,7 @@ class DiffusionOPDTrainer(Trainer):
 
         # Everything that can be checked without a model is checked first.
         self.task_prompts = prompts_by_task(train_dataset)
-        self.teacher_specs = self._parse_teachers(teachers)
+        self.teacher_specs = parse_teachers(teachers, reserved=(STUDENT,))
         self._check_tasks(self.task_prompts, self.teacher_specs)
         self.eval_prompts = prompts_by_task(eval_dataset) if eval_dataset is not None else None
         for task in args.task_weights or {}:
@@ -165,7 +166,7 @@ class DiffusionOPDTrainer(Trainer):
 
         for specs in self.teacher_specs.values():
             for spec in specs:
-                resolve_teacher(spec)
+                resolve_teacher(spec, token=args.hub_token)
         for specs in self.teacher_specs.values():
             for spec in specs:
                 load_lora_teacher(transformer, spec, spec.local_dir)
@@ -202,29 +203,6 @@ class DiffusionOPDTrainer(Trainer):
             self.model.add_model_tags(self._tag_names)
 
     # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _parse_teachers(teachers: dict[str, Any]) -> dict[str, list[TeacherSpec]]:
-        if not isinstance(teachers, dict) or not teachers:
-            raise ValueError("`teachers` must be a non-empty dict {task: teacher spec}.")
-        parsed: dict[str, list[TeacherSpec]] = {}
-        names = set()
-        for task, spec in teachers.items():
-            specs = spec if isinstance(spec, list) else [spec]
-            if not specs:
-                raise ValueError(f"Task '{task}' has an empty teacher list.")
-            parsed[task] = []
-            for index, item in enumerate(specs):
-                name = task if len(specs) == 1 else f"{task}_{index}"
-                if isinstance(item, dict) and "name" in item:
-                    item = dict(item)
-                    name = str(item.pop("name"))
-                name = name.replace(".", "_").replace("-", "_")
-                if name == STUDENT or name in names:
-                    raise ValueError(f"Teacher name '{name}' (task '{task}') is reserved or used twice.")
-                names.add(name)
-                parsed[task].append(parse_teacher_spec(name, item))
-        return parsed
-
     @staticmethod
     def _check_tasks(prompts: dict[str, list], teachers: dict[str, list[TeacherSpec]]) -> None:
         no_teacher = [task for task in prompts if task not in teachers]
@@ -545,12 +523,63 @@ class DiffusionOPDTrainer(Trainer):
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
-    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
-        """Write `README.md` (the Hub model card) next to the adapter."""
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | list[str] | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Write `README.md`, the Hub model card, next to the adapter (in `output_dir`, default `args.output_dir`).
+
+        Args:
+            model_name: Title of the card.
+            dataset_name: Hub dataset id(s) of the prompts, recorded in the metadata.
+            tags: Extra tags.
+            output_dir: Folder to write to (the trainer writes one into every checkpoint too).
+        """
         if not self.is_world_process_zero():
             return
-        card = create_model_card(self, **kwargs)
+        card = create_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
         card.save(os.path.join(output_dir or self.args.output_dir, "README.md"))
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Upload the student adapter (`pytorch_lora_weights.safetensors`), its model card and `samples/*.png` to
+        `args.hub_model_id`; never the base, the teachers or the optimizer state.
+
+        Args:
+            commit_message: Message of the commit.
+            blocking: Wait for the upload; `False` returns a `Future`.
+            token: Token with write access; defaults to `args.hub_token`.
+            revision: Branch to push to; defaults to `args.hub_revision`.
+            private: Visibility of a newly created repo; defaults to `args.hub_private_repo`.
+            kwargs: `model_name`, `dataset_name`, `tags` for the model card.
+
+        Returns:
+            The `CommitInfo` of the upload, or a `Future` with `blocking=False`.
+        """
+        return push_to_hub(
+            self,
+            commit_message=commit_message,
+            blocking=blocking,
+            token=token,
+            revision=revision,
+            private=private,
+            **kwargs,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer's default uploads the whole output folder; only the adapter, card and samples belong there.
+        push_checkpoint(self, checkpoint_folder)
 
     def train(self, *args, **kwargs):
         set_seed(self.args.seed)

@@ -1,0 +1,333 @@
+"""The `trl-diffusion-opd` command: YAML configs, command-line overrides, errors, accelerate relaunch, `env`."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from trl_diffusion_opd import cli
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "configs" / "tiny.yaml"
+RECIPE = ROOT / "examples" / "configs" / "sd35m_three_teachers.yaml"
+
+
+def _console_script() -> list[str]:
+    script = Path(sys.executable).parent / "trl-diffusion-opd"
+    assert script.is_file(), "the package must be installed (make install) so that the console script exists"
+    return [str(script)]
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    env.pop(cli.LAUNCHED_ENV, None)
+    return subprocess.run(_console_script() + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_tiny_yaml_with_overrides_writes_loadable_adapter(tmp_path):
+    output_dir = tmp_path / "run"
+    result = _run(
+        [
+            "train",
+            "--config",
+            str(TINY),
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            "2",
+            "--learning_rate",
+            "0.005",
+            "--teacher_guidance_scale",
+            '{"shapes": 2.0, "text": 3.0}',
+            "--task_weights",
+            '{"text": 0.5}',
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert args.max_steps == 2 and args.learning_rate == 0.005  # command line over YAML (20, 1e-2)
+    assert args.teacher_guidance_scale == {"shapes": 2.0, "text": 3.0}  # JSON dict on the command line
+    assert args.task_weights == {"text": 0.5}
+    assert args.num_inference_steps == 4 and args.resolution == 32  # from the YAML
+    card = (output_dir / "README.md").read_text()
+    assert "| rounds (optimizer steps) | 2 |" in card
+    assert "| shapes | `" in card and "| 2.0 | 1.0 |" in card and "| 3.0 | 1.0 |" in card
+
+    # The adapter loads in plain diffusers on the same tiny base and changes its predictions.
+    from trl_diffusion_opd.testing import get_tiny_sd3_pipeline
+
+    pipe = get_tiny_sd3_pipeline(seed=0)
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
+        "encoder_hidden_states": torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1)),
+        "pooled_projections": torch.randn(1, 64, generator=torch.Generator().manual_seed(2)),
+        "timestep": torch.tensor([500.0]),
+    }
+    with torch.no_grad():
+        base = pipe.transformer(**inputs).sample
+        pipe.load_lora_weights(str(output_dir), adapter_name="opd")
+        adapted = pipe.transformer(**inputs).sample
+    lora_layers = [name for name, _ in pipe.transformer.named_modules() if name.endswith("lora_A.opd")]
+    saved = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    # 2 blocks x 8 SD3 attention projections, less `to_add_out` of the last (context-pre-only) block
+    assert len(lora_layers) == len([k for k in saved if "lora_A" in k]) == 15
+    assert not torch.allclose(base, adapted)
+
+
+def test_unknown_yaml_key_is_one_line_error(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(TINY.read_text() + "\nnot_a_field: 3\nlearning_rat: 0.1\n")
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err == f"trl-diffusion-opd train: error: unknown key(s) in {config}: not_a_field, learning_rat.\n"
+
+
+def test_unknown_yaml_key_in_the_console_script(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(TINY.read_text() + "\nnot_a_field: 3\n")
+    result = _run(["train", "--config", str(config)], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"trl-diffusion-opd train: error: unknown key(s) in {config}: not_a_field."
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("model_name_or_path: [unclosed\n", "is not valid YAML: while parsing a flow sequence"),
+        ("- a list\n- not a mapping\n", "must contain a YAML mapping"),
+        ({"kl_normalization": "bogus"}, "`kl_normalization` must be one of"),
+        ({"teachers": ["a", "b"]}, "`teachers` must be a mapping, got list"),
+    ],
+)
+def test_bad_yaml_is_one_line_error(tmp_path, capsys, text, expected):
+    config = tmp_path / "bad.yaml"
+    if isinstance(text, dict):  # the tiny config with some values replaced
+        text = yaml.safe_dump({**yaml.safe_load(TINY.read_text()), **text})
+    config.write_text(text)
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("trl-diffusion-opd train: error: ")
+    assert expected in err
+
+
+def test_unknown_flag_and_missing_config_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["train", "--config", str(TINY), "--not_a_flag", "1"]) == 2
+    assert capsys.readouterr().err == "trl-diffusion-opd train: error: unrecognized arguments: --not_a_flag.\n"
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--config", str(TINY), "--max_steps", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --max_steps/--max-steps: invalid int value: 'many'" in err
+
+
+def test_yaml_and_command_line_parse_into_the_three_groups(tmp_path):
+    parser = cli.make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config(
+        [
+            "--config",
+            str(TINY),
+            "--output_dir",
+            str(tmp_path),
+            "--teachers",
+            '{"shapes": {"path": "toy:3", "guidance_scale": 2.0}, "text": "toy:4"}',
+            "--lora_r",
+            "4",
+            "--lora_target_modules",
+            "attn.to_q",
+            "attn.to_k",
+        ]
+    )
+    assert script_args.teachers == {"shapes": {"path": "toy:3", "guidance_scale": 2.0}, "text": "toy:4"}
+    assert script_args.prompts["shapes"][0] == "a red circle"  # YAML mapping of inline lists
+    assert training_args.teacher_guidance_scale == {"shapes": 1.0, "text": 4.5}
+    assert training_args.max_steps == 20 and training_args.learning_rate == 0.01
+    assert (model_args.model_name_or_path, model_args.lora_r, model_args.lora_alpha) == ("tiny:sd3", 4, 8)
+    assert model_args.lora_target_modules == ["attn.to_q", "attn.to_k"]
+    assert cli.student_lora_config(model_args, _tiny_pipe()).target_modules == {"attn.to_q", "attn.to_k"}
+
+
+def _tiny_pipe():
+    from trl_diffusion_opd.testing import get_tiny_sd3_pipeline
+
+    return get_tiny_sd3_pipeline(with_t5=False)
+
+
+def test_toy_teachers_and_default_lora_targets(tmp_path):
+    pipe = _tiny_pipe()
+    teachers = cli.materialize_toy_teachers(
+        {"a": "toy:1", "b": [{"path": "toy:2", "weight": 2.0}, "org/repo/sub"]}, pipe, tmp_path
+    )
+    assert teachers == {
+        "a": str(tmp_path / "a"),
+        "b": [{"path": str(tmp_path / "b_0"), "weight": 2.0}, "org/repo/sub"],
+    }
+    assert (tmp_path / "a" / "pytorch_lora_weights.safetensors").is_file()
+    model_args = cli.DiffusionModelConfig(model_name_or_path="tiny:sd3")
+    config = cli.student_lora_config(model_args, pipe)
+    assert (config.r, config.lora_alpha, config.init_lora_weights) == (32, 64, "gaussian")
+    assert "attn.add_q_proj" in config.target_modules and "attn.to_out.0" in config.target_modules
+    with pytest.raises(ValueError, match="toy:<integer seed>"):
+        cli.materialize_toy_teachers({"a": "toy:x"}, pipe, tmp_path)
+
+
+def test_dataset_name_with_task_column_and_test_split(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        '{"prompt": "two cats", "task": "geneval", "include": [{"class": "cat", "count": 2}]}\n'
+        '{"prompt": "a sign", "task": "ocr"}\n'
+    )
+    script_args = cli.DiffusionOPDScriptArguments(teachers='{"geneval": "a/b", "ocr": "c/d"}', dataset_name=str(path))
+    train, evaluation = cli.load_prompts(script_args)
+    from trl_diffusion_opd.data import prompts_by_task
+
+    assert prompts_by_task(train)["geneval"][0]["include"] == [{"class": "cat", "count": 2}]
+    assert evaluation is None
+    with pytest.raises(ValueError, match="Give the prompts"):
+        cli.DiffusionOPDScriptArguments(teachers={"a": "b/c"})
+    with pytest.raises(ValueError, match="`teachers` is required"):
+        cli.DiffusionOPDScriptArguments(prompts={"a": ["x"]})
+
+
+@pytest.fixture
+def captured_launch(monkeypatch):
+    from accelerate.commands import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "launch_command", calls.append)
+    monkeypatch.setenv(cli.LAUNCHED_ENV, "")  # not yet launched; restored after the test
+    return calls
+
+
+def test_accelerate_config_preset_relaunches_through_accelerate(captured_launch, tmp_path):
+    argv = ["train", "--config", str(TINY), "--accelerate_config", "multi_gpu", "--num_processes", "2"]
+    argv += ["--max_steps", "3"]
+    assert cli.main(argv) == 0
+    (namespace,) = captured_launch
+    assert Path(namespace.config_file).name == "multi_gpu.yaml" and Path(namespace.config_file).is_file()
+    assert namespace.num_processes == 2
+    assert namespace.module is True and namespace.training_script == "trl_diffusion_opd.cli"
+    # The relaunched job gets the training arguments only, and knows it was launched.
+    assert namespace.training_script_args == ["train", "--config", str(TINY), "--max_steps", "3"]
+    assert os.environ[cli.LAUNCHED_ENV] == "1"
+
+
+def test_accelerate_options_in_yaml_and_config_file(captured_launch, tmp_path):
+    accelerate_file = tmp_path / "accelerate.yaml"
+    accelerate_file.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(TINY.read_text() + f"\naccelerate_config: {accelerate_file}\nmixed_precision: bf16\n")
+    assert cli.main(["train", "--config", str(config)]) == 0
+    (namespace,) = captured_launch
+    assert namespace.config_file == str(accelerate_file)
+    assert namespace.mixed_precision == "bf16"
+    assert namespace.training_script_args == ["train", "--config", str(config)]
+
+
+def test_unknown_accelerate_preset(captured_launch, capsys):
+    assert cli.main(["train", "--config", str(TINY), "--accelerate_config", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "neither a file nor a preset" in err and "multi_gpu" in err
+    assert captured_launch == []
+
+
+def test_env_lists_versions(tmp_path):
+    result = _run(["env"], tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line[2:].split(": ", 1) for line in result.stdout.splitlines() if line.startswith("- "))
+    assert list(lines)[:4] == ["platform", "python", "torch", "accelerator"]
+    assert lines["torch"] == torch.__version__
+    assert lines["accelerator"] == ("none (CPU only)" if not torch.cuda.is_available() else lines["accelerator"])
+    for package in (
+        "diffusers",
+        "transformers",
+        "peft",
+        "accelerate",
+        "trl",
+        "datasets",
+        "bitsandbytes",
+        "huggingface_hub",
+        "trl-diffusion-opd",
+    ):
+        assert lines[package] == version(package)
+
+
+def test_help_and_unknown_command(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "env" in out
+    assert cli.main(["serve"]) == 2
+    assert capsys.readouterr().err == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, env)\n"
+
+
+def test_recipe_config_parses_to_the_paper_settings(tmp_path):
+    script_args, training_args, model_args = cli.make_parser().parse_args_and_config(
+        ["--config", str(RECIPE), "--output_dir", str(tmp_path)]
+    )
+    assert model_args.model_name_or_path == "stabilityai/stable-diffusion-3.5-medium"
+    assert script_args.teachers == {
+        "geneval": "quanhaol/DiffusionOPD/GenEvalTeacher/lora",
+        "ocr": "quanhaol/DiffusionOPD/OCRTeacher/lora",
+        "aes": "quanhaol/DiffusionOPD/AesTeacher/lora",
+    }
+    assert training_args.teacher_guidance_scale == {"geneval": 1.0, "ocr": 4.5, "aes": 4.5}
+    assert (training_args.num_inference_steps, training_args.noise_level, training_args.guidance_scale) == (10, 0, 4.5)
+    assert (model_args.lora_r, model_args.lora_alpha, training_args.learning_rate) == (32, 64, 3e-4)
+    assert (training_args.resolution, training_args.per_device_train_batch_size) == (512, 3)
+    assert (training_args.ema, training_args.ema_decay, training_args.ema_update_interval) == (True, 0.9, 8)
+    assert json.dumps(script_args.prompts)  # one source per task
+
+
+def test_unknown_hub_teacher_is_one_line_error_naming_it_offline(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    teachers = '{"shapes": "org/missing/OCRTeacher/lora", "text": "toy:2"}'
+    argv = ["train", "--config", str(TINY), "--output_dir", str(tmp_path / "out"), "--teachers", teachers]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "trl-diffusion-opd train: error: Teacher 'shapes': could not resolve 'org/missing/OCRTeacher/lora' from the "
+        "Hub (HF_HUB_OFFLINE=1: offline, local cache only)"
+    )
+
+
+def test_train_with_hub_teachers_from_offline_cache(tmp_path):
+    """`HF_HUB_OFFLINE=1` and `HF_HUB_CACHE` in a real process: teachers given as `org/repo` (diffusers format) and
+    `org/repo/sub/folder` (PEFT format) resolve from the cache."""
+    from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache, save_toy_lora
+
+    pipe = get_tiny_sd3_pipeline(seed=0)  # the base of `tiny:sd3`
+    save_toy_lora(pipe, tmp_path / "shapes", seed=1, std=0.3)
+    save_toy_lora(pipe, tmp_path / "multi" / "OCRTeacher" / "lora", seed=2, std=0.3, format="peft")
+    save_to_hub_cache(tmp_path / "shapes", "org/shapes-teacher", tmp_path / "hub-cache")
+    commit = save_to_hub_cache(tmp_path / "multi", "org/DiffusionOPD", tmp_path / "hub-cache").name
+    output_dir = tmp_path / "run"
+    teachers = json.dumps({"shapes": "org/shapes-teacher", "text": "org/DiffusionOPD/OCRTeacher/lora"})
+    result = _run(
+        ["train", "--config", str(TINY), "--output_dir", str(output_dir), "--max_steps", "1", "--teachers", teachers],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (output_dir / "README.md").read_text()
+    assert f"| text | `org/DiffusionOPD/OCRTeacher/lora@{commit}` | 4.5 | 1.0 |" in card
+    assert "| shapes | `org/shapes-teacher@" in card
+    assert not (output_dir / "_toy_teachers").exists()
