@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
 from .transition import KL_NORMALIZATIONS, SAMPLERS
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def _as_dict(value: Any, name: str) -> Any:
@@ -168,6 +175,11 @@ class DiffusionOPDConfig(TrainingArguments):
                 self.teacher_guidance_scale = float(self.teacher_guidance_scale)
             except ValueError:
                 self.teacher_guidance_scale = _as_dict(self.teacher_guidance_scale, "teacher_guidance_scale")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Without this, transformers leaves a multi-process CPU launch undistributed and the ranks' students
+            # silently drift apart.
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
 
         if self.num_inference_steps < 1:

@@ -19,6 +19,7 @@ A folder holds a LoRA in diffusers format (`pytorch_lora_weights.safetensors`) o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -40,13 +41,18 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 SPEC_FORMS = (
-    "'./local/folder', 'owner/repo', 'owner/repo@revision', 'owner/repo/sub/folder', "
-    "'owner/repo/sub/folder@revision', or a dict with 'path' and optional 'subfolder', 'revision', "
-    "'guidance_scale', 'weight', 'weight_name'"
+    "'./local/folder' (or '/abs/folder', '~/folder'), 'owner/repo', 'owner/repo@revision', 'owner/repo/sub/folder', "
+    "'owner/repo/sub/folder@revision', a dict with 'path' and optional 'subfolder', 'revision', 'guidance_scale', "
+    "'weight', 'weight_name', or a list of those (a weighted ensemble for one task, where a dict may also set 'name')"
 )
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HUB_SPEC = re.compile(rf"^(?P<repo>{_REPO_PART}/{_REPO_PART})(?P<sub>(/[^/@\s]+)*)(@(?P<rev>[^@\s/][^@\s]*))?$")
 _SPEC_KEYS = {"path", "subfolder", "revision", "guidance_scale", "weight", "weight_name"}
+_LOCAL_PREFIXES = (".", "/", "~")
+# Adapter names that are also names of PEFT's own sub-modules: `.lora_A.` would match every adapter's parameters.
+_PEFT_INTERNAL_NAMES = frozenset(
+    {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+)
 
 
 @dataclass
@@ -59,7 +65,7 @@ class TeacherSpec:
         subfolder: Folder inside the repo (or local folder) that holds the adapter.
         revision: Hub revision (branch, tag or commit).
         guidance_scale: CFG scale of this teacher's predictions; `None` uses the config's default.
-        weight: Weight of this teacher in its task's loss.
+        weight: Weight of this teacher in its task's loss (> 0; a task's weights are normalised to sum to 1).
         weight_name: Weight file name when a folder holds several.
     """
 
@@ -83,40 +89,90 @@ class TeacherSpec:
         return text + (f"@{self.revision}" if self.revision else "")
 
 
+def _malformed(name: str, spec: Any, problem: str) -> ValueError:
+    return ValueError(f"Teacher '{name}': malformed spec {spec!r} ({problem}). Accepted forms: {SPEC_FORMS}.")
+
+
+def _number(name: str, spec: Any, key: str, value: Any, positive: bool) -> float:
+    """`value` as a finite float (> 0 when `positive`), else a malformed-spec error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _malformed(name, spec, f"'{key}' must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _malformed(name, spec, f"'{key}' must be a number, got {value!r}") from None
+    if not math.isfinite(number) or (positive and number <= 0):
+        raise _malformed(name, spec, f"'{key}' must be a finite number{' > 0' if positive else ''}, got {value!r}")
+    return number
+
+
+def _parse_dict_spec(name: str, spec: dict[str, Any]) -> TeacherSpec:
+    unknown = sorted(str(key) for key in set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise _malformed(name, spec, f"unknown keys {unknown}")
+    if "path" not in spec:
+        raise _malformed(name, spec, "no 'path'")
+    for key in ("path", "subfolder", "revision", "weight_name"):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            # A YAML commit hash of digits only is read as a number: quote it.
+            raise _malformed(name, spec, f"'{key}' must be a non-empty string (quote it in YAML), got {value!r}")
+    base = parse_teacher_spec(name, spec["path"])
+    for key in ("subfolder", "revision"):
+        inline, explicit = getattr(base, key), spec.get(key)
+        if inline is not None and explicit is not None and inline.strip("/") != explicit.strip("/"):
+            raise _malformed(name, spec, f"'{key}' is given twice: '{inline}' in 'path' and '{explicit}'")
+    subfolder = spec.get("subfolder") or base.subfolder
+    guidance = spec.get("guidance_scale")
+    return TeacherSpec(
+        name=name,
+        path=base.path,
+        subfolder=subfolder.strip("/") if subfolder else None,
+        revision=spec.get("revision") or base.revision,
+        guidance_scale=None if guidance is None else _number(name, spec, "guidance_scale", guidance, positive=False),
+        weight=_number(name, spec, "weight", spec.get("weight", 1.0), positive=True),
+        weight_name=spec.get("weight_name"),
+    )
+
+
 def parse_teacher_spec(name: str, spec: str | dict[str, Any] | TeacherSpec) -> TeacherSpec:
     """Parse one teacher spec (see the module docstring for the accepted forms).
 
+    A string that names an existing folder, or starts with `.`, `/` or `~`, is a local path and must exist; any other
+    string must be a Hub id `owner/repo[/sub/folder][@revision]`.
+
     Raises:
-        ValueError: the spec matches none of the accepted forms; the message lists them.
+        ValueError: the spec matches none of the accepted forms, a local path does not exist or is a file, or a dict
+            has unknown keys, no `path`, a non-numeric or non-positive `weight`, or a subfolder or revision given
+            twice with different values; the message lists the accepted forms.
     """
     if isinstance(spec, TeacherSpec):
         return spec
     if isinstance(spec, dict):
-        unknown = set(spec) - _SPEC_KEYS
-        if "path" not in spec or unknown:
-            problem = f"unknown keys {sorted(unknown)}" if unknown else "no 'path'"
-            raise ValueError(f"Teacher '{name}': malformed spec {spec!r} ({problem}). Accepted forms: {SPEC_FORMS}.")
-        base = parse_teacher_spec(name, str(spec["path"]))
-        return TeacherSpec(
-            name=name,
-            path=base.path,
-            subfolder=spec.get("subfolder", base.subfolder),
-            revision=spec.get("revision", base.revision),
-            guidance_scale=None if spec.get("guidance_scale") is None else float(spec["guidance_scale"]),
-            weight=float(spec.get("weight", 1.0)),
-            weight_name=spec.get("weight_name"),
-        )
+        return _parse_dict_spec(name, spec)
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"Teacher '{name}': malformed spec {spec!r}. Accepted forms: {SPEC_FORMS}.")
+        problem = "an empty string" if isinstance(spec, str) else f"type {type(spec).__name__}, not a string or a dict"
+        raise _malformed(name, spec, problem)
     spec = spec.strip()
-    if os.path.isdir(spec) or spec.startswith((".", "/", "~")) or os.sep in spec and os.path.exists(spec):
-        return TeacherSpec(name=name, path=os.path.expanduser(spec))
+    if os.path.isdir(spec) or spec.startswith(_LOCAL_PREFIXES) or os.sep in spec and os.path.exists(spec):
+        path = os.path.expanduser(spec)
+        if os.path.isfile(path):
+            raise _malformed(
+                name,
+                spec,
+                "a file, not a folder: give its folder, with {'path': folder, 'weight_name': file} when it is not "
+                f"named '{DIFFUSERS_LORA_WEIGHTS}' or '{PEFT_WEIGHTS}'",
+            )
+        if not os.path.isdir(path):
+            raise _malformed(
+                name,
+                spec,
+                f"local folder '{path}' does not exist; a spec starting with '.', '/' or '~' is a local path",
+            )
+        return TeacherSpec(name=name, path=path)
     match = _HUB_SPEC.match(spec)
     if match is None:
-        raise ValueError(
-            f"Teacher '{name}': '{spec}' is neither an existing local folder nor a Hub id. Accepted forms: "
-            f"{SPEC_FORMS}."
-        )
+        raise _malformed(name, spec, "neither an existing local folder nor a Hub id")
     return TeacherSpec(name=name, path=match["repo"], subfolder=match["sub"].strip("/") or None, revision=match["rev"])
 
 
@@ -154,9 +210,14 @@ def resolve_teacher(spec: TeacherSpec, cache_dir: str | None = None, token: str 
                 )
             )
         except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
+            hint = (
+                f" '{spec.display}' is not a local folder either (prefix a relative local path with './')."
+                if "@" not in spec.display
+                else ""
+            )
             raise ValueError(
                 f"Teacher '{spec.name}': could not resolve '{spec.display}' from the Hub ({_hub_state()}): "
-                f"{_first_line(error)}"
+                f"{_first_line(error)}.{hint}"
             ) from error
     if spec.subfolder:
         folder = folder / spec.subfolder
@@ -350,27 +411,33 @@ def parse_teachers(teachers: dict[str, Any], reserved: tuple[str, ...] = ()) -> 
     """Parse `{task: spec or [specs]}` into `{task: [TeacherSpec]}`.
 
     A task with one teacher names its adapter after the task; an ensemble's teachers are named `{task}_{i}` unless a
-    dict spec gives a `name`. Names are made valid module keys (dots and dashes become underscores).
+    dict spec gives a `name`. Names are made valid module keys (every character other than letters, digits and `_`
+    becomes `_`). The teachers of an ensemble may have different ranks, alphas, targets, guidance scales and weights.
 
     Raises:
-        ValueError: empty input, an empty teacher list, a malformed spec, or a duplicate or reserved name.
+        ValueError: empty input, an empty teacher list, a malformed spec, or a duplicate or reserved name (`reserved`
+            and PEFT's own module names such as `lora_A`).
     """
     if not isinstance(teachers, dict) or not teachers:
-        raise ValueError("`teachers` must be a non-empty dict {task: teacher spec}.")
+        raise ValueError(f"`teachers` must be a non-empty dict {{task: teacher spec}}. Accepted specs: {SPEC_FORMS}.")
     parsed: dict[str, list[TeacherSpec]] = {}
     names: set[str] = set()
     for task, spec in teachers.items():
         specs = spec if isinstance(spec, list) else [spec]
         if not specs:
-            raise ValueError(f"Task '{task}' has an empty teacher list.")
+            raise ValueError(f"Task '{task}' has an empty teacher list. Accepted specs: {SPEC_FORMS}.")
         parsed[task] = []
         for index, item in enumerate(specs):
-            name = task if len(specs) == 1 else f"{task}_{index}"
+            name = str(task) if len(specs) == 1 else f"{task}_{index}"
             if isinstance(item, dict) and "name" in item:
                 item = dict(item)
-                name = str(item.pop("name"))
-            name = name.replace(".", "_").replace("-", "_")
-            if name in reserved or name in names:
+                name = item.pop("name")
+                if not isinstance(name, str) or not name.strip():
+                    raise ValueError(
+                        f"Task '{task}': teacher {index} has 'name' {name!r}; it must be a non-empty string."
+                    )
+            name = re.sub(r"\W", "_", name.strip())
+            if name in reserved or name in _PEFT_INTERNAL_NAMES or name in names:
                 raise ValueError(f"Teacher name '{name}' (task '{task}') is reserved or used twice.")
             names.add(name)
             parsed[task].append(parse_teacher_spec(name, item))

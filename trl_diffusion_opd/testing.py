@@ -148,7 +148,9 @@ def get_tiny_sd3_pipeline(
 
     Args:
         seed: All weights are a deterministic function of the seed.
-        with_t5: Include the T5 text encoder (SD3 also runs without it, padding with zeros).
+        with_t5: Include the T5 text encoder (SD3 also runs without it, padding with zeros). A saved pipeline
+            without T5 reloads with `from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`, as diffusers
+            requires for SD3.
         num_layers, num_attention_heads, attention_head_dim, patch_size: Transformer size. The defaults are tiny
             (milliseconds per forward pass); benchmarks pass e.g. `num_layers=4, num_attention_heads=4,
             attention_head_dim=64` for a "small" model with hidden size 256.

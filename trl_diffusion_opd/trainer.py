@@ -170,6 +170,7 @@ class DiffusionOPDTrainer(Trainer):
         for specs in self.teacher_specs.values():
             for spec in specs:
                 load_lora_teacher(transformer, spec, spec.local_dir)
+        set_seed(args.seed)  # the student's random init is a function of the seed
         self.peft_config = self._add_student(transformer, peft_config, args)
         self.adapters = AdapterSwitch(transformer, STUDENT)
         self.adapters.activate(STUDENT)
@@ -363,7 +364,7 @@ class DiffusionOPDTrainer(Trainer):
                     "training stopped before the update, so the last checkpoint is intact."
                 )
             if backward:
-                self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+                self.accelerator.backward(loss / getattr(self, "current_gradient_accumulation_steps", 1))
             loss_value += loss.item()
             kl_per_step[steps.start : steps.stop] = kl.detach().view(len(steps), batch).mean(1)
         return loss_value, kl_per_step
@@ -472,7 +473,8 @@ class DiffusionOPDTrainer(Trainer):
         """The student LoRA in PEFT naming (`...attn.to_q.lora_A.weight`), on CPU."""
         model = self.accelerator.unwrap_model(self.model)
         state = get_peft_model_state_dict(model, adapter_name=STUDENT)
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        # A copy: on CPU `.cpu()` would alias the live parameters, which the EMA context restores afterwards.
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
     def save_student_lora(self, output_dir: str | os.PathLike, use_ema: bool = True) -> None:
         """Write the student adapter in diffusers' LoRA format (`pytorch_lora_weights.safetensors`) with its adapter

@@ -2,17 +2,40 @@
 
 The trainer, evaluation and benchmarks only talk to a `FlowMatchingFamily`. A family knows how its pipeline encodes
 prompts, which sigma schedule its scheduler uses, how to lay out initial latents, how to call its transformer
-(timestep convention, CFG batching or guidance embedding) and how to decode latents to images.
+(timestep convention, CFG batching or guidance embedding) and how to decode latents to images. Nothing else in the
+package branches on the model family.
 
-Adding a family (Wan 2.1, SANA, Qwen-Image, ...) is one file: subclass `FlowMatchingFamily`, set `pipeline_class`,
-`name`, `tag` and `default_lora_targets`, implement the five abstract methods, and decorate the class with
-`@register_family`. The conditioning a family returns is a plain `dict[str, torch.Tensor]` whose tensors all have the
-prompt batch as their first dimension, so the trainer can slice, tile and concatenate it without knowing its keys.
+Adding a family (Wan 2.1, SANA, Qwen-Image, ...) is one new file in this package, e.g. `families/sana.py`:
+
+1. Subclass `FlowMatchingFamily` and set the class attributes `pipeline_class` (the diffusers pipeline class it
+   wraps; `get_family` picks the family of the pipeline's class or of its nearest base class), `name` (a short
+   identifier), `tag` (added to the model card's tags) and `default_lora_targets` (module-name suffixes of the
+   student LoRA when the user passes no `LoraConfig`).
+2. Implement the five abstract methods: `encode_prompts`, `sigmas`, `init_latents`, `velocity` and `decode` (their
+   docstrings below are the contract). `velocity` must accept rows at different sigmas in one call (the trainer
+   batches several sampler steps together), return float32 and take `guidance_scale` either as classifier-free
+   guidance (`cfg_velocity` does the batching) or, for guidance-distilled models, through the model's guidance
+   embedding, in which case `uses_guidance_embedding` must be `True`.
+3. Override `text_encoders` when the pipeline's encoders are not named `text_encoder[_2|_3]`.
+4. Decorate the class with `@register_family`. Every module of this package is imported by `get_family`, so no other
+   file needs editing.
+
+The conditioning a family returns is a plain `dict[str, torch.Tensor]` whose tensors all have the prompt batch as
+their first dimension, so the trainer can cache, slice, tile and concatenate it without knowing its keys; inputs that
+are not per-prompt (FLUX's text and image position ids) are built inside `velocity`. Latents are opaque `(B, ...)`
+float32 tensors to the trainer, and sigmas are floats in [0, 1] with 1 pure noise: a family converts them to its
+transformer's timestep convention (SD3: 1000·sigma; FLUX: sigma) inside `velocity`.
+
+To test a new family, add a tiny randomly initialised pipeline to `trl_diffusion_opd.testing` and check, as
+`tests/test_flux.py` does, that the trainer's rollout reproduces the pipeline's own sampler, that a saved student
+reloads with the pipeline's `load_lora_weights`, and that distillation lowers the KL to each teacher.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
+import pkgutil
 from typing import ClassVar
 
 import torch
@@ -30,18 +53,24 @@ def register_family(cls: type[FlowMatchingFamily]) -> type[FlowMatchingFamily]:
     return cls
 
 
+def _import_family_modules() -> None:
+    """Import every module of this package, so that each family file registers itself."""
+    package = __name__.rpartition(".")[0]
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{module.name}")
+
+
 def get_family(pipeline: DiffusionPipeline, **kwargs) -> FlowMatchingFamily:
-    """Return the family wrapper for `pipeline`, chosen by the pipeline's class.
+    """Return the family wrapper for `pipeline`, chosen by the pipeline's class (the most specific registered one).
 
     Raises:
         ValueError: no registered family handles this pipeline class.
     """
-    # Imported for their registration side effect.
-    from . import flux, sd3  # noqa: F401
-
-    for cls in _FAMILIES:
-        if isinstance(pipeline, cls.pipeline_class):
-            return cls(pipeline, **kwargs)
+    _import_family_modules()
+    for klass in type(pipeline).__mro__:
+        for cls in _FAMILIES:
+            if cls.pipeline_class is klass:
+                return cls(pipeline, **kwargs)
     supported = ", ".join(cls.pipeline_class.__name__ for cls in _FAMILIES)
     raise ValueError(f"{type(pipeline).__name__} is not supported; supported pipelines: {supported}.")
 
