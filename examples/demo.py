@@ -10,6 +10,8 @@ distillation is visible. Any `trl-diffusion-opd train` flag overrides the config
 import sys
 from pathlib import Path
 
+from diffusers.utils import make_image_grid
+
 from trl_diffusion_opd.cli import build_trainer, make_parser
 
 
@@ -28,7 +30,25 @@ def main(argv: list[str]) -> None:
     print(f"\nKL(student || teacher) on held-out prompts, {trainer.state.global_step} rounds:")
     for task in before:
         print(f"  {task:<8} {before[task]:.6f} -> {after[task]:.6f}  ({after[task] / before[task] - 1:+.0%})")
+    grid = sample_grid(trainer)
     print(f"Student adapter and model card: {training_args.output_dir}")
+    print(f"Samples (rows: base, teachers, student; columns: held-out prompts): {grid}")
+    print("\nLoad the student in diffusers:")
+    print("    pipe = <the base pipeline>  # here: trl_diffusion_opd.testing.get_tiny_sd3_pipeline()")
+    print(f"    pipe.load_lora_weights({str(training_args.output_dir)!r})")
+
+
+def sample_grid(trainer) -> Path:
+    """One row of images per model (base, each teacher, the student) on the held-out prompts, same noise."""
+    prompts = [row["prompt"] for rows in trainer.eval_prompts.values() for row in rows]
+    rows = [("base", None)] + [(spec.name, spec.name) for specs in trainer.teacher_specs.values() for spec in specs]
+    rows.append(("student", "student"))
+    images = [image for _, adapter in rows for image in trainer.generate(prompts, adapter=adapter)]
+    grid = make_image_grid([image.resize((96, 96), 0) for image in images], rows=len(rows), cols=len(prompts))
+    path = Path(trainer.args.output_dir) / "samples" / "grid.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_train_tiny_yaml_with_overrides_writes_loadable_adapter(tmp_path):
             "--max_steps",
             "2",
             "--learning_rate",
-            "0.005",
+            "0.002",
             "--teacher_guidance_scale",
             '{"shapes": 2.0, "text": 3.0}',
             "--task_weights",
@@ -55,7 +55,7 @@ def test_train_tiny_yaml_with_overrides_writes_loadable_adapter(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     args = torch.load(output_dir / "training_args.bin", weights_only=False)
-    assert args.max_steps == 2 and args.learning_rate == 0.005  # command line over YAML (20, 1e-2)
+    assert args.max_steps == 2 and args.learning_rate == 0.002  # command line over YAML (60, 5e-3)
     assert args.teacher_guidance_scale == {"shapes": 2.0, "text": 3.0}  # JSON dict on the command line
     assert args.task_weights == {"text": 0.5}
     assert args.num_inference_steps == 4 and args.resolution == 32  # from the YAML
@@ -155,8 +155,8 @@ def test_yaml_and_command_line_parse_into_the_three_groups(tmp_path):
     )
     assert script_args.teachers == {"shapes": {"path": "toy:3", "guidance_scale": 2.0}, "text": "toy:4"}
     assert script_args.prompts["shapes"][0] == "a red circle"  # YAML mapping of inline lists
-    assert training_args.teacher_guidance_scale == {"shapes": 1.0, "text": 4.5}
-    assert training_args.max_steps == 20 and training_args.learning_rate == 0.01
+    assert training_args.teacher_guidance_scale is None
+    assert training_args.max_steps == 60 and training_args.learning_rate == 0.005
     assert (model_args.model_name_or_path, model_args.lora_r, model_args.lora_alpha) == ("tiny:sd3", 4, 8)
     assert model_args.lora_target_modules == ["attn.to_q", "attn.to_k"]
     assert cli.student_lora_config(model_args, _tiny_pipe()).target_modules == {"attn.to_q", "attn.to_k"}

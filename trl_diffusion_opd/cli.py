@@ -271,7 +271,12 @@ def materialize_toy_teachers(teachers: dict[str, Any], pipeline, folder: str | o
             seed = spec[len(TOY_TEACHER_PREFIX) :]
             if not seed.isdigit():
                 raise ValueError(f"Teacher '{label}': '{spec}' must be 'toy:<integer seed>'.")
-            return str(save_toy_lora(pipeline, Path(folder) / label, seed=int(seed), std=0.3))
+            # Toy teachers share part of their update, as teachers RL-tuned from one base do.
+            return str(
+                save_toy_lora(
+                    pipeline, Path(folder) / label, seed=int(seed), std=0.1, rank=2, shared_seed=0, specific_scale=0.5
+                )
+            )
         return spec
 
     return {task: convert(spec, task) for task, spec in teachers.items()}

@@ -437,6 +437,46 @@ class DiffusionOPDTrainer(Trainer):
                 result[task] = kl.mean().item()
         return result
 
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        adapter: str | None = STUDENT,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        use_ema: bool = True,
+    ) -> list:
+        """Sample images with the deterministic ODE sampler, with the student (EMA weights when EMA is on), a
+        teacher (its adapter name) or the base (`adapter=None`).
+
+        Returns:
+            One PIL image per prompt, `resolution` pixels square. The same seed gives the same initial noise for
+            every adapter, so images are comparable side by side.
+        """
+        args = self.args
+        steps = num_inference_steps or args.num_inference_steps
+        if guidance_scale is None:
+            task = next((t for t, specs in self.teacher_specs.items() for s in specs if s.name == adapter), None)
+            guidance_scale = self.args.teacher_guidance_for(task) if task else args.guidance_scale
+        cond = self.prompt_cache(prompts)
+        negative = self._negative(len(prompts)) if guidance_scale > 1 else None
+        sigmas = self.family.sigmas(steps, args.resolution)
+        x = self.family.init_latents(len(prompts), args.resolution, self._generator("generate", seed)).to(args.device)
+        transformer = self.accelerator.unwrap_model(self.model)
+        context = self._ema_weights() if use_ema and adapter == STUDENT else contextlib.nullcontext()
+        with context, self.adapters.use(adapter):
+            for j in range(steps):
+                sigma = sigmas[j].expand(len(prompts)).to(args.device)
+                v = self.family.velocity(transformer, x, sigma, cond, guidance_scale, negative)
+                x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
+        vae = self.pipeline.vae
+        home = vae.device
+        vae.to(args.device)
+        images = self.family.decode(x, args.resolution)
+        vae.to(home)  # training never needs the VAE, so it may live off the accelerator
+        return images
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """KL to each teacher on held-out prompts, logged as `{prefix}_kl/{task}`."""
         prompts = prompts_by_task(eval_dataset) if eval_dataset is not None else None
