@@ -99,8 +99,8 @@ class DiffusionOPDTrainer(Trainer):
     Args:
         model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` (SD3/SD3.5, FLUX.1).
         teachers: `{task: spec}`; a spec is a local folder, a Hub id (`owner/repo[/sub/folder][@revision]`), a
-            dict with `path` and optional `subfolder`, `revision`, `guidance_scale`, `weight`, or a list of those
-            (a weighted ensemble of teachers for that task). LoRA teachers are loaded as adapters on the base.
+            dict with `path` and optional `subfolder`, `revision`, `guidance_scale`, `weight`, `name`, or a list of
+            those (a weighted ensemble of teachers for that task; `name` sets the adapter name). LoRA teachers are loaded as adapters on the base.
         args: The `DiffusionOPDConfig`.
         train_dataset: Prompts: a dataset with `prompt` and `task` columns, or `{task: source}` (a `Dataset`, a list
             of prompts, a `.txt`/`.jsonl` path or a dataset id).
@@ -342,16 +342,16 @@ class DiffusionOPDTrainer(Trainer):
             with self.compute_loss_context_manager():
                 negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
                 student = self._mean(model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard)
-                kl = (
-                    sum(
-                        spec.weight
-                        * transition.closed_form_kl(
-                            student, target, t, t_next, args.noise_level, args.sde_type, args.kl_normalization, t_guard
-                        )
-                        for spec, target in zip(specs, targets)
+                per_teacher = [
+                    transition.closed_form_kl(
+                        student, target, t, t_next, args.noise_level, args.sde_type, args.kl_normalization, t_guard
                     )
-                    / total_weight
-                )
+                    for target in targets
+                ]
+                kl = sum(spec.weight * k for spec, k in zip(specs, per_teacher)) / total_weight
+                if backward and len(specs) > 1:  # an ensemble: each teacher's share is worth seeing
+                    for spec, k in zip(specs, per_teacher):
+                        self._metrics[f"kl/{task}/{spec.name}"].append(k.detach().mean().item())
                 if args.loss_type == "ppo":
                     per_row = self._ppo_rows(rollout, steps, student, targets, specs, t, t_next, t_guard)
                 else:
