@@ -255,6 +255,39 @@ def test_ppo_style_loss_trains(tmp_path, teachers):
     assert any(not torch.equal(start[n], p) for n, p in trainer.model.named_parameters() if ".student." in n)
 
 
+def test_row_routed_by_metadata_is_supervised_by_the_named_teacher(tmp_path, teachers):
+    trainer = _trainer(tmp_path, teachers)
+    prompt = "shared prompt"
+    model = trainer.model
+    _, own = trainer.task_loss(model, "a", [{"prompt": prompt}], trainer._generator("r"), backward=False)
+    _, routed = trainer.task_loss(
+        model, "a", [{"prompt": prompt, "teachers": ["b"]}], trainer._generator("r"), backward=False
+    )
+    _, teacher_b = trainer.task_loss(model, "b", [{"prompt": prompt}], trainer._generator("r"), backward=False)
+    torch.testing.assert_close(routed, teacher_b, rtol=1e-6, atol=0)  # B's means are the target
+    assert (routed - own).abs().max() > 1e-3 * own.abs().max()
+    # A batch mixing routed and default rows: each row keeps its own teacher.
+    _, mixed = trainer.task_loss(
+        model,
+        "a",
+        [{"prompt": prompt, "teachers": "b"}, {"prompt": prompt}],
+        trainer._generator("m"),
+        backward=False,
+    )
+    _, mixed_a = trainer.task_loss(
+        model, "a", [{"prompt": prompt, "teachers": "a"}, {"prompt": prompt}], trainer._generator("m"), backward=False
+    )
+    assert not torch.allclose(mixed, mixed_a)
+
+
+def test_unknown_routed_teacher_fails_with_row_index(tmp_path, teachers):
+    prompts = _prompts(3)
+    prompts["a"] = [{"prompt": p} for p in prompts["a"]]
+    prompts["a"][2]["teachers"] = ["b", "ocr"]
+    with pytest.raises(ValueError, match=r"Task 'a' row 2 .* unknown teacher\(s\) \['ocr'\]"):
+        _trainer(tmp_path, teachers, prompts=prompts)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

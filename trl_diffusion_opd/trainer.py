@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 from . import transition
 from .config import DiffusionOPDConfig
 from .data import RoundRobinPrompts, prompts_by_task
-from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
+from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_select, cond_tile, get_family
 from .hub import create_model_card, push_checkpoint, push_to_hub
 from .teachers import (
     AdapterSwitch,
@@ -145,7 +145,13 @@ class DiffusionOPDTrainer(Trainer):
         self.task_prompts = prompts_by_task(train_dataset)
         self.teacher_specs = parse_teachers(teachers, reserved=(STUDENT,))
         self._check_tasks(self.task_prompts, self.teacher_specs)
+        self._teacher_by_name = {
+            spec.name: (task, spec) for task, specs in self.teacher_specs.items() for spec in specs
+        }
+        self._check_routing(self.task_prompts)
         self.eval_prompts = prompts_by_task(eval_dataset) if eval_dataset is not None else None
+        if self.eval_prompts:
+            self._check_routing(self.eval_prompts)
         for task in args.task_weights or {}:
             if task not in self.teacher_specs:
                 raise ValueError(f"`task_weights` names task '{task}', which has no teacher.")
@@ -212,6 +218,20 @@ class DiffusionOPDTrainer(Trainer):
         no_prompts = [task for task in teachers if task not in prompts]
         if no_prompts:
             raise ValueError(f"Teacher task(s) {no_prompts} have no prompts in the dataset (tasks: {list(prompts)}).")
+
+    def _check_routing(self, prompts: dict[str, list[dict]]) -> None:
+        for task, rows in prompts.items():
+            for index, row in enumerate(rows):
+                names = row.get("teachers")
+                if not names:
+                    continue
+                names = [names] if isinstance(names, str) else list(names)
+                unknown = [n for n in names if n not in self._teacher_by_name]
+                if unknown:
+                    raise ValueError(
+                        f"Task '{task}' row {index} ({row['prompt']!r}) routes to unknown teacher(s) {unknown}; "
+                        f"teachers are {sorted(self._teacher_by_name)}."
+                    )
 
     def _add_student(self, transformer, peft_config: LoraConfig | None, args: DiffusionOPDConfig) -> LoraConfig:
         if args.student_adapter is not None:
@@ -305,7 +325,10 @@ class DiffusionOPDTrainer(Trainer):
 
     @torch.no_grad()
     def teacher_means(self, spec: TeacherSpec, task: str, x, t, t_next, cond: Cond, t_guard: float) -> torch.Tensor:
-        """Transition means of teacher `spec` at states `x` `(R, ...)` with its own CFG, no grad, float32."""
+        """Transition means of teacher `spec` at states `x` `(R, ...)` with its own CFG, no grad, float32.
+
+        `task` is the task whose default teacher guidance applies when the spec sets none.
+        """
         guidance = spec.guidance_scale if spec.guidance_scale is not None else self.args.teacher_guidance_for(task)
         negative = self._negative(x.shape[0]) if guidance > 1 else None
         transformer = self.accelerator.unwrap_model(self.model)
@@ -316,10 +339,36 @@ class DiffusionOPDTrainer(Trainer):
         size = self.args.step_batch_size or num_steps
         return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
 
+    def _routing(self, task: str, rows: list[dict]) -> tuple[list[tuple[str, TeacherSpec]], torch.Tensor]:
+        """Which teachers supervise each row, and with which weight.
+
+        A row is supervised by its task's teachers, or by the teachers its `teachers` field names (routing by
+        metadata). Returns the teachers used, as `(owner task, spec)`, and weights `(B, K)` normalised per row.
+        """
+        used: dict[str, tuple[str, TeacherSpec]] = {}
+        per_row = []
+        for row in rows:
+            names = row.get("teachers")
+            if names:
+                chosen = [self._teacher_by_name[n] for n in ([names] if isinstance(names, str) else names)]
+            else:
+                chosen = [(task, spec) for spec in self.teacher_specs[task]]
+            per_row.append({spec.name for _, spec in chosen})
+            for owner, spec in chosen:
+                used.setdefault(spec.name, (owner, spec))
+        teachers = list(used.values())
+        weights = torch.tensor(
+            [[spec.weight if spec.name in names else 0.0 for _, spec in teachers] for names in per_row]
+        )
+        return teachers, weights / weights.sum(1, keepdim=True)
+
     def task_loss(
         self, model, task: str, rows: list[dict], generator: torch.Generator, backward: bool
     ) -> tuple[float, torch.Tensor]:
         """Roll out, supervise and (optionally) back-propagate one task's loss.
+
+        Each teacher's means are computed only on the rows it supervises; a row's loss is the weighted mean of its
+        teachers' per-step KLs (PPO-style surrogates with `loss_type="ppo"`).
 
         Returns:
             `(loss, kl_per_step)`: the task's weighted loss (a float) and the unweighted KL per trained step `(T,)`.
@@ -331,33 +380,42 @@ class DiffusionOPDTrainer(Trainer):
         num_steps = args.num_train_timesteps
         t_guard = rollout["sigmas"][1].item()
         task_weight = float((args.task_weights or {}).get(task, 1.0))
-        specs = self.teacher_specs[task]
-        total_weight = sum(spec.weight for spec in specs)
+        teachers, weights = self._routing(task, rows)
         kl_per_step = torch.zeros(num_steps, device=args.device)
         loss_value = 0.0
         for steps in self._chunks(num_steps):
             x, t, t_next = self._step_rows(rollout, steps)
             rows_cond = cond_tile(cond, len(steps))
-            targets = [self.teacher_means(spec, task, x, t, t_next, rows_cond, t_guard) for spec in specs]
+            row_weights = weights.repeat(len(steps), 1).to(x.device)  # rows are step-major, like x
+            subsets = [row_weights[:, k].nonzero().squeeze(1) for k in range(len(teachers))]
+            targets = [
+                self.teacher_means(spec, owner, x[idx], t[idx], t_next[idx], cond_select(rows_cond, idx), t_guard)
+                for (owner, spec), idx in zip(teachers, subsets)
+            ]
             with self.compute_loss_context_manager():
                 negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
                 student = self._mean(model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard)
-                per_teacher = [
-                    transition.closed_form_kl(
-                        student, target, t, t_next, args.noise_level, args.sde_type, args.kl_normalization, t_guard
+                kl = torch.zeros(x.shape[0], device=x.device)
+                objective = torch.zeros(x.shape[0], device=x.device)
+                for k, ((_, spec), idx, target) in enumerate(zip(teachers, subsets, targets)):
+                    kl_k = transition.closed_form_kl(
+                        student[idx],
+                        target,
+                        t[idx],
+                        t_next[idx],
+                        args.noise_level,
+                        args.sde_type,
+                        args.kl_normalization,
+                        t_guard,
                     )
-                    for target in targets
-                ]
-                kl = sum(spec.weight * k for spec, k in zip(specs, per_teacher)) / total_weight
-                if backward and len(specs) > 1:  # an ensemble: each teacher's share is worth seeing
-                    for spec, k in zip(specs, per_teacher):
-                        self._metrics[f"kl/{task}/{spec.name}"].append(k.detach().mean().item())
-                if args.loss_type == "ppo":
-                    per_row = self._ppo_rows(rollout, steps, student, targets, specs, t, t_next, t_guard)
-                else:
-                    per_row = kl
+                    kl = kl.index_add(0, idx, row_weights[idx, k] * kl_k)
+                    if args.loss_type == "ppo":
+                        kl_k = self._ppo_rows(rollout, steps, idx, student[idx], target, t[idx], t_next[idx], t_guard)
+                    objective = objective.index_add(0, idx, row_weights[idx, k] * kl_k)
+                    if backward and len(teachers) > 1:  # an ensemble or routed rows: each teacher's share
+                        self._metrics[f"kl/{task}/{spec.name}"].append(kl_k.detach().mean().item())
                 # mean over (steps, prompts) of the whole task, chunk by chunk
-                loss = task_weight * per_row.sum() / (num_steps * batch)
+                loss = task_weight * objective.sum() / (num_steps * batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"Non-finite loss ({loss.item()}) for task '{task}' at optimizer step {self.state.global_step}; "
@@ -369,19 +427,12 @@ class DiffusionOPDTrainer(Trainer):
             kl_per_step[steps.start : steps.stop] = kl.detach().view(len(steps), batch).mean(1)
         return loss_value, kl_per_step
 
-    def _ppo_rows(self, rollout, steps, student, targets, specs, t, t_next, t_guard) -> torch.Tensor:
+    def _ppo_rows(self, rollout, steps, idx, student, target, t, t_next, t_guard) -> torch.Tensor:
         args = self.args
-        sample = rollout["states"][steps.start + 1 : steps.stop + 1].flatten(0, 1)
+        sample = rollout["states"][steps.start + 1 : steps.stop + 1].flatten(0, 1)[idx]
         std = transition.step_std(t, t_next, args.noise_level, args.sde_type, t_guard)
         old = student.detach()  # on-policy: the rollout policy is the current student
-        total = sum(spec.weight for spec in specs)
-        return (
-            sum(
-                spec.weight * transition.ppo_surrogate_loss(sample, student, old, target, std, args.ppo_clip_range)
-                for spec, target in zip(specs, targets)
-            )
-            / total
-        )
+        return transition.ppo_surrogate_loss(sample, student, old, target, std, args.ppo_clip_range)
 
     def training_step(self, model, inputs: dict[str, list[dict]], num_items_in_batch=None) -> torch.Tensor:
         """One round: every task in order, losses accumulated, one optimizer step afterwards (by the Trainer)."""
