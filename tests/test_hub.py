@@ -155,14 +155,18 @@ def test_missing_subfolder_names_teacher_and_offline_state(hub_teachers, offline
         resolve_teacher(spec)
 
 
-def test_full_weight_teacher_is_refused(tmp_path, offline_cache):
+def test_full_weight_teacher_is_recognised_and_downloaded(tmp_path, offline_cache):
     pipe = get_tiny_sd3_pipeline(with_t5=False)
     pipe.transformer.save_pretrained(tmp_path / "full" / "transformer")
     save_to_hub_cache(tmp_path / "full", "org/full-teacher", offline_cache)
-    with pytest.raises(ValueError, match=r"Teacher 'aes'.*full-weight model.*not supported"):
-        resolve_teacher(parse_teacher_spec("aes", "org/full-teacher"))
-    with pytest.raises(ValueError, match=r"full-weight model"):
-        resolve_teacher(parse_teacher_spec("aes", str(tmp_path / "full" / "transformer")))
+    spec = parse_teacher_spec("aes", "org/full-teacher")
+    folder = resolve_teacher(spec)
+    assert spec.full_weight
+    assert (folder / "transformer" / "config.json").is_file()
+    assert list((folder / "transformer").glob("*.safetensors"))
+    local = parse_teacher_spec("aes", str(tmp_path / "full" / "transformer"))
+    resolve_teacher(local)
+    assert local.full_weight
 
 
 def test_trainer_loads_hub_teachers_in_both_formats(hub_teachers, offline_cache, tmp_path):

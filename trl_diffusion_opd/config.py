@@ -55,6 +55,9 @@ class DiffusionOPDConfig(TrainingArguments):
             Revision of the base model when `model` is a Hub id.
         student_adapter (`str` or `None`, *optional*):
             Existing LoRA (local folder or Hub spec, diffusers or PEFT format) to continue from instead of a fresh one.
+        teacher_offload (`bool`, *optional*, defaults to `False`):
+            Keep full-weight teachers on the CPU between their calls, so that M full teachers cost one resident copy
+            at a time on the accelerator (LoRA teachers share the base and need no offload).
         prompt_cache_size (`int`, *optional*, defaults to `1024`):
             Number of prompt embeddings kept on the device, least recently used evicted, so that text encoders run
             once per prompt.
@@ -133,6 +136,9 @@ class DiffusionOPDConfig(TrainingArguments):
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model on the Hub."})
     student_adapter: str | None = field(
         default=None, metadata={"help": "Existing LoRA to continue training from (local folder or Hub spec)."}
+    )
+    teacher_offload: bool = field(
+        default=False, metadata={"help": "Keep full-weight teachers on the CPU between their calls."}
     )
     prompt_cache_size: int = field(default=1024, metadata={"help": "Prompt embeddings kept on the device (LRU)."})
 

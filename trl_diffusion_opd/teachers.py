@@ -77,6 +77,9 @@ class TeacherSpec:
     weight: float = 1.0
     weight_name: str | None = None
     local_dir: Path | None = field(default=None, repr=False)
+    # A full-weight teacher: a whole transformer (given as a module, or a folder recognised at resolution).
+    module: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    full_weight: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -148,6 +151,8 @@ def parse_teacher_spec(name: str, spec: str | dict[str, Any] | TeacherSpec) -> T
     """
     if isinstance(spec, TeacherSpec):
         return spec
+    if isinstance(spec, torch.nn.Module):
+        return TeacherSpec(name=name, path=f"<{type(spec).__name__} module>", module=spec, full_weight=True)
     if isinstance(spec, dict):
         return _parse_dict_spec(name, spec)
     if not isinstance(spec, str) or not spec.strip():
@@ -190,9 +195,10 @@ def resolve_teacher(spec: TeacherSpec, cache_dir: str | None = None, token: str 
 
     Raises:
         ValueError: the teacher cannot be found (the message names the teacher and says whether the Hub was
-            offline), or it is a full-weight model rather than a LoRA (not supported yet).
+            offline). A full-weight model (a `transformer/` folder or a transformer config) is recognised and marked
+            `spec.full_weight`; from the Hub its weights are downloaded too.
     """
-    if spec.local_dir is not None:
+    if spec.local_dir is not None or spec.module is not None:
         return spec.local_dir
     if spec.is_local:
         folder = Path(spec.path)
@@ -227,13 +233,32 @@ def resolve_teacher(spec: TeacherSpec, cache_dir: str | None = None, token: str 
             f"Teacher '{spec.name}': '{spec.display}' has no folder '{spec.subfolder or spec.path}' ({where})."
         )
     if not _holds_lora(folder, spec.weight_name) and is_full_weight_folder(folder):
-        raise ValueError(
-            f"Teacher '{spec.name}': '{spec.display}' is a full-weight model (it holds a transformer config, not a "
-            f"LoRA). Full-weight teachers are not supported yet; give a LoRA teacher instead: a folder with "
-            f"'{DIFFUSERS_LORA_WEIGHTS}' (diffusers format) or '{PEFT_CONFIG}' + '{PEFT_WEIGHTS}' (PEFT format)."
-        )
+        spec.full_weight = True
+        if not spec.is_local:  # only the small files came with the first download: fetch the weights now
+            sub = "transformer/" if (folder / "transformer" / "config.json").is_file() else ""
+            prefix = f"{spec.subfolder}/" if spec.subfolder else ""
+            snapshot_download(
+                spec.path, revision=spec.revision, allow_patterns=[f"{prefix}{sub}*"], cache_dir=cache_dir, token=token
+            )
     spec.local_dir = folder
     return folder
+
+
+def load_full_teacher(spec: TeacherSpec, transformer_class: type, dtype: torch.dtype) -> torch.nn.Module:
+    """Load a full-weight teacher (a pipeline folder with `transformer/`, or a transformer folder) as a frozen
+    module in eval mode, or freeze the module the spec holds."""
+    if spec.module is None:
+        folder = spec.local_dir
+        subfolder = "transformer" if (folder / "transformer" / "config.json").is_file() else None
+        try:
+            spec.module = transformer_class.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Teacher '{spec.name}': '{spec.display}' looks like a full-weight model but does not load as a "
+                f"{transformer_class.__name__}: {_first_line(error)}"
+            ) from error
+    spec.module.eval().requires_grad_(False)
+    return spec.module
 
 
 def _hub_offline() -> bool:

@@ -29,6 +29,7 @@ from .hub import create_model_card, push_checkpoint, push_to_hub
 from .teachers import (
     AdapterSwitch,
     TeacherSpec,
+    load_full_teacher,
     load_lora_teacher,
     lora_config_for,
     parse_teacher_spec,
@@ -173,9 +174,13 @@ class DiffusionOPDTrainer(Trainer):
         for specs in self.teacher_specs.values():
             for spec in specs:
                 resolve_teacher(spec, token=args.hub_token)
+        self.full_teachers: dict[str, torch.nn.Module] = {}
         for specs in self.teacher_specs.values():
             for spec in specs:
-                load_lora_teacher(transformer, spec, spec.local_dir)
+                if spec.full_weight:
+                    self.full_teachers[spec.name] = load_full_teacher(spec, type(transformer), transformer.dtype)
+                else:
+                    load_lora_teacher(transformer, spec, spec.local_dir)
         set_seed(args.seed)  # the student's random init is a function of the seed
         self.peft_config = self._add_student(transformer, peft_config, args)
         self.adapters = AdapterSwitch(transformer, STUDENT)
@@ -196,6 +201,9 @@ class DiffusionOPDTrainer(Trainer):
         device = self.args.device
         for encoder in self.family.text_encoders:
             encoder.to(device)
+        for module in self.full_teachers.values():
+            # With offload, full teachers wait on the CPU and visit the accelerator one at a time.
+            module.to("cpu" if args.teacher_offload else device)
         self.prompt_cache = PromptCache(self.family, args.prompt_cache_size)
         self.ema = (
             EMAModel(self.student_parameters, decay=args.ema_decay, min_decay=args.ema_decay, foreach=False)
@@ -331,9 +339,24 @@ class DiffusionOPDTrainer(Trainer):
         """
         guidance = spec.guidance_scale if spec.guidance_scale is not None else self.args.teacher_guidance_for(task)
         negative = self._negative(x.shape[0]) if guidance > 1 else None
+        if spec.name in self.full_teachers:
+            with self._on_device(self.full_teachers[spec.name]) as module:
+                return self._mean(module, x, t, t_next, cond, guidance, negative, t_guard)
         transformer = self.accelerator.unwrap_model(self.model)
         with self.adapters.use(spec.name):
             return self._mean(transformer, x, t, t_next, cond, guidance, negative, t_guard)
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module):
+        """Move an offloaded full teacher to the accelerator for one call, and back."""
+        if not self.args.teacher_offload:
+            yield module
+            return
+        module.to(self.args.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
 
     def _chunks(self, num_steps: int):
         size = self.args.step_batch_size or num_steps
