@@ -149,6 +149,8 @@ def parse_teacher_spec(name: str, spec: str | dict[str, Any] | TeacherSpec) -> T
             has unknown keys, no `path`, a non-numeric or non-positive `weight`, or a subfolder or revision given
             twice with different values; the message lists the accepted forms.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if isinstance(spec, TeacherSpec):
         return spec
     if isinstance(spec, torch.nn.Module):

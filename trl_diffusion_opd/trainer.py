@@ -170,6 +170,11 @@ class DiffusionOPDTrainer(Trainer):
         transformer = pipeline.transformer
         transformer.requires_grad_(False)
         transformer.eval()  # no dropout: rollouts and recomputed means must agree
+        for module in transformer.modules():
+            # bitsandbytes' 4-bit layers, in eval mode on a CPU with AVX512-BF16, repack their weights on the first
+            # no-grad forward (the rollout) for an inference-only kernel that the student's gradient cannot cross.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
 
         for specs in self.teacher_specs.values():
             for spec in specs:
@@ -186,10 +191,14 @@ class DiffusionOPDTrainer(Trainer):
         self.adapters = AdapterSwitch(transformer, STUDENT)
         self.adapters.activate(STUDENT)
 
-        if args.gradient_checkpointing:
-            # diffusers models have no `gradient_checkpointing_enable`, which the Trainer would call.
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
+            # diffusers models have no `activation_checkpointing_enable` / `gradient_checkpointing_enable`, which the
+            # Trainer would call (transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is its
+            # alias): enable diffusers' own and keep the Trainer from trying.
             transformer.enable_gradient_checkpointing()
             args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
 
         super().__init__(
             model=transformer,
