@@ -421,3 +421,29 @@ def test_two_process_run_keeps_student_identical_on_both_ranks(tmp_path, teacher
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert not set(ranks[0]["prompts"]) & set(ranks[1]["prompts"])  # each rank draws its own prompts
+
+
+def test_prompts_are_embedded_once_and_text_encoders_leave(tmp_path, teachers):
+    prompts = _prompts(3)
+    trainer = _trainer(tmp_path, teachers, prompts=prompts, max_steps=2, prompt_cache_size=100)
+    assert trainer.prompt_cache.encoders_offloaded
+    assert len(trainer.prompt_cache) == 7  # 6 prompts + the negative prompt
+    assert all(next(e.parameters()).device.type == "cpu" for e in trainer.family.text_encoders)
+    calls = []
+    encode = trainer.family.encode_prompts
+    trainer.family.encode_prompts = lambda p: calls.append(list(p)) or encode(p)
+    trainer.train()
+    assert calls == []  # training never ran a text encoder
+    cached = trainer.prompt_cache(["a brand new prompt"])
+    assert calls == [["a brand new prompt"]]
+    torch.testing.assert_close(cached["prompt_embeds"], encode(["a brand new prompt"])["prompt_embeds"])
+
+
+def test_prompt_cache_evicts_least_recently_used(tmp_path, teachers):
+    trainer = _trainer(tmp_path, teachers, prompt_cache_size=3)
+    assert not trainer.prompt_cache.encoders_offloaded  # 17 prompts do not fit in 3
+    cache = trainer.prompt_cache
+    cache(["p1", "p2", "p3"])
+    cache(["p1"])
+    cache(["p4"])
+    assert list(cache._rows) == ["p3", "p1", "p4"]  # p2 was the least recently used

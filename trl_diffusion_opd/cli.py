@@ -5,6 +5,7 @@ trl-diffusion-opd train --config examples/configs/tiny.yaml              # the e
 trl-diffusion-opd train --config recipe.yaml --learning_rate 1e-4        # command-line flags override the YAML
 trl-diffusion-opd train --config recipe.yaml --accelerate_config multi_gpu --num_processes 8
 trl-diffusion-opd env                                                    # versions, for bug reports
+trl-diffusion-opd eval --config eval.yaml                                # reward table and image grids
 ```
 
 `train` parses three argument groups with `trl.TrlParser`: `DiffusionOPDScriptArguments` (teachers and prompts),
@@ -502,8 +503,93 @@ def env_command(argv: list[str]) -> int:
     return 0
 
 
+def make_eval_parser(prog: str | None = None) -> DiffusionOPDParser:
+    """The parser of the `eval` command: `(DiffusionOPDEvalArguments,)`, with `--config file.yaml`."""
+    from .evaluation import DiffusionOPDEvalArguments
+
+    parser = DiffusionOPDParser((DiffusionOPDEvalArguments,), prog=prog or f"{PROG} eval")
+    hints = typing.get_type_hints(DiffusionOPDEvalArguments)
+    dict_fields = {f.name for f in dataclasses.fields(DiffusionOPDEvalArguments) if _mentions_dict(hints[f.name])}
+    for action in parser._actions:
+        if action.dest in dict_fields:
+            action.type = _json_value
+    return parser
+
+
+def run_evaluation(eval_args):
+    """The `eval` command's job: load the base (and `toy:<seed>` adapters for the tiny models), generate, score,
+    write `results.md`, `results.json` and `grids/`. Returns the `EvaluationResult`."""
+    from .evaluation import evaluate_models, load_base_pipeline
+
+    pipeline = load_base_pipeline(
+        eval_args.model_name_or_path,
+        torch_dtype=eval_args.torch_dtype,
+        revision=eval_args.revision,
+        cache_dir=eval_args.cache_dir,
+        token=eval_args.hub_token,
+        device=eval_args.device,
+    )
+    adapters = materialize_toy_teachers(
+        eval_args.adapters or {}, pipeline, Path(eval_args.output_dir) / "_toy_adapters"
+    )
+    return evaluate_models(
+        pipeline,
+        prompts=eval_args.prompts,
+        adapters=adapters,
+        reward_kwargs=eval_args.reward_kwargs,
+        include_base=eval_args.include_base,
+        base_label=eval_args.base_label,
+        num_inference_steps=eval_args.num_inference_steps,
+        guidance_scale=eval_args.guidance_scale,
+        resolution=eval_args.resolution,
+        seed=eval_args.seed,
+        batch_size=eval_args.batch_size,
+        max_prompts=eval_args.max_prompts,
+        max_sequence_length=eval_args.max_sequence_length,
+        grid_size=eval_args.grid_size,
+        normalization=eval_args.normalization,
+        output_dir=eval_args.output_dir,
+        cache_dir=eval_args.cache_dir,
+        token=eval_args.hub_token,
+    )
+
+
+def eval_command(argv: list[str]) -> int:
+    """`trl-diffusion-opd eval ARGS`: the reward table of a base model and its adapters, with image grids."""
+    import yaml
+
+    from .rewards import RewardServerError
+
+    prog = f"{PROG} eval"
+    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    parser = make_eval_parser(prog)
+    try:
+        eval_args, config_rest, cli_rest = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except yaml.YAMLError as error:
+        return _fail(prog, f"{config_path} is not valid YAML: {_one_line(error)}")
+    except (ValueError, TypeError, OSError) as error:
+        return _fail(prog, _one_line(error))
+    if config_rest:
+        keys = ", ".join(s.removeprefix("--") for s in config_rest if s.startswith("--"))
+        return _fail(prog, f"unknown key(s) in {config_path}: {keys}.")
+    if cli_rest:
+        return _fail(prog, f"unrecognized arguments: {' '.join(cli_rest)}.")
+    try:
+        result = run_evaluation(eval_args)
+    except (ValueError, OSError, ImportError, RewardServerError) as error:
+        return _fail(prog, _one_line(error))
+    print(result.to_markdown())
+    print(
+        f"Results: {Path(eval_args.output_dir) / 'results.md'} (and results.json); grids: {Path(eval_args.output_dir) / 'grids'}"
+    )
+    return 0
+
+
 COMMANDS = {
     "train": (train_command, "Distil reward-specific teachers into one LoRA student (accepts --config file.yaml)."),
+    "eval": (eval_command, "Score a base model and its adapters on reward prompt sets; write the table and grids."),
     "env": (env_command, "Print platform, accelerator and library versions for bug reports."),
 }
 

@@ -55,6 +55,9 @@ class DiffusionOPDConfig(TrainingArguments):
             Revision of the base model when `model` is a Hub id.
         student_adapter (`str` or `None`, *optional*):
             Existing LoRA (local folder or Hub spec, diffusers or PEFT format) to continue from instead of a fresh one.
+        offload_text_encoders (`bool`, *optional*, defaults to `True`):
+            When every training and evaluation prompt fits in the prompt cache, embed them all before training and
+            move the text encoders to the CPU (SD3.5's T5-XXL alone is ~9 GB in bf16).
         teacher_offload (`bool`, *optional*, defaults to `False`):
             Keep full-weight teachers on the CPU between their calls, so that M full teachers cost one resident copy
             at a time on the accelerator (LoRA teachers share the base and need no offload).
@@ -136,6 +139,9 @@ class DiffusionOPDConfig(TrainingArguments):
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model on the Hub."})
     student_adapter: str | None = field(
         default=None, metadata={"help": "Existing LoRA to continue training from (local folder or Hub spec)."}
+    )
+    offload_text_encoders: bool = field(
+        default=True, metadata={"help": "Embed all prompts up front and move the text encoders to the CPU."}
     )
     teacher_offload: bool = field(
         default=False, metadata={"help": "Keep full-weight teachers on the CPU between their calls."}

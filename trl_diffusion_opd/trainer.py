@@ -61,14 +61,48 @@ class PromptCache:
         self.family = family
         self.max_size = max_size
         self._rows: OrderedDict[str, Cond] = OrderedDict()
+        self.encoders_offloaded = False
+
+    def warm(self, prompts: list[str], batch_size: int = 32) -> bool:
+        """Embed every prompt now and move the text encoders off the accelerator, if they all fit in the cache.
+
+        Returns:
+            Whether the encoders were offloaded. A prompt seen later still works: the encoders visit the
+            accelerator for it and leave again.
+        """
+        prompts = list(dict.fromkeys(prompts))
+        if len(prompts) > self.max_size:
+            return False
+        for start in range(0, len(prompts), batch_size):
+            self(prompts[start : start + batch_size])
+        for encoder in self.family.text_encoders:
+            encoder.to("cpu")
+        self.encoders_offloaded = True
+        return True
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        if not self.encoders_offloaded:
+            return self.family.encode_prompts(prompts)
+        device = self.family.device
+        for encoder in self.family.text_encoders:
+            encoder.to(device)
+        try:
+            return self.family.encode_prompts(prompts)
+        finally:
+            for encoder in self.family.text_encoders:
+                encoder.to("cpu")
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
     def __call__(self, prompts: list[str]) -> Cond:
         """Conditioning with one row per prompt, in order."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
         if missing:
-            cond = self.family.encode_prompts(missing)
+            cond = self._encode(missing)
             for i, prompt in enumerate(missing):
-                self._rows[prompt] = {k: v[i : i + 1] for k, v in cond.items()}
+                # A copy, so that evicting a prompt frees its memory rather than keeping its batch alive.
+                self._rows[prompt] = {k: v[i : i + 1].clone() for k, v in cond.items()}
         rows = []
         for prompt in prompts:
             self._rows.move_to_end(prompt)
@@ -214,6 +248,10 @@ class DiffusionOPDTrainer(Trainer):
             # With offload, full teachers wait on the CPU and visit the accelerator one at a time.
             module.to("cpu" if args.teacher_offload else device)
         self.prompt_cache = PromptCache(self.family, args.prompt_cache_size)
+        if args.offload_text_encoders:
+            every = [row["prompt"] for rows in self.task_prompts.values() for row in rows]
+            every += [row["prompt"] for rows in (self.eval_prompts or {}).values() for row in rows]
+            self.prompt_cache.warm([args.negative_prompt, *every])
         self.ema = (
             EMAModel(self.student_parameters, decay=args.ema_decay, min_decay=args.ema_decay, foreach=False)
             if args.ema

@@ -1,0 +1,698 @@
+"""Evaluation: the per-reward table of a base model and its adapters, image grids, and samples during training.
+
+```python
+from trl_diffusion_opd.evaluation import evaluate_models
+
+result = evaluate_models(
+    pipeline,  # a diffusers SD3 / FLUX pipeline
+    prompts={"ocr": "data/ocr/test.txt", "pickscore": "data/pickscore/test.txt", "aesthetic": "data/pickscore/test.txt"},
+    adapters={"OCR teacher": "quanhaol/DiffusionOPD/OCRTeacher/lora", "student": "sd35m-diffusion-opd"},
+    output_dir="eval",
+)
+print(result.to_markdown())
+```
+
+`prompts` maps each table column to a prompt source (the forms training accepts). A column is a reward name, or
+`reward@label` to score one reward on several prompt sets. Columns with the same prompts share their images: every
+model generates each distinct prompt set once, with the same per-image seeds for every row, and every reward of those
+columns scores them. Adapters are loaded the way users load them (`pipe.load_lora_weights(folder,
+adapter_name=...)`; PEFT-format folders, which `load_lora_weights` silently ignores, through PEFT) and switched with
+`set_adapters` / `disable_lora` for the base row.
+
+`RewardEvalCallback` samples fixed prompts with the student during training, logs `rewards/{task}/{reward}` and
+writes a grid to `output_dir/samples/` and to TensorBoard / Weights & Biases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+
+from .data import load_prompt_source
+from .rewards import Reward, as_reward, get_reward, nanmean
+
+
+if TYPE_CHECKING:
+    from .trainer import DiffusionOPDTrainer
+
+
+RESULTS_JSON = "results.json"
+RESULTS_MARKDOWN = "results.md"
+GRIDS_DIR = "grids"
+SAMPLES_DIR = "samples"  # as `hub.SAMPLES_DIR`: pushed with the adapter and shown by the model card
+
+
+# ---------------------------------------------------------------------------------------------- images
+def make_grid(rows: Sequence[Sequence[Image.Image]], size: int | None = None, padding: int = 2) -> Image.Image:
+    """One image with `rows` of images side by side (shorter rows are left blank), each resized to `size` pixels
+    square when given, else to the first image's size."""
+    images = [image for row in rows for image in row]
+    if not images:
+        raise ValueError("No images to put in a grid.")
+    width, height = (size, size) if size else images[0].size
+    columns = max(len(row) for row in rows)
+    grid = Image.new(
+        "RGB", (columns * width + (columns + 1) * padding, len(rows) * height + (len(rows) + 1) * padding), "white"
+    )
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            tile = image.convert("RGB")
+            if tile.size != (width, height):
+                tile = tile.resize((width, height), Image.Resampling.BICUBIC)
+            grid.paste(tile, (padding + c * (width + padding), padding + r * (height + padding)))
+    return grid
+
+
+def _file_name(label: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", label).strip("_") or "model"
+
+
+def _adapter_name(label: str) -> str:
+    name = re.sub(r"\W", "_", label)
+    return name if name and not name[0].isdigit() else f"adapter_{name}"
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_base_pipeline(
+    name: str,
+    torch_dtype: str = "auto",
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    device: str | None = None,
+):
+    """The base pipeline: a Hub id or local folder, or `tiny:sd3` / `tiny:flux` (the offline tiny pipelines)."""
+    if name in ("tiny:sd3", "tiny:flux"):
+        from . import testing
+
+        build = testing.get_tiny_sd3_pipeline if name == "tiny:sd3" else testing.get_tiny_flux_pipeline
+        pipeline = build(seed=0)
+        pipeline.register_to_config(_name_or_path=name)
+    else:
+        from diffusers import DiffusionPipeline
+
+        dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+        pipeline = DiffusionPipeline.from_pretrained(
+            name, torch_dtype=dtype, revision=revision, cache_dir=cache_dir, token=token
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+@dataclass
+class EvalModel:
+    """One row of the table: the base (`adapter_name=None`) or an adapter on it."""
+
+    label: str
+    adapter_name: str | None = None
+    source: str | None = None
+    guidance_scale: float | None = None
+
+
+def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, token=None) -> EvalModel:
+    """Load the LoRA `spec` (local folder, Hub id `owner/repo[/sub/folder][@revision]` or a dict with `path`,
+    `subfolder`, `revision`, `weight_name`, `guidance_scale`) on `pipeline` as the adapter of row `label`.
+
+    Diffusers-format folders go through `pipeline.load_lora_weights`, as users load them; PEFT-format folders
+    (`adapter_config.json` + `adapter_model.safetensors`, e.g. the released DiffusionOPD teachers), which
+    `load_lora_weights` would silently skip, through PEFT with their own rank and alpha.
+
+    Raises:
+        ValueError: the adapter cannot be found or loads no weight into the transformer.
+    """
+    from .teachers import DIFFUSERS_LORA_WEIGHTS, load_lora_teacher, parse_teacher_spec, resolve_teacher
+
+    name = _adapter_name(label)
+    spec = parse_teacher_spec(name, spec)
+    folder = resolve_teacher(spec, cache_dir=cache_dir, token=token)
+    if spec.full_weight:
+        raise ValueError(f"Adapter '{label}' ({spec.display}) is a full model, not a LoRA: evaluate it as the base.")
+    weight_name = spec.weight_name or DIFFUSERS_LORA_WEIGHTS
+    if (folder / weight_name).is_file() and not (folder / "adapter_config.json").is_file():
+        pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+    else:
+        load_lora_teacher(pipeline.transformer, spec, folder)
+    if not any(f".{name}." in key for key, _ in pipeline.transformer.named_parameters()):
+        raise ValueError(f"Adapter '{label}' ({spec.display}) loaded no LoRA weight into the transformer.")
+    return EvalModel(label=label, adapter_name=name, source=spec.display, guidance_scale=spec.guidance_scale)
+
+
+def _activate(pipeline, model: EvalModel, has_adapters: bool) -> None:
+    if model.adapter_name is None:
+        if has_adapters:
+            pipeline.disable_lora()
+        return
+    pipeline.enable_lora()
+    pipeline.set_adapters(model.adapter_name)
+
+
+def generate_images(
+    pipeline,
+    prompts: list[str],
+    seeds: list[int],
+    num_inference_steps: int = 40,
+    guidance_scale: float = 4.5,
+    resolution: int = 512,
+    max_sequence_length: int | None = None,
+) -> list[Image.Image]:
+    """Images from the pipeline's own sampler (deterministic flow-matching Euler ODE), one seeded generator per
+    image, so an image depends only on its prompt and seed, not on the batch it was drawn in."""
+    kwargs = {
+        "prompt": prompts,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "height": resolution,
+        "width": resolution,
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        "output_type": "pil",
+    }
+    if max_sequence_length is not None:
+        kwargs["max_sequence_length"] = max_sequence_length
+    return pipeline(**kwargs).images
+
+
+# ---------------------------------------------------------------------------------------------- the table
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+@dataclass
+class EvaluationResult:
+    """Scores of every model (row) on every column (reward on a prompt set).
+
+    Attributes:
+        columns: Column names (`reward` or `reward@label`).
+        models: The rows.
+        scores: `{label: {column: mean score}}` (nan-skipping means).
+        counts: `{label: {column: images with a score}}`.
+        per_image: `{label: {column: [score per image]}}`, in prompt order.
+        ranges: `{column: (low, high)}` of the normalisation behind `average`; `None` leaves a column out.
+        average: `{label: mean over columns of (score - low) / (high - low)}`.
+        grids: `{label: path of its image grid}`.
+        settings: Sampling settings and prompt counts.
+    """
+
+    columns: list[str]
+    models: list[EvalModel]
+    scores: dict[str, dict[str, float]]
+    counts: dict[str, dict[str, int]]
+    per_image: dict[str, dict[str, list[float]]]
+    ranges: dict[str, tuple[float, float] | None]
+    average: dict[str, float]
+    grids: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_markdown(self, digits: int = 4) -> str:
+        """The table: rows = models, columns = rewards, plus the Average of normalised scores."""
+
+        def fmt(value: float) -> str:
+            return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+        header = ["model", "adapter", *self.columns, "Average"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+        for model in self.models:
+            cells = [model.label, f"`{model.source}`" if model.source else "–"]
+            cells += [fmt(self.scores[model.label][column]) for column in self.columns]
+            cells.append(fmt(self.average[model.label]))
+            lines.append("| " + " | ".join(cells) + " |")
+        used = [c for c in self.columns if self.ranges.get(c)]
+        ranges = ", ".join(f"{c} [{self.ranges[c][0]:g}, {self.ranges[c][1]:g}]" for c in used)
+        s = self.settings
+        notes = [
+            "",
+            f"Average: mean over columns of (score − low) / (high − low), with {ranges or 'no column'}"
+            + (
+                f"; left out (no range): {', '.join(c for c in self.columns if c not in used)}"
+                if len(used) < len(self.columns)
+                else ""
+            )
+            + ".",
+            f"Sampling: {s.get('num_inference_steps')} steps (Euler ODE), guidance {s.get('guidance_scale')}, "
+            f"{s.get('resolution')} px, seed {s.get('seed')} (+ image index); prompts per column: "
+            + ", ".join(f"{c} {n}" for c, n in s.get("prompts", {}).items())
+            + ".",
+        ]
+        return "\n".join(lines + notes) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: nan becomes `null`."""
+        return {
+            "columns": self.columns,
+            "rows": [
+                {
+                    "model": m.label,
+                    "adapter": m.source,
+                    "guidance_scale": m.guidance_scale,
+                    "scores": {c: _finite(self.scores[m.label][c]) for c in self.columns},
+                    "counts": self.counts[m.label],
+                    "average": _finite(self.average[m.label]),
+                    "grid": self.grids.get(m.label),
+                }
+                for m in self.models
+            ],
+            "ranges": {c: list(r) if r else None for c, r in self.ranges.items()},
+            "settings": self.settings,
+            "per_image": {
+                label: {c: [_finite(v) for v in values] for c, values in columns.items()}
+                for label, columns in self.per_image.items()
+            },
+        }
+
+    def save(self, output_dir: str | os.PathLike) -> None:
+        """Write `results.json` and `results.md` into `output_dir`."""
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RESULTS_JSON).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (output_dir / RESULTS_MARKDOWN).write_text(self.to_markdown())
+
+
+def _column_reward(column: str) -> str:
+    return column.split("@", 1)[0]
+
+
+def evaluate_models(
+    pipeline,
+    prompts: dict[str, Any],
+    adapters: dict[str, Any] | None = None,
+    rewards: dict[str, Reward | Callable] | None = None,
+    reward_kwargs: dict[str, dict[str, Any]] | None = None,
+    include_base: bool = True,
+    base_label: str = "base",
+    num_inference_steps: int = 40,
+    guidance_scale: float = 4.5,
+    resolution: int = 512,
+    seed: int = 0,
+    batch_size: int = 4,
+    max_prompts: int | None = None,
+    max_sequence_length: int | None = None,
+    grid_size: int = 8,
+    grid_image_size: int | None = 256,
+    normalization: dict[str, Sequence[float]] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Generate with the base and every adapter, score every column, write the table and one grid per model.
+
+    Args:
+        pipeline: The base diffusers pipeline, on its device.
+        prompts: `{column: prompt source}`; a column is a reward name or `reward@label`.
+        adapters: `{label: adapter spec}` (local folder, Hub id, or dict with `path`, `subfolder`, `revision`,
+            `weight_name`, `guidance_scale`), in row order.
+        rewards: `{column or reward name: Reward or function}` to use instead of the registry's.
+        reward_kwargs: `{column or reward name: kwargs of get_reward}` (model ids, `device`, a server `url`, ...).
+        include_base: Add the base model (all adapters off) as the first row, labelled `base_label`.
+        num_inference_steps, guidance_scale, resolution: Sampling settings (an adapter's own `guidance_scale` wins).
+        seed: Image i of a prompt set uses seed `seed + i`, for every model.
+        batch_size: Images per pipeline call.
+        max_prompts: Use only the first prompts of each set.
+        max_sequence_length: T5 prompt length (`None`: the pipeline's default).
+        grid_size: Images per prompt set in each model's grid.
+        grid_image_size: Side of a grid tile in pixels (`None`: the generated size).
+        normalization: `{column or reward name: [low, high]}` overriding the rewards' ranges for the Average.
+        output_dir: Where `results.json`, `results.md` and `grids/<label>.png` go; `None` writes nothing.
+        cache_dir, token: Hub cache and token for adapters given as Hub ids.
+        progress: Show a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        raise ValueError("`prompts` is empty: give {reward: prompt source}.")
+    reward_kwargs = reward_kwargs or {}
+    rewards = rewards or {}
+    normalization = normalization or {}
+
+    # Prompt sets: columns with identical prompts share their images.
+    sets: list[tuple[list[dict], list[str]]] = []
+    keys: dict[str, int] = {}
+    for column, source in prompts.items():
+        rows = load_prompt_source(source, f"prompts '{column}'")[:max_prompts]
+        key = json.dumps(rows, sort_keys=True, default=str)
+        if key not in keys:
+            keys[key] = len(sets)
+            sets.append((rows, []))
+        sets[keys[key]][1].append(column)
+    columns = list(prompts)
+
+    scorers: dict[str, Reward] = {}
+    for column in columns:
+        name = _column_reward(column)
+        given = rewards.get(column, rewards.get(name))
+        kwargs = reward_kwargs.get(column, reward_kwargs.get(name, {}))
+        scorers[column] = as_reward(given, name=name) if given is not None else get_reward(name, **kwargs)
+    ranges = {}
+    for column in columns:
+        explicit = normalization.get(column, normalization.get(_column_reward(column)))
+        ranges[column] = tuple(float(v) for v in explicit) if explicit else scorers[column].score_range
+
+    models = [EvalModel(label=base_label)] if include_base else []
+    for label, spec in (adapters or {}).items():
+        models.append(load_adapter(pipeline, label, spec, cache_dir=cache_dir, token=token))
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels) or len({_file_name(label) for label in labels}) != len(labels):
+        raise ValueError(f"Model labels must be distinct (also as file names): {labels}.")
+    if not models:
+        raise ValueError("Nothing to evaluate: no adapter and `include_base=False`.")
+    has_adapters = any(m.adapter_name for m in models)
+
+    per_image = {m.label: {c: [] for c in columns} for m in models}
+    grids: dict[str, str] = {}
+    total = len(models) * sum(len(rows) for rows, _ in sets)
+    bar = tqdm(total=total, disable=not progress, desc="evaluating", unit="image")
+    try:
+        for model in models:
+            _activate(pipeline, model, has_adapters)
+            scale = model.guidance_scale if model.guidance_scale is not None else guidance_scale
+            grid_rows = []
+            for rows, set_columns in sets:
+                shown = []
+                for start in range(0, len(rows), batch_size):
+                    batch = rows[start : start + batch_size]
+                    texts = [row["prompt"] for row in batch]
+                    bar.set_postfix_str(model.label)
+                    images = generate_images(
+                        pipeline,
+                        texts,
+                        [seed + start + i for i in range(len(batch))],
+                        num_inference_steps,
+                        scale,
+                        resolution,
+                        max_sequence_length,
+                    )
+                    for column in set_columns:
+                        per_image[model.label][column].extend(scorers[column](images, texts, batch))
+                    shown.extend(images[: max(0, grid_size - len(shown))])
+                    bar.update(len(batch))
+                grid_rows.append(shown)
+            if output_dir is not None:
+                path = Path(output_dir) / GRIDS_DIR / f"{_file_name(model.label)}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                make_grid(grid_rows, grid_image_size).save(path)
+                grids[model.label] = str(path)
+    finally:
+        bar.close()  # an error then starts on its own line
+        if has_adapters:
+            pipeline.disable_lora()
+
+    scores = {label: {c: nanmean(values) for c, values in cols.items()} for label, cols in per_image.items()}
+    counts = {
+        label: {c: sum(not math.isnan(v) for v in values) for c, values in cols.items()}
+        for label, cols in per_image.items()
+    }
+    average = {}
+    for label in labels:
+        normalised = [
+            (scores[label][c] - ranges[c][0]) / (ranges[c][1] - ranges[c][0]) for c in columns if ranges[c] is not None
+        ]
+        average[label] = nanmean(normalised) if normalised else math.nan
+    settings = {
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "resolution": resolution,
+        "seed": seed,
+        "max_sequence_length": max_sequence_length,
+        "prompts": {c: len(rows) for rows, cols in sets for c in cols},
+    }
+    result = EvaluationResult(columns, models, scores, counts, per_image, ranges, average, grids, settings)
+    if output_dir is not None:
+        result.save(output_dir)
+    return result
+
+
+@dataclass
+class DiffusionOPDEvalArguments:
+    """
+    Arguments of the `trl-diffusion-opd eval` command.
+
+    Args:
+        model_name_or_path (`str`):
+            The base pipeline: a Hub id, a local folder, or `tiny:sd3` / `tiny:flux`.
+        adapters (`dict[str, Any]` or `None`, *optional*):
+            `{label: adapter}`, one table row each: a local folder, a Hub id `owner/repo[/sub/folder][@revision]`,
+            a dict with `path` and optional `subfolder`, `revision`, `weight_name`, `guidance_scale`, or
+            `toy:<seed>` (a random LoRA for the tiny models).
+        prompts (`dict[str, Any]`):
+            `{column: prompt source}`: a column is a reward name (`ocr`, `pickscore`, ...) or `reward@label`; a
+            source is a `.txt`/`.jsonl`/`.csv`/`.json`/`.parquet` file, a dataset folder or id, or a list.
+        reward_kwargs (`dict[str, dict]` or `None`, *optional*):
+            `{reward or column: keyword arguments}`, e.g. `{"geneval": {"url": "http://host:18085"},
+            "pickscore": {"device": "cuda:1"}}`.
+        normalization (`dict[str, list[float]]` or `None`, *optional*):
+            `{reward or column: [low, high]}` overriding the ranges of the Average column.
+        include_base (`bool`, *optional*, defaults to `True`):
+            Add the base model (no adapter) as the first row.
+        base_label (`str`, *optional*, defaults to `"base"`):
+            Label of the base row.
+        num_inference_steps (`int`, *optional*, defaults to `40`):
+            Sampler steps (deterministic Euler ODE).
+        guidance_scale (`float`, *optional*, defaults to `4.5`):
+            CFG scale (FLUX: the distilled guidance); an adapter's own `guidance_scale` wins.
+        resolution (`int`, *optional*, defaults to `512`):
+            Image side in pixels.
+        seed (`int`, *optional*, defaults to `0`):
+            Image i of a prompt set is drawn with seed `seed + i`, for every model.
+        batch_size (`int`, *optional*, defaults to `4`):
+            Images per pipeline call.
+        max_prompts (`int` or `None`, *optional*):
+            Use only the first prompts of each set.
+        max_sequence_length (`int` or `None`, *optional*):
+            T5 prompt length; `None` is the pipeline's default.
+        grid_size (`int`, *optional*, defaults to `8`):
+            Images per prompt set in each model's grid.
+        output_dir (`str`, *optional*, defaults to `"eval"`):
+            Where `results.md`, `results.json` and `grids/<label>.png` are written.
+        torch_dtype (`str`, *optional*, defaults to `"auto"`):
+            dtype of the base pipeline.
+        device (`str` or `None`, *optional*):
+            Device of the pipeline; `None` is CUDA when available.
+        revision, cache_dir, hub_token:
+            Hub revision of the base, Hub cache, and token.
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base pipeline: Hub id, folder, tiny:sd3."})
+    adapters: dict | str | None = field(default=None, metadata={"help": "Adapters per row label, a mapping (JSON)."})
+    prompts: dict | str | None = field(default=None, metadata={"help": "Prompt source per reward column (JSON)."})
+    reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Arguments per reward (JSON)."})
+    normalization: dict | str | None = field(default=None, metadata={"help": "[low, high] per reward (JSON)."})
+    include_base: bool = field(default=True, metadata={"help": "Add the base model as the first row."})
+    base_label: str = field(default="base", metadata={"help": "Label of the base row."})
+    num_inference_steps: int = field(default=40, metadata={"help": "Sampler steps (Euler ODE)."})
+    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale."})
+    resolution: int = field(default=512, metadata={"help": "Image side in pixels."})
+    seed: int = field(default=0, metadata={"help": "Seed of image 0 of each prompt set (image i: seed + i)."})
+    batch_size: int = field(default=4, metadata={"help": "Images per pipeline call."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first prompts of each set."})
+    max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt length."})
+    grid_size: int = field(default=8, metadata={"help": "Images per prompt set in each grid."})
+    output_dir: str = field(default="eval", metadata={"help": "Output folder."})
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the base pipeline.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+    device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token."})
+
+    def __post_init__(self):
+        for name in ("adapters", "prompts", "reward_kwargs", "normalization"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"`{name}` must be a mapping (a JSON object on the command line): {error}"
+                    ) from error
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"`{name}` must be a mapping, got {type(value).__name__}: {value!r}")
+            setattr(self, name, value)
+        if not self.model_name_or_path:
+            raise ValueError("`model_name_or_path` is required: a Hub id, a local folder, or tiny:sd3 / tiny:flux.")
+        if not self.prompts:
+            raise ValueError('`prompts` is required: {reward: prompt source}, e.g. {"ocr": "ocr_test.txt"}.')
+        for name in ("num_inference_steps", "resolution", "batch_size", "grid_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+
+
+# ---------------------------------------------------------------------------------------------- during training
+def _parse_rewards(rewards: Any, tasks: list[str]) -> dict[str, list]:
+    """`{task: [reward, ...]}` from one reward, a list for every task, a `{task: reward(s)}` mapping, or JSON."""
+    if isinstance(rewards, str):
+        text = rewards.strip()
+        if text.startswith(("{", "[")):
+            rewards = json.loads(text)
+        else:
+            rewards = [name.strip() for name in text.split(",") if name.strip()]
+    if rewards is None:
+        return {task: [] for task in tasks}
+    if isinstance(rewards, dict):
+        unknown = [task for task in rewards if task not in tasks]
+        if unknown:
+            raise ValueError(f"Rewards are given for unknown task(s) {unknown}; tasks are {tasks}.")
+        return {
+            task: list(rewards.get(task) or []) if not isinstance(rewards.get(task), str) else [rewards[task]]
+            for task in tasks
+        }
+    items = [rewards] if isinstance(rewards, Reward) or callable(rewards) else list(rewards)
+    return {task: list(items) for task in tasks}
+
+
+class RewardEvalCallback(TrainerCallback):
+    """Every `eval_steps`, sample fixed prompts per task with the student (EMA weights when EMA is on), log each
+    configured reward's mean as `rewards/{task}/{reward}`, and write one grid (a row per task) to
+    `output_dir/samples/step-{step}.png` and to TensorBoard / Weights & Biases when they are in `report_to`. At the
+    end of training the last grid is sampled (if that step was not) and becomes the model card's widget.
+
+    Args:
+        trainer: The `DiffusionOPDTrainer`; or call `bind(trainer)` later.
+        rewards: Reward names (or `Reward`s / functions): one, a list for every task, or `{task: [rewards]}`
+            (also as JSON or `"a,b"`); `None` samples grids only.
+        prompts: `{task: prompts}` sampled each time; `None` takes the trainer's `eval_prompts`, else its training
+            prompts; each task keeps its first `num_prompts`.
+        eval_steps: Interval in optimizer steps; `None` uses `args.eval_steps` (a float < 1 is a fraction of
+            `max_steps`); without either, only the end of training is sampled.
+        num_prompts: Prompts per task.
+        num_inference_steps: Sampler steps; `None` uses the training rollout's.
+        seed: Seed of the initial noise (the same every time, so grids are comparable across steps).
+        reward_kwargs: `{reward name: kwargs of get_reward}`.
+        grid_image_size: Side of a grid tile in pixels (`None`: the generated size).
+    """
+
+    def __init__(
+        self,
+        trainer: DiffusionOPDTrainer | None = None,
+        rewards: Any = None,
+        prompts: dict[str, Any] | None = None,
+        eval_steps: float | None = None,
+        num_prompts: int = 4,
+        num_inference_steps: int | None = None,
+        seed: int = 0,
+        reward_kwargs: dict[str, dict[str, Any]] | None = None,
+        grid_image_size: int | None = 256,
+    ):
+        self.rewards_spec = rewards
+        self.prompts_spec = prompts
+        self.eval_steps = eval_steps
+        self.num_prompts = num_prompts
+        self.num_inference_steps = num_inference_steps
+        self.seed = seed
+        self.reward_kwargs = reward_kwargs or {}
+        self.grid_image_size = grid_image_size
+        self.trainer = None
+        self.last_step: int | None = None
+        self.history: list[dict[str, float]] = []
+        if trainer is not None:
+            self.bind(trainer)
+
+    def bind(self, trainer: DiffusionOPDTrainer) -> RewardEvalCallback:
+        """Attach to `trainer`: fix the prompts and load the rewards (once)."""
+        from .data import prompts_by_task
+
+        self.trainer = trainer
+        if self.prompts_spec is not None:
+            prompts = prompts_by_task(self.prompts_spec)
+        else:
+            prompts = trainer.eval_prompts or trainer.task_prompts
+        self.prompts = {task: list(rows)[: self.num_prompts] for task, rows in prompts.items()}
+        specs = _parse_rewards(self.rewards_spec, list(self.prompts))
+        self.rewards = {
+            task: [
+                as_reward(item, **self.reward_kwargs.get(item, {})) if isinstance(item, str) else as_reward(item)
+                for item in items
+            ]
+            for task, items in specs.items()
+        }
+        return self
+
+    def _interval(self, args, state) -> int | None:
+        steps = self.eval_steps if self.eval_steps is not None else getattr(args, "eval_steps", None)
+        if not steps:
+            return None
+        if steps < 1:
+            steps = math.ceil(state.max_steps * steps)
+        return max(1, int(steps))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        interval = self._interval(args, state)
+        if interval and state.global_step % interval == 0:
+            self.evaluate(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.last_step != state.global_step:
+            self.evaluate(state.global_step)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Sample, score, log and write the grid of `step` (on the main process); returns the logged metrics."""
+        from .trainer import STUDENT
+
+        trainer = self.trainer
+        if trainer is None:
+            raise RuntimeError("RewardEvalCallback is not bound to a trainer: pass it or call `bind(trainer)`.")
+        self.last_step = step
+        if not trainer.is_world_process_zero():
+            return {}
+        metrics: dict[str, float] = {}
+        grid_rows, captions = [], []
+        for task, rows in self.prompts.items():
+            texts = [row["prompt"] for row in rows]
+            images = trainer.generate(
+                texts, adapter=STUDENT, seed=self.seed, num_inference_steps=self.num_inference_steps
+            )
+            for reward in self.rewards[task]:
+                metrics[f"rewards/{task}/{reward.name}"] = nanmean(reward(images, texts, rows))
+            grid_rows.append(images)
+            captions.append(f"{task}: " + " | ".join(texts))
+        grid = make_grid(grid_rows, self.grid_image_size)
+        folder = Path(trainer.args.output_dir) / SAMPLES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:06d}.png"
+        grid.save(folder / name)
+        caption = "\n".join(captions)
+        trainer.sample_widgets = [{"text": caption.replace("\n", " · "), "url": f"{SAMPLES_DIR}/{name}"}]
+        self._to_trackers(grid, caption, step)
+        if metrics:
+            trainer.log(dict(metrics))  # `log` adds the epoch to the dict it gets
+        self.history.append({"step": step, **metrics})
+        return metrics
+
+    def _to_trackers(self, grid: Image.Image, caption: str, step: int) -> None:
+        import numpy as np
+        from transformers.integrations import TensorBoardCallback, WandbCallback
+
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
+                callback.tb_writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+                callback.tb_writer.flush()
+            elif isinstance(callback, WandbCallback) and getattr(callback, "_wandb", None) is not None:
+                if getattr(callback._wandb, "run", None) is not None:
+                    image = callback._wandb.Image(grid, caption=caption)
+                    callback._wandb.log({"samples": image, "train/global_step": step})
+
+
+class DiffusersTensorBoardCallback(TensorBoardCallback):
+    """`TensorBoardCallback` for diffusers models: transformers' writes `model.config.to_json_string()` at the start
+    of training, which a diffusers model's `FrozenDict` config does not have (`report_to="tensorboard"` would fail);
+    this one writes the config as JSON itself."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = kwargs.pop("model", None)
+        super().on_train_begin(args, state, control, **kwargs)
+        config = getattr(model, "config", None)
+        if state.is_world_process_zero and self.tb_writer is not None and config is not None:
+            self.tb_writer.add_text("model_config", json.dumps(dict(config), indent=2, default=str))

@@ -1,0 +1,53 @@
+"""Reward models for evaluation and sample logging: `reward(images, prompts, metadata) -> list[float]`.
+
+```python
+from trl_diffusion_opd.rewards import get_reward
+
+ocr = get_reward("ocr")  # PP-OCR through rapidocr-onnxruntime (extra "ocr")
+pick = get_reward("pickscore", device="cuda")  # loaded once; later calls with the same arguments reuse it
+scores = pick(images, prompts, metadata)  # one float per image
+```
+
+| name | what | needs |
+|---|---|---|
+| `ocr` | quoted text of the prompt vs. OCR, 1 − normalised edit distance (Flow-GRPO) | extra `ocr` |
+| `clipscore` | CLIP ViT-L/14 cosine(image, prompt) | transformers |
+| `pickscore` | PickScore, raw logit_scale · cosine | transformers |
+| `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | transformers |
+| `geneval`, `unifiedreward`, `hpsv2`, `imagereward` | clients of a reward server (Flow-GRPO's protocol) | a running server |
+| `brightness`, `saturation`, `jpeg_compressibility` | rule-based, in [0, 1] | nothing |
+"""
+
+from . import clip, ocr, remote, rules  # noqa: F401  (each module registers its rewards)
+from .base import (
+    FunctionReward,
+    Reward,
+    as_reward,
+    clear_reward_cache,
+    get_reward,
+    nanmean,
+    register_reward,
+    reward_help,
+    reward_names,
+)
+from .ocr import OCRReward, levenshtein, ocr_target, text_similarity
+from .remote import RemoteReward, RewardServerError
+
+
+__all__ = [
+    "FunctionReward",
+    "OCRReward",
+    "RemoteReward",
+    "Reward",
+    "RewardServerError",
+    "as_reward",
+    "clear_reward_cache",
+    "get_reward",
+    "levenshtein",
+    "nanmean",
+    "ocr_target",
+    "register_reward",
+    "reward_help",
+    "reward_names",
+    "text_similarity",
+]

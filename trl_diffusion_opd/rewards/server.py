@@ -1,0 +1,109 @@
+"""A reward server speaking Flow-GRPO's protocol, so heavy reward models run in their own environment.
+
+Protocol (Flow-GRPO's `reward-server`, after ddpo-pytorch's LLaVA server): the client POSTs to `/` a pickled dict
+`{"images": [JPEG bytes, ...], "prompts": [...], "meta_datas": [row dicts], "only_strict": bool}`; the server answers
+200 with a pickled dict of per-image lists (`{"outputs": [...]}`, or GenEval's `{"scores", "rewards",
+"strict_rewards", "group_rewards", "group_strict_rewards"}`), or 500 with the traceback as text.
+
+Pickle runs code when loaded: serve on 127.0.0.1 (the default) or a private network, and point clients only at
+servers you run.
+
+This file needs only the standard library and Pillow, so it runs in the reward model's own environment; copy it there
+and serve any function `score(images, prompts, metadata) -> list[float]` (or a dict of lists):
+
+```bash
+python server.py --scorer my_scorer:score --port 18088
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import pickle
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from PIL import Image
+
+
+ScoreFunction = Callable[[list, list, list], Any]
+
+
+def _response(result: Any, count: int) -> dict:
+    if isinstance(result, dict):
+        return result
+    scores = [float(value) for value in result]
+    if len(scores) != count:
+        raise ValueError(f"the scorer returned {len(scores)} scores for {count} images")
+    return {"outputs": scores, "scores": scores}
+
+
+def make_handler(score: ScoreFunction, lock: threading.Lock | None = None) -> type[BaseHTTPRequestHandler]:
+    """A request handler class that scores each POSTed batch with `score` (one batch at a time under `lock`)."""
+    lock = lock or threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            try:
+                length = int(self.headers.get("Content-Length", 0))
+                request = pickle.loads(self.rfile.read(length))
+                images = [Image.open(io.BytesIO(data), formats=["JPEG"]).convert("RGB") for data in request["images"]]
+                prompts = list(request.get("prompts") or [""] * len(images))
+                metadata = list(request.get("meta_datas") or [{} for _ in images])
+                with lock:
+                    body = pickle.dumps(_response(score(images, prompts, metadata), len(images)))
+                status = 200
+            except Exception:
+                body = traceback.format_exc().encode("utf-8")
+                status = 500
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream" if status == 200 else "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):  # quiet by default; errors come back to the client
+            pass
+
+    return Handler
+
+
+def serve(score: ScoreFunction, host: str = "127.0.0.1", port: int = 18085) -> ThreadingHTTPServer:
+    """Start serving `score` in a background thread; returns the server (`server.server_address`, `shutdown()`).
+
+    `port=0` picks a free port.
+    """
+    server = ThreadingHTTPServer((host, port), make_handler(score))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server
+
+
+def _load(spec: str) -> ScoreFunction:
+    module, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"--scorer must be 'module:function', got {spec!r}")
+    sys.path.insert(0, ".")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a reward function over HTTP (Flow-GRPO's protocol).")
+    parser.add_argument("--scorer", required=True, help="module:function with signature (images, prompts, metadata)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=18085)
+    args = parser.parse_args(argv)
+    score = _load(args.scorer)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(score))
+    print(f"Serving {args.scorer} on http://{args.host}:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
