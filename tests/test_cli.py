@@ -272,7 +272,9 @@ def test_help_and_unknown_command(capsys):
     out = capsys.readouterr().out
     assert "train" in out and "env" in out
     assert cli.main(["serve"]) == 2
-    assert capsys.readouterr().err == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, env)\n"
+    assert (
+        capsys.readouterr().err == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, eval, env)\n"
+    )
 
 
 def test_recipe_config_parses_to_the_paper_settings(tmp_path):

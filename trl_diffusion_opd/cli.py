@@ -516,6 +516,25 @@ def make_eval_parser(prog: str | None = None) -> DiffusionOPDParser:
     return parser
 
 
+def _toy_adapters(adapters: dict[str, Any], pipeline, folder: Path) -> dict[str, Any]:
+    """Each `toy:<seed>` adapter (alone or as a dict's `path`) becomes a random LoRA for the tiny `pipeline`, strong
+    enough (std 1) to change its images visibly, saved under `folder/<label>`."""
+    from .testing import save_toy_lora
+
+    def convert(label: str, spec: Any) -> Any:
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+            return {**spec, "path": convert(label, spec["path"])}
+        if isinstance(spec, str) and spec.startswith(TOY_TEACHER_PREFIX):
+            seed = spec[len(TOY_TEACHER_PREFIX) :]
+            if not seed.isdigit():
+                raise ValueError(f"Adapter '{label}': '{spec}' must be 'toy:<integer seed>'.")
+            name = re.sub(r"[^\w.-]+", "_", label)
+            return str(save_toy_lora(pipeline, folder / name, seed=int(seed), rank=4, std=1.0))
+        return spec
+
+    return {label: convert(label, spec) for label, spec in adapters.items()}
+
+
 def run_evaluation(eval_args):
     """The `eval` command's job: load the base (and `toy:<seed>` adapters for the tiny models), generate, score,
     write `results.md`, `results.json` and `grids/`. Returns the `EvaluationResult`."""
@@ -529,9 +548,7 @@ def run_evaluation(eval_args):
         token=eval_args.hub_token,
         device=eval_args.device,
     )
-    adapters = materialize_toy_teachers(
-        eval_args.adapters or {}, pipeline, Path(eval_args.output_dir) / "_toy_adapters"
-    )
+    adapters = _toy_adapters(eval_args.adapters or {}, pipeline, Path(eval_args.output_dir) / "_toy_adapters")
     return evaluate_models(
         pipeline,
         prompts=eval_args.prompts,

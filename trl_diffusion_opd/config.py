@@ -103,6 +103,12 @@ class DiffusionOPDConfig(TrainingArguments):
             Trained steps evaluated together in one teacher / student call (rows = steps × prompts). `None`
             batches all trained steps; lower it to bound activation memory.
 
+        > Parameters that control evaluation
+
+        eval_rewards (`dict[str, list[str]]`, `str` or `None`, *optional*):
+            Rewards of the student's samples every `eval_steps`, logged as `rewards/{task}/{reward}` with an image
+            grid: `{task: [reward, ...]}`, `"a,b"` for every task, or `""` for grids only. `None` disables it.
+
         > Parameters that control the EMA of the student
 
         ema (`bool`, *optional*, defaults to `True`):
@@ -113,7 +119,11 @@ class DiffusionOPDConfig(TrainingArguments):
             Update the EMA every this many optimizer steps.
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["teacher_guidance_scale", "task_weights"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + [
+        "teacher_guidance_scale",
+        "task_weights",
+        "eval_rewards",
+    ]
 
     # Parameters whose default values are overridden from TrainingArguments
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -173,6 +183,15 @@ class DiffusionOPDConfig(TrainingArguments):
     ppo_clip_range: float | None = field(default=None, metadata={"help": "PPO clip range with loss_type='ppo'."})
     step_batch_size: int | None = field(
         default=None, metadata={"help": "Trained steps per teacher/student call; None batches all of them."}
+    )
+
+    # Parameters that control evaluation
+    eval_rewards: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Rewards of the student's samples every eval_steps: {task: [reward, ...]}, 'a,b' for every "
+            "task, or '' for grids only."
+        },
     )
 
     # Parameters that control the EMA

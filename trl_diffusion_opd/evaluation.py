@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from .data import load_prompt_source
@@ -223,7 +223,10 @@ class EvaluationResult:
         header = ["model", "adapter", *self.columns, "Average"]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
         for model in self.models:
-            cells = [model.label, f"`{model.source}`" if model.source else "–"]
+            adapter = f"`{model.source}`" if model.source else "–"
+            if model.guidance_scale is not None:
+                adapter += f" (guidance {model.guidance_scale:g})"
+            cells = [model.label, adapter]
             cells += [fmt(self.scores[model.label][column]) for column in self.columns]
             cells.append(fmt(self.average[model.label]))
             lines.append("| " + " | ".join(cells) + " |")
@@ -530,26 +533,26 @@ class DiffusionOPDEvalArguments:
 
 
 # ---------------------------------------------------------------------------------------------- during training
+def _reward_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    if isinstance(value, Reward) or callable(value):
+        return [value]
+    return list(value)
+
+
 def _parse_rewards(rewards: Any, tasks: list[str]) -> dict[str, list]:
     """`{task: [reward, ...]}` from one reward, a list for every task, a `{task: reward(s)}` mapping, or JSON."""
-    if isinstance(rewards, str):
-        text = rewards.strip()
-        if text.startswith(("{", "[")):
-            rewards = json.loads(text)
-        else:
-            rewards = [name.strip() for name in text.split(",") if name.strip()]
-    if rewards is None:
-        return {task: [] for task in tasks}
+    if isinstance(rewards, str) and rewards.strip().startswith(("{", "[")):
+        rewards = json.loads(rewards)
     if isinstance(rewards, dict):
         unknown = [task for task in rewards if task not in tasks]
         if unknown:
             raise ValueError(f"Rewards are given for unknown task(s) {unknown}; tasks are {tasks}.")
-        return {
-            task: list(rewards.get(task) or []) if not isinstance(rewards.get(task), str) else [rewards[task]]
-            for task in tasks
-        }
-    items = [rewards] if isinstance(rewards, Reward) or callable(rewards) else list(rewards)
-    return {task: list(items) for task in tasks}
+        return {task: _reward_list(rewards.get(task)) for task in tasks}
+    return {task: _reward_list(rewards) for task in tasks}
 
 
 class RewardEvalCallback(TrainerCallback):
@@ -562,8 +565,8 @@ class RewardEvalCallback(TrainerCallback):
         trainer: The `DiffusionOPDTrainer`; or call `bind(trainer)` later.
         rewards: Reward names (or `Reward`s / functions): one, a list for every task, or `{task: [rewards]}`
             (also as JSON or `"a,b"`); `None` samples grids only.
-        prompts: `{task: prompts}` sampled each time; `None` takes the trainer's `eval_prompts`, else its training
-            prompts; each task keeps its first `num_prompts`.
+        prompts: `{task: prompts}` sampled each time; `None` takes each task's held-out prompts (`eval_dataset`),
+            else its training prompts; each task keeps its first `num_prompts`.
         eval_steps: Interval in optimizer steps; `None` uses `args.eval_steps` (a float < 1 is a fraction of
             `max_steps`); without either, only the end of training is sampled.
         num_prompts: Prompts per task.
@@ -606,8 +609,9 @@ class RewardEvalCallback(TrainerCallback):
         self.trainer = trainer
         if self.prompts_spec is not None:
             prompts = prompts_by_task(self.prompts_spec)
-        else:
-            prompts = trainer.eval_prompts or trainer.task_prompts
+        else:  # per task: its held-out prompts when it has some, else its training prompts
+            held_out = trainer.eval_prompts or {}
+            prompts = {task: held_out.get(task) or rows for task, rows in trainer.task_prompts.items()}
         self.prompts = {task: list(rows)[: self.num_prompts] for task, rows in prompts.items()}
         specs = _parse_rewards(self.rewards_spec, list(self.prompts))
         self.rewards = {
@@ -630,7 +634,10 @@ class RewardEvalCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         interval = self._interval(args, state)
         if interval and state.global_step % interval == 0:
+            should_log = control.should_log
             self.evaluate(state.global_step)
+            # Logging resets `should_log`, which would drop the Trainer's own log (loss, grad_norm) of this step.
+            control.should_log = should_log
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.last_step != state.global_step:
@@ -667,13 +674,15 @@ class RewardEvalCallback(TrainerCallback):
         trainer.sample_widgets = [{"text": caption.replace("\n", " · "), "url": f"{SAMPLES_DIR}/{name}"}]
         self._to_trackers(grid, caption, step)
         if metrics:
-            trainer.log(dict(metrics))  # `log` adds the epoch to the dict it gets
+            # The base `Trainer.log`: the trainer's own `log` would pull the round metrics gathered for the next
+            # logging step into this entry. (`log` adds the epoch to the dict it gets: a copy.)
+            Trainer.log(trainer, dict(metrics))
         self.history.append({"step": step, **metrics})
         return metrics
 
     def _to_trackers(self, grid: Image.Image, caption: str, step: int) -> None:
         import numpy as np
-        from transformers.integrations import TensorBoardCallback, WandbCallback
+        from transformers.integrations import WandbCallback
 
         for callback in self.trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:

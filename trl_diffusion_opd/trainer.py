@@ -20,10 +20,12 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from . import transition
 from .config import DiffusionOPDConfig
 from .data import RoundRobinPrompts, prompts_by_task
+from .evaluation import DiffusersTensorBoardCallback, RewardEvalCallback
 from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_select, cond_tile, get_family
 from .hub import create_model_card, push_checkpoint, push_to_hub
 from .teachers import (
@@ -260,6 +262,13 @@ class DiffusionOPDTrainer(Trainer):
         if self.ema is not None:
             self.ema.to(device)
             self.add_callback(_EMACallback(self))
+        if self.pop_callback(TensorBoardCallback) is not None:  # diffusers configs have no to_json_string
+            self.add_callback(DiffusersTensorBoardCallback)
+        for callback in self.callback_handler.callbacks:  # users may pass callbacks=[RewardEvalCallback(...)]
+            if isinstance(callback, RewardEvalCallback) and callback.trainer is None:
+                callback.bind(self)
+        if args.eval_rewards is not None:
+            self.add_callback(RewardEvalCallback(self, rewards=args.eval_rewards))
         self.model_accepts_loss_kwargs = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)

@@ -1,6 +1,7 @@
 """Cheap rule-based rewards: no model, deterministic, meaningful on the tiny random pipelines (demo and tests).
 
-All three are in [0, 1]:
+All three are in [0, 1] (JPEG compressibility is below 0 only when JPEG's overhead exceeds the raw size of a tiny,
+noisy image):
 
 - `brightness`: mean luma (ITU-R 601, Pillow's `"L"` conversion) / 255;
 - `saturation`: mean HSV saturation / 255;
@@ -49,7 +50,7 @@ class SaturationReward(Reward):
 
 @register_reward("jpeg_compressibility")
 class JpegCompressibilityReward(Reward):
-    """Fraction of the raw RGB size that JPEG saves, in [0, 1): flatter images score higher."""
+    """Fraction of the raw RGB size that JPEG saves (≤ 1): flatter images score higher."""
 
     name = "jpeg_compressibility"
 

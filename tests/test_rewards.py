@@ -1,0 +1,375 @@
+"""Rewards: the registry, OCR on rendered text, CLIP-based rewards on tiny random models from a local Hub cache, the
+reward-server client against a local server, and the rule-based rewards."""
+
+import io
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import constants as hub_constants
+from PIL import Image, ImageDraw, ImageFont
+
+from trl_diffusion_opd import rewards
+from trl_diffusion_opd.rewards import (
+    RemoteReward,
+    RewardServerError,
+    as_reward,
+    get_reward,
+    levenshtein,
+    ocr_target,
+    text_similarity,
+)
+from trl_diffusion_opd.rewards.server import serve
+from trl_diffusion_opd.testing import get_tiny_clip_tokenizer, save_to_hub_cache
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rewards():
+    yield
+    rewards.clear_reward_cache()
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_registry_names_lookup_and_loaded_once():
+    names = rewards.reward_names()
+    for name in ["ocr", "clipscore", "pickscore", "aesthetic", "geneval", "unifiedreward", "hpsv2", "imagereward"]:
+        assert name in names
+    for name in ["brightness", "saturation", "jpeg_compressibility"]:
+        assert name in names
+    assert get_reward("brightness") is get_reward("brightness")  # loaded once per arguments
+    assert get_reward("jpeg_compressibility", quality=80) is not get_reward("jpeg_compressibility", quality=90)
+    with pytest.raises(ValueError, match="Unknown reward 'nope'; available rewards: aesthetic, brightness"):
+        get_reward("nope")
+
+
+def test_function_reward_is_batched_and_checked():
+    calls = []
+
+    def count_pixels(images, prompts, metadata):
+        calls.append(len(images))
+        return [
+            image.width * image.height + len(p) + row.get("bonus", 0)
+            for image, p, row in zip(images, prompts, metadata)
+        ]
+
+    reward = as_reward(count_pixels, batch_size=2)
+    images = [Image.new("RGB", (4, 4))] * 5
+    scores = reward(images, ["ab"] * 5, [{"bonus": i} for i in range(5)])
+    assert scores == [18.0, 19.0, 20.0, 21.0, 22.0] and calls == [2, 2, 1]
+    assert reward.name == "count_pixels"
+    with pytest.raises(ValueError, match="5 images but 4 prompts"):
+        reward(images, ["a"] * 4)
+    short = as_reward(lambda images, prompts, metadata: [1.0], name="short")
+    with pytest.raises(RuntimeError, match="Reward 'short' returned 1 scores for 5 images"):
+        short(images)
+
+
+def test_rule_based_rewards_on_known_images():
+    black, white = Image.new("RGB", (16, 16), "black"), Image.new("RGB", (16, 16), "white")
+    gray, red = Image.new("RGB", (16, 16), (128, 128, 128)), Image.new("RGB", (16, 16), (255, 0, 0))
+    noise = Image.effect_noise((64, 64), 100).convert("RGB")
+    assert get_reward("brightness")([black, white, gray]) == pytest.approx([0.0, 1.0, 128 / 255])
+    assert get_reward("saturation")([gray, red, white]) == pytest.approx([0.0, 1.0, 0.0])
+    flat, noisy = get_reward("jpeg_compressibility")([Image.new("RGB", (64, 64), "teal"), noise])
+    assert 0.9 < flat < 1.0 and noisy < flat - 0.3
+
+
+# ---------------------------------------------------------------------------------------------- OCR
+def test_ocr_target_distance_and_similarity():
+    assert ocr_target('A sign that says "Open 24h" and "closed"') == "Open 24h"  # the first pair
+    assert ocr_target("a “curly” quote") == "curly"
+    assert ocr_target("no quotes at all") is None
+    assert ocr_target('empty "" quotes') is None
+    assert ocr_target('an "unclosed quote') is None
+    assert ocr_target("no quotes", {"ocr_text": "meta"}) == "meta"
+    assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3 and levenshtein("abc", "abc") == 0
+    assert text_similarity("Hello World", "hello world") == 1.0  # case and spaces do not count
+    assert text_similarity("xx HELLO WORLD yy", "Hello World") == 1.0  # a substring is a match
+    assert text_similarity("hallo", "hello") == pytest.approx(0.8)
+    assert text_similarity("", "hello") == 0.0
+    assert text_similarity("completely different and much longer", "abc") == 0.0  # the distance is capped
+
+
+def test_ocr_reward_with_a_given_engine_and_missing_text_policies():
+    engine = lambda image: [("Hello", 0.99), ("Wrld", 0.2)]  # noqa: E731
+    reward = rewards.OCRReward(engine=engine)
+    image = Image.new("RGB", (8, 8))
+    scores = reward([image] * 3, ['"hello wrld"', 'say "hello"', "no quotes"])
+    assert scores[:2] == [1.0, 1.0] and math.isnan(scores[2])
+    assert rewards.OCRReward(engine=engine, min_confidence=0.5)([image], ['"hello wrld"']) == [pytest.approx(5 / 9)]
+    assert rewards.OCRReward(engine=engine, on_missing_text=0.0)([image], ["no quotes"]) == [0.0]
+    with pytest.raises(ValueError, match="has no text in double quotes"):
+        rewards.OCRReward(engine=engine, on_missing_text="error")([image], ["no quotes"])
+
+
+def _font(size: int):
+    """DejaVu Sans where the system or matplotlib has it, else Pillow's embedded FreeType font."""
+    candidates = ["DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
+    if shutil.which("fc-match"):
+        found = subprocess.run(["fc-match", "-f", "%{file}", "DejaVu Sans"], capture_output=True, text=True)
+        candidates.append(found.stdout.strip())
+    try:
+        import matplotlib
+
+        candidates.append(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"))
+    except ImportError:
+        pass
+    for candidate in candidates:
+        try:
+            return ImageFont.truetype(candidate, size)
+        except OSError:
+            continue
+    font = ImageFont.load_default(size=size)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        pytest.skip("No TrueType font: neither DejaVu Sans nor Pillow's embedded font (Pillow without FreeType).")
+    return font
+
+
+def _text_image(text: str) -> Image.Image:
+    image = Image.new("RGB", (512, 160), "white")
+    ImageDraw.Draw(image).text((24, 50), text, fill="black", font=_font(48))
+    return image
+
+
+def test_ocr_on_rendered_text():
+    pytest.importorskip(
+        "rapidocr_onnxruntime", reason="the OCR reward needs rapidocr-onnxruntime: pip install '.[ocr]'"
+    )
+    torch.set_num_threads(1)
+    reward = get_reward("ocr")
+    images = [_text_image("Hello World"), _text_image("Diffusion OPD"), _text_image("Hello World")]
+    prompts = [
+        'A neon sign that says "hello world"',
+        'A poster with the words "Diffusion OPD"',
+        'A mug "Good morning"',
+    ]
+    matching_1, matching_2, wrong = reward(images, prompts)
+    assert matching_1 >= 0.9 and matching_2 >= 0.9
+    assert wrong <= 0.3
+    # The known pitfall: the whole prompt as the target scores a perfect rendering far lower.
+    recognized = reward.recognize(images[0])
+    assert text_similarity(recognized, prompts[0]) < 0.6 < text_similarity(recognized, "hello world")
+    assert math.isnan(reward([images[0]], ["a sign without quoted text"])[0])
+
+
+# ---------------------------------------------------------------------------------------------- CLIP-based rewards
+@pytest.fixture
+def clip_cache(tmp_path, monkeypatch):
+    """Tiny random CLIP models (and an aesthetic MLP) under the real ids, in a local Hub cache, with the Hub offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = get_tiny_clip_tokenizer()
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    text = {**layers, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = {**layers, "image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    size = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(**size), tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    cache = tmp_path / "hub"
+    for repo in [
+        "openai/clip-vit-large-patch14",
+        "yuvalkirstain/PickScore_v1",
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    ]:
+        save_to_hub_cache(tmp_path / "clip", repo, cache)
+    # The LAION predictor's layout (Linear 768-1024-128-64-16-1 at layers 0, 2, 4, 6, 7), on the 16-d embedding.
+    sizes = [(16, 32), (32, 8), (8, 8), (8, 4), (4, 1)]
+    mlp = {}
+    for index, (n_in, n_out) in zip([0, 2, 4, 6, 7], sizes):
+        mlp[f"layers.{index}.weight"] = torch.randn(n_out, n_in)
+        mlp[f"layers.{index}.bias"] = torch.randn(n_out)
+    (tmp_path / "aes").mkdir()
+    torch.save(mlp, tmp_path / "aes" / "aesthetic-model.pth")
+    save_to_hub_cache(tmp_path / "aes", "trl-lib/ddpo-aesthetic-predictor", cache)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    return {"cache_dir": str(cache), "model": model, "mlp": mlp}
+
+
+def _images():
+    return [
+        Image.new("RGB", (64, 48), (200, 20, 20)),
+        Image.new("RGB", (40, 40), (10, 90, 220)),
+        Image.radial_gradient("L").resize((32, 32)).convert("RGB"),
+    ]
+
+
+PROMPTS = ["a red square", "a blue sky", "a grey disc"]
+
+
+def test_transformers_rewards_on_tiny_models_from_the_hub_cache(clip_cache):
+    kwargs = {"cache_dir": clip_cache["cache_dir"], "device": "cpu"}
+    scores = {name: get_reward(name, **kwargs)(_images(), PROMPTS) for name in ["clipscore", "pickscore", "aesthetic"]}
+    for name, values in scores.items():
+        assert len(values) == 3 and all(isinstance(v, float) and math.isfinite(v) for v in values), name
+    assert all(-1.0 <= v <= 1.0 for v in scores["clipscore"])
+    # Same tiny CLIP under both ids: PickScore is the raw logit-scale score, logit_scale.exp() x cosine.
+    scale = clip_cache["model"].logit_scale.exp().item()
+    assert scores["pickscore"] == pytest.approx([scale * v for v in scores["clipscore"]], rel=1e-4)
+    # Aesthetic: the MLP on the normalised image embedding.
+    reward = get_reward("aesthetic", **kwargs)
+    with torch.no_grad():
+        embeds = reward._image_embeds(_images())
+        expected = embeds
+        for index in [0, 2, 4, 6, 7]:
+            expected = (
+                expected @ clip_cache["mlp"][f"layers.{index}.weight"].T + clip_cache["mlp"][f"layers.{index}.bias"]
+            )
+    assert scores["aesthetic"] == pytest.approx(expected.squeeze(-1).tolist(), rel=1e-4)
+    assert torch.allclose(embeds.norm(dim=-1), torch.ones(3))
+    # Batching does not change the scores.
+    assert get_reward("pickscore", batch_size=1, **kwargs)(_images(), PROMPTS) == pytest.approx(scores["pickscore"])
+
+
+def test_missing_model_names_the_repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="Reward 'clipscore': could not load model 'org/not-cached'"):
+        get_reward("clipscore", model_id="org/not-cached", cache_dir=str(tmp_path), device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------- reward server
+def _brightness_and_metadata(images, prompts, metadata):
+    return {
+        "outputs": [float(np.asarray(image.convert("L")).mean()) / 255.0 for image in images],
+        "lengths": [len(p) for p in prompts],
+        "tags": [row.get("tag") for row in metadata],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_remote_reward_round_trip_against_a_local_server():
+    requests = []
+
+    def score(images, prompts, metadata):
+        requests.append(len(images))
+        return _brightness_and_metadata(images, prompts, metadata)
+
+    server = serve(score, port=0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        images = [Image.new("RGB", (32, 32), (v, v, v)) for v in (0, 64, 128, 200, 255)]
+        reward = RemoteReward(url, batch_size=2, name="brightness_server")
+        scores = reward(images, ["a", "bb", "ccc", "dddd", "eeeee"], [{"tag": i} for i in range(5)])
+        assert scores == pytest.approx([0, 64 / 255, 128 / 255, 200 / 255, 1.0], abs=0.01)  # JPEG is lossy
+        assert requests == [2, 2, 1]
+        assert RemoteReward(url, score_key="lengths")(images, ["a", "bb", "ccc", "dddd", "eeeee"]) == [1, 2, 3, 4, 5]
+        assert RemoteReward(url, score_key="tags")(images[:2], None, [{"tag": 7}, {"tag": 8}]) == [7.0, 8.0]
+        with pytest.raises(RewardServerError, match="no 'nope'"):
+            RemoteReward(url, score_key="nope")(images[:1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_geneval_client_speaks_flow_grpo_protocol():
+    seen = {}
+
+    def geneval(images, prompts, metadata):
+        seen["metadata"] = metadata
+        return {
+            "scores": [0.5] * len(images),
+            "rewards": [0.5] * len(images),
+            "strict_rewards": [float(row["include"][0]["count"] == 2) for row in metadata],
+            "group_rewards": {},
+            "group_strict_rewards": {},
+        }
+
+    server = serve(geneval, port=0)
+    try:
+        reward = get_reward("geneval", url=f"127.0.0.1:{server.server_address[1]}")
+        rows = [
+            {"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats"},
+            {"tag": "counting", "include": [{"class": "dog", "count": 3}], "prompt": "a photo of three dogs"},
+        ]
+        images = [Image.new("RGB", (16, 16))] * 2
+        assert reward(images, [r["prompt"] for r in rows], rows) == [1.0, 0.0]  # strict per-image correctness
+        assert seen["metadata"] == rows
+        assert get_reward("geneval", url=reward.url, score_key="scores")(images, None, rows) == [0.5, 0.5]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_reward_reports_a_down_server_and_server_errors():
+    port = _free_port()
+    reward = RemoteReward(f"http://127.0.0.1:{port}", retries=1, backoff=0.01, name="unifiedreward")
+    start = time.perf_counter()
+    with pytest.raises(
+        RewardServerError, match=rf"'unifiedreward': no reward server answers at http://127.0.0.1:{port}"
+    ):
+        reward([Image.new("RGB", (8, 8))], ["a"])
+    assert time.perf_counter() - start < 10
+
+    def broken(images, prompts, metadata):
+        raise ValueError("the detector crashed")
+
+    server = serve(broken, port=0)
+    try:
+        reward = RemoteReward(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(RewardServerError, match="HTTP 500: ValueError: the detector crashed"):
+            reward([Image.new("RGB", (8, 8))], ["a"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_server_file_runs_standalone_without_this_package(tmp_path):
+    """`server.py` is copied into a reward model's environment: it must run as a script on stdlib + Pillow."""
+    shutil.copy(ROOT / "trl_diffusion_opd" / "rewards" / "server.py", tmp_path / "server.py")
+    (tmp_path / "my_scorer.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+            def score(images, prompts, metadata):
+                assert "torch" not in sys.modules and "trl_diffusion_opd" not in sys.modules
+                return [float(image.width) for image in images]
+            """
+        )
+    )
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process = subprocess.Popen(
+        [sys.executable, "server.py", "--scorer", "my_scorer:score", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        reward = RemoteReward(f"http://127.0.0.1:{port}", retries=20, backoff=0.1)
+        assert reward([Image.new("RGB", (24, 8)), Image.new("RGB", (12, 8))], ["a", "b"]) == [24.0, 12.0]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_jpeg_payload_matches_flow_grpo_clients():
+    from trl_diffusion_opd.rewards.remote import jpeg_bytes
+
+    image = Image.effect_noise((32, 32), 40).convert("RGB")
+    default = io.BytesIO()
+    image.save(default, format="JPEG")
+    assert jpeg_bytes(image) == default.getvalue()  # Pillow's default quality, as Flow-GRPO's clients send
+    assert Image.open(io.BytesIO(jpeg_bytes(image, quality=95))).format == "JPEG"
