@@ -1,4 +1,4 @@
-"""`make demo`: the main training job on the embedded tiny default, offline on a CPU in well under a minute.
+"""`make demo`: the main training job on the embedded tiny default, offline on a CPU in about a minute.
 
 Runs `examples/configs/tiny.yaml` (a random tiny SD3 pipeline and two toy LoRA teachers, see that file) and prints the
 KL between the student and each task's teacher on held-out prompts before and after training, so that the
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
 
     print(f"\nKL(student || teacher) on held-out prompts, {trainer.state.global_step} rounds:")
     for task in before:
-        print(f"  {task:<8} {before[task]:.6f} -> {after[task]:.6f}  ({after[task] / before[task] - 1:+.0%})")
+        print(f"  {task:<8} {before[task]:.3e} -> {after[task]:.3e}  ({after[task] / before[task] - 1:+.0%})")
     grid = sample_grid(trainer)
     print(f"Student adapter and model card: {training_args.output_dir}")
     print(f"Samples (rows: base, teachers, student; columns: held-out prompts): {grid}")
