@@ -1,0 +1,103 @@
+"""Smoke test of the benchmark code paths (`make bench`) on the tiny pipelines, in a few seconds."""
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """`benchmarks.common.setup` sets the thread count, warning filters and library log levels: undo it."""
+    threads = torch.get_num_threads()
+    loggers = {name: logging.getLogger(name).level for name in ("transformers", "diffusers", "peft", "accelerate")}
+    tqdm = os.environ.get("TQDM_DISABLE")
+    # One thread, as the benchmarks use: on a busy 2-core machine, multi-threaded kernels run 10x slower.
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        yield
+    torch.set_num_threads(threads)
+    for name, level in loggers.items():
+        logging.getLogger(name).setLevel(level)
+    if tqdm is None:
+        os.environ.pop("TQDM_DISABLE", None)
+
+
+def test_round_cost_measures_round_floor_and_audit():
+    from benchmarks import round_cost
+
+    result = round_cost.measure("sd3", num_tasks=2, num_steps=2, batch=1, rounds=1, size="tiny")
+    for clock in ("wall", "cpu"):
+        assert result[clock]["round_s"] > 0 and result[clock]["floor_s"] > 0
+        assert result[clock]["ratio"] > 0
+    # the trainer makes exactly the transformer calls the algorithm needs, and no VAE call
+    assert result["audit"] == result["audit_expected"]
+    assert result["audit"]["vae_calls"] == 0
+    row = round_cost._row(result)
+    assert len(row) == len(round_cost.HEADERS)
+
+
+def test_grad_variance_estimators_agree_in_mean():
+    from benchmarks import grad_variance
+
+    with tempfile.TemporaryDirectory() as folder:
+        s = grad_variance._Setup(0.7, num_steps=3, batch=1, folder=Path(folder))
+        fixed = grad_variance.fixed_states(s, var_samples=4, mean_samples=4096)
+        whole = grad_variance.whole_rollouts(s, rollouts=3)
+        # the per-sample shortcut J^T dL/dmu equals autograd through the PPO loss
+        m = s.means(s.rollout(0))
+        sample = m["sample"]
+        direct = s.ppo_grad(m, sample)
+        h = torch.autograd.grad(
+            grad_variance.transition.ppo_surrogate_loss(
+                sample, m["mu_s"], m["mu_s"].detach(), m["mu_t"], m["std"]
+            ).mean(),
+            m["mu_s"],
+            retain_graph=True,
+        )[0]
+        via_vjp = torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(m["mu_s"], s.params, grad_outputs=h, retain_graph=True)]
+        )
+        torch.testing.assert_close(direct.float(), via_vjp, rtol=1e-4, atol=1e-6)
+    assert fixed["cosine"] > 0.9
+    assert fixed["total_var_closed_form"] < 1e-8 * max(fixed["total_var_ppo"], 1.0)
+    assert whole["total_var_ppo"] > whole["total_var_closed_form"]
+
+
+def test_convergence_run_and_plot(tmp_path):
+    from benchmarks import convergence
+    from benchmarks.plot import Panel, Series, save_line_plot
+
+    common = {
+        "resolution": 32,
+        "num_inference_steps": 2,
+        "per_device_train_batch_size": 1,
+        "learning_rate": 1e-3,
+        "kl_normalization": "paper",
+        "guidance_scale": 1.0,
+    }
+    records = convergence.run_method({"noise_level": 0.7, "loss_type": "ppo"}, 2, 1, 0, common, tmp_path)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["kl"] > 0 for r in records)
+    png = save_line_plot(
+        [Panel("t", "rounds", "KL", [Series("a", [r["round"] for r in records], [r["kl"] for r in records])], True)],
+        tmp_path / "plot.png",
+    )
+    assert png.stat().st_size > 1000
+
+
+def test_gpu_round_tiny_and_results_files(tmp_path):
+    from benchmarks import gpu_round
+    from benchmarks.common import write_results
+
+    data = gpu_round.main(["--tiny", "--no-write", "--rounds", "1", "--steps", "2", "--prompts-per-task", "1"])
+    assert [p.get("gradient_checkpointing") for p in data["phases"]] == [False, True]
+    assert all("error" not in p and p["wall"]["round_s"] > 0 for p in data["phases"])
+    path = write_results("x", "X", {"a": 1}, {"b": 2}, "| h |\n|---|\n| 1 |", tmp_path, tmp_path / "R.md")
+    assert json.loads(path.read_text())["b"] == 2
+    assert "## X" in (tmp_path / "R.md").read_text()
