@@ -117,6 +117,7 @@ class FlowMatchingFamily(abc.ABC):
     def __init__(self, pipeline: DiffusionPipeline, max_sequence_length: int | None = None):
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
+        self._dtype: torch.dtype | None = None
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -128,7 +129,11 @@ class FlowMatchingFamily(abc.ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        """The transformer's compute dtype, read once: diffusers walks every submodule for it (6.5 ms per call at
+        SD3.5-Medium size with LoRAs, i.e. ~0.2 s of host time per round)."""
+        if self._dtype is None:
+            self._dtype = self.transformer.dtype
+        return self._dtype
 
     @property
     def vae_scale_factor(self) -> int:
