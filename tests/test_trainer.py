@@ -398,6 +398,9 @@ _DDP_SCRIPT = textwrap.dedent(
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"digest": digest.hexdigest(), "prompts": seen,
                    "world": trainer.accelerator.num_processes}, f)
+    # Tear the process group down explicitly: gloo threads left to interpreter exit can abort a rank.
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
     """
 )
 
