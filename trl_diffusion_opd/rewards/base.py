@@ -12,6 +12,7 @@ any function of that signature with `as_reward(fn, name)`.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ _REGISTRY: dict[str, tuple[Callable[..., Reward], str]] = {}
 _LOADED: dict[tuple[str, str], Reward] = {}
 
 
-class Reward:
+class Reward(abc.ABC):
     """Base class of rewards: subclasses implement `score` for one batch.
 
     Attributes:
@@ -38,9 +39,9 @@ class Reward:
     score_range: tuple[float, float] | None = None
     batch_size: int = 16
 
+    @abc.abstractmethod
     def score(self, images: list, prompts: list[str], metadata: list[dict]) -> Sequence[float]:
         """Scores of one batch (at most `batch_size` images), one per image."""
-        raise NotImplementedError
 
     def __call__(
         self, images: Sequence, prompts: Sequence[str] | None = None, metadata: Sequence[dict] | None = None
