@@ -273,7 +273,8 @@ def test_help_and_unknown_command(capsys):
     assert "train" in out and "env" in out
     assert cli.main(["serve"]) == 2
     assert (
-        capsys.readouterr().err == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, eval, env)\n"
+        capsys.readouterr().err
+        == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, grpo, nft, eval, env)\n"
     )
 
 

@@ -396,3 +396,57 @@ def test_invalid_arguments_raise():
         ppo_surrogate_loss(x, x, x, x, 1.0, clip_range=0.0)
     with pytest.raises(ValueError, match="sigma"):
         step_mean(x, x, torch.ones(2, 1), 0.5, 0.7)
+
+
+# ---------------------------------------------------------------------------------------------- RL objectives
+
+
+def test_group_advantages_by_hand():
+    from trl_diffusion_opd.objectives import group_advantages
+
+    rewards = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, 6.0])
+    # groups of 2: [1, 3] -> mean 2, std 1; [0, 0] -> 0; [2, 6] -> mean 4, std 2
+    group = group_advantages(rewards, 2, "group")  # std + 1e-4, so an all-equal group gives 0
+    expected = torch.tensor([-1 / 1.0001, 1 / 1.0001, 0.0, 0.0, -2 / 2.0001, 2 / 2.0001])
+    torch.testing.assert_close(group, expected)
+    # global std of [1, 3, 0, 0, 2, 6]: mean 2, squared deviations 1, 1, 4, 4, 0, 16 -> sqrt(26 / 6)
+    batch = group_advantages(rewards, 2, "batch", eps=0.0)
+    std = math.sqrt(26 / 6)
+    torch.testing.assert_close(batch, torch.tensor([-1.0, 1.0, 0.0, 0.0, -2.0, 2.0]) / std)
+    torch.testing.assert_close(
+        group_advantages(rewards, 2, "none", clip=1.5), torch.tensor([-1.0, 1.0, 0.0, 0.0, -1.5, 1.5])
+    )
+
+
+def test_grpo_guard_ratio_is_one_when_the_policy_has_not_moved_and_by_hand_otherwise():
+    from trl_diffusion_opd.objectives import grpo_guard_log_ratio, grpo_guard_step_weight, ppo_clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 3, 2, 2, generator=g)
+    sample = mean + 0.3 * torch.randn(2, 3, 2, 2, generator=g)
+    lp = gaussian_log_prob(sample, mean, 0.3, "mean")
+    assert torch.equal(grpo_guard_log_ratio(lp, lp, mean, mean.clone(), 0.3), torch.zeros(2))
+    # moved: the normalised log-ratio is <x' - mu_old, mu_theta - mu_old> / (D sigma)
+    moved = mean + 0.01
+    lp_new = gaussian_log_prob(sample, moved, 0.3, "mean")
+    expected = ((sample - mean) * 0.01).flatten(1).mean(1) / 0.3
+    torch.testing.assert_close(grpo_guard_log_ratio(lp_new, lp, moved, mean, 0.3), expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grpo_guard_step_weight(torch.tensor([0.8]), torch.tensor([0.6])), torch.tensor([5.0]))
+    # PPO clip by hand: ratio e^0.2 ~ 1.2214, eps 0.1 -> clipped at 1.1
+    log_ratio = torch.tensor([0.2, 0.2, -0.2])
+    adv = torch.tensor([1.0, -1.0, 1.0])
+    r = math.exp(0.2)
+    expected = torch.tensor([max(-r, -1.1), max(r, 1.1), max(-1 / r, -0.9)])
+    torch.testing.assert_close(ppo_clip_loss(log_ratio, adv, 0.1), expected)
+
+
+def test_nft_optimality_and_heun_by_hand():
+    from trl_diffusion_opd.objectives import nft_optimality
+    from trl_diffusion_opd.transition import heun_mean
+
+    torch.testing.assert_close(
+        nft_optimality(torch.tensor([-10.0, -2.5, 0.0, 5.0]), 5.0), torch.tensor([0, 0.25, 0.5, 1])
+    )
+    x = torch.ones(1, 2)
+    # dt = -0.5; x + dt * (v + v_next) / 2 = 1 - 0.5 * 3 = -0.5
+    torch.testing.assert_close(heun_mean(x, 2 * x, 4 * x, 1.0, 0.5), torch.full((1, 2), -0.5))

@@ -4,11 +4,15 @@
 trl-diffusion-opd train --config examples/configs/tiny.yaml              # the embedded tiny default, offline, CPU
 trl-diffusion-opd train --config recipe.yaml --learning_rate 1e-4        # command-line flags override the YAML
 trl-diffusion-opd train --config recipe.yaml --accelerate_config multi_gpu --num_processes 8
+trl-diffusion-opd grpo --config examples/configs/tiny_grpo.yaml            # Stage 1: Flow-GRPO / GRPO-Guard teacher
+trl-diffusion-opd nft --config examples/configs/tiny_nft.yaml              # Stage 1: DiffusionNFT teacher
 trl-diffusion-opd env                                                    # versions, for bug reports
 trl-diffusion-opd eval --config eval.yaml                                # reward table and image grids
 ```
 
-`train` parses three argument groups with `trl.TrlParser`: `DiffusionOPDScriptArguments` (teachers and prompts),
+`grpo` and `nft` train one reward-specific teacher (Stage 1) with `FlowGRPOTrainer` / `DiffusionNFTTrainer` on the
+same machinery, their first group being `DiffusionRLScriptArguments` (`reward_funcs`, `prompts`). `train` parses three
+argument groups with `trl.TrlParser`: `DiffusionOPDScriptArguments` (teachers and prompts),
 `DiffusionOPDConfig` (training) and `DiffusionModelConfig` (base model and student LoRA). Dict fields (`teachers`,
 `prompts`, `teacher_guidance_scale`, `task_weights`, ...) are YAML mappings in a config file and JSON objects on the
 command line. Any `accelerate launch` option (`--num_processes`, `--mixed_precision`, ...) or
@@ -123,6 +127,61 @@ class DiffusionOPDScriptArguments:
 
 
 @dataclass
+class DiffusionRLScriptArguments:
+    """
+    Rewards and prompts of the `grpo` and `nft` commands.
+
+    Args:
+        reward_funcs (`list[str]`):
+            Registry names of the rewards (`ocr`, `pickscore`, `geneval`, `brightness`, ...); several are summed with
+            `reward_weights` (the paper's multi-task baselines).
+        reward_kwargs (`dict[str, dict]` or `None`, *optional*):
+            `{reward name: kwargs of get_reward}` (a device, a server `url`, model ids, ...).
+        prompts (`Any`, *optional*):
+            One prompt source (a `.txt` / `.jsonl` / data file, a dataset folder or id, an inline list), or
+            `{task: source}`; `.jsonl` metadata reaches the rewards.
+        dataset_name (`str` or `None`, *optional*):
+            A prompt dataset (Hub id, folder or file) with a `prompt` column; ignored when `prompts` is given.
+        dataset_config (`str` or `None`, *optional*):
+            Configuration of `dataset_name`.
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Training split of `dataset_name`.
+        dataset_test_split (`str` or `None`, *optional*):
+            Held-out split of `dataset_name`, sampled by the reward grids.
+        eval_prompts (`Any`, *optional*):
+            Held-out prompts, in the same forms as `prompts`.
+    """
+
+    reward_funcs: list[str] | None = field(
+        default=None, metadata={"help": "Reward names from the registry (e.g. ocr pickscore brightness)."}
+    )
+    reward_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "{reward name: kwargs of get_reward}, a mapping (JSON on the command line)."}
+    )
+    prompts: Any = field(default=None, metadata={"help": "A prompt source, or {task: source} (JSON or YAML)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "One prompt source with a 'prompt' column (Hub id, folder or file)."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration of `dataset_name`."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split of `dataset_name`."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Held-out split of `dataset_name`."})
+    eval_prompts: Any = field(default=None, metadata={"help": "Held-out prompts, like `prompts`."})
+
+    def __post_init__(self):
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [name.strip() for name in self.reward_funcs.split(",") if name.strip()]
+        if not self.reward_funcs:
+            raise ValueError("`reward_funcs` is required: one or more reward names (e.g. `--reward_funcs ocr`).")
+        self.reward_kwargs = _json_dict(self.reward_kwargs, "reward_kwargs") or {}
+        for name in ("prompts", "eval_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
+                setattr(self, name, json.loads(value))
+        if self.prompts is None and self.dataset_name is None:
+            raise ValueError("Give the prompts: `prompts` (a source or {task: source}) or `dataset_name`.")
+
+
+@dataclass
 class DiffusionModelConfig:
     """
     Base model and student adapter of the `train` command.
@@ -172,14 +231,27 @@ class DiffusionOPDParser(TrlParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def make_parser(prog: str | None = None) -> DiffusionOPDParser:
-    """The parser of the `train` command: `(DiffusionOPDScriptArguments, DiffusionOPDConfig, DiffusionModelConfig)`,
-    with `--config file.yaml`."""
-    from .config import DiffusionOPDConfig  # here, so that `env` runs without importing transformers
+def _config_class(command: str):
+    # Imported here, so that `env` runs without importing transformers.
+    if command == "grpo":
+        from .grpo_config import FlowGRPOConfig
 
-    parser = DiffusionOPDParser(
-        (DiffusionOPDScriptArguments, DiffusionOPDConfig, DiffusionModelConfig), prog=prog or f"{PROG} train"
-    )
+        return DiffusionRLScriptArguments, FlowGRPOConfig
+    if command == "nft":
+        from .nft_config import DiffusionNFTConfig
+
+        return DiffusionRLScriptArguments, DiffusionNFTConfig
+    from .config import DiffusionOPDConfig
+
+    return DiffusionOPDScriptArguments, DiffusionOPDConfig
+
+
+def make_parser(prog: str | None = None, command: str = "train") -> DiffusionOPDParser:
+    """The parser of a training command, with `--config file.yaml`: `train` parses
+    `(DiffusionOPDScriptArguments, DiffusionOPDConfig, DiffusionModelConfig)`, `grpo` and `nft`
+    `(DiffusionRLScriptArguments, FlowGRPOConfig | DiffusionNFTConfig, DiffusionModelConfig)`."""
+    script_class, config_class = _config_class(command)
+    parser = DiffusionOPDParser((script_class, config_class, DiffusionModelConfig), prog=prog or f"{PROG} {command}")
     # HfArgumentParser would call `dict(text)` for some dict-typed fields: read JSON instead.
     dict_fields = {
         f.name
@@ -298,7 +370,7 @@ def resolve_teachers(
     return specs
 
 
-def load_prompts(script_args: DiffusionOPDScriptArguments) -> tuple[Any, Any]:
+def load_prompts(script_args: DiffusionOPDScriptArguments | DiffusionRLScriptArguments) -> tuple[Any, Any]:
     """`(train_dataset, eval_dataset)` for the trainer from the script arguments."""
     if script_args.prompts is not None:
         train = script_args.prompts
@@ -334,6 +406,29 @@ def build_trainer(
     return DiffusionOPDTrainer(
         model=pipeline,
         teachers=teachers,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=student_lora_config(model_args, pipeline),
+    )
+
+
+def build_rl_trainer(
+    command: str, script_args: DiffusionRLScriptArguments, training_args, model_args: DiffusionModelConfig
+):
+    """The `FlowGRPOTrainer` (`grpo`) or `DiffusionNFTTrainer` (`nft`) that the command runs."""
+    from .rewards import get_reward
+
+    if command == "grpo":
+        from .grpo_trainer import FlowGRPOTrainer as trainer_class
+    else:
+        from .nft_trainer import DiffusionNFTTrainer as trainer_class
+    pipeline = load_pipeline(model_args, training_args)
+    rewards = [get_reward(name, **script_args.reward_kwargs.get(name, {})) for name in script_args.reward_funcs]
+    train_dataset, eval_dataset = load_prompts(script_args)
+    return trainer_class(
+        model=pipeline,
+        reward_funcs=rewards,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -414,12 +509,12 @@ def _without(args: list[str], removed: list[str]) -> list[str]:
     return result
 
 
-def _relaunch(launch_args: list[str], script_argv: list[str]) -> int:
+def _relaunch(launch_args: list[str], script_argv: list[str], command: str = "train") -> int:
     from accelerate.commands import launch
 
     os.environ[LAUNCHED_ENV] = "1"
     namespace = launch.launch_command_parser().parse_args(
-        [*launch_args, "--module", "trl_diffusion_opd.cli", "train", *script_argv]
+        [*launch_args, "--module", "trl_diffusion_opd.cli", command, *script_argv]
     )
     try:
         launch.launch_command(namespace)
@@ -428,13 +523,13 @@ def _relaunch(launch_args: list[str], script_argv: list[str]) -> int:
     return 0
 
 
-def train_command(argv: list[str]) -> int:
-    """`trl-diffusion-opd train ARGS`: parse, then train here or relaunch through `accelerate launch`."""
+def train_command(argv: list[str], command: str = "train") -> int:
+    """`trl-diffusion-opd train|grpo|nft ARGS`: parse, then train here or relaunch through `accelerate launch`."""
     import yaml
 
-    prog = f"{PROG} train"
+    prog = f"{PROG} {command}"
     config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    parser = make_parser(prog)
+    parser = make_parser(prog, command)
     try:
         *parsed, config_rest, cli_rest = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -454,11 +549,14 @@ def train_command(argv: list[str]) -> int:
     except (ValueError, TypeError, OSError) as error:
         return _fail(prog, _one_line(error))
     if launch_args and not os.environ.get(LAUNCHED_ENV):
-        return _relaunch(launch_args, _without(argv, cli_rest))
+        return _relaunch(launch_args, _without(argv, cli_rest), command)
     script_args, training_args, model_args = parsed
     try:
         # Set-up errors (a teacher not found, unreadable prompts, ...) are the user's to fix: one line each.
-        trainer = build_trainer(script_args, training_args, model_args)
+        if command == "train":
+            trainer = build_trainer(script_args, training_args, model_args)
+        else:
+            trainer = build_rl_trainer(command, script_args, training_args, model_args)
     except (ValueError, OSError) as error:
         return _fail(prog, _one_line(error))
     run_training(trainer, script_args, training_args)
@@ -606,6 +704,14 @@ def eval_command(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": (train_command, "Distil reward-specific teachers into one LoRA student (accepts --config file.yaml)."),
+    "grpo": (
+        lambda argv: train_command(argv, "grpo"),
+        "Stage 1: train a LoRA on rewards with Flow-GRPO / GRPO-Guard (accepts --config file.yaml).",
+    ),
+    "nft": (
+        lambda argv: train_command(argv, "nft"),
+        "Stage 1: train a LoRA on rewards with DiffusionNFT (accepts --config file.yaml).",
+    ),
     "eval": (eval_command, "Score a base model and its adapters on reward prompt sets; write the table and grids."),
     "env": (env_command, "Print platform, accelerator and library versions for bug reports."),
 }

@@ -1,5 +1,6 @@
-"""The Hub side of a distilled adapter: its model card (rendered from the package's Jinja template with
-`huggingface_hub.ModelCard`) and the uploads of `DiffusionOPDTrainer.push_to_hub`.
+"""The Hub side of a trained adapter: its model card (rendered from the package's Jinja template with
+`huggingface_hub.ModelCard`) and the uploads of the trainers' `push_to_hub` (`DiffusionLoRATrainer`,
+`FlowGRPOTrainer`, `DiffusionNFTTrainer`: every `DiffusionLoRATrainer`).
 
 What goes to the Hub is an allow-list, never a whole folder: the student adapter
 (`pytorch_lora_weights.safetensors`), the model card (`README.md`) and sample images (`samples/*.png`). The base
@@ -22,8 +23,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 
 if TYPE_CHECKING:
+    from .base_trainer import DiffusionLoRATrainer
     from .teachers import TeacherSpec
-    from .trainer import DiffusionOPDTrainer
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -133,7 +134,7 @@ def teacher_source(spec: TeacherSpec) -> str:
     return spec.display
 
 
-def sample_widgets(trainer: DiffusionOPDTrainer) -> list[dict[str, str]]:
+def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
     """Widget entries `{"text": prompt, "url": "samples/<file>.png"}` for the card.
 
     `trainer.sample_widgets` wins when the trainer recorded its samples with their prompts; otherwise every
@@ -152,7 +153,7 @@ def sample_widgets(trainer: DiffusionOPDTrainer) -> list[dict[str, str]]:
 
 
 def create_model_card(
-    trainer: DiffusionOPDTrainer,
+    trainer: DiffusionLoRATrainer,
     model_name: str | None = None,
     dataset_name: str | list[str] | None = None,
     tags: str | list[str] | None = None,
@@ -160,8 +161,12 @@ def create_model_card(
 ) -> ModelCard:
     """Render the model card of `trainer`'s student adapter.
 
+    What is specific to the algorithm comes from `trainer._model_card_details()`: the summary sentence (which
+    algorithm, which teachers or rewards), the teachers' and rewards' tables, extra tags (tasks, reward names), the
+    algorithm's rows of the training table and the papers to cite (`trainer._name`, `trainer._paper`).
+
     Args:
-        trainer: The trainer whose config, teachers and base describe the adapter.
+        trainer: The trainer whose config, base and algorithm describe the adapter.
         model_name: Title of the card; defaults to the last part of `hub_model_id` or of `output_dir`.
         dataset_name: Hub dataset id(s) of the prompts, recorded in the metadata.
         tags: Extra tags.
@@ -171,21 +176,9 @@ def create_model_card(
     base = trainer.base_model_id
     base_on_hub = is_hub_id(base)
     repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or Path(args.output_dir).name
-    tasks = list(trainer.teacher_specs)
-    teachers = [
-        {
-            "task": task,
-            "source": teacher_source(spec),
-            "guidance_scale": spec.guidance_scale
-            if spec.guidance_scale is not None
-            else args.teacher_guidance_for(task),
-            "weight": spec.weight,
-        }
-        for task, specs in trainer.teacher_specs.items()
-        for spec in specs
-    ]
+    details = trainer._model_card_details()
     extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
-    all_tags = list(dict.fromkeys([*trainer._tag_names, trainer.family.tag, *tasks, *extra_tags]))
+    all_tags = list(dict.fromkeys([*trainer._tag_names, trainer.family.tag, *details.get("tags", []), *extra_tags]))
     datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
     samples = samples if samples is not None else sample_widgets(trainer)
     card_data = ModelCardData(
@@ -203,21 +196,23 @@ def create_model_card(
     targets = [targets] if isinstance(targets, str) else sorted(targets)
     sampler = "ODE (deterministic)" if args.noise_level == 0 else f"{args.sde_type.upper()} (stochastic)"
     settings = {
+        "algorithm": trainer._name,
         "sampler": sampler,
         "sampler steps (trained steps)": f"{args.num_inference_steps} ({args.num_train_timesteps})",
         "noise level": args.noise_level,
         "student CFG scale": args.guidance_scale,
         "resolution": f"{args.resolution} px",
-        "loss": "closed-form per-step KL" if args.loss_type == "kl" else "PPO-style surrogate",
-        "KL normalisation": args.kl_normalization,
+        **details.get("settings", {}),
         "LoRA rank / alpha": f"{peft_config.r} / {peft_config.lora_alpha}",
         "LoRA targets": ", ".join(targets),
         "learning rate": args.learning_rate,
-        "prompts per task, device and round": args.per_device_train_batch_size,
-        "rounds (optimizer steps)": trainer.state.global_step,
+        details.get("steps_label", "optimizer steps"): trainer.state.global_step,
         "EMA": f"decay {args.ema_decay}, every {args.ema_update_interval} steps" if args.ema else "off",
         "seed": args.seed,
     }
+    if args.student_adapter:
+        settings["continued from"] = f"`{args.student_adapter}`"
+    papers = [paper for paper in details.get("papers", [trainer._paper]) if paper]
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
@@ -225,12 +220,12 @@ def create_model_card(
         repo_id=repo_id,
         base_model=base or "unknown",
         base_on_hub=base_on_hub,
-        paper_id=trainer._paper["id"],
-        paper_title=trainer._paper["title"],
-        paper_citation=trainer._paper["citation"],
+        algorithm=trainer._name,
+        summary=details.get("summary", f"trained with **{trainer._name}**."),
+        papers=papers,
         trl_citation=TRL_CITATION,
-        tasks=tasks,
-        teachers=teachers,
+        teachers=details.get("teachers", []),
+        rewards=details.get("rewards", []),
         guidance_scale=args.guidance_scale,
         settings=settings,
         samples=samples,
@@ -246,7 +241,7 @@ def _hf_api():
 
 
 def push_to_hub(
-    trainer: DiffusionOPDTrainer,
+    trainer: DiffusionLoRATrainer,
     commit_message: str | None = "End of training",
     blocking: bool = True,
     token: str | None = None,
@@ -290,7 +285,7 @@ def push_to_hub(
     )
 
 
-def push_checkpoint(trainer: DiffusionOPDTrainer, checkpoint_folder: str | os.PathLike) -> None:
+def push_checkpoint(trainer: DiffusionLoRATrainer, checkpoint_folder: str | os.PathLike) -> None:
     """Hub side of a checkpoint save, following `args.hub_strategy` (the body of the trainer's
     `_push_from_checkpoint`).
 

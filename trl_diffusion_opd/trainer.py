@@ -3,127 +3,40 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
-import os
 import time
-from collections import OrderedDict, defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from diffusers import DiffusionPipeline
-from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, SequentialSampler
-from transformers import Trainer, TrainerCallback
-from transformers.integrations import TensorBoardCallback
+from transformers import TrainerCallback
 
 from . import transition
+from .base_trainer import (
+    EMA_STATE,
+    STUDENT,
+    TRAINING_WEIGHTS,
+    DiffusionLoRATrainer,
+    PromptCache,
+    default_lora_config,
+)
 from .config import DiffusionOPDConfig
-from .data import RoundRobinPrompts, prompts_by_task
-from .evaluation import DiffusersTensorBoardCallback, RewardEvalCallback
-from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_select, cond_tile, get_family
-from .hub import create_model_card, push_checkpoint, push_to_hub
+from .data import prompts_by_task
+from .families.base import Cond, cond_select, cond_tile
+from .hub import teacher_source
 from .teachers import (
-    AdapterSwitch,
     TeacherSpec,
     load_full_teacher,
     load_lora_teacher,
-    lora_config_for,
-    parse_teacher_spec,
     parse_teachers,
-    read_lora_folder,
     resolve_teacher,
 )
 
 
-STUDENT = "student"
-TRAINING_WEIGHTS = "student_training_weights.safetensors"
-EMA_STATE = "ema_state.pt"
+__all__ = ["EMA_STATE", "STUDENT", "TRAINING_WEIGHTS", "DiffusionOPDTrainer", "PromptCache", "default_lora_config"]
 
 
-def default_lora_config(family: FlowMatchingFamily) -> LoraConfig:
-    """The paper's student adapter: r=32, alpha=64, gaussian init, on the family's attention projections."""
-    return LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=family.default_lora_targets)
-
-
-class PromptCache:
-    """LRU cache of prompt embeddings, so each prompt goes through the text encoders once.
-
-    Args:
-        family: Encodes missing prompts.
-        max_size: Number of prompts kept.
-    """
-
-    def __init__(self, family: FlowMatchingFamily, max_size: int):
-        self.family = family
-        self.max_size = max_size
-        self._rows: OrderedDict[str, Cond] = OrderedDict()
-        self.encoders_offloaded = False
-
-    def warm(self, prompts: list[str], batch_size: int = 32) -> bool:
-        """Embed every prompt now and move the text encoders off the accelerator, if they all fit in the cache.
-
-        Returns:
-            Whether the encoders were offloaded. A prompt seen later still works: the encoders visit the
-            accelerator for it and leave again.
-        """
-        prompts = list(dict.fromkeys(prompts))
-        if len(prompts) > self.max_size:
-            return False
-        for start in range(0, len(prompts), batch_size):
-            self(prompts[start : start + batch_size])
-        for encoder in self.family.text_encoders:
-            encoder.to("cpu")
-        self.encoders_offloaded = True
-        return True
-
-    def _encode(self, prompts: list[str]) -> Cond:
-        if not self.encoders_offloaded:
-            return self.family.encode_prompts(prompts)
-        device = self.family.device
-        for encoder in self.family.text_encoders:
-            encoder.to(device)
-        try:
-            return self.family.encode_prompts(prompts)
-        finally:
-            for encoder in self.family.text_encoders:
-                encoder.to("cpu")
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __call__(self, prompts: list[str]) -> Cond:
-        """Conditioning with one row per prompt, in order."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
-        if missing:
-            cond = self._encode(missing)
-            for i, prompt in enumerate(missing):
-                # A copy, so that evicting a prompt frees its memory rather than keeping its batch alive.
-                self._rows[prompt] = {k: v[i : i + 1].clone() for k, v in cond.items()}
-        rows = []
-        for prompt in prompts:
-            self._rows.move_to_end(prompt)
-            rows.append(self._rows[prompt])
-        while len(self._rows) > self.max_size:
-            self._rows.popitem(last=False)
-        return cond_cat(rows)
-
-
-class _EMACallback(TrainerCallback):
-    def __init__(self, trainer: DiffusionOPDTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.ema is not None and state.global_step % args.ema_update_interval == 0:
-            self.trainer.ema.step(self.trainer.student_parameters)
-
-
-class DiffusionOPDTrainer(Trainer):
+class DiffusionOPDTrainer(DiffusionLoRATrainer):
     """Trainer for DiffusionOPD (Li et al., 2026): on-policy distillation of several reward-specific teachers into
     one student.
 
@@ -193,85 +106,68 @@ class DiffusionOPDTrainer(Trainer):
             if task not in self.teacher_specs:
                 raise ValueError(f"`task_weights` names task '{task}', which has no teacher.")
 
-        if isinstance(model, str):
-            dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-            pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=args.revision)
-            self.base_model_id = model
-        else:
-            pipeline = model
-            self.base_model_id = getattr(model, "name_or_path", None) or model.config.get("_name_or_path")
-        pipeline.set_progress_bar_config(disable=True)
-        self.pipeline = pipeline
-        self.family = get_family(pipeline, max_sequence_length=args.max_sequence_length)
-        transformer = pipeline.transformer
-        transformer.requires_grad_(False)
-        transformer.eval()  # no dropout: rollouts and recomputed means must agree
-        for module in transformer.modules():
-            # bitsandbytes' 4-bit layers, in eval mode on a CPU with AVX512-BF16, repack their weights on the first
-            # no-grad forward (the rollout) for an inference-only kernel that the student's gradient cannot cross.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        self.full_teachers: dict[str, torch.nn.Module] = {}
+        super().__init__(model, args, peft_config=peft_config, callbacks=callbacks)
 
+    # ------------------------------------------------------------------ hooks
+    def _load_extra_models(self, transformer, args: DiffusionOPDConfig) -> None:
+        """Resolve every teacher and load it: LoRA teachers as adapters on the base, full ones as frozen modules."""
         for specs in self.teacher_specs.values():
             for spec in specs:
                 resolve_teacher(spec, token=args.hub_token)
-        self.full_teachers: dict[str, torch.nn.Module] = {}
         for specs in self.teacher_specs.values():
             for spec in specs:
                 if spec.full_weight:
                     self.full_teachers[spec.name] = load_full_teacher(spec, type(transformer), transformer.dtype)
                 else:
                     load_lora_teacher(transformer, spec, spec.local_dir)
-        set_seed(args.seed)  # the student's random init is a function of the seed
-        self.peft_config = self._add_student(transformer, peft_config, args)
-        self.adapters = AdapterSwitch(transformer, STUDENT)
-        self.adapters.activate(STUDENT)
 
-        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
-            # diffusers models have no `activation_checkpointing_enable` / `gradient_checkpointing_enable`, which the
-            # Trainer would call (transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is its
-            # alias): enable diffusers' own and keep the Trainer from trying.
-            transformer.enable_gradient_checkpointing()
-            args.gradient_checkpointing = False
-            if hasattr(args, "activation_checkpointing"):
-                args.activation_checkpointing = False
-
-        super().__init__(
-            model=transformer,
-            args=args,
-            train_dataset=RoundRobinPrompts(self.task_prompts, 1, 1, args.seed),  # replaced in get_train_dataloader
-            callbacks=callbacks,
-        )
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        device = self.args.device
-        for encoder in self.family.text_encoders:
-            encoder.to(device)
+    def _place_models(self, device) -> None:
         for module in self.full_teachers.values():
             # With offload, full teachers wait on the CPU and visit the accelerator one at a time.
-            module.to("cpu" if args.teacher_offload else device)
-        self.prompt_cache = PromptCache(self.family, args.prompt_cache_size)
-        if args.offload_text_encoders:
-            every = [row["prompt"] for rows in self.task_prompts.values() for row in rows]
-            every += [row["prompt"] for rows in (self.eval_prompts or {}).values() for row in rows]
-            self.prompt_cache.warm([args.negative_prompt, *every])
-        self.ema = (
-            EMAModel(self.student_parameters, decay=args.ema_decay, min_decay=args.ema_decay, foreach=False)
-            if args.ema
-            else None
+            module.to("cpu" if self.args.teacher_offload else device)
+
+    def _default_guidance(self, adapter: str | None) -> float:
+        task = next((t for t, specs in self.teacher_specs.items() for s in specs if s.name == adapter), None)
+        return self.args.teacher_guidance_for(task) if task else self.args.guidance_scale
+
+    def _model_card_details(self) -> dict[str, Any]:
+        args = self.args
+        tasks = list(self.teacher_specs)
+        teachers = [
+            {
+                "task": task,
+                "source": teacher_source(spec),
+                "guidance_scale": spec.guidance_scale
+                if spec.guidance_scale is not None
+                else args.teacher_guidance_for(task),
+                "weight": spec.weight,
+            }
+            for task, specs in self.teacher_specs.items()
+            for spec in specs
+        ]
+        count = len(teachers)
+        summary = (
+            f"distilled with\n**DiffusionOPD** ([{self._paper['title']}](https://huggingface.co/papers/"
+            f"{self._paper['id']})): on-policy distillation of\n{count} reward-specific teacher"
+            f"{'s' if count != 1 else ''} ({', '.join(tasks)}) into one student.\n"
+            "The student samples its own trajectories and, at every trained step, is pulled towards the transition "
+            "of the teacher\nof the prompt's task by a closed-form per-step KL, so one adapter learns all the tasks "
+            "at once."
         )
-        if self.ema is not None:
-            self.ema.to(device)
-            self.add_callback(_EMACallback(self))
-        if self.pop_callback(TensorBoardCallback) is not None:  # diffusers configs have no to_json_string
-            self.add_callback(DiffusersTensorBoardCallback)
-        for callback in self.callback_handler.callbacks:  # users may pass callbacks=[RewardEvalCallback(...)]
-            if isinstance(callback, RewardEvalCallback) and callback.trainer is None:
-                callback.bind(self)
-        if args.eval_rewards is not None:
-            self.add_callback(RewardEvalCallback(self, rewards=args.eval_rewards))
-        self.model_accepts_loss_kwargs = False
-        if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)
+        settings = {
+            "loss": "closed-form per-step KL" if args.loss_type == "kl" else "PPO-style surrogate",
+            "KL normalisation": args.kl_normalization,
+            "prompts per task, device and round": args.per_device_train_batch_size,
+        }
+        return {
+            "summary": summary,
+            "teachers": teachers,
+            "tags": tasks,
+            "settings": settings,
+            "steps_label": "rounds (optimizer steps)",
+            "papers": [self._paper],
+        }
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -297,92 +193,7 @@ class DiffusionOPDTrainer(Trainer):
                         f"teachers are {sorted(self._teacher_by_name)}."
                     )
 
-    def _add_student(self, transformer, peft_config: LoraConfig | None, args: DiffusionOPDConfig) -> LoraConfig:
-        if args.student_adapter is not None:
-            spec = parse_teacher_spec(STUDENT, args.student_adapter)
-            state_dict, config = read_lora_folder(resolve_teacher(spec), spec.weight_name)
-            peft_config = lora_config_for(state_dict, config)
-            transformer.add_adapter(peft_config, adapter_name=STUDENT)
-            set_peft_model_state_dict(transformer, state_dict, adapter_name=STUDENT)
-        else:
-            peft_config = copy.deepcopy(peft_config) if peft_config is not None else default_lora_config(self.family)
-            transformer.add_adapter(peft_config, adapter_name=STUDENT)
-        for name, param in transformer.named_parameters():
-            param.requires_grad_(f".{STUDENT}." in name)
-        # LoRA weights train in float32 even on a bf16/fp16 base.
-        cast_training_params(transformer, torch.float32)
-        return peft_config
-
-    @property
-    def student_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if f".{STUDENT}." in n]
-
-    def create_optimizer(self, model=None):
-        # The optimizer holds the student only: peft's set_adapter can flip teachers to trainable.
-        trainable = {id(p) for p in self.student_parameters}
-        for name, param in (model or self.model).named_parameters():
-            if param.requires_grad and id(param) not in trainable:
-                raise RuntimeError(f"Parameter {name} is trainable but is not part of the student adapter.")
-        return super().create_optimizer(model)
-
-    def get_train_dataloader(self) -> DataLoader:
-        rounds = RoundRobinPrompts(
-            self.task_prompts, self.args.per_device_train_batch_size, self.accelerator.num_processes, self.args.seed
-        )
-        loader = DataLoader(rounds, batch_size=1, sampler=SequentialSampler(rounds), collate_fn=lambda items: items[0])
-        return self.accelerator.prepare(loader)
-
     # ------------------------------------------------------------------ one round
-    def _generator(self, *keys: Any) -> torch.Generator:
-        """A generator seeded by (seed, keys): rollouts are a function of the step, so resuming is exact."""
-        digest = hashlib.sha256(repr((self.args.seed, *keys)).encode()).digest()
-        seed = int.from_bytes(digest[:8], "little") % (2**63)
-        return torch.Generator(device="cpu").manual_seed(seed)
-
-    def _negative(self, batch: int) -> Cond:
-        return cond_tile(self.prompt_cache([self.args.negative_prompt]), batch)
-
-    @torch.no_grad()
-    def rollout(self, cond: Cond, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Sample the student's trajectory with no grad.
-
-        Returns:
-            `states` `(N + 1, B, ...)` float32 (x_{t_0}..x_{t_N}), `sigmas` `(N + 1,)`, and for stochastic samplers
-            `log_probs` `(N, B)` of the sampled transitions (used by the PPO-style loss).
-        """
-        args = self.args
-        batch = next(iter(cond.values())).shape[0]
-        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
-        x = self.family.init_latents(batch, args.resolution, generator).to(args.device)
-        negative = self._negative(batch) if args.guidance_scale > 1 else None
-        states, log_probs = [x], []
-        transformer = self.accelerator.unwrap_model(self.model)
-        t_guard = sigmas[1].item()
-        for j in range(args.num_inference_steps):
-            sigma = sigmas[j].expand(batch).to(args.device)
-            v = self.family.velocity(transformer, x, sigma, cond, args.guidance_scale, negative)
-            noise = torch.randn(x.shape, generator=generator).to(x.device) if args.noise_level > 0 else None
-            x, mean, std = transition.sample_step(
-                x, v, sigmas[j].item(), sigmas[j + 1].item(), args.noise_level, args.sde_type, t_guard, noise=noise
-            )
-            if args.noise_level > 0:
-                log_probs.append(transition.gaussian_log_prob(x, mean, std))
-            states.append(x)
-        out = {"states": torch.stack(states), "sigmas": sigmas}
-        if log_probs:
-            out["log_probs"] = torch.stack(log_probs)
-        return out
-
-    def _step_rows(self, rollout: dict[str, torch.Tensor], steps: range):
-        """Rows for a chunk of trained steps: states, sigma, next sigma, all `(len(steps) * B, ...)`."""
-        states = rollout["states"]
-        batch = states.shape[1]
-        x = states[steps.start : steps.stop].flatten(0, 1)
-        sigmas = rollout["sigmas"].to(x.device)
-        t = sigmas[steps.start : steps.stop].repeat_interleave(batch)
-        t_next = sigmas[steps.start + 1 : steps.stop + 1].repeat_interleave(batch)
-        return x, t, t_next
-
     def _mean(self, transformer, x, t, t_next, cond, guidance_scale, negative, t_guard) -> torch.Tensor:
         v = self.family.velocity(transformer, x, t, cond, guidance_scale, negative)
         return transition.step_mean(x, v, t, t_next, self.args.noise_level, self.args.sde_type, t_guard)
@@ -413,10 +224,6 @@ class DiffusionOPDTrainer(Trainer):
             yield module
         finally:
             module.to("cpu")
-
-    def _chunks(self, num_steps: int):
-        size = self.args.step_batch_size or num_steps
-        return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
 
     def _routing(self, task: str, rows: list[dict]) -> tuple[list[tuple[str, TeacherSpec]], torch.Tensor]:
         """Which teachers supervise each row, and with which weight.
@@ -567,46 +374,6 @@ class DiffusionOPDTrainer(Trainer):
                 result[task] = kl.mean().item()
         return result
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        adapter: str | None = STUDENT,
-        seed: int = 0,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        use_ema: bool = True,
-    ) -> list:
-        """Sample images with the deterministic ODE sampler, with the student (EMA weights when EMA is on), a
-        teacher (its adapter name) or the base (`adapter=None`).
-
-        Returns:
-            One PIL image per prompt, `resolution` pixels square. The same seed gives the same initial noise for
-            every adapter, so images are comparable side by side.
-        """
-        args = self.args
-        steps = num_inference_steps or args.num_inference_steps
-        if guidance_scale is None:
-            task = next((t for t, specs in self.teacher_specs.items() for s in specs if s.name == adapter), None)
-            guidance_scale = self.args.teacher_guidance_for(task) if task else args.guidance_scale
-        cond = self.prompt_cache(prompts)
-        negative = self._negative(len(prompts)) if guidance_scale > 1 else None
-        sigmas = self.family.sigmas(steps, args.resolution)
-        x = self.family.init_latents(len(prompts), args.resolution, self._generator("generate", seed)).to(args.device)
-        transformer = self.accelerator.unwrap_model(self.model)
-        context = self._ema_weights() if use_ema and adapter == STUDENT else contextlib.nullcontext()
-        with context, self.adapters.use(adapter):
-            for j in range(steps):
-                sigma = sigmas[j].expand(len(prompts)).to(args.device)
-                v = self.family.velocity(transformer, x, sigma, cond, guidance_scale, negative)
-                x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
-        vae = self.pipeline.vae
-        home = vae.device
-        vae.to(args.device)
-        images = self.family.decode(x, args.resolution)
-        vae.to(home)  # training never needs the VAE, so it may live off the accelerator
-        return images
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """KL to each teacher on held-out prompts, logged as `{prefix}_kl/{task}`."""
         prompts = prompts_by_task(eval_dataset) if eval_dataset is not None else None
@@ -616,143 +383,3 @@ class DiffusionOPDTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    @contextlib.contextmanager
-    def _ema_weights(self):
-        if self.ema is None:
-            yield
-            return
-        params = self.student_parameters
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        try:
-            yield
-        finally:
-            self.ema.restore(params)
-
-    # ------------------------------------------------------------------ logging
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        is_eval = any(key.startswith("eval") for key in logs)
-        if not is_eval and self._metrics:
-            logs = {**logs, **{key: sum(values) / len(values) for key, values in self._metrics.items() if values}}
-            self._metrics.clear()
-        super().log(logs, start_time)
-
-    # ------------------------------------------------------------------ saving and resuming
-    def student_state_dict(self) -> dict[str, torch.Tensor]:
-        """The student LoRA in PEFT naming (`...attn.to_q.lora_A.weight`), on CPU."""
-        model = self.accelerator.unwrap_model(self.model)
-        state = get_peft_model_state_dict(model, adapter_name=STUDENT)
-        # A copy: on CPU `.cpu()` would alias the live parameters, which the EMA context restores afterwards.
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-
-    def save_student_lora(self, output_dir: str | os.PathLike, use_ema: bool = True) -> None:
-        """Write the student adapter in diffusers' LoRA format (`pytorch_lora_weights.safetensors`) with its adapter
-        metadata, loadable by `pipe.load_lora_weights(output_dir)`."""
-        with self._ema_weights() if use_ema else contextlib.nullcontext():
-            state = self.student_state_dict()
-        self.family.pipeline_class.save_lora_weights(
-            output_dir,
-            transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=self.peft_config.to_dict(),
-            is_main_process=self.accelerator.is_main_process,
-        )
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        self.save_student_lora(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            self.create_model_card(output_dir=output_dir or self.args.output_dir)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            # The exported adapter holds the EMA weights; resuming needs the raw training weights too.
-            save_file(self.student_state_dict(), str(folder / TRAINING_WEIGHTS))
-            if self.ema is not None:
-                torch.save(self.ema.state_dict(), folder / EMA_STATE)
-            self.create_model_card(output_dir=str(folder))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        folder = Path(resume_from_checkpoint)
-        if not (folder / TRAINING_WEIGHTS).is_file():
-            raise ValueError(f"{folder} is not a DiffusionOPD checkpoint (no {TRAINING_WEIGHTS}).")
-        model = self.accelerator.unwrap_model(model or self.model)
-        state = load_file(str(folder / TRAINING_WEIGHTS))
-        result = set_peft_model_state_dict(model, state, adapter_name=STUDENT)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"Checkpoint {folder} does not match the student adapter: {result.unexpected_keys[:3]}")
-        if self.ema is not None and (folder / EMA_STATE).is_file():
-            self.ema.load_state_dict(torch.load(folder / EMA_STATE, weights_only=False))
-            self.ema.to(self.args.device)
-
-    def _load_best_model(self) -> None:
-        self._load_from_checkpoint(self.state.best_model_checkpoint)
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | list[str] | None = None,
-        tags: str | list[str] | None = None,
-        output_dir: str | None = None,
-        **kwargs,
-    ) -> None:
-        """Write `README.md`, the Hub model card, next to the adapter (in `output_dir`, default `args.output_dir`).
-
-        Args:
-            model_name: Title of the card.
-            dataset_name: Hub dataset id(s) of the prompts, recorded in the metadata.
-            tags: Extra tags.
-            output_dir: Folder to write to (the trainer writes one into every checkpoint too).
-        """
-        if not self.is_world_process_zero():
-            return
-        card = create_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
-        card.save(os.path.join(output_dir or self.args.output_dir, "README.md"))
-
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        **kwargs,
-    ):
-        """Upload the student adapter (`pytorch_lora_weights.safetensors`), its model card and `samples/*.png` to
-        `args.hub_model_id`; never the base, the teachers or the optimizer state.
-
-        Args:
-            commit_message: Message of the commit.
-            blocking: Wait for the upload; `False` returns a `Future`.
-            token: Token with write access; defaults to `args.hub_token`.
-            revision: Branch to push to; defaults to `args.hub_revision`.
-            private: Visibility of a newly created repo; defaults to `args.hub_private_repo`.
-            kwargs: `model_name`, `dataset_name`, `tags` for the model card.
-
-        Returns:
-            The `CommitInfo` of the upload, or a `Future` with `blocking=False`.
-        """
-        return push_to_hub(
-            self,
-            commit_message=commit_message,
-            blocking=blocking,
-            token=token,
-            revision=revision,
-            private=private,
-            **kwargs,
-        )
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # The Trainer's default uploads the whole output folder; only the adapter, card and samples belong there.
-        push_checkpoint(self, checkpoint_folder)
-
-    def train(self, *args, **kwargs):
-        set_seed(self.args.seed)
-        return super().train(*args, **kwargs)

@@ -358,3 +358,20 @@ def ppo_surrogate_loss(
     if clip_range is not None:
         surrogate = torch.maximum(surrogate, ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * delta)
     return (log_p_theta - log_p_teacher) + surrogate
+
+
+def heun_mean(x: torch.Tensor, v: torch.Tensor, v_next: torch.Tensor, t, t_next) -> torch.Tensor:
+    """Second-order (Heun) ODE step ``x + dt (v + v_next) / 2``, where ``v_next`` is the velocity at the Euler
+    predictor ``x + dt v`` and ``t_next``.
+
+    Args:
+        x: latents ``(B, *D)``.
+        v, v_next: velocities at ``(x, t)`` and at the predictor ``(x + dt v, t_next)``.
+        t, t_next: current / next sigma (float, scalar or ``(B,)``).
+
+    Returns:
+        float32 ``(B, *D)``, in latent units.
+    """
+    x = x.float()
+    dt = _expand(t_next, x) - _expand(t, x)
+    return x + dt * 0.5 * (v.float() + v_next.float())

@@ -1,0 +1,569 @@
+"""`DiffusionLoRATrainer`: what every trainer of this package shares.
+
+DiffusionOPD (`trainer.py`), Flow-GRPO / GRPO-Guard (`grpo_trainer.py`) and DiffusionNFT (`nft_trainer.py`) all train
+one LoRA, the *student*, on a frozen flow-matching base. This module holds their common machinery so that it exists
+once: loading the pipeline and its family, creating (or continuing) the student adapter in float32, the
+student-only optimizer, the prompt-embedding cache, EMA weights, seeded generators, sampling (`rollout`,
+`generate`), the diffusers-format adapter export with its adapter metadata, checkpoint save / exact resume, the model
+card on every checkpoint, `push_to_hub`, and metric logging through `self._metrics`.
+
+A subclass sets `self.task_prompts` (and `self.eval_prompts`) before calling `DiffusionLoRATrainer.__init__`,
+implements `training_step`, and may override the hooks `_load_extra_models` (e.g. teacher adapters),
+`_add_auxiliary_adapters` (e.g. NFT's old policy), `_place_models`, `_default_guidance` and `_model_card_details`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import os
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate.utils import set_seed
+from diffusers import DiffusionPipeline
+from diffusers.training_utils import EMAModel, cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
+
+from . import transition
+from .config import DiffusionTrainingConfig
+from .data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_task
+from .evaluation import DiffusersTensorBoardCallback, RewardEvalCallback
+from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
+from .hub import create_model_card, push_checkpoint, push_to_hub
+from .teachers import AdapterSwitch, lora_config_for, parse_teacher_spec, read_lora_folder, resolve_teacher
+
+
+STUDENT = "student"
+TRAINING_WEIGHTS = "student_training_weights.safetensors"
+EMA_STATE = "ema_state.pt"
+DEFAULT_TASK = "default"
+
+
+def default_lora_config(family: FlowMatchingFamily) -> LoraConfig:
+    """The paper's student adapter: r=32, alpha=64, gaussian init, on the family's attention projections."""
+    return LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=family.default_lora_targets)
+
+
+def prompt_rows(dataset: Any, name: str = "train_dataset") -> dict[str, list[PromptRow]]:
+    """Prompts of an RL trainer as `{task: rows}`.
+
+    Accepts `{task: source}`, a dataset / list whose rows all have a `task` field (split by task), or any single
+    prompt source (`load_prompt_source`), which becomes the one task `"default"`. Rows keep their metadata, which
+    rewards receive.
+    """
+    if isinstance(dataset, Mapping) and not isinstance(dataset, datasets.DatasetDict):
+        return prompts_by_task(dataset)
+    rows = load_prompt_source(dataset, name)
+    if all("task" in row for row in rows):
+        return prompts_by_task(rows)
+    return {DEFAULT_TASK: rows}
+
+
+class PromptCache:
+    """LRU cache of prompt embeddings, so each prompt goes through the text encoders once.
+
+    Args:
+        family: Encodes missing prompts.
+        max_size: Number of prompts kept.
+    """
+
+    def __init__(self, family: FlowMatchingFamily, max_size: int):
+        self.family = family
+        self.max_size = max_size
+        self._rows: OrderedDict[str, Cond] = OrderedDict()
+        self.encoders_offloaded = False
+
+    def warm(self, prompts: list[str], batch_size: int = 32) -> bool:
+        """Embed every prompt now and move the text encoders off the accelerator, if they all fit in the cache.
+
+        Returns:
+            Whether the encoders were offloaded. A prompt seen later still works: the encoders visit the
+            accelerator for it and leave again.
+        """
+        prompts = list(dict.fromkeys(prompts))
+        if len(prompts) > self.max_size:
+            return False
+        for start in range(0, len(prompts), batch_size):
+            self(prompts[start : start + batch_size])
+        for encoder in self.family.text_encoders:
+            encoder.to("cpu")
+        self.encoders_offloaded = True
+        return True
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        if not self.encoders_offloaded:
+            return self.family.encode_prompts(prompts)
+        device = self.family.device
+        for encoder in self.family.text_encoders:
+            encoder.to(device)
+        try:
+            return self.family.encode_prompts(prompts)
+        finally:
+            for encoder in self.family.text_encoders:
+                encoder.to("cpu")
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        """Conditioning with one row per prompt, in order."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        if missing:
+            cond = self._encode(missing)
+            for i, prompt in enumerate(missing):
+                # A copy, so that evicting a prompt frees its memory rather than keeping its batch alive.
+                self._rows[prompt] = {k: v[i : i + 1].clone() for k, v in cond.items()}
+        rows = []
+        for prompt in prompts:
+            self._rows.move_to_end(prompt)
+            rows.append(self._rows[prompt])
+        while len(self._rows) > self.max_size:
+            self._rows.popitem(last=False)
+        return cond_cat(rows)
+
+
+class _EMACallback(TrainerCallback):
+    def __init__(self, trainer: DiffusionLoRATrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.ema is not None and state.global_step % args.ema_update_interval == 0:
+            self.trainer.ema.step(self.trainer.student_parameters)
+
+
+class DiffusionLoRATrainer(Trainer):
+    """Base of the package's trainers: a LoRA student on a frozen flow-matching pipeline (see the module docstring).
+
+    Args:
+        model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` (SD3/SD3.5, FLUX.1).
+        args: A `DiffusionTrainingConfig` (or a subclass).
+        peft_config: The student adapter; `None` uses `default_lora_config`. Ignored when `args.student_adapter`
+            names an adapter to continue from.
+        callbacks: Extra `TrainerCallback`s.
+    """
+
+    _tag_names = ["trl", "diffusers", "lora", "text-to-image"]
+    _name = "Diffusion LoRA"
+    _paper: dict[str, str] = {}
+
+    task_prompts: dict[str, list[PromptRow]]
+    eval_prompts: dict[str, list[PromptRow]] | None = None
+
+    def __init__(
+        self,
+        model: str | DiffusionPipeline,
+        args: DiffusionTrainingConfig,
+        peft_config: LoraConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        if isinstance(model, str):
+            dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+            pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=args.revision)
+            self.base_model_id = model
+        else:
+            pipeline = model
+            self.base_model_id = getattr(model, "name_or_path", None) or model.config.get("_name_or_path")
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+        self.family = get_family(pipeline, max_sequence_length=args.max_sequence_length)
+        transformer = pipeline.transformer
+        transformer.requires_grad_(False)
+        transformer.eval()  # no dropout: rollouts and recomputed means must agree
+        for module in transformer.modules():
+            # bitsandbytes' 4-bit layers, in eval mode on a CPU with AVX512-BF16, repack their weights on the first
+            # no-grad forward (the rollout) for an inference-only kernel that the student's gradient cannot cross.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+
+        self._load_extra_models(transformer, args)
+        set_seed(args.seed)  # the student's random init is a function of the seed
+        self.peft_config = self._add_student(transformer, peft_config, args)
+        self._add_auxiliary_adapters(transformer, args)
+        self._freeze_all_but_student(transformer)
+        self.adapters = AdapterSwitch(transformer, STUDENT)
+        self.adapters.activate(STUDENT)
+
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
+            # diffusers models have no `activation_checkpointing_enable` / `gradient_checkpointing_enable`, which the
+            # Trainer would call (transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is its
+            # alias): enable diffusers' own and keep the Trainer from trying.
+            transformer.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
+
+        super().__init__(
+            model=transformer,
+            args=args,
+            train_dataset=RoundRobinPrompts(self.task_prompts, 1, 1, args.seed),  # replaced in get_train_dataloader
+            callbacks=callbacks,
+        )
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        device = self.args.device
+        for encoder in self.family.text_encoders:
+            encoder.to(device)
+        self._place_models(device)
+        self.prompt_cache = PromptCache(self.family, args.prompt_cache_size)
+        if args.offload_text_encoders:
+            every = [row["prompt"] for rows in self.task_prompts.values() for row in rows]
+            every += [row["prompt"] for rows in (self.eval_prompts or {}).values() for row in rows]
+            self.prompt_cache.warm([args.negative_prompt, *every])
+        self.ema = (
+            EMAModel(self.student_parameters, decay=args.ema_decay, min_decay=args.ema_decay, foreach=False)
+            if args.ema
+            else None
+        )
+        if self.ema is not None:
+            self.ema.to(device)
+            self.add_callback(_EMACallback(self))
+        if self.pop_callback(TensorBoardCallback) is not None:  # diffusers configs have no to_json_string
+            self.add_callback(DiffusersTensorBoardCallback)
+        for callback in self.callback_handler.callbacks:  # users may pass callbacks=[RewardEvalCallback(...)]
+            if isinstance(callback, RewardEvalCallback) and callback.trainer is None:
+                callback.bind(self)
+        if args.eval_rewards is not None:
+            self.add_callback(RewardEvalCallback(self, rewards=args.eval_rewards))
+        self.model_accepts_loss_kwargs = False
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ hooks
+    def _load_extra_models(self, transformer: torch.nn.Module, args: DiffusionTrainingConfig) -> None:
+        """Load what else lives on the base before the student is added (DiffusionOPD: the teachers)."""
+
+    def _add_auxiliary_adapters(self, transformer: torch.nn.Module, args: DiffusionTrainingConfig) -> None:
+        """Add frozen adapters derived from the student once it exists (DiffusionNFT: the old policy)."""
+
+    def _place_models(self, device: torch.device) -> None:
+        """Move extra modules to `device` once the Trainer has chosen it."""
+
+    def _default_guidance(self, adapter: str | None) -> float:
+        """CFG scale `generate` uses for `adapter` when the caller gives none."""
+        return self.args.guidance_scale
+
+    def _model_card_details(self) -> dict[str, Any]:
+        """What the model card says about this algorithm: `summary` (markdown, follows "This is a LoRA adapter for
+        <base>,"), `teachers` and `rewards` (table rows), `tags` (extra metadata tags), `settings` (rows of the
+        training table), `steps_label` (the name of the optimizer-step row) and `papers` (dicts with `title`, `id`,
+        `citation`)."""
+        return {"summary": f"trained with **{self._name}**.", "settings": {}, "papers": [self._paper]}
+
+    # ------------------------------------------------------------------ set-up
+    def _add_student(self, transformer, peft_config: LoraConfig | None, args: DiffusionTrainingConfig) -> LoraConfig:
+        if args.student_adapter is not None:
+            spec = parse_teacher_spec(STUDENT, args.student_adapter)
+            state_dict, config = read_lora_folder(resolve_teacher(spec, token=args.hub_token), spec.weight_name)
+            peft_config = lora_config_for(state_dict, config)
+            transformer.add_adapter(peft_config, adapter_name=STUDENT)
+            set_peft_model_state_dict(transformer, state_dict, adapter_name=STUDENT)
+        else:
+            peft_config = copy.deepcopy(peft_config) if peft_config is not None else default_lora_config(self.family)
+            transformer.add_adapter(peft_config, adapter_name=STUDENT)
+        self._freeze_all_but_student(transformer)
+        # LoRA weights train in float32 even on a bf16/fp16 base.
+        cast_training_params(transformer, torch.float32)
+        return peft_config
+
+    @staticmethod
+    def _freeze_all_but_student(transformer) -> None:
+        for name, param in transformer.named_parameters():
+            param.requires_grad_(f".{STUDENT}." in name)
+
+    @property
+    def student_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if f".{STUDENT}." in n]
+
+    def create_optimizer(self, model=None):
+        # The optimizer holds the student only: peft's set_adapter can flip other adapters to trainable.
+        trainable = {id(p) for p in self.student_parameters}
+        for name, param in (model or self.model).named_parameters():
+            if param.requires_grad and id(param) not in trainable:
+                raise RuntimeError(f"Parameter {name} is trainable but is not part of the student adapter.")
+        return super().create_optimizer(model)
+
+    def get_train_dataloader(self) -> DataLoader:
+        rounds = RoundRobinPrompts(
+            self.task_prompts, self.args.per_device_train_batch_size, self.accelerator.num_processes, self.args.seed
+        )
+        loader = DataLoader(rounds, batch_size=1, sampler=SequentialSampler(rounds), collate_fn=lambda items: items[0])
+        return self.accelerator.prepare(loader)
+
+    # ------------------------------------------------------------------ sampling
+    def _generator(self, *keys: Any) -> torch.Generator:
+        """A generator seeded by (seed, keys): rollouts are a function of the step, so resuming is exact."""
+        digest = hashlib.sha256(repr((self.args.seed, *keys)).encode()).digest()
+        seed = int.from_bytes(digest[:8], "little") % (2**63)
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def _negative(self, batch: int) -> Cond:
+        return cond_tile(self.prompt_cache([self.args.negative_prompt]), batch)
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        cond: Cond,
+        generator: torch.Generator,
+        guidance_scale: float | None = None,
+        log_prob_reduction: str = "sum",
+    ) -> dict[str, torch.Tensor]:
+        """Sample the student's trajectory with no grad, with the configured sampler (`noise_level`, `sde_type`).
+
+        Args:
+            cond: Conditioning, one row per trajectory.
+            generator: Draws the initial latents and the SDE noise.
+            guidance_scale: CFG scale; `None` uses `args.guidance_scale`.
+            log_prob_reduction: `"sum"` (the true log-density) or `"mean"` (per latent element, Flow-GRPO's).
+
+        Returns:
+            `states` `(N + 1, B, ...)` float32 (x_{t_0}..x_{t_N}), `sigmas` `(N + 1,)`, and for stochastic samplers
+            `log_probs` `(N, B)` of the sampled transitions and their `means` `(N, B, ...)`.
+        """
+        args = self.args
+        guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
+        batch = next(iter(cond.values())).shape[0]
+        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
+        x = self.family.init_latents(batch, args.resolution, generator).to(args.device)
+        negative = self._negative(batch) if guidance_scale > 1 else None
+        states, log_probs, means = [x], [], []
+        transformer = self.accelerator.unwrap_model(self.model)
+        t_guard = sigmas[1].item()
+        for j in range(args.num_inference_steps):
+            sigma = sigmas[j].expand(batch).to(args.device)
+            v = self.family.velocity(transformer, x, sigma, cond, guidance_scale, negative)
+            noise = torch.randn(x.shape, generator=generator).to(x.device) if args.noise_level > 0 else None
+            x, mean, std = transition.sample_step(
+                x, v, sigmas[j].item(), sigmas[j + 1].item(), args.noise_level, args.sde_type, t_guard, noise=noise
+            )
+            if args.noise_level > 0:
+                log_probs.append(transition.gaussian_log_prob(x, mean, std, log_prob_reduction))
+                means.append(mean)
+            states.append(x)
+        out = {"states": torch.stack(states), "sigmas": sigmas}
+        if log_probs:
+            out["log_probs"] = torch.stack(log_probs)
+            out["means"] = torch.stack(means)
+        return out
+
+    def _step_rows(self, rollout: dict[str, torch.Tensor], steps: range):
+        """Rows for a chunk of trained steps: states, sigma, next sigma, all `(len(steps) * B, ...)`."""
+        states = rollout["states"]
+        batch = states.shape[1]
+        x = states[steps.start : steps.stop].flatten(0, 1)
+        sigmas = rollout["sigmas"].to(x.device)
+        t = sigmas[steps.start : steps.stop].repeat_interleave(batch)
+        t_next = sigmas[steps.start + 1 : steps.stop + 1].repeat_interleave(batch)
+        return x, t, t_next
+
+    def _chunks(self, num_steps: int):
+        size = self.args.step_batch_size or num_steps
+        return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
+
+    def decode(self, x: torch.Tensor) -> list:
+        """Final latents to PIL images; the VAE visits the accelerator for the call (training never needs it)."""
+        vae = self.pipeline.vae
+        home = vae.device
+        vae.to(self.args.device)
+        try:
+            return self.family.decode(x, self.args.resolution)
+        finally:
+            vae.to(home)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        adapter: str | None = STUDENT,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        use_ema: bool = True,
+    ) -> list:
+        """Sample images with the deterministic ODE sampler, with the student (EMA weights when EMA is on), another
+        adapter (its name) or the base (`adapter=None`).
+
+        Returns:
+            One PIL image per prompt, `resolution` pixels square. The same seed gives the same initial noise for
+            every adapter, so images are comparable side by side.
+        """
+        args = self.args
+        steps = num_inference_steps or args.num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self._default_guidance(adapter)
+        cond = self.prompt_cache(prompts)
+        negative = self._negative(len(prompts)) if guidance_scale > 1 else None
+        sigmas = self.family.sigmas(steps, args.resolution)
+        x = self.family.init_latents(len(prompts), args.resolution, self._generator("generate", seed)).to(args.device)
+        transformer = self.accelerator.unwrap_model(self.model)
+        context = self._ema_weights() if use_ema and adapter == STUDENT else contextlib.nullcontext()
+        with context, self.adapters.use(adapter):
+            for j in range(steps):
+                sigma = sigmas[j].expand(len(prompts)).to(args.device)
+                v = self.family.velocity(transformer, x, sigma, cond, guidance_scale, negative)
+                x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
+        return self.decode(x)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        params = self.student_parameters
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_eval = any(key.startswith("eval") for key in logs)
+        if not is_eval and self._metrics:
+            logs = {**logs, **{key: sum(values) / len(values) for key, values in self._metrics.items() if values}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saving and resuming
+    def adapter_state_dict(self, adapter: str = STUDENT) -> dict[str, torch.Tensor]:
+        """An adapter's LoRA weights in PEFT naming (`...attn.to_q.lora_A.weight`), copied to the CPU."""
+        model = self.accelerator.unwrap_model(self.model)
+        state = get_peft_model_state_dict(model, adapter_name=adapter)
+        # A copy: on CPU `.cpu()` would alias the live parameters, which the EMA context restores afterwards.
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student LoRA in PEFT naming (`...attn.to_q.lora_A.weight`), on CPU."""
+        return self.adapter_state_dict(STUDENT)
+
+    def save_student_lora(self, output_dir: str | os.PathLike, use_ema: bool = True) -> None:
+        """Write the student adapter in diffusers' LoRA format (`pytorch_lora_weights.safetensors`) with its adapter
+        metadata, loadable by `pipe.load_lora_weights(output_dir)`."""
+        with self._ema_weights() if use_ema else contextlib.nullcontext():
+            state = self.student_state_dict()
+        self.family.pipeline_class.save_lora_weights(
+            output_dir,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=self.peft_config.to_dict(),
+            is_main_process=self.accelerator.is_main_process,
+        )
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.save_student_lora(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir or self.args.output_dir)
+
+    def _extra_checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the student that resuming needs (DiffusionNFT: the old policy), saved with it."""
+        return {}
+
+    def _load_extra_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `_extra_checkpoint_state` saved (the keys not consumed by the student)."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            # The exported adapter holds the EMA weights; resuming needs the raw training weights too.
+            save_file({**self.student_state_dict(), **self._extra_checkpoint_state()}, str(folder / TRAINING_WEIGHTS))
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), folder / EMA_STATE)
+            self.create_model_card(output_dir=str(folder))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        folder = Path(resume_from_checkpoint)
+        if not (folder / TRAINING_WEIGHTS).is_file():
+            raise ValueError(f"{folder} is not a {self._name} checkpoint (no {TRAINING_WEIGHTS}).")
+        model = self.accelerator.unwrap_model(model or self.model)
+        state = load_file(str(folder / TRAINING_WEIGHTS))
+        extra_keys = set(self._extra_checkpoint_state())
+        extra = {k: v for k, v in state.items() if k in extra_keys}
+        student = {k: v for k, v in state.items() if k not in extra_keys}
+        result = set_peft_model_state_dict(model, student, adapter_name=STUDENT)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"Checkpoint {folder} does not match the student adapter: {result.unexpected_keys[:3]}")
+        self._load_extra_checkpoint_state(extra)
+        if self.ema is not None and (folder / EMA_STATE).is_file():
+            self.ema.load_state_dict(torch.load(folder / EMA_STATE, weights_only=False))
+            self.ema.to(self.args.device)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | list[str] | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Write `README.md`, the Hub model card, next to the adapter (in `output_dir`, default `args.output_dir`).
+
+        Args:
+            model_name: Title of the card.
+            dataset_name: Hub dataset id(s) of the prompts, recorded in the metadata.
+            tags: Extra tags.
+            output_dir: Folder to write to (the trainer writes one into every checkpoint too).
+        """
+        if not self.is_world_process_zero():
+            return
+        card = create_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
+        card.save(os.path.join(output_dir or self.args.output_dir, "README.md"))
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Upload the student adapter (`pytorch_lora_weights.safetensors`), its model card and `samples/*.png` to
+        `args.hub_model_id`; never the base, other adapters or the optimizer state.
+
+        Args:
+            commit_message: Message of the commit.
+            blocking: Wait for the upload; `False` returns a `Future`.
+            token: Token with write access; defaults to `args.hub_token`.
+            revision: Branch to push to; defaults to `args.hub_revision`.
+            private: Visibility of a newly created repo; defaults to `args.hub_private_repo`.
+            kwargs: `model_name`, `dataset_name`, `tags` for the model card.
+
+        Returns:
+            The `CommitInfo` of the upload, or a `Future` with `blocking=False`.
+        """
+        return push_to_hub(
+            self,
+            commit_message=commit_message,
+            blocking=blocking,
+            token=token,
+            revision=revision,
+            private=private,
+            **kwargs,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer's default uploads the whole output folder; only the adapter, card and samples belong there.
+        push_checkpoint(self, checkpoint_folder)
+
+    def train(self, *args, **kwargs):
+        set_seed(self.args.seed)
+        return super().train(*args, **kwargs)

@@ -1,0 +1,89 @@
+"""`DiffusionNFTConfig`: the training arguments of `DiffusionNFTTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import DiffusionRLConfig
+
+
+NFT_SAMPLERS = ("euler", "heun")
+
+
+@dataclass
+class DiffusionNFTConfig(DiffusionRLConfig):
+    r"""
+    Configuration class for the [`DiffusionNFTTrainer`].
+
+    Defaults follow DiffusionNFT's SD3.5-Medium recipe (lr 3e-4, β = 1, CFG-free sampling and training, 10 steps of a
+    deterministic second-order sampler). For the arguments shared with every trainer (model, sampling resolution,
+    EMA, ...) see [`DiffusionTrainingConfig`], and [`~transformers.TrainingArguments`] for the rest.
+
+    Parameters:
+        > Parameters that control generation
+
+        num_generations (`int`, *optional*, defaults to `24`):
+            Images sampled per prompt (the group).
+        sampler (`str`, *optional*, defaults to `"heun"`):
+            Deterministic sampler of the old policy: `"euler"` (first order) or `"heun"` (second order, two model
+            calls per step but the last).
+        guidance_scale (`float`, *optional*, defaults to `1.0`):
+            CFG scale of sampling and training (`1.0`: CFG-free, as DiffusionNFT).
+        num_inference_steps (`int`, *optional*, defaults to `10`):
+            Sampler steps N; the trained times are the first ⌊N·timestep_fraction⌋ sigmas of that schedule.
+
+        > Parameters that control the loss
+
+        nft_beta (`float`, *optional*, defaults to `1.0`):
+            Strength β of the implicit policies v⁺ = βv_θ + (1−β)v_old and v⁻ = (1+β)v_old − βv_θ.
+        beta (`float`, *optional*, defaults to `0.0`):
+            Coefficient of the KL to the base, the element-mean ‖v_θ − v_ref‖² (adapter disabled).
+        old_policy_decay_rate (`float`, *optional*, defaults to `0.001`):
+            The old policy follows θ_old ← η_k θ_old + (1 − η_k) θ after optimizer step k, with
+            η_k = min(old_policy_decay_rate · k, old_policy_max_decay).
+        old_policy_max_decay (`float`, *optional*, defaults to `0.5`):
+            Upper bound of η_k.
+        step_batch_size (`int` or `None`, *optional*, defaults to `1`):
+            Trained times per model call (rows = times × images); `None` batches all of them.
+
+        > Parameters whose defaults differ from [`DiffusionTrainingConfig`]
+
+        per_device_train_batch_size (`int`, *optional*, defaults to `1`):
+            Prompts per task, device and optimizer step.
+    """
+
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "Prompts per task, per device and per optimizer step."}
+    )
+    num_generations: int = field(default=24, metadata={"help": "Images sampled per prompt (one group)."})
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale (1.0: CFG-free)."})
+    step_batch_size: int | None = field(
+        default=1, metadata={"help": "Trained times per model call; None batches all of them."}
+    )
+    sampler: str = field(
+        default="heun", metadata={"help": "Deterministic sampler of the old policy.", "choices": list(NFT_SAMPLERS)}
+    )
+    nft_beta: float = field(default=1.0, metadata={"help": "Strength beta of the implicit policies."})
+    old_policy_decay_rate: float = field(
+        default=0.001, metadata={"help": "Growth per step of the old policy's averaging decay."}
+    )
+    old_policy_max_decay: float = field(default=0.5, metadata={"help": "Upper bound of the old policy's decay."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.noise_level != 0:
+            raise ValueError(
+                f"DiffusionNFT samples with a deterministic sampler: `noise_level` must be 0, got {self.noise_level}."
+            )
+        if self.sampler not in NFT_SAMPLERS:
+            raise ValueError(f"`sampler` must be one of {NFT_SAMPLERS}, got {self.sampler!r}.")
+        if not self.nft_beta > 0:
+            raise ValueError(f"`nft_beta` must be > 0, got {self.nft_beta}.")
+        if self.old_policy_decay_rate < 0:
+            raise ValueError(f"`old_policy_decay_rate` must be >= 0, got {self.old_policy_decay_rate}.")
+        if not 0.0 <= self.old_policy_max_decay < 1.0:
+            raise ValueError(f"`old_policy_max_decay` must be in [0, 1), got {self.old_policy_max_decay}.")
+
+    def old_policy_decay(self, step: int) -> float:
+        """η_k of the old policy's update after optimizer step `step`."""
+        return min(self.old_policy_decay_rate * step, self.old_policy_max_decay)
