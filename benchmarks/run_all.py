@@ -1,4 +1,4 @@
-"""Run every benchmark of issue #7 (`make bench`), each in its own process, and report the wall time.
+"""Run every benchmark of issues #5 and #7 (`make bench`), each in its own process, and report the wall time.
 
 python -m benchmarks.run_all              # all, about 10-12 minutes on a 2-core CPU
 python -m benchmarks.run_all --quick      # smoke check of every code path, about a minute
@@ -24,10 +24,11 @@ BENCHMARKS = {
     "grad_variance": ["-m", "benchmarks.grad_variance"],
     "convergence": ["-m", "benchmarks.convergence"],
     "gpu_round_tiny": ["-m", "benchmarks.gpu_round", "--tiny"],
+    "peak_memory": ["-m", "benchmarks.peak_memory"],
 }
 
 
-TAGS = tuple(f"[{name}]" for name in ("round_cost", "grad_variance", "convergence", "gpu_round"))
+TAGS = tuple(f"[{name}]" for name in ("round_cost", "grad_variance", "convergence", "gpu_round", "peak_memory"))
 
 
 def _children_cpu() -> float:

@@ -101,3 +101,23 @@ def test_gpu_round_tiny_and_results_files(tmp_path):
     path = write_results("x", "X", {"a": 1}, {"b": 2}, "| h |\n|---|\n| 1 |", tmp_path, tmp_path / "R.md")
     assert json.loads(path.read_text())["b"] == 2
     assert "## X" in (tmp_path / "R.md").read_text()
+
+
+def test_peak_memory_case_and_summary():
+    from benchmarks import peak_memory
+
+    result = peak_memory.run_case("full_3_offload", "tiny", torch.device("cpu"), torch.float32)
+    assert result["tasks"] == 3 and result["offload"] is True
+    assert result["round_peak_bytes"] is None  # no CUDA: the process RSS delta stands in
+    assert result["process_rss_delta_bytes"] > 0 and result["measured_round_s"] > 0
+    # the three full teachers stay frozen modules in host memory, each the size of the base
+    assert result["resident_full_teacher_bytes_after"] == 3 * result["base_param_bytes"]
+    fake = [
+        {"case": "lora_1", "round_peak_bytes": 100, "process_rss_delta_bytes": 1},
+        {"case": "lora_3", "round_peak_bytes": 105, "process_rss_delta_bytes": 1},
+        {"case": "full_3", "round_peak_bytes": 300, "process_rss_delta_bytes": 1},
+        {"case": "full_3_offload", "round_peak_bytes": 120, "process_rss_delta_bytes": 1},
+    ]
+    summary = peak_memory.summarize(fake)
+    assert summary["lora_3_over_lora_1"] == pytest.approx(1.05)
+    assert summary["full_3_offload_over_full_3"] == pytest.approx(0.4)
