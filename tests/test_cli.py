@@ -274,7 +274,7 @@ def test_help_and_unknown_command(capsys):
     assert cli.main(["serve"]) == 2
     assert (
         capsys.readouterr().err
-        == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, grpo, nft, eval, env)\n"
+        == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, grpo, nft, eval, world, env)\n"
     )
 
 
@@ -334,3 +334,13 @@ def test_train_with_hub_teachers_from_offline_cache(tmp_path):
     assert f"| text | `org/DiffusionOPD/OCRTeacher/lora@{commit}` | 4.5 | 1.0 |" in card
     assert "| shapes | `org/shapes-teacher@" in card
     assert not (output_dir / "_toy_teachers").exists()
+
+
+def test_world_command_is_wired(capsys):
+    from trl_diffusion_opd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["world", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "pretrain" in out and "eval" in out

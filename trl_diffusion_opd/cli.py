@@ -702,6 +702,12 @@ def eval_command(argv: list[str]) -> int:
     return 0
 
 
+def _world_command(argv: list[str]) -> int:
+    from .world.cli import world_command  # imported on use: the world is not on the training path
+
+    return world_command(argv)
+
+
 COMMANDS = {
     "train": (train_command, "Distil reward-specific teachers into one LoRA student (accepts --config file.yaml)."),
     "grpo": (
@@ -713,6 +719,10 @@ COMMANDS = {
         "Stage 1: train a LoRA on rewards with DiffusionNFT (accepts --config file.yaml).",
     ),
     "eval": (eval_command, "Score a base model and its adapters on reward prompt sets; write the table and grids."),
+    "world": (
+        lambda argv: _world_command(argv),
+        "The tiny text-to-image world: `world pretrain` (flow matching from scratch), `world eval` (reward table).",
+    ),
     "env": (env_command, "Print platform, accelerator and library versions for bug reports."),
 }
 
