@@ -390,3 +390,13 @@ def test_checkpoint_push_follows_hub_strategy(pushed):
     trainer.args.hub_strategy = HubStrategy.END
     hub.push_checkpoint(trainer, output_dir / "checkpoint-2")
     assert fake.commits == []
+
+
+def test_is_hub_id_accepts_paths():
+    from pathlib import Path
+
+    from trl_diffusion_opd.hub import is_hub_id
+
+    assert is_hub_id("owner/name")
+    assert not is_hub_id(Path("owner/name"))  # a Path is a local folder, never a repo id (and must not crash)
+    assert not is_hub_id("./relative/folder/deeper")

@@ -147,3 +147,20 @@ def test_config_rejects_stochastic_sampling(tmp_path):
         DiffusionNFTConfig(output_dir=str(tmp_path), noise_level=0.7)
     with pytest.raises(ValueError, match="nft_beta"):
         DiffusionNFTConfig(output_dir=str(tmp_path), nft_beta=0.0)
+
+
+def test_cascade_continues_from_the_previous_adapter(tmp_path):
+    """Cascade NFT: a second run with `student_adapter` starts exactly where the first run's saved adapter ended."""
+    first = _trainer(tmp_path / "stage1", max_steps=2)
+    first.train()
+    first.save_model(str(tmp_path / "stage1" / "adapter"))
+    trained = {k: v.clone() for k, v in first.student_state_dict().items()}
+
+    second = _trainer(tmp_path / "stage2", max_steps=1, student_adapter=str(tmp_path / "stage1" / "adapter"))
+    start = second.student_state_dict()
+    assert start.keys() == trained.keys()
+    for key, value in trained.items():
+        torch.testing.assert_close(start[key], value, rtol=0, atol=0)
+    second.train()
+    moved = sum((second.student_state_dict()[k] - v).abs().sum().item() for k, v in trained.items())
+    assert moved > 0  # the second stage trains on from there

@@ -157,6 +157,26 @@ def tiny_world():
     return build_world_pipeline(TINY)
 
 
+def test_task_reward_routes_each_row_to_its_task_reward():
+    rows, images = [], []
+    for task in ("composition", "letters", "aesthetic"):
+        task_scenes = scenes.task_scenes(task, 6, seed=3)
+        rows += [scene.metadata() | {"task": task} for scene in task_scenes]
+        images += [scenes.render(scene) for scene in task_scenes]
+    prompts = [row["prompt"] for row in rows]
+    routed = get_reward("world_task")(images, prompts, rows)
+    for task, name in (
+        ("composition", "world_composition"),
+        ("letters", "world_letters"),
+        ("aesthetic", "world_aesthetic"),
+    ):
+        index = [i for i, row in enumerate(rows) if row["task"] == task]
+        direct = get_reward(name)([images[i] for i in index], [prompts[i] for i in index], [rows[i] for i in index])
+        assert [routed[i] for i in index] == direct
+    with pytest.raises(ValueError, match="unknown task"):
+        get_reward("world_task")(images[:1], prompts[:1], [{"task": "ocr"}])
+
+
 def test_tokenizer_has_one_token_per_world_word():
     tokenizer = get_world_tokenizer()
     for word in scenes.vocabulary():

@@ -173,7 +173,9 @@ class DiffusionLoRATrainer(Trainer):
             self.base_model_id = model
         else:
             pipeline = model
-            self.base_model_id = getattr(model, "name_or_path", None) or model.config.get("_name_or_path")
+            name = getattr(model, "name_or_path", None) or model.config.get("_name_or_path")
+            # diffusers keeps whatever `from_pretrained` was given, a `Path` included
+            self.base_model_id = str(name) if name is not None else None
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
         self.family = get_family(pipeline, max_sequence_length=args.max_sequence_length)

@@ -93,8 +93,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def is_hub_id(name: str | None) -> bool:
+def is_hub_id(name: str | os.PathLike | None) -> bool:
     """Whether `name` reads as a Hub repo id (`owner/name`) rather than a local path."""
+    if isinstance(name, os.PathLike):
+        return False
     return bool(name) and _HUB_ID.match(name) is not None and not os.path.exists(name)
 
 

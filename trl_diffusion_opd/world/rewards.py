@@ -320,3 +320,40 @@ class WorldAestheticReward(Reward):
 
 
 WORLD_TASK_REWARDS = {"composition": "world_composition", "letters": "world_letters", "aesthetic": "world_aesthetic"}
+
+
+@register_reward("world_task")
+class WorldTaskReward(Reward):
+    """Each image scored by the reward of its own task (the row's `task` metadata, see `WORLD_TASK_REWARDS`).
+
+    The reward of the paper's multi-task RL baselines: one policy trained on the prompts of every task, each prompt
+    rewarded for what its task asks (a composition prompt is not rewarded for being pretty). Rows without a world
+    task raise, since a silent 0 would train toward nothing.
+    """
+
+    name = "world_task"
+    score_range = (0.0, 1.0)
+    batch_size = 256
+
+    def __init__(self):
+        from ..rewards.base import get_reward
+
+        self.rewards = {task: get_reward(name) for task, name in WORLD_TASK_REWARDS.items()}
+
+    def score(self, images, prompts, metadata):
+        tasks = [row.get("task") for row in metadata]
+        unknown = sorted({str(task) for task in tasks if task not in self.rewards})
+        if unknown:
+            raise ValueError(
+                f"world_task: rows of unknown task {unknown}; every row needs a 'task' in {list(self.rewards)}."
+            )
+        scores = [math.nan] * len(images)
+        for task, reward in self.rewards.items():
+            index = [i for i, name in enumerate(tasks) if name == task]
+            if index:
+                values = reward.score(
+                    [images[i] for i in index], [prompts[i] for i in index], [metadata[i] for i in index]
+                )
+                for i, value in zip(index, values, strict=True):
+                    scores[i] = float(value)
+        return scores
