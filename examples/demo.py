@@ -1,55 +1,53 @@
-"""`make demo`: the main training job on the embedded tiny default, offline on a CPU in about a minute.
+"""`make demo`: the paper's two-stage recipe on the tiny world, offline on a CPU in about 10 minutes.
 
-Runs `examples/configs/tiny.yaml` (a random tiny SD3 pipeline and two toy LoRA teachers, see that file) and prints the
-KL between the student and each task's teacher on held-out prompts before and after training, so that the
-distillation is visible. Any `trl-diffusion-opd train` flag overrides the config:
+Loads the shipped world base (a 3.5M-parameter SD3 pretrained on synthetic 32x32 scenes) and the three shipped Stage-1
+teachers (composition, letters and aesthetic LoRAs trained with the package's RL trainers), distils them into one
+LoRA student with DiffusionOPD, then samples every model on held-out scenes and prints the paper-style table (rows:
+base, teachers, student; columns: the three rule-based rewards and their average). Everything lands in
+`--output_dir`: the student adapter and model card, `results.md` / `results.json`, `grids/<model>.png` and `demo.json`.
 
-    python examples/demo.py --output_dir demo_output --max_steps 40
+    python examples/demo.py --output_dir demo_output
+    python examples/demo.py --full          # also re-trains the three teachers and a multi-task RL baseline
+    python examples/demo.py --rounds 20 --eval_images 24   # a quicker look
 """
 
-import sys
-from pathlib import Path
+import argparse
+import time
 
-from diffusers.utils import make_image_grid
+import torch
 
-from trl_diffusion_opd.cli import build_trainer, make_parser
-
-
-CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+from trl_diffusion_opd.world.demo import DemoConfig, run_demo
 
 
-def main(argv: list[str]) -> None:
-    parser = make_parser(prog="demo.py")
-    script_args, training_args, model_args = parser.parse_args_and_config(["--config", str(CONFIG), *argv])
-    trainer = build_trainer(script_args, training_args, model_args)
-    before = trainer.compute_teacher_kl()
-    trainer.train()
-    after = trainer.compute_teacher_kl()
-    trainer.save_model(training_args.output_dir)
-
-    print(f"\nKL(student || teacher) on held-out prompts, {trainer.state.global_step} rounds:")
-    for task in before:
-        print(f"  {task:<8} {before[task]:.3e} -> {after[task]:.3e}  ({after[task] / before[task] - 1:+.0%})")
-    grid = sample_grid(trainer)
-    print(f"Student adapter and model card: {training_args.output_dir}")
-    print(f"Samples (rows: base, teachers, student; columns: held-out prompts): {grid}")
+def main() -> None:
+    defaults = DemoConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default=defaults.output_dir)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="DiffusionOPD rounds (optimizer steps).")
+    parser.add_argument("--prompts_per_task", type=int, default=defaults.prompts_per_task)
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--eval_images", type=int, default=defaults.eval_images, help="Held-out images per task.")
+    parser.add_argument("--full", action="store_true", help="Re-train the teachers and a multi-task RL baseline.")
+    parser.add_argument("--teacher_steps", type=int, default=None, help="With --full: steps per teacher/baseline.")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--num_threads", type=int, default=None, help="Torch threads (default: torch's).")
+    ns = parser.parse_args()
+    config = DemoConfig(**vars(ns))
+    start = time.perf_counter()
+    result = run_demo(config)
+    minutes = (time.perf_counter() - start) / 60
+    print(
+        f"\nDiffusionOPD on the tiny world ({config.rounds} rounds, {torch.get_num_threads()} threads), {minutes:.1f} min"
+    )
+    print(result.to_markdown())
+    print(f"\nStudent adapter and model card: {config.output_dir}/student")
+    print(f"Table: {config.output_dir}/results.md; image grids (one per model): {config.output_dir}/grids/")
     print("\nLoad the student in diffusers:")
-    print("    pipe = <the base pipeline>  # here: trl_diffusion_opd.testing.get_tiny_sd3_pipeline()")
-    print(f"    pipe.load_lora_weights({str(training_args.output_dir)!r})")
-
-
-def sample_grid(trainer) -> Path:
-    """One row of images per model (base, each teacher, the student) on the held-out prompts, same noise."""
-    prompts = [row["prompt"] for rows in trainer.eval_prompts.values() for row in rows]
-    rows = [("base", None)] + [(spec.name, spec.name) for specs in trainer.teacher_specs.values() for spec in specs]
-    rows.append(("student", "student"))
-    images = [image for _, adapter in rows for image in trainer.generate(prompts, adapter=adapter)]
-    grid = make_image_grid([image.resize((96, 96), 0) for image in images], rows=len(rows), cols=len(prompts))
-    path = Path(trainer.args.output_dir) / "samples" / "grid.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    print("    from trl_diffusion_opd.world.pipeline import load_world_pipeline")
+    print("    pipe = load_world_pipeline()")
+    print(f"    pipe.load_lora_weights({config.output_dir + '/student'!r})")
+    print('    image = pipe("a red circle on the left", height=32, width=32, max_sequence_length=1).images[0]')
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,9 +1,10 @@
-"""`trl-diffusion-opd world ...`: pretrain and evaluate the world pipeline.
+"""`trl-diffusion-opd world ...`: pretrain and evaluate the world pipeline, train its Stage-1 teachers.
 
 ```bash
 trl-diffusion-opd world pretrain --output_dir world-base --steps 20000 --batch_size 256 --device cuda \
     --mixed_precision bf16 --num_workers 8 --max_minutes 60
 trl-diffusion-opd world eval --model world-base/pipeline --num_images 256
+trl-diffusion-opd world teachers --tasks composition letters aesthetic --output_dir world-teachers --num_images 256
 ```
 
 `world_command(argv)` is the entry point; the main console script forwards `world ...` to it.
@@ -53,11 +54,25 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--output", default=None, help="Also write the JSON to this file.")
+
+    te = sub.add_parser(
+        "teachers",
+        help="Train the Stage-1 LoRA teachers on the shipped base with their recipes, then score base vs teacher.",
+    )
+    tasks = ["composition", "letters", "aesthetic"]
+    te.add_argument("--tasks", nargs="+", default=tasks, choices=tasks, help="Tasks to train.")
+    te.add_argument("--output_dir", required=True, help="One sub-folder per task; index.json is written last.")
+    te.add_argument("--max_steps", type=int, default=None, help="Optimizer steps (default: each recipe's).")
+    te.add_argument("--seed", type=int, default=0, help="Adapter initialisation and rollout seed.")
+    te.add_argument("--num_images", type=int, default=256, help="Held-out images per task for the scores.")
+    te.add_argument("--eval_seed", type=int, default=None, help="Held-out prompts and noise (default: EVAL_SEED).")
+    te.add_argument("--skip_training", action="store_true", help="Only score the adapters already in OUTPUT_DIR.")
+    te.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
     return parser
 
 
 def world_command(argv: list[str]) -> int:
-    """Run `world pretrain` or `world eval` with command-line arguments `argv` (without `world`); returns the exit
+    """Run `world pretrain`, `world eval` or `world teachers` with command-line arguments `argv` (without `world`); returns the exit
     status."""
     args = _parser().parse_args(argv)
     if args.command == "pretrain":
@@ -78,6 +93,21 @@ def world_command(argv: list[str]) -> int:
         scores = folder / "world_scores.json"
         if scores.is_file():
             print(scores.read_text())
+        return 0
+    if args.command == "teachers":
+        from .teachers import EVAL_SEED, train_and_score_teachers
+
+        index = train_and_score_teachers(
+            args.tasks,
+            args.output_dir,
+            max_steps=args.max_steps,
+            seed=args.seed,
+            num_images=args.num_images,
+            eval_seed=EVAL_SEED if args.eval_seed is None else args.eval_seed,
+            train=not args.skip_training,
+            progress=not args.no_progress,
+        )
+        print(json.dumps(index, indent=2))
         return 0
     from .pipeline import load_world_pipeline
     from .pretrain import evaluate_world

@@ -1,0 +1,53 @@
+"""Stage 2 on the tiny world: DiffusionOPD of the shipped teachers into one student raises the student's rewards, and
+the demo's pieces (teacher index, multi-task RL baseline) work."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from trl_diffusion_opd.world.demo import TASKS, DemoConfig, distil, evaluate, shipped_teachers
+from trl_diffusion_opd.world.pipeline import load_world_pipeline
+
+
+def test_shipped_teachers_index(tmp_path):
+    teachers = shipped_teachers()
+    assert sorted(teachers) == sorted(TASKS)
+    for folder in teachers.values():
+        assert load_file(f"{folder}/pytorch_lora_weights.safetensors")
+    with pytest.raises(FileNotFoundError, match="world teachers"):
+        shipped_teachers(tmp_path)
+
+
+def test_short_opd_on_the_world_raises_student_rewards(tmp_path):
+    """10 rounds (2 prompts per task) with the three shipped teachers, then base vs student on 24 held-out scenes per
+    task with the same seeds. Measured: composition +0.105, letters +0.031, aesthetic +0.044."""
+    config = DemoConfig(
+        output_dir=str(tmp_path), rounds=10, prompts_per_task=2, learning_rate=2e-3, eval_images=24, seed=0
+    )
+    trainer = distil(shipped_teachers(), config, tmp_path / "student")
+    assert trainer.state.global_step == 10
+    # every task's KL to its teacher was logged and is finite
+    logged = [entry for entry in trainer.state.log_history if "kl/composition" in entry]
+    assert logged and all(entry[f"kl/{task}"] >= 0 for entry in logged for task in TASKS)
+
+    result = evaluate({"student": str(tmp_path / "student")}, config, tmp_path / "eval")
+    gains = {column: result.scores["student"][column] - result.scores["base"][column] for column in result.columns}
+    assert sum(gain > 0.02 for gain in gains.values()) >= 2, gains
+    assert result.average["student"] > result.average["base"] + 0.02, result.average
+    table = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [row["model"] for row in table["rows"]] == ["base", "student"]
+    assert (tmp_path / "eval" / "grids" / "student.png").is_file()
+
+
+def test_multitask_baseline_trains_on_every_task(tmp_path):
+    from trl_diffusion_opd.world.teachers import build_teacher_trainer, recipe_for, train_multitask_world_baseline
+
+    trainer = build_teacher_trainer("multitask", tmp_path / "probe", recipe_for("multitask", num_generations=2))
+    assert sorted(trainer.task_prompts) == sorted(TASKS)  # one LoRA, the prompts of all three tasks
+    assert [reward.name for reward in trainer.reward_funcs] == ["world_task"]
+
+    folder = train_multitask_world_baseline(tmp_path / "multitask", max_steps=1, num_generations=2, progress=False)
+    pipe = load_world_pipeline()
+    pipe.load_lora_weights(str(folder))
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
