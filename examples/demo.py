@@ -7,7 +7,8 @@ base, teachers, student; columns: the three rule-based rewards and their average
 `--output_dir`: the student adapter and model card, `results.md` / `results.json`, `grids/<model>.png` and `demo.json`.
 
     python examples/demo.py --output_dir demo_output
-    python examples/demo.py --full          # also re-trains the three teachers and a multi-task RL baseline
+    python examples/demo.py --multitask_baseline   # adds the paper's multi-task RL row (about 15 more minutes)
+    python examples/demo.py --full          # also re-trains the three teachers (about 30 more minutes)
     python examples/demo.py --rounds 20 --eval_images 24   # a quicker look
 """
 
@@ -28,6 +29,9 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--eval_images", type=int, default=defaults.eval_images, help="Held-out images per task.")
     parser.add_argument("--full", action="store_true", help="Re-train the teachers and a multi-task RL baseline.")
+    parser.add_argument(
+        "--multitask_baseline", action="store_true", help="Add a multi-task RL row (the shipped teachers are kept)."
+    )
     parser.add_argument("--teacher_steps", type=int, default=None, help="With --full: steps per teacher/baseline.")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--num_threads", type=int, default=None, help="Torch threads (default: torch's).")

@@ -50,8 +50,10 @@ class DemoConfig:
         num_inference_steps: Sampler steps, for training and evaluation (10 is as good as 20 in this world).
         eval_images: Held-out images per task for the table.
         teachers: `{task: folder}`; `None` reads the shipped teachers (`assets/teachers/index.json`).
-        full: Re-train the three teachers first (`world.teachers.train_world_teacher`) and add a multi-task RL
-            baseline row (one LoRA, every task's prompts, each rewarded by its own task's reward).
+        full: Re-train the three teachers first (`world.teachers.train_world_teacher`); implies
+            `multitask_baseline`.
+        multitask_baseline: Add the paper's multi-task RL row: one LoRA trained with DiffusionNFT on every task's
+            prompts, each rewarded by its own task's reward (`world.teachers.train_multitask_world_baseline`).
         teacher_steps: Optimizer steps of each re-trained teacher and of the baseline (`None`: the recipe's).
         seed: Seed of the student's initialisation and of the rollouts.
         num_threads: Torch threads (`None` leaves torch's default).
@@ -66,6 +68,7 @@ class DemoConfig:
     eval_images: int = 96
     teachers: dict[str, str] | None = None
     full: bool = False
+    multitask_baseline: bool = False
     teacher_steps: int | None = None
     seed: int = 0
     num_threads: int | None = None
@@ -207,7 +210,7 @@ def run_demo(config: DemoConfig) -> Any:
     timings["stage2_opd_s"] = time.perf_counter() - began
 
     adapters = {f"teacher: {task}": path for task, path in teachers.items()}
-    if config.full:
+    if config.full or config.multitask_baseline:
         began = time.perf_counter()
         adapters["multi-task RL (DiffusionNFT)"] = train_multitask_baseline(config, output_dir / "multitask_rl")
         timings["multitask_rl_s"] = time.perf_counter() - began
