@@ -358,6 +358,19 @@ def test_pushed_card_body(pushed):
     assert "![a red circle](samples/a_red_circle.png)" in text
 
 
+def test_card_quick_start_runs_the_trained_setting(pushed):
+    """The quick start is valid Python that samples a training prompt at the trained resolution, steps and T5
+    length (what the adapter was trained on), on whatever device exists."""
+    text = (pushed["output_dir"] / "README.md").read_text()
+    code = text.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    compile(code, "quick_start", "exec")
+    first_prompt = next(iter(PROMPTS.values()))[0]
+    assert f"    {first_prompt!r},\n" in code
+    assert "num_inference_steps=4," in code and "guidance_scale=4.5," in code
+    assert "height=32," in code and "width=32," in code and "max_sequence_length=1," in code
+    assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in code
+
+
 def test_card_written_on_every_checkpoint(pushed):
     for step in (1, 2):
         card = (pushed["output_dir"] / f"checkpoint-{step}" / "README.md").read_text()

@@ -154,6 +154,14 @@ def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
     ]
 
 
+def _example_prompt(trainer: DiffusionLoRATrainer) -> str:
+    """A prompt of the training data for the card's quick start (what the adapter was trained on)."""
+    for rows in (getattr(trainer, "task_prompts", None) or {}).values():
+        for row in rows:
+            return str(row["prompt"])
+    return 'A photo of a cat holding a sign that says "hello"'
+
+
 def create_model_card(
     trainer: DiffusionLoRATrainer,
     model_name: str | None = None,
@@ -229,6 +237,10 @@ def create_model_card(
         teachers=details.get("teachers", []),
         rewards=details.get("rewards", []),
         guidance_scale=args.guidance_scale,
+        example_prompt=repr(_example_prompt(trainer)),
+        num_inference_steps=args.num_inference_steps,
+        resolution=args.resolution,
+        max_sequence_length=args.max_sequence_length,
         settings=settings,
         samples=samples,
         versions=package_versions(),
