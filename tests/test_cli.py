@@ -344,3 +344,22 @@ def test_world_command_is_wired(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "pretrain" in out and "eval" in out
+
+
+def test_world_config_trains_on_the_shipped_base_and_teachers(tmp_path):
+    from trl_diffusion_opd import cli
+    from trl_diffusion_opd.world.demo import shipped_teachers
+
+    assert cli.expand_world_teachers({"a": "world:letters", "b": [{"path": "world:aesthetic"}, "x/y"]}) == {
+        "a": shipped_teachers()["letters"],
+        "b": [{"path": shipped_teachers()["aesthetic"]}, "x/y"],
+    }
+    with pytest.raises(ValueError, match="Unknown world teacher 'world:ocr'"):
+        cli.expand_world_teachers({"a": "world:ocr"})
+
+    output_dir = tmp_path / "world"
+    config = ROOT / "examples" / "configs" / "world.yaml"
+    assert cli.main(["train", "--config", str(config), "--max_steps", "1", "--output_dir", str(output_dir)]) == 0
+    assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+    card = (output_dir / "README.md").read_text()
+    assert "`world:base`" in card and "world/assets/teachers/letters" in card

@@ -187,3 +187,15 @@ def test_bad_jsonl_lines(tmp_path):
 def test_rows_without_task_column():
     with pytest.raises(ValueError, match="row 0 has no 'task' field"):
         prompts_by_task(datasets.Dataset.from_dict({"prompt": ["a"]}))
+
+
+def test_world_prompt_sources():
+    train = load_prompt_source("world:letters")
+    heldout = load_prompt_source("world:composition:heldout")
+    assert len(train) == 2048 and {row["task"] for row in train} == {"letters"}
+    assert train[0]["prompt"].startswith("the letter ")
+    assert len(heldout) == 96 and {row["task"] for row in heldout} == {"composition"}
+    assert load_prompt_source("world:letters") == train  # deterministic
+    for bad in ("world:ocr", "world:letters:test", "world:letters:heldout:x"):
+        with pytest.raises(ValueError, match="world:<task>"):
+            load_prompt_source(bad)

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 PROG = "trl-diffusion-opd"
 TINY_MODELS = ("tiny:sd3", "tiny:flux")
+WORLD_BASE = "world:base"  # the tiny world's shipped base (`trl_diffusion_opd.world`)
+WORLD_PREFIX = "world:"
 TOY_TEACHER_PREFIX = "toy:"
 TOY_TEACHERS_DIR = "_toy_teachers"
 # Set in the environment of a job relaunched through accelerate, so that it trains instead of relaunching again.
@@ -207,7 +209,7 @@ class DiffusionModelConfig:
     """
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Base pipeline: Hub id, local folder, or tiny:sd3 / tiny:flux."}
+        default=None, metadata={"help": "Base pipeline: Hub id, local folder, tiny:sd3 / tiny:flux, or world:base."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Hub cache for the base and the teachers."})
     lora_r: int = field(default=32, metadata={"help": "Rank of the student LoRA."})
@@ -286,6 +288,12 @@ def _json_value(text: str) -> Any:
 def load_pipeline(model_args: DiffusionModelConfig, training_args: DiffusionOPDConfig):
     """Load the base pipeline named by `model_args.model_name_or_path` (or build a tiny one)."""
     name = model_args.model_name_or_path
+    if name == WORLD_BASE:
+        from .world.pipeline import load_world_pipeline
+
+        pipeline = load_world_pipeline()
+        pipeline.register_to_config(_name_or_path=name)
+        return pipeline
     if name in TINY_MODELS:
         from . import testing
 
@@ -355,6 +363,28 @@ def materialize_toy_teachers(teachers: dict[str, Any], pipeline, folder: str | o
     return {task: convert(spec, task) for task, spec in teachers.items()}
 
 
+def expand_world_teachers(teachers: dict[str, Any]) -> dict[str, Any]:
+    """Replace every `world:<task>` teacher (alone, as a dict's `path`, or in a list) by the folder of the tiny
+    world's shipped teacher of that task. Other specs are returned unchanged."""
+
+    def convert(spec: Any) -> Any:
+        if isinstance(spec, list):
+            return [convert(item) for item in spec]
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+            return {**spec, "path": convert(spec["path"])}
+        if isinstance(spec, str) and spec.startswith(WORLD_PREFIX):
+            from .world.demo import shipped_teachers
+
+            shipped = shipped_teachers()
+            task = spec[len(WORLD_PREFIX) :]
+            if task not in shipped:
+                raise ValueError(f"Unknown world teacher '{spec}'; the world has {sorted(shipped)}.")
+            return shipped[task]
+        return spec
+
+    return {task: convert(spec) for task, spec in teachers.items()}
+
+
 def resolve_teachers(
     teachers: dict[str, Any], cache_dir: str | None = None, token: str | bool | None = None
 ) -> dict[str, list]:
@@ -398,7 +428,7 @@ def build_trainer(
 
     pipeline = load_pipeline(model_args, training_args)
     teachers = materialize_toy_teachers(
-        script_args.teachers, pipeline, Path(training_args.output_dir) / TOY_TEACHERS_DIR
+        expand_world_teachers(script_args.teachers), pipeline, Path(training_args.output_dir) / TOY_TEACHERS_DIR
     )
     with training_args.main_process_first(desc="resolving the teachers"):
         teachers = resolve_teachers(teachers, cache_dir=model_args.cache_dir, token=training_args.hub_token)

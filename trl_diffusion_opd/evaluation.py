@@ -92,8 +92,14 @@ def load_base_pipeline(
     token: str | bool | None = None,
     device: str | None = None,
 ):
-    """The base pipeline: a Hub id or local folder, or `tiny:sd3` / `tiny:flux` (the offline tiny pipelines)."""
-    if name in ("tiny:sd3", "tiny:flux"):
+    """The base pipeline: a Hub id or local folder, `tiny:sd3` / `tiny:flux` (the offline tiny pipelines) or
+    `world:base` (the tiny world's shipped base)."""
+    if name == "world:base":
+        from .world.pipeline import load_world_pipeline
+
+        pipeline = load_world_pipeline()
+        pipeline.register_to_config(_name_or_path=name)
+    elif name in ("tiny:sd3", "tiny:flux"):
         from . import testing
 
         build = testing.get_tiny_sd3_pipeline if name == "tiny:sd3" else testing.get_tiny_flux_pipeline
