@@ -9,6 +9,7 @@ reused for that many optimizer steps.
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ def _reward_list(reward_funcs: RewardFunc | Sequence[RewardFunc]) -> list[Reward
     return rewards
 
 
-class DiffusionRLTrainer(DiffusionLoRATrainer):
+class DiffusionRLTrainer(DiffusionLoRATrainer, abc.ABC):
     """Base of `FlowGRPOTrainer` and `DiffusionNFTTrainer` (see the module docstring).
 
     Args:
@@ -97,13 +98,13 @@ class DiffusionRLTrainer(DiffusionLoRATrainer):
         return total, scores
 
     # ------------------------------------------------------------------ one step
+    @abc.abstractmethod
     def generate_batch(self, rows: list[dict], generator: torch.Generator) -> dict[str, Any]:
         """Sample one image per row with no grad; must return at least the final latents `x0` `(R, ...)`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def compute_rl_loss(self, model, batch: dict[str, Any], backward: bool = True) -> float:
         """Back-propagate the objective on `batch` (with `advantages`) and return its value."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def make_batch(self, rows: list[dict], generator: torch.Generator) -> dict[str, Any]:
