@@ -289,7 +289,8 @@ def test_pretrain_resumes_exactly(tmp_path):
     assert state_a["step"] == state_b["step"] == 4
     for key, value in state_a["transformer"].items():
         assert torch.equal(value, state_b["transformer"][key]), key
-    for a, b in zip(state_a["ema"], state_b["ema"], strict=True):
+    assert state_a["ema"]["optimization_step"] == state_b["ema"]["optimization_step"] == 4
+    for a, b in zip(state_a["ema"]["shadow_params"], state_b["ema"]["shadow_params"], strict=True):
         assert torch.equal(a, b)
     assert (straight / "model_index.json").is_file() and (resumed / "world_scores.json").is_file()
     logged = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]

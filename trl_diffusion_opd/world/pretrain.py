@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset
 
 from .pipeline import (
@@ -207,14 +208,14 @@ def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | Non
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.99)
     )
-    ema = [p.detach().clone() for p in parameters] if config.ema_decay > 0 else None
+    ema = EMAModel(parameters, decay=config.ema_decay) if config.ema_decay > 0 else None
     start = 0
     if state is not None:
         transformer.load_state_dict(state["transformer"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
-            for e, saved in zip(ema, state["ema"], strict=True):
-                e.copy_(saved)
+            ema.load_state_dict(state["ema"])
+            ema.to(device)
         start = int(state["step"])
 
     def save(step: int) -> None:
@@ -224,7 +225,7 @@ def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | Non
                 "step": step,
                 "transformer": transformer.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "ema": [e.cpu() for e in ema] if ema is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
                 "model_config": dataclasses.asdict(config.model),
                 "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "model"},
             },
@@ -266,9 +267,7 @@ def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | Non
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
-            # warm-up of the decay (as diffusers' EMAModel): early steps are not averaged with the random init
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, [p.detach() for p in parameters], 1.0 - decay)
+            ema.step(parameters)  # with diffusers' decay warm-up: early steps do not average in the random init
         step += 1
         losses.append(loss.item())
         bar.update(1)
@@ -298,9 +297,7 @@ def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | Non
             handle.write(json.dumps(entry) + "\n")
 
     if ema is not None:
-        with torch.no_grad():
-            for p, e in zip(parameters, ema, strict=True):
-                p.copy_(e)
+        ema.copy_to(parameters)
     transformer.requires_grad_(False)
     transformer.eval()
     folder = save_world_pipeline(pipe, output / PIPELINE_DIR)
