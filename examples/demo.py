@@ -7,8 +7,8 @@ base, teachers, student; columns: the three rule-based rewards and their average
 `--output_dir`: the student adapter and model card, `results.md` / `results.json`, `grids/<model>.png` and `demo.json`.
 
     python examples/demo.py --output_dir demo_output
-    python examples/demo.py --multitask_baseline   # adds the paper's multi-task RL row (about 15 more minutes)
-    python examples/demo.py --full          # also re-trains the three teachers (about 30 more minutes)
+    python examples/demo.py --multitask_baseline   # adds the paper's multi-task RL row (about 10 more minutes)
+    python examples/demo.py --full          # also re-trains the teachers: about 30 minutes in all
     python examples/demo.py --rounds 20 --eval_images 24   # a quicker look
 """
 
