@@ -179,7 +179,8 @@ def run_case(case: str, preset: str, device: torch.device, dtype: torch.dtype, s
         trainer.add_callback(clock)
         trainer.train()
     resident_teacher_bytes = sum(_param_bytes(module, device) for module in trainer.full_teachers.values())
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # ru_maxrss is in KiB; the current RSS bounds it from below in case the kernel's high-water mark lags
+    peak_rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _rss_bytes())
     return {
         "case": case,
         **spec,
