@@ -121,13 +121,29 @@ def test_letters_reward_ground_truth_noise_and_shuffled(world_data):
     prompts = [s.prompt for s in batch]
     rng = np.random.default_rng(1)
     shuffled = [prompts[i] for i in rng.permutation(len(prompts))]
-    reward = get_reward("world_letters")
+    noise = world_data[2][:240]
     chance = 1 / len(scenes.LETTERS)
-    assert _mean(reward, images, prompts) >= 0.95  # measured 0.985
-    assert abs(_mean(reward, world_data[2][:240], prompts) - chance) < 0.03  # noise: measured 0.082
-    assert abs(_mean(reward, images, shuffled) - chance) < 0.06  # wrong letter ~0, right one by chance
     grey = Image.new("RGB", (32, 32), scenes.BACKGROUND)
-    assert reward([grey], ["the letter K"])[0] == pytest.approx(chance, abs=1e-6)
+    # Recognition alone: the probability that the prompted letter is the one read.
+    recognition = get_reward("world_letters", fidelity=False)
+    assert _mean(recognition, images, prompts) >= 0.95  # measured 0.985
+    assert abs(_mean(recognition, noise, prompts) - chance) < 0.03  # measured 0.082
+    assert abs(_mean(recognition, images, shuffled) - chance) < 0.06  # wrong letter ~0, right one by chance
+    assert recognition([grey], ["the letter K"])[0] == pytest.approx(chance, abs=1e-6)
+    # The default score: recognition x the prompted glyph's correlation (exactly 1 on a ground-truth glyph).
+    reward = get_reward("world_letters")
+    assert reward(images, prompts) == pytest.approx(recognition(images, prompts), abs=1e-5)
+    assert _mean(reward, noise, prompts) < 0.02  # noise is neither read as the letter nor drawn like it
+    assert abs(_mean(reward, images, shuffled) - chance) < 0.06
+    assert reward([grey], ["the letter K"])[0] == 0.0
+    # A smeared glyph (3 x 3 box blur) is still read as the prompted letter but loses fidelity.
+    crisp = np.asarray(images[0]).astype(np.float32)
+    smeared = crisp.copy()
+    for axis in (0, 1):
+        smeared = (np.roll(smeared, 1, axis) + smeared + np.roll(smeared, -1, axis)) / 3
+    smeared_image = Image.fromarray(smeared.round().astype(np.uint8))
+    assert reward([smeared_image], prompts[:1])[0] < reward(images[:1], prompts[:1])[0] - 0.05  # 0.89 vs 0.99
+    assert recognition([smeared_image], prompts[:1])[0] > 0.5
     assert math.isnan(reward([grey], ["a red circle"])[0])
 
 
@@ -319,9 +335,10 @@ def test_shipped_base_loads_offline_and_scores_in_band(monkeypatch):
     recorded = saved_scores()
     assert recorded is not None
     scores = evaluate_world(pipe, num_images=32, num_inference_steps=10)
-    # Better than chance (composition 0.02 on noise, letters 1/12, aesthetic 0.0), short of perfect; the recorded
-    # scores (256 images per task, at the end of pretraining) are 0.69, 0.87 and 0.55.
-    bands = {"composition": (0.4, 0.9), "letters": (0.4, 0.99), "aesthetic": (0.25, 0.85)}
+    # Better than chance (composition 0.02 on noise, letters 0.01, aesthetic 0.0), short of perfect; the recorded
+    # scores (256 images per task) are 0.69, 0.61 and 0.55: inside the band 0.2-0.7 that leaves RL room to improve.
+    bands = {"composition": (0.4, 0.85), "letters": (0.35, 0.85), "aesthetic": (0.25, 0.85)}
     for task, (low, high) in bands.items():
+        assert 0.2 <= recorded[task] <= 0.7, (task, recorded[task])
         assert low <= scores[task] <= high, (task, scores[task])
         assert abs(scores[task] - recorded[task]) < 0.15, (task, scores[task], recorded[task])  # 32 images here

@@ -25,9 +25,9 @@ from trl_diffusion_opd.world.teachers import (
 NUM_HELDOUT = 24
 HELDOUT_SEED = 4321
 # Minimum teacher - base gain on the task's own reward at that size. Measured (sampling is deterministic on the CPU):
-# composition 0.644 -> 0.716 (+0.072), letters 0.875 -> 0.961 (+0.086), aesthetic 0.568 -> 0.663 (+0.094); the
+# composition 0.644 -> 0.716 (+0.072), letters 0.617 -> 0.739 (+0.122), aesthetic 0.568 -> 0.663 (+0.094); the
 # margins leave room for numerical drift across torch / diffusers versions, not for a teacher that stopped helping.
-MIN_GAIN = {"composition": 0.04, "letters": 0.05, "aesthetic": 0.06}
+MIN_GAIN = {"composition": 0.04, "letters": 0.08, "aesthetic": 0.06}
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +58,25 @@ def test_index_lists_every_task_with_its_files():
         assert scores["teacher"][task] > scores["base"][task]
         # Small fixtures: a rank-8 LoRA on the attention projections is ~0.4 MB.
         assert (folder / "pytorch_lora_weights.safetensors").stat().st_size < 1_000_000
+
+
+def test_write_index_keeps_the_other_teachers(tmp_path):
+    from dataclasses import asdict
+
+    from trl_diffusion_opd.world.teachers import RECIPES, write_index
+
+    def record(value):
+        scores = {"base": {"letters": value}, "teacher": {"letters": value + 0.1}, "delta": {"letters": 0.1}}
+        return {**scores, "settings": {"num_images": 1}, "training": {"recipe": asdict(RECIPES["letters"])}}
+
+    for task in TASKS:
+        (tmp_path / task).mkdir()
+    write_index(tmp_path, {"aesthetic": record(0.1), "composition": record(0.2)})
+    index = write_index(tmp_path, {"letters": record(0.5)})  # re-training one teacher keeps the others
+    assert list(index) == list(TASKS) == list(json.loads((tmp_path / "index.json").read_text()))
+    assert [index[task]["scores"]["base"]["letters"] for task in TASKS] == [0.2, 0.5, 0.1]
+    (tmp_path / "aesthetic").rmdir()  # an entry whose folder is gone is dropped
+    assert list(write_index(tmp_path, {"letters": record(0.6)})) == ["composition", "letters"]
 
 
 def test_teachers_load_as_diffusion_opd_teachers(tmp_path):

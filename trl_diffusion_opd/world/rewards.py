@@ -8,9 +8,13 @@ deterministic, take about a millisecond per 32 x 32 image and return values in [
   prompt's requirements: count, colour, shape, position (left / right / top / bottom half) and, for two-object
   prompts, colour binding (each colour carries its own shape). `binary` is GenEval's all-or-nothing success;
   `soft` averages the checks so that partial success is rewarded. `nan` for letter prompts.
-- `world_letters`: normalised cross-correlation of the image's ink with every glyph template over all placements, and
-  a softmax over letters (temperature 0.05) of those correlations: the probability that the prompted letter is the
-  one drawn. Ground truth ≈ 1, images with no letter ≈ 1 / 12 (chance). `nan` for other prompts.
+- `world_letters`: normalised cross-correlation (NCC) of the image's ink with every glyph template over all
+  placements; a softmax over letters (temperature 0.05) of those correlations is the probability that the prompted
+  letter is the one read (recognition), and the prompted glyph's own NCC says how faithfully it is drawn (fidelity).
+  The score is their product, like an OCR reward weighted by the reader's confidence: ground truth ≈ 1, noise and
+  images with no letter ≈ 0. Recognition alone (`fidelity=False`; chance 1 / 12) saturates on the shipped base, which
+  reads as the prompted letter in 99% of samples (recognition 0.87) while drawing it at NCC 0.70: the fidelity factor
+  is what leaves an RL teacher room to improve. `nan` for other prompts.
 - `world_aesthetic`: the product of a clean uniform background, pure saturated object colours (blur and noise make
   intermediate colours) and the absence of 4 x 4 blocks (patch-4 transformers' artefact). An empty picture scores 0.
 """
@@ -250,16 +254,23 @@ def letter_correlations(image) -> np.ndarray:
 
 @register_reward("world_letters")
 class WorldLettersReward(Reward):
-    """OCR-style letter score: softmax over letters of glyph template correlations, at the prompted letter."""
+    """OCR-style letter score: recognition x fidelity of the prompted letter.
+
+    Args:
+        temperature: Softmax temperature over the letters' glyph correlations (recognition probability).
+        fidelity: Multiply the recognition probability by the prompted glyph's correlation clipped at 0 (default);
+            `False` scores recognition alone (chance 1 / 12 on images without a letter).
+    """
 
     name = "world_letters"
     score_range = (0.0, 1.0)
     batch_size = 256
 
-    def __init__(self, temperature: float = 0.05):
+    def __init__(self, temperature: float = 0.05, fidelity: bool = True):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
+        self.fidelity = fidelity
 
     def score(self, images, prompts, metadata):
         scores = []
@@ -268,9 +279,14 @@ class WorldLettersReward(Reward):
             if spec.letter is None:
                 scores.append(math.nan)
                 continue
-            logits = letter_correlations(image) / self.temperature
+            correlations = letter_correlations(image)
+            index = LETTERS.index(spec.letter)
+            logits = correlations / self.temperature
             probs = np.exp(logits - logits.max())
-            scores.append(float(probs[LETTERS.index(spec.letter)] / probs.sum()))
+            score = probs[index] / probs.sum()
+            if self.fidelity:
+                score *= max(float(correlations[index]), 0.0)
+            scores.append(float(score))
         return scores
 
 
