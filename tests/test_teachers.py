@@ -554,3 +554,40 @@ def test_ensemble_distillation_closes_most_of_the_gap_to_the_ensemble_optimum(tm
     assert floor / before < 0.2
     assert (before - after) / (before - floor) >= 0.8
     assert 1 - after / before >= 0.7
+
+
+def test_saved_lora_files_do_not_depend_on_string_hashing(tmp_path):
+    """peft keeps `target_modules` as a set; its order follows PYTHONHASHSEED, so without sorting two runs that
+    train identical weights would write different adapter metadata. (The safetensors header's key order itself is
+    not fixed across processes, so the files are compared by content, not byte for byte.)"""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from trl_diffusion_opd.teachers import adapter_metadata
+
+    targets = ["attn.to_v", "attn.to_q", "attn.add_k_proj", "attn.to_out.0"]
+    assert adapter_metadata(LoraConfig(r=2, target_modules=targets))["target_modules"] == sorted(targets)
+    script = (
+        "import sys; from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora; "
+        f"save_toy_lora(get_tiny_sd3_pipeline(), sys.argv[1], target_modules={targets!r})"
+    )
+    saved = []
+    for hash_seed in ("1", "2", "3"):
+        folder = tmp_path / hash_seed
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONWARNINGS": "ignore"}
+        subprocess.run([sys.executable, "-c", script, str(folder)], check=True, env=env, capture_output=True)
+        path = str(folder / "pytorch_lora_weights.safetensors")
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata()
+        saved.append((metadata, load_file(path)))
+    (metadata, tensors), others = saved[0], saved[1:]
+    assert json.loads(metadata["lora_adapter_metadata"])["transformer.target_modules"] == sorted(targets)
+    for other_metadata, other_tensors in others:
+        assert other_metadata == metadata  # the JSON string itself, target_modules order included
+        assert other_tensors.keys() == tensors.keys() and all(
+            torch.equal(other_tensors[k], tensors[k]) for k in tensors
+        )

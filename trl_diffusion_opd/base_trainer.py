@@ -41,7 +41,14 @@ from .data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_t
 from .evaluation import DiffusersTensorBoardCallback, RewardEvalCallback
 from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from .hub import create_model_card, push_checkpoint, push_to_hub
-from .teachers import AdapterSwitch, lora_config_for, parse_teacher_spec, read_lora_folder, resolve_teacher
+from .teachers import (
+    AdapterSwitch,
+    adapter_metadata,
+    lora_config_for,
+    parse_teacher_spec,
+    read_lora_folder,
+    resolve_teacher,
+)
 
 
 STUDENT = "student"
@@ -456,7 +463,7 @@ class DiffusionLoRATrainer(Trainer):
         self.family.pipeline_class.save_lora_weights(
             output_dir,
             transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=self.peft_config.to_dict(),
+            transformer_lora_adapter_metadata=adapter_metadata(self.peft_config),
             is_main_process=self.accelerator.is_main_process,
         )
 

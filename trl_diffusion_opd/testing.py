@@ -379,13 +379,16 @@ def save_toy_lora(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":
+        from .teachers import adapter_metadata
+
         type(pipeline).save_lora_weights(
-            folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=config.to_dict()
+            folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=adapter_metadata(config)
         )
     elif format == "peft":
         save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
-        data = config.to_dict()
-        data["target_modules"] = sorted(data["target_modules"])
+        from .teachers import adapter_metadata
+
+        data = adapter_metadata(config)
         (folder / "adapter_config.json").write_text(json.dumps(data, indent=2, default=str))
     else:
         raise ValueError(f"format must be 'diffusers' or 'peft', got {format!r}")
