@@ -364,7 +364,7 @@ def lora_config_for(state_dict: dict[str, torch.Tensor], config: dict | None) ->
 def adapter_metadata(config: LoraConfig) -> dict:
     """`config.to_dict()` with its set-valued fields (`target_modules`, ...) as sorted lists: the adapter metadata
     diffusers writes into `pytorch_lora_weights.safetensors`. A set's order follows Python's per-process string
-    hashing, so unsorted, two runs that train the same weights would write different files."""
+    hashing, so unsorted, two runs that train the same weights would write different metadata."""
     return {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
 
 
