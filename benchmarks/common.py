@@ -209,8 +209,7 @@ def make_trainer(
     to `TASK_PROMPTS` / `HELD_OUT_PROMPTS` of the teachers' tasks."""
     from transformers.trainer_callback import PrinterCallback
 
-    from trl_diffusion_opd.config import DiffusionOPDConfig
-    from trl_diffusion_opd.trainer import DiffusionOPDTrainer
+    from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 
     defaults = {
         "output_dir": output_dir,

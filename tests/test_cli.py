@@ -12,7 +12,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from trl_diffusion_opd import cli
+from trl_diffusion_opd import DiffusionModelConfig, cli
+from trl_diffusion_opd.scripts import train as train_script
+from trl_diffusion_opd.scripts import utils as script_utils
+from trl_diffusion_opd.scripts.train import DiffusionOPDScriptArguments
+from trl_diffusion_opd.trainer.model_config import get_student_lora_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +32,7 @@ def _console_script() -> list[str]:
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
-    env.pop(cli.LAUNCHED_ENV, None)
+    env.pop(script_utils.LAUNCHED_ENV, None)
     return subprocess.run(_console_script() + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -137,7 +141,7 @@ def test_unknown_flag_and_missing_config_are_one_line_errors(tmp_path, capsys):
 
 
 def test_yaml_and_command_line_parse_into_the_three_groups(tmp_path):
-    parser = cli.make_parser()
+    parser = train_script.make_parser()
     script_args, training_args, model_args = parser.parse_args_and_config(
         [
             "--config",
@@ -159,7 +163,7 @@ def test_yaml_and_command_line_parse_into_the_three_groups(tmp_path):
     assert training_args.max_steps == 60 and training_args.learning_rate == 0.005
     assert (model_args.model_name_or_path, model_args.lora_r, model_args.lora_alpha) == ("tiny:sd3", 4, 8)
     assert model_args.lora_target_modules == ["attn.to_q", "attn.to_k"]
-    assert cli.student_lora_config(model_args, _tiny_pipe()).target_modules == {"attn.to_q", "attn.to_k"}
+    assert get_student_lora_config(model_args, _tiny_pipe()).target_modules == {"attn.to_q", "attn.to_k"}
 
 
 def _tiny_pipe():
@@ -170,20 +174,20 @@ def _tiny_pipe():
 
 def test_toy_teachers_and_default_lora_targets(tmp_path):
     pipe = _tiny_pipe()
-    teachers = cli.materialize_toy_teachers(
-        {"a": "toy:1", "b": [{"path": "toy:2", "weight": 2.0}, "org/repo/sub"]}, pipe, tmp_path
+    teachers = script_utils.materialize_toy_adapters(
+        {"a": "toy:1", "b": [{"path": "toy:2", "weight": 2.0}, "org/repo/sub"]}, pipe, tmp_path, rank=2
     )
     assert teachers == {
         "a": str(tmp_path / "a"),
         "b": [{"path": str(tmp_path / "b_0"), "weight": 2.0}, "org/repo/sub"],
     }
     assert (tmp_path / "a" / "pytorch_lora_weights.safetensors").is_file()
-    model_args = cli.DiffusionModelConfig(model_name_or_path="tiny:sd3")
-    config = cli.student_lora_config(model_args, pipe)
+    model_args = DiffusionModelConfig(model_name_or_path="tiny:sd3")
+    config = get_student_lora_config(model_args, pipe)
     assert (config.r, config.lora_alpha, config.init_lora_weights) == (32, 64, "gaussian")
     assert "attn.add_q_proj" in config.target_modules and "attn.to_out.0" in config.target_modules
     with pytest.raises(ValueError, match="toy:<integer seed>"):
-        cli.materialize_toy_teachers({"a": "toy:x"}, pipe, tmp_path)
+        script_utils.materialize_toy_adapters({"a": "toy:x"}, pipe, tmp_path)
 
 
 def test_dataset_name_with_task_column_and_test_split(tmp_path):
@@ -192,16 +196,16 @@ def test_dataset_name_with_task_column_and_test_split(tmp_path):
         '{"prompt": "two cats", "task": "geneval", "include": [{"class": "cat", "count": 2}]}\n'
         '{"prompt": "a sign", "task": "ocr"}\n'
     )
-    script_args = cli.DiffusionOPDScriptArguments(teachers='{"geneval": "a/b", "ocr": "c/d"}', dataset_name=str(path))
-    train, evaluation = cli.load_prompts(script_args)
+    script_args = DiffusionOPDScriptArguments(teachers='{"geneval": "a/b", "ocr": "c/d"}', dataset_name=str(path))
+    train, evaluation = script_utils.load_prompts(script_args)
     from trl_diffusion_opd.data import prompts_by_task
 
     assert prompts_by_task(train)["geneval"][0]["include"] == [{"class": "cat", "count": 2}]
     assert evaluation is None
     with pytest.raises(ValueError, match="Give the prompts"):
-        cli.DiffusionOPDScriptArguments(teachers={"a": "b/c"})
+        DiffusionOPDScriptArguments(teachers={"a": "b/c"})
     with pytest.raises(ValueError, match="`teachers` is required"):
-        cli.DiffusionOPDScriptArguments(prompts={"a": ["x"]})
+        DiffusionOPDScriptArguments(prompts={"a": ["x"]})
 
 
 @pytest.fixture
@@ -210,7 +214,7 @@ def captured_launch(monkeypatch):
 
     calls = []
     monkeypatch.setattr(launch, "launch_command", calls.append)
-    monkeypatch.setenv(cli.LAUNCHED_ENV, "")  # not yet launched; restored after the test
+    monkeypatch.setenv(script_utils.LAUNCHED_ENV, "")  # not yet launched; restored after the test
     return calls
 
 
@@ -221,10 +225,10 @@ def test_accelerate_config_preset_relaunches_through_accelerate(captured_launch,
     (namespace,) = captured_launch
     assert Path(namespace.config_file).name == "multi_gpu.yaml" and Path(namespace.config_file).is_file()
     assert namespace.num_processes == 2
-    assert namespace.module is True and namespace.training_script == "trl_diffusion_opd.cli"
+    assert namespace.module is True and namespace.training_script == "trl_diffusion_opd.scripts.train"
     # The relaunched job gets the training arguments only, and knows it was launched.
-    assert namespace.training_script_args == ["train", "--config", str(TINY), "--max_steps", "3"]
-    assert os.environ[cli.LAUNCHED_ENV] == "1"
+    assert namespace.training_script_args == ["--config", str(TINY), "--max_steps", "3"]
+    assert os.environ[script_utils.LAUNCHED_ENV] == "1"
 
 
 def test_accelerate_options_in_yaml_and_config_file(captured_launch, tmp_path):
@@ -236,7 +240,7 @@ def test_accelerate_options_in_yaml_and_config_file(captured_launch, tmp_path):
     (namespace,) = captured_launch
     assert namespace.config_file == str(accelerate_file)
     assert namespace.mixed_precision == "bf16"
-    assert namespace.training_script_args == ["train", "--config", str(config)]
+    assert namespace.training_script_args == ["--config", str(config)]
 
 
 def test_unknown_accelerate_preset(captured_launch, capsys):
@@ -274,12 +278,12 @@ def test_help_and_unknown_command(capsys):
     assert cli.main(["serve"]) == 2
     assert (
         capsys.readouterr().err
-        == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, grpo, nft, eval, world, env)\n"
+        == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, grpo, nft, eval, env, world)\n"
     )
 
 
 def test_recipe_config_parses_to_the_paper_settings(tmp_path):
-    script_args, training_args, model_args = cli.make_parser().parse_args_and_config(
+    script_args, training_args, model_args = train_script.make_parser().parse_args_and_config(
         ["--config", str(RECIPE), "--output_dir", str(tmp_path)]
     )
     assert model_args.model_name_or_path == "stabilityai/stable-diffusion-3.5-medium"
@@ -347,19 +351,23 @@ def test_world_command_is_wired(capsys):
 
 
 def test_world_config_trains_on_the_shipped_base_and_teachers(tmp_path):
-    from trl_diffusion_opd import cli
+    from trl_diffusion_opd.teachers import parse_teachers
     from trl_diffusion_opd.world.demo import shipped_teachers
 
-    assert cli.expand_world_teachers({"a": "world:letters", "b": [{"path": "world:aesthetic"}, "x/y"]}) == {
-        "a": shipped_teachers()["letters"],
-        "b": [{"path": shipped_teachers()["aesthetic"]}, "x/y"],
-    }
-    with pytest.raises(ValueError, match="Unknown world teacher 'world:ocr'"):
-        cli.expand_world_teachers({"a": "world:ocr"})
+    specs = parse_teachers({"a": "world:letters", "b": [{"path": "world:aesthetic", "weight": 2.0}, "x/y"]})
+    assert (specs["a"][0].path, specs["a"][0].display) == (shipped_teachers()["letters"], "world:letters")
+    assert (specs["b"][0].path, specs["b"][0].display, specs["b"][0].weight) == (
+        shipped_teachers()["aesthetic"],
+        "world:aesthetic",
+        2.0,
+    )
+    assert specs["b"][1].path == "x/y"
+    with pytest.raises(ValueError, match="Teacher 'a': unknown world teacher 'world:ocr'"):
+        parse_teachers({"a": "world:ocr"})
 
     output_dir = tmp_path / "world"
     config = ROOT / "examples" / "configs" / "world.yaml"
     assert cli.main(["train", "--config", str(config), "--max_steps", "1", "--output_dir", str(output_dir)]) == 0
     assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
     card = (output_dir / "README.md").read_text()
-    assert "`world:base`" in card and "world/assets/teachers/letters" in card
+    assert "`world:base`" in card and "`world:letters`" in card

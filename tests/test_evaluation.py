@@ -10,14 +10,9 @@ from PIL import Image
 from transformers.integrations import TensorBoardCallback
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, cli, rewards
-from trl_diffusion_opd.evaluation import (
-    DiffusersTensorBoardCallback,
-    RewardEvalCallback,
-    evaluate_models,
-    generate_images,
-    make_grid,
-)
+from trl_diffusion_opd.evaluation import evaluate_models, generate_images, make_grid
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
+from trl_diffusion_opd.trainer.callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
 
 
 PROMPTS = ["a red circle", "a blue square", 'a sign that says "open"']
@@ -308,7 +303,7 @@ def test_eval_command_with_a_toy_adapter_on_the_tiny_base(tmp_path, capsys):
 
 
 def test_reward_specs_for_the_training_callback():
-    from trl_diffusion_opd.evaluation import _parse_rewards
+    from trl_diffusion_opd.trainer.callbacks import _parse_rewards
 
     tasks = ["a", "b"]
     assert _parse_rewards("brightness, saturation", tasks) == {t: ["brightness", "saturation"] for t in tasks}

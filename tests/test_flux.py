@@ -9,12 +9,11 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from trl_diffusion_opd.config import DiffusionOPDConfig
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.flux import FluxFamily
 from trl_diffusion_opd.teachers import parse_teacher_spec
 from trl_diffusion_opd.testing import get_tiny_flux_pipeline, save_toy_lora
-from trl_diffusion_opd.trainer import DiffusionOPDTrainer
 
 
 TARGETS = FluxFamily.default_lora_targets

@@ -14,11 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers.trainer_utils import HubStrategy
 
-from trl_diffusion_opd import hub, teachers
-from trl_diffusion_opd.config import DiffusionOPDConfig
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, hub, teachers
 from trl_diffusion_opd.teachers import parse_teacher_spec, read_lora_folder, resolve_teacher
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache, save_toy_lora
-from trl_diffusion_opd.trainer import DiffusionOPDTrainer
 
 
 PROMPTS = {"geneval": ["a red circle", "two cats"], "ocr": ['a sign that says "hi"', "the word cat"]}

@@ -7,9 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from trl_diffusion_opd.config import DiffusionOPDConfig
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
-from trl_diffusion_opd.trainer import DiffusionOPDTrainer
 
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]

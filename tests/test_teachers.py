@@ -13,10 +13,9 @@ import torch
 import yaml
 from peft import LoraConfig
 
-from trl_diffusion_opd import transition
-from trl_diffusion_opd.cli import DiffusionOPDScriptArguments
-from trl_diffusion_opd.config import DiffusionOPDConfig
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, transition
 from trl_diffusion_opd.families.base import cond_tile
+from trl_diffusion_opd.scripts.train import DiffusionOPDScriptArguments
 from trl_diffusion_opd.teachers import (
     SPEC_FORMS,
     AdapterSwitch,
@@ -28,7 +27,6 @@ from trl_diffusion_opd.teachers import (
     resolve_teacher,
 )
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
-from trl_diffusion_opd.trainer import DiffusionOPDTrainer
 
 
 TRAIN_PROMPTS = ["a red circle", "two cats", "a blue square", "the word hello", "a green tree", "three dogs"]
@@ -162,13 +160,13 @@ def test_dict_spec_fields_are_parsed():
 REJECTED = [
     ("", "an empty string"),
     ("   ", "an empty string"),
-    ("owner", "neither an existing local folder nor a Hub id"),
-    ("owner/repo@", "neither an existing local folder nor a Hub id"),
-    ("owner//repo", "neither an existing local folder nor a Hub id"),
-    ("owner/repo/", "neither an existing local folder nor a Hub id"),
-    ("a b/c", "neither an existing local folder nor a Hub id"),
-    ("owner/repo@a@b", "neither an existing local folder nor a Hub id"),
-    ("-owner/repo", "neither an existing local folder nor a Hub id"),
+    ("owner", "neither an existing local folder, a registered name nor a Hub id"),
+    ("owner/repo@", "neither an existing local folder, a registered name nor a Hub id"),
+    ("owner//repo", "neither an existing local folder, a registered name nor a Hub id"),
+    ("owner/repo/", "neither an existing local folder, a registered name nor a Hub id"),
+    ("a b/c", "neither an existing local folder, a registered name nor a Hub id"),
+    ("owner/repo@a@b", "neither an existing local folder, a registered name nor a Hub id"),
+    ("-owner/repo", "neither an existing local folder, a registered name nor a Hub id"),
     ("/abs/does-not-exist", "local folder '/abs/does-not-exist' does not exist"),
     ("./does-not-exist", "local folder './does-not-exist' does not exist"),
     ({"subfolder": "lora"}, "no 'path'"),

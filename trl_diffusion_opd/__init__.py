@@ -9,15 +9,24 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 
-from .config import DiffusionOPDConfig, DiffusionRLConfig, DiffusionTrainingConfig  # noqa: E402
-from .grpo_config import FlowGRPOConfig  # noqa: E402
-from .grpo_trainer import FlowGRPOTrainer  # noqa: E402
-from .nft_config import DiffusionNFTConfig  # noqa: E402
-from .nft_trainer import DiffusionNFTTrainer  # noqa: E402
-from .trainer import DiffusionOPDTrainer  # noqa: E402
+from .trainer import (  # noqa: E402
+    DiffusionLoRATrainer,
+    DiffusionModelConfig,
+    DiffusionNFTConfig,
+    DiffusionNFTTrainer,
+    DiffusionOPDConfig,
+    DiffusionOPDTrainer,
+    DiffusionRLConfig,
+    DiffusionTrainingConfig,
+    FlowGRPOConfig,
+    FlowGRPOTrainer,
+    RewardEvalCallback,
+)
 
 
 __all__ = [
+    "DiffusionLoRATrainer",
+    "DiffusionModelConfig",
     "DiffusionNFTConfig",
     "DiffusionNFTTrainer",
     "DiffusionOPDConfig",
@@ -26,5 +35,6 @@ __all__ = [
     "DiffusionTrainingConfig",
     "FlowGRPOConfig",
     "FlowGRPOTrainer",
+    "RewardEvalCallback",
     "__version__",
 ]

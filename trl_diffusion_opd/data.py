@@ -10,7 +10,8 @@ lists). Sources per task:
 - a local `.csv`, `.json` or `.parquet` file with a `"prompt"` column;
 - a local dataset folder (data files, or a `Dataset.save_to_disk` folder) or a Hub dataset id, loaded with
   `datasets` (`id:split` picks the split);
-- `world:<task>` / `world:<task>:heldout`: the tiny world's training / held-out scenes (`trl_diffusion_opd.world`).
+- a registered name `scheme:rest` (`trl_diffusion_opd.registry`), e.g. `world:<task>` / `world:<task>:heldout`,
+  the tiny world's training / held-out scenes.
 
 A single dataset with `"prompt"` and `"task"` columns is split by task.
 """
@@ -26,29 +27,10 @@ from typing import Any
 import datasets
 from torch.utils.data import Dataset as TorchDataset
 
+from .registry import load_named_prompts
+
 
 PromptRow = dict[str, Any]
-
-
-WORLD_PREFIX = "world:"
-WORLD_TRAIN_ROWS, WORLD_HELDOUT_ROWS = 2048, 96
-
-
-def _world_rows(source: str, name: str) -> list[PromptRow]:
-    """`world:<task>` (2048 training scenes, generator seed 0) or `world:<task>:heldout` (96 held-out scenes, seed
-    1) of the tiny world (`trl_diffusion_opd.world`), with their metadata."""
-    from .world.scenes import TASK_FAMILIES, task_prompts
-
-    parts = source[len(WORLD_PREFIX) :].split(":")
-    task, split = parts[0], (parts[1] if len(parts) > 1 else "train")
-    if task not in TASK_FAMILIES or split not in ("train", "heldout") or len(parts) > 2:
-        raise ValueError(
-            f"{name}: '{source}' is not a world prompt set; use world:<task> or world:<task>:heldout with a task in "
-            f"{list(TASK_FAMILIES)}."
-        )
-    if split == "train":
-        return task_prompts(task, WORLD_TRAIN_ROWS, seed=0)
-    return task_prompts(task, WORLD_HELDOUT_ROWS, seed=1)
 
 
 def load_prompt_source(source: Any, name: str = "prompts") -> list[PromptRow]:
@@ -59,8 +41,12 @@ def load_prompt_source(source: Any, name: str = "prompts") -> list[PromptRow]:
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
-    if isinstance(source, str) and source.startswith(WORLD_PREFIX):
-        rows = _world_rows(source, name)
+    try:
+        named = load_named_prompts(source) if isinstance(source, str) else None
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
+    if named is not None:
+        rows = named
     elif isinstance(source, str):
         rows = _load_path(source, name)
     elif isinstance(source, datasets.DatasetDict):

@@ -19,8 +19,8 @@ columns scores them. Adapters are loaded the way users load them (`pipe.load_lor
 adapter_name=...)`; PEFT-format folders, which `load_lora_weights` silently ignores, through PEFT) and switched with
 `set_adapters` / `disable_lora` for the base row.
 
-`RewardEvalCallback` samples fixed prompts with the student during training, logs `rewards/{task}/{reward}` and
-writes a grid to `output_dir/samples/` and to TensorBoard / Weights & Biases.
+The training-time callbacks that sample and score the student (`RewardEvalCallback`) live in
+`trl_diffusion_opd.trainer.callbacks`; the `eval` command's arguments in `trl_diffusion_opd.scripts.eval`.
 """
 
 from __future__ import annotations
@@ -32,19 +32,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
-from transformers import Trainer, TrainerCallback
-from transformers.integrations import TensorBoardCallback
 
 from .data import load_prompt_source
+from .registry import load_pipeline
 from .rewards import Reward, as_reward, get_reward, nanmean
-
-
-if TYPE_CHECKING:
-    from .trainer import DiffusionOPDTrainer
+from .teachers import DIFFUSERS_LORA_WEIGHTS, load_lora_teacher, parse_teacher_spec, resolve_teacher
 
 
 RESULTS_JSON = "results.json"
@@ -92,26 +88,9 @@ def load_base_pipeline(
     token: str | bool | None = None,
     device: str | None = None,
 ):
-    """The base pipeline: a Hub id or local folder, `tiny:sd3` / `tiny:flux` (the offline tiny pipelines) or
-    `world:base` (the tiny world's shipped base)."""
-    if name == "world:base":
-        from .world.pipeline import load_world_pipeline
-
-        pipeline = load_world_pipeline()
-        pipeline.register_to_config(_name_or_path=name)
-    elif name in ("tiny:sd3", "tiny:flux"):
-        from . import testing
-
-        build = testing.get_tiny_sd3_pipeline if name == "tiny:sd3" else testing.get_tiny_flux_pipeline
-        pipeline = build(seed=0)
-        pipeline.register_to_config(_name_or_path=name)
-    else:
-        from diffusers import DiffusionPipeline
-
-        dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
-        pipeline = DiffusionPipeline.from_pretrained(
-            name, torch_dtype=dtype, revision=revision, cache_dir=cache_dir, token=token
-        )
+    """The base pipeline, ready to sample: a Hub id, a local folder or a registered name (`tiny:sd3`, `world:base`,
+    ...: `registry.load_pipeline`), without progress bars, on `device` (`None`: CUDA when available)."""
+    pipeline = load_pipeline(name, torch_dtype=torch_dtype, revision=revision, cache_dir=cache_dir, token=token)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
@@ -138,8 +117,6 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     Raises:
         ValueError: the adapter cannot be found or loads no weight into the transformer.
     """
-    from .teachers import DIFFUSERS_LORA_WEIGHTS, load_lora_teacher, parse_teacher_spec, resolve_teacher
-
     name = _adapter_name(label)
     spec = parse_teacher_spec(name, spec)
     folder = resolve_teacher(spec, cache_dir=cache_dir, token=token)
@@ -439,275 +416,3 @@ def evaluate_models(
     if output_dir is not None:
         result.save(output_dir)
     return result
-
-
-@dataclass
-class DiffusionOPDEvalArguments:
-    """
-    Arguments of the `trl-diffusion-opd eval` command.
-
-    Args:
-        model_name_or_path (`str`):
-            The base pipeline: a Hub id, a local folder, or `tiny:sd3` / `tiny:flux`.
-        adapters (`dict[str, Any]` or `None`, *optional*):
-            `{label: adapter}`, one table row each: a local folder, a Hub id `owner/repo[/sub/folder][@revision]`,
-            a dict with `path` and optional `subfolder`, `revision`, `weight_name`, `guidance_scale`, or
-            `toy:<seed>` (a random LoRA for the tiny models).
-        prompts (`dict[str, Any]`):
-            `{column: prompt source}`: a column is a reward name (`ocr`, `pickscore`, ...) or `reward@label`; a
-            source is a `.txt`/`.jsonl`/`.csv`/`.json`/`.parquet` file, a dataset folder or id, or a list.
-        reward_kwargs (`dict[str, dict]` or `None`, *optional*):
-            `{reward or column: keyword arguments}`, e.g. `{"geneval": {"url": "http://host:18085"},
-            "pickscore": {"device": "cuda:1"}}`.
-        normalization (`dict[str, list[float]]` or `None`, *optional*):
-            `{reward or column: [low, high]}` overriding the ranges of the Average column.
-        include_base (`bool`, *optional*, defaults to `True`):
-            Add the base model (no adapter) as the first row.
-        base_label (`str`, *optional*, defaults to `"base"`):
-            Label of the base row.
-        num_inference_steps (`int`, *optional*, defaults to `40`):
-            Sampler steps (deterministic Euler ODE).
-        guidance_scale (`float`, *optional*, defaults to `4.5`):
-            CFG scale (FLUX: the distilled guidance); an adapter's own `guidance_scale` wins.
-        resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels.
-        seed (`int`, *optional*, defaults to `0`):
-            Image i of a prompt set is drawn with seed `seed + i`, for every model.
-        batch_size (`int`, *optional*, defaults to `4`):
-            Images per pipeline call.
-        max_prompts (`int` or `None`, *optional*):
-            Use only the first prompts of each set.
-        max_sequence_length (`int` or `None`, *optional*):
-            T5 prompt length; `None` is the pipeline's default.
-        grid_size (`int`, *optional*, defaults to `8`):
-            Images per prompt set in each model's grid.
-        output_dir (`str`, *optional*, defaults to `"eval"`):
-            Where `results.md`, `results.json` and `grids/<label>.png` are written.
-        torch_dtype (`str`, *optional*, defaults to `"auto"`):
-            dtype of the base pipeline.
-        device (`str` or `None`, *optional*):
-            Device of the pipeline; `None` is CUDA when available.
-        revision, cache_dir, hub_token:
-            Hub revision of the base, Hub cache, and token.
-    """
-
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Base pipeline: Hub id, folder, tiny:sd3."})
-    adapters: dict | str | None = field(default=None, metadata={"help": "Adapters per row label, a mapping (JSON)."})
-    prompts: dict | str | None = field(default=None, metadata={"help": "Prompt source per reward column (JSON)."})
-    reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Arguments per reward (JSON)."})
-    normalization: dict | str | None = field(default=None, metadata={"help": "[low, high] per reward (JSON)."})
-    include_base: bool = field(default=True, metadata={"help": "Add the base model as the first row."})
-    base_label: str = field(default="base", metadata={"help": "Label of the base row."})
-    num_inference_steps: int = field(default=40, metadata={"help": "Sampler steps (Euler ODE)."})
-    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale."})
-    resolution: int = field(default=512, metadata={"help": "Image side in pixels."})
-    seed: int = field(default=0, metadata={"help": "Seed of image 0 of each prompt set (image i: seed + i)."})
-    batch_size: int = field(default=4, metadata={"help": "Images per pipeline call."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first prompts of each set."})
-    max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt length."})
-    grid_size: int = field(default=8, metadata={"help": "Images per prompt set in each grid."})
-    output_dir: str = field(default="eval", metadata={"help": "Output folder."})
-    torch_dtype: str = field(
-        default="auto",
-        metadata={"help": "dtype of the base pipeline.", "choices": ["auto", "bfloat16", "float16", "float32"]},
-    )
-    device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache."})
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token."})
-
-    def __post_init__(self):
-        for name in ("adapters", "prompts", "reward_kwargs", "normalization"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"`{name}` must be a mapping (a JSON object on the command line): {error}"
-                    ) from error
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"`{name}` must be a mapping, got {type(value).__name__}: {value!r}")
-            setattr(self, name, value)
-        if not self.model_name_or_path:
-            raise ValueError("`model_name_or_path` is required: a Hub id, a local folder, or tiny:sd3 / tiny:flux.")
-        if not self.prompts:
-            raise ValueError('`prompts` is required: {reward: prompt source}, e.g. {"ocr": "ocr_test.txt"}.')
-        for name in ("num_inference_steps", "resolution", "batch_size", "grid_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-
-
-# ---------------------------------------------------------------------------------------------- during training
-def _reward_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [name.strip() for name in value.split(",") if name.strip()]
-    if isinstance(value, Reward) or callable(value):
-        return [value]
-    return list(value)
-
-
-def _parse_rewards(rewards: Any, tasks: list[str]) -> dict[str, list]:
-    """`{task: [reward, ...]}` from one reward, a list for every task, a `{task: reward(s)}` mapping, or JSON."""
-    if isinstance(rewards, str) and rewards.strip().startswith(("{", "[")):
-        rewards = json.loads(rewards)
-    if isinstance(rewards, dict):
-        unknown = [task for task in rewards if task not in tasks]
-        if unknown:
-            raise ValueError(f"Rewards are given for unknown task(s) {unknown}; tasks are {tasks}.")
-        return {task: _reward_list(rewards.get(task)) for task in tasks}
-    return {task: _reward_list(rewards) for task in tasks}
-
-
-class RewardEvalCallback(TrainerCallback):
-    """Every `eval_steps`, sample fixed prompts per task with the student (EMA weights when EMA is on), log each
-    configured reward's mean as `rewards/{task}/{reward}`, and write one grid (a row per task) to
-    `output_dir/samples/step-{step}.png` and to TensorBoard / Weights & Biases when they are in `report_to`. At the
-    end of training the last grid is sampled (if that step was not) and becomes the model card's widget.
-
-    Args:
-        trainer: The `DiffusionOPDTrainer`; or call `bind(trainer)` later.
-        rewards: Reward names (or `Reward`s / functions): one, a list for every task, or `{task: [rewards]}`
-            (also as JSON or `"a,b"`); `None` samples grids only.
-        prompts: `{task: prompts}` sampled each time; `None` takes each task's held-out prompts (`eval_dataset`),
-            else its training prompts; each task keeps its first `num_prompts`.
-        eval_steps: Interval in optimizer steps; `None` uses `args.eval_steps` (a float < 1 is a fraction of
-            `max_steps`); without either, only the end of training is sampled.
-        num_prompts: Prompts per task.
-        num_inference_steps: Sampler steps; `None` uses the training rollout's.
-        seed: Seed of the initial noise (the same every time, so grids are comparable across steps).
-        reward_kwargs: `{reward name: kwargs of get_reward}`.
-        grid_image_size: Side of a grid tile in pixels (`None`: the generated size).
-    """
-
-    def __init__(
-        self,
-        trainer: DiffusionOPDTrainer | None = None,
-        rewards: Any = None,
-        prompts: dict[str, Any] | None = None,
-        eval_steps: float | None = None,
-        num_prompts: int = 4,
-        num_inference_steps: int | None = None,
-        seed: int = 0,
-        reward_kwargs: dict[str, dict[str, Any]] | None = None,
-        grid_image_size: int | None = 256,
-    ):
-        self.rewards_spec = rewards
-        self.prompts_spec = prompts
-        self.eval_steps = eval_steps
-        self.num_prompts = num_prompts
-        self.num_inference_steps = num_inference_steps
-        self.seed = seed
-        self.reward_kwargs = reward_kwargs or {}
-        self.grid_image_size = grid_image_size
-        self.trainer = None
-        self.last_step: int | None = None
-        self.history: list[dict[str, float]] = []
-        if trainer is not None:
-            self.bind(trainer)
-
-    def bind(self, trainer: DiffusionOPDTrainer) -> RewardEvalCallback:
-        """Attach to `trainer`: fix the prompts and load the rewards (once)."""
-        from .data import prompts_by_task
-
-        self.trainer = trainer
-        if self.prompts_spec is not None:
-            prompts = prompts_by_task(self.prompts_spec)
-        else:  # per task: its held-out prompts when it has some, else its training prompts
-            held_out = trainer.eval_prompts or {}
-            prompts = {task: held_out.get(task) or rows for task, rows in trainer.task_prompts.items()}
-        self.prompts = {task: list(rows)[: self.num_prompts] for task, rows in prompts.items()}
-        specs = _parse_rewards(self.rewards_spec, list(self.prompts))
-        self.rewards = {
-            task: [
-                as_reward(item, **self.reward_kwargs.get(item, {})) if isinstance(item, str) else as_reward(item)
-                for item in items
-            ]
-            for task, items in specs.items()
-        }
-        return self
-
-    def _interval(self, args, state) -> int | None:
-        steps = self.eval_steps if self.eval_steps is not None else getattr(args, "eval_steps", None)
-        if not steps:
-            return None
-        if steps < 1:
-            steps = math.ceil(state.max_steps * steps)
-        return max(1, int(steps))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        interval = self._interval(args, state)
-        if interval and state.global_step % interval == 0:
-            should_log = control.should_log
-            self.evaluate(state.global_step)
-            # Logging resets `should_log`, which would drop the Trainer's own log (loss, grad_norm) of this step.
-            control.should_log = should_log
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.last_step != state.global_step:
-            self.evaluate(state.global_step)
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Sample, score, log and write the grid of `step` (on the main process); returns the logged metrics."""
-        from .trainer import STUDENT
-
-        trainer = self.trainer
-        if trainer is None:
-            raise RuntimeError("RewardEvalCallback is not bound to a trainer: pass it or call `bind(trainer)`.")
-        self.last_step = step
-        if not trainer.is_world_process_zero():
-            return {}
-        metrics: dict[str, float] = {}
-        grid_rows, captions = [], []
-        for task, rows in self.prompts.items():
-            texts = [row["prompt"] for row in rows]
-            images = trainer.generate(
-                texts, adapter=STUDENT, seed=self.seed, num_inference_steps=self.num_inference_steps
-            )
-            for reward in self.rewards[task]:
-                metrics[f"rewards/{task}/{reward.name}"] = nanmean(reward(images, texts, rows))
-            grid_rows.append(images)
-            captions.append(f"{task}: " + " | ".join(texts))
-        grid = make_grid(grid_rows, self.grid_image_size)
-        folder = Path(trainer.args.output_dir) / SAMPLES_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:06d}.png"
-        grid.save(folder / name)
-        caption = "\n".join(captions)
-        trainer.sample_widgets = [{"text": caption.replace("\n", " · "), "url": f"{SAMPLES_DIR}/{name}"}]
-        self._to_trackers(grid, caption, step)
-        if metrics:
-            # The base `Trainer.log`: the trainer's own `log` would pull the round metrics gathered for the next
-            # logging step into this entry. (`log` adds the epoch to the dict it gets: a copy.)
-            Trainer.log(trainer, dict(metrics))
-        self.history.append({"step": step, **metrics})
-        return metrics
-
-    def _to_trackers(self, grid: Image.Image, caption: str, step: int) -> None:
-        import numpy as np
-        from transformers.integrations import WandbCallback
-
-        for callback in self.trainer.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
-                callback.tb_writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-                callback.tb_writer.flush()
-            elif isinstance(callback, WandbCallback) and getattr(callback, "_wandb", None) is not None:
-                if getattr(callback._wandb, "run", None) is not None:
-                    image = callback._wandb.Image(grid, caption=caption)
-                    callback._wandb.log({"samples": image, "train/global_step": step})
-
-
-class DiffusersTensorBoardCallback(TensorBoardCallback):
-    """`TensorBoardCallback` for diffusers models: transformers' writes `model.config.to_json_string()` at the start
-    of training, which a diffusers model's `FrozenDict` config does not have (`report_to="tensorboard"` would fail);
-    this one writes the config as JSON itself."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        model = kwargs.pop("model", None)
-        super().on_train_begin(args, state, control, **kwargs)
-        config = getattr(model, "config", None)
-        if state.is_world_process_zero and self.tb_writer is not None and config is not None:
-            self.tb_writer.add_text("model_config", json.dumps(dict(config), indent=2, default=str))

@@ -23,8 +23,10 @@ from huggingface_hub import ModelCard, ModelCardData
 
 
 if TYPE_CHECKING:
-    from .base_trainer import DiffusionLoRATrainer
     from .teachers import TeacherSpec
+
+# The trainers call this module (it never imports them): `trainer` arguments are `DiffusionLoRATrainer`s.
+DiffusionLoRATrainer = Any
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -35,7 +35,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .registry import resolve_teacher_name
 
+
+# Name of the student adapter on the shared transformer; reserved, so no teacher can take it.
+STUDENT = "student"
 DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -80,6 +84,8 @@ class TeacherSpec:
     # A full-weight teacher: a whole transformer (given as a module, or a folder recognised at resolution).
     module: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     full_weight: bool = False
+    # The registered name (`world:letters`, `trl_diffusion_opd.registry`) that `path` was resolved from.
+    alias: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -88,7 +94,7 @@ class TeacherSpec:
     @property
     def display(self) -> str:
         """`path[/subfolder][@revision]`, as users wrote it."""
-        text = self.path + (f"/{self.subfolder}" if self.subfolder else "")
+        text = (self.alias or self.path) + (f"/{self.subfolder}" if self.subfolder else "")
         return text + (f"@{self.revision}" if self.revision else "")
 
 
@@ -135,6 +141,7 @@ def _parse_dict_spec(name: str, spec: dict[str, Any]) -> TeacherSpec:
         guidance_scale=None if guidance is None else _number(name, spec, "guidance_scale", guidance, positive=False),
         weight=_number(name, spec, "weight", spec.get("weight", 1.0), positive=True),
         weight_name=spec.get("weight_name"),
+        alias=base.alias,
     )
 
 
@@ -177,9 +184,15 @@ def parse_teacher_spec(name: str, spec: str | dict[str, Any] | TeacherSpec) -> T
                 f"local folder '{path}' does not exist; a spec starting with '.', '/' or '~' is a local path",
             )
         return TeacherSpec(name=name, path=path)
+    try:
+        named = resolve_teacher_name(spec)
+    except ValueError as error:
+        raise ValueError(f"Teacher '{name}': {error}") from error
+    if named is not None:  # a registered name (`trl_diffusion_opd.registry`): shown as written, loaded from its folder
+        return TeacherSpec(name=name, path=named, alias=spec)
     match = _HUB_SPEC.match(spec)
     if match is None:
-        raise _malformed(name, spec, "neither an existing local folder nor a Hub id")
+        raise _malformed(name, spec, "neither an existing local folder, a registered name nor a Hub id")
     return TeacherSpec(name=name, path=match["repo"], subfolder=match["sub"].strip("/") or None, revision=match["rev"])
 
 

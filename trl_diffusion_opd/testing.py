@@ -19,6 +19,7 @@ This module is never imported by the training path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -43,6 +44,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from . import registry
 
 
 __all__ = [
@@ -393,3 +396,14 @@ def save_toy_lora(
     else:
         raise ValueError(f"format must be 'diffusers' or 'peft', got {format!r}")
     return folder
+
+
+# `tiny:<name>` base pipelines, registered through the `trl_diffusion_opd.plugins` entry point (`register`).
+TINY_PIPELINES = {"sd3": get_tiny_sd3_pipeline, "flux": get_tiny_flux_pipeline}
+
+
+def register() -> None:
+    """Register every tiny pipeline as `tiny:<name>` (`trl_diffusion_opd.registry`), seed 0."""
+    for name, build in TINY_PIPELINES.items():
+        quickstart = f"from trl_diffusion_opd.testing import {build.__name__}\n\npipe = {build.__name__}(seed=0)"
+        registry.register_pipeline(f"tiny:{name}", functools.partial(build, seed=0), quickstart=quickstart)

@@ -18,13 +18,8 @@ prompts are `{task: source}` with a `.txt` (one prompt per line), a `.jsonl` (a 
 file, a local dataset or a Hub dataset id, or one `dataset_name` with `prompt` and `task` columns.
 """
 
-from trl_diffusion_opd.cli import (
-    DiffusionModelConfig,
-    DiffusionOPDScriptArguments,
-    build_trainer,
-    make_parser,
-)
-from trl_diffusion_opd.config import DiffusionOPDConfig
+from trl_diffusion_opd import DiffusionModelConfig, DiffusionOPDConfig
+from trl_diffusion_opd.scripts.train import DiffusionOPDScriptArguments, build_trainer, make_parser
 
 
 def main(

@@ -1,6 +1,6 @@
 """The small interface every flow-matching model family implements.
 
-The trainer, evaluation and benchmarks only talk to a `FlowMatchingFamily`. A family knows how its pipeline encodes
+The trainers (`trl_diffusion_opd/trainer/`), evaluation and benchmarks only talk to a `FlowMatchingFamily`. A family knows how its pipeline encodes
 prompts, which sigma schedule its scheduler uses, how to lay out initial latents, how to call its transformer
 (timestep convention, CFG batching or guidance embedding) and how to decode latents to images. Nothing else in the
 package branches on the model family.
@@ -26,8 +26,8 @@ are not per-prompt (FLUX's text and image position ids) are built inside `veloci
 float32 tensors to the trainer, and sigmas are floats in [0, 1] with 1 pure noise: a family converts them to its
 transformer's timestep convention (SD3: 1000·sigma; FLUX: sigma) inside `velocity`.
 
-To test a new family, add a tiny randomly initialised pipeline to `trl_diffusion_opd.testing` and check, as
-`tests/test_flux.py` does, that the trainer's rollout reproduces the pipeline's own sampler, that a saved student
+To test a new family, add a tiny randomly initialised pipeline to `trl_diffusion_opd.testing` (and to its
+`TINY_PIPELINES`, which makes it the base `tiny:<name>` of the CLI) and check, as `tests/test_flux.py` does, that the trainer's rollout reproduces the pipeline's own sampler, that a saved student
 reloads with the pipeline's `load_lora_weights`, and that distillation lowers the KL to each teacher.
 """
 

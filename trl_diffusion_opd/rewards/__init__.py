@@ -16,12 +16,11 @@ scores = pick(images, prompts, metadata)  # one float per image
 | `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | transformers |
 | `geneval`, `unifiedreward`, `hpsv2`, `imagereward` | clients of a reward server (Flow-GRPO's protocol) | a running server |
 | `brightness`, `saturation`, `jpeg_compressibility` | rule-based, in [0, 1] | nothing |
-| `world_composition`, `world_letters`, `world_aesthetic` | rule-based rewards of the tiny world (`trl_diffusion_opd.world`) | nothing |
+
+Plug-ins add rewards with `register_reward` (the tiny world's `world_composition`, `world_letters`,
+`world_aesthetic`: `trl_diffusion_opd.world`); `get_reward` loads the plug-ins when a name is not found.
 """
 
-# The world's rule-based rewards (`world_composition`, `world_letters`, `world_aesthetic`) register themselves;
-# `trl_diffusion_opd.world.rewards` only needs `.base`, so importing it first is safe.
-from ..world import rewards as _world_rewards  # noqa: E402, F401
 from . import clip, ocr, remote, rules  # noqa: F401  (each module registers its rewards)
 from .base import (
     FunctionReward,

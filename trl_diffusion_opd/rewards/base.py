@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..registry import load_plugins
+
 
 # {name: (factory, help)}; a factory returns a `Reward` (usually the class itself).
 _REGISTRY: dict[str, tuple[Callable[..., Reward], str]] = {}
@@ -119,7 +121,8 @@ def register_reward(name: str, help: str = ""):
 
 
 def reward_names() -> list[str]:
-    """The registered reward names, sorted."""
+    """The registered reward names (plug-ins' included), sorted."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
@@ -140,6 +143,8 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
     Raises:
         ValueError: no reward has this name.
     """
+    if name not in _REGISTRY:
+        load_plugins()  # a plug-in (e.g. the tiny world) may register it
     if name not in _REGISTRY:
         raise ValueError(f"Unknown reward '{name}'; available rewards: {', '.join(reward_names())}.")
     key = (name, _key(kwargs))

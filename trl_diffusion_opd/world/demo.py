@@ -105,8 +105,7 @@ def distil(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path)
     student adapter saved in `output_dir`)."""
     from peft import LoraConfig
 
-    from ..config import DiffusionOPDConfig
-    from ..trainer import DiffusionOPDTrainer
+    from .. import DiffusionOPDConfig, DiffusionOPDTrainer
 
     args = DiffusionOPDConfig(
         output_dir=str(output_dir),

@@ -1,5 +1,5 @@
-"""Training arguments: `DiffusionTrainingConfig` (shared by every trainer of the package), `DiffusionRLConfig`
-(shared by the reward-driven Stage-1 trainers) and `DiffusionOPDConfig` (`DiffusionOPDTrainer`)."""
+"""Training arguments shared by the trainers: `DiffusionTrainingConfig` (every trainer of the package) and
+`DiffusionRLConfig` (the reward-driven Stage-1 trainers). Each method's own config is `<method>_config.py`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .objectives import SCALE_REWARDS
-from .transition import KL_NORMALIZATIONS, SAMPLERS
+from ..objectives import SCALE_REWARDS
+from ..transition import SAMPLERS
 
 
 def _has_accelerator() -> bool:
@@ -253,149 +253,3 @@ class DiffusionRLConfig(DiffusionTrainingConfig):
             raise ValueError(f"`adv_clip_max` must be > 0, got {self.adv_clip_max}.")
         if self.beta < 0:
             raise ValueError(f"`beta` must be >= 0, got {self.beta}.")
-
-
-@dataclass
-class DiffusionOPDConfig(DiffusionTrainingConfig):
-    r"""
-    Configuration class for the [`DiffusionOPDTrainer`].
-
-    This class includes only the parameters that are specific to DiffusionOPD training. For a full list of training
-    arguments, please refer to the [`~transformers.TrainingArguments`] documentation. Defaults follow the paper's
-    released recipe for SD3.5-Medium and may differ from those of [`~transformers.TrainingArguments`].
-
-    One optimizer step is one *round*: every task is visited once, in a fixed order, with
-    `per_device_train_batch_size` prompts per task and device; the per-task losses are accumulated and a single
-    optimizer step is taken.
-
-    Parameters:
-        > Parameters that control the model
-
-        torch_dtype (`str`, *optional*, defaults to `"auto"`):
-            dtype of the pipeline when `model` is a Hub id or path: `"auto"`, `"bfloat16"`, `"float16"` or
-            `"float32"`. The student LoRA parameters are always kept in float32.
-        max_sequence_length (`int` or `None`, *optional*):
-            Length of the T5 prompt embeddings; `None` uses the pipeline's default (256 for SD3, 512 for FLUX).
-        revision (`str` or `None`, *optional*):
-            Revision of the base model when `model` is a Hub id.
-        student_adapter (`str` or `None`, *optional*):
-            Existing LoRA (local folder or Hub spec, diffusers or PEFT format) to continue from instead of a fresh one.
-        offload_text_encoders (`bool`, *optional*, defaults to `True`):
-            When every training and evaluation prompt fits in the prompt cache, embed them all before training and
-            move the text encoders to the CPU (SD3.5's T5-XXL alone is ~9 GB in bf16).
-        teacher_offload (`bool`, *optional*, defaults to `False`):
-            Keep full-weight teachers on the CPU between their calls, so that M full teachers cost one resident copy
-            at a time on the accelerator (LoRA teachers share the base and need no offload).
-        prompt_cache_size (`int`, *optional*, defaults to `1024`):
-            Number of prompt embeddings kept on the device, least recently used evicted, so that text encoders run
-            once per prompt.
-
-        > Parameters that control the rollout
-
-        num_inference_steps (`int`, *optional*, defaults to `10`):
-            Number of sampler steps N of the student rollout.
-        noise_level (`float`, *optional*, defaults to `0.0`):
-            Noise level a of the SDE sampler; `0.0` uses the deterministic ODE sampler, which converges fastest.
-        sde_type (`str`, *optional*, defaults to `"sde"`):
-            Stochastic sampler when `noise_level > 0`: `"sde"` (Flow-GRPO's Euler–Maruyama) or `"cps"`
-            (coefficient-preserving).
-        guidance_scale (`float`, *optional*, defaults to `4.5`):
-            Student CFG scale, used in the rollout and in the loss (the gradient flows through both CFG branches).
-        teacher_guidance_scale (`float`, `dict[str, float]` or `None`, *optional*):
-            Teacher CFG scale, one value or one per task (e.g. `{"geneval": 1.0, "ocr": 4.5}`); a teacher spec's own
-            `guidance_scale` wins. `None` uses `guidance_scale`.
-        negative_prompt (`str`, *optional*, defaults to `""`):
-            Prompt of the unconditional CFG branch.
-        resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels.
-        timestep_fraction (`float`, *optional*, defaults to `0.99`):
-            Train the first ⌊N·timestep_fraction⌋ steps; the default skips the near-deterministic last step.
-
-        > Parameters that control the loss
-
-        loss_type (`str`, *optional*, defaults to `"kl"`):
-            `"kl"`: the closed-form per-step reverse KL. `"ppo"`: the paper's PPO-style ablation (needs
-            `noise_level > 0`).
-        kl_normalization (`str`, *optional*, defaults to `"reference"`):
-            `"reference"`: per-dimension mean divided by σ_t² (the released code's convention, so published
-            hyper-parameters transfer). `"paper"`: summed over dimensions and divided by the transition variance
-            (Eq. 11 of the paper).
-        task_weights (`dict[str, float]` or `None`, *optional*):
-            Weight of each task's loss; missing tasks weigh 1.
-        ppo_clip_range (`float` or `None`, *optional*, defaults to `None`):
-            PPO clipping range of the importance ratio with `loss_type="ppo"`.
-        step_batch_size (`int` or `None`, *optional*, defaults to `None`):
-            Trained steps evaluated together in one teacher / student call (rows = steps × prompts). `None`
-            batches all trained steps; lower it to bound activation memory.
-
-        > Parameters that control evaluation
-
-        eval_rewards (`dict[str, list[str]]`, `str` or `None`, *optional*):
-            Rewards of the student's samples every `eval_steps`, logged as `rewards/{task}/{reward}` with an image
-            grid: `{task: [reward, ...]}`, `"a,b"` for every task, or `""` for grids only. `None` disables it.
-
-        > Parameters that control the EMA of the student
-
-        ema (`bool`, *optional*, defaults to `True`):
-            Keep an exponential moving average of the student LoRA; saved adapters and evaluations use it.
-        ema_decay (`float`, *optional*, defaults to `0.9`):
-            EMA decay.
-        ema_update_interval (`int`, *optional*, defaults to `8`):
-            Update the EMA every this many optimizer steps.
-    """
-
-    _VALID_DICT_FIELDS = DiffusionTrainingConfig._VALID_DICT_FIELDS + ["teacher_guidance_scale", "task_weights"]
-
-    # Parameters whose default values are overridden from DiffusionTrainingConfig
-    per_device_train_batch_size: int = field(
-        default=3, metadata={"help": "Prompts per task, per device and per round."}
-    )
-    logging_steps: float = field(default=1, metadata={"help": "Log every X rounds."})
-
-    # Parameters that control the model
-    teacher_offload: bool = field(
-        default=False, metadata={"help": "Keep full-weight teachers on the CPU between their calls."}
-    )
-
-    # Parameters that control the rollout
-    teacher_guidance_scale: dict | str | float | None = field(
-        default=None, metadata={"help": "Teacher CFG scale: one value or a dict (or JSON string) task -> scale."}
-    )
-
-    # Parameters that control the loss
-    loss_type: str = field(default="kl", metadata={"help": "Loss.", "choices": ["kl", "ppo"]})
-    kl_normalization: str = field(
-        default="reference", metadata={"help": "KL normalisation.", "choices": list(KL_NORMALIZATIONS)}
-    )
-    task_weights: dict | str | None = field(
-        default=None, metadata={"help": "Weight of each task's loss, a dict (or JSON string)."}
-    )
-    ppo_clip_range: float | None = field(default=None, metadata={"help": "PPO clip range with loss_type='ppo'."})
-
-    def __post_init__(self):
-        self.task_weights = _as_dict(self.task_weights, "task_weights")
-        if isinstance(self.teacher_guidance_scale, str):
-            try:
-                self.teacher_guidance_scale = float(self.teacher_guidance_scale)
-            except ValueError:
-                self.teacher_guidance_scale = _as_dict(self.teacher_guidance_scale, "teacher_guidance_scale")
-        super().__post_init__()
-
-        if self.kl_normalization not in KL_NORMALIZATIONS:
-            raise ValueError(f"`kl_normalization` must be one of {KL_NORMALIZATIONS}, got {self.kl_normalization!r}.")
-        if self.loss_type not in ("kl", "ppo"):
-            raise ValueError(f"`loss_type` must be 'kl' or 'ppo', got {self.loss_type!r}.")
-        if self.loss_type == "ppo" and self.noise_level == 0:
-            raise ValueError(
-                "`loss_type='ppo'` needs a stochastic sampler: set `noise_level > 0` (the ODE has no log-probability)."
-            )
-        for name, weight in (self.task_weights or {}).items():
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(f"`task_weights['{name}']` must be a non-negative number, got {weight!r}.")
-
-    def teacher_guidance_for(self, task: str) -> float:
-        """CFG scale of `task`'s teacher when its spec sets none."""
-        value = self.teacher_guidance_scale
-        if isinstance(value, dict):
-            return float(value.get(task, self.guidance_scale))
-        return float(self.guidance_scale if value is None else value)

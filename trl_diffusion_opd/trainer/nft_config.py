@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import DiffusionRLConfig
+from .base_config import DiffusionRLConfig
 
 
 NFT_SAMPLERS = ("euler", "heun")

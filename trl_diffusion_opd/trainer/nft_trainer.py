@@ -14,11 +14,11 @@ from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from transformers import TrainerCallback
 
-from . import transition
+from .. import transition
+from ..families.base import cond_select, cond_tile
+from ..objectives import nft_loss, nft_optimality
 from .base_trainer import STUDENT
-from .families.base import cond_select, cond_tile
 from .nft_config import DiffusionNFTConfig
-from .objectives import nft_loss, nft_optimality
 from .rl_trainer import DiffusionRLTrainer, RewardFunc
 
 

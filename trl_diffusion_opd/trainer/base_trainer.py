@@ -35,13 +35,12 @@ from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
-from . import transition
-from .config import DiffusionTrainingConfig
-from .data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_task
-from .evaluation import DiffusersTensorBoardCallback, RewardEvalCallback
-from .families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
-from .hub import create_model_card, push_checkpoint, push_to_hub
-from .teachers import (
+from .. import transition
+from ..data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_task
+from ..families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
+from ..hub import create_model_card, push_checkpoint, push_to_hub
+from ..teachers import (
+    STUDENT,
     AdapterSwitch,
     adapter_metadata,
     lora_config_for,
@@ -49,9 +48,10 @@ from .teachers import (
     read_lora_folder,
     resolve_teacher,
 )
+from .base_config import DiffusionTrainingConfig
+from .callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
 
 
-STUDENT = "student"
 TRAINING_WEIGHTS = "student_training_weights.safetensors"
 EMA_STATE = "ema_state.pt"
 DEFAULT_TASK = "default"

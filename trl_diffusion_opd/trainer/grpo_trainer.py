@@ -11,10 +11,10 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from . import transition
-from .families.base import cond_select, cond_tile
+from .. import transition
+from ..families.base import cond_select, cond_tile
+from ..objectives import grpo_guard_log_ratio, grpo_guard_step_weight, ppo_clip_loss
 from .grpo_config import FlowGRPOConfig
-from .objectives import grpo_guard_log_ratio, grpo_guard_step_weight, ppo_clip_loss
 from .rl_trainer import DiffusionRLTrainer, RewardFunc
 
 

@@ -20,10 +20,10 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
 
+from ..objectives import group_advantages
+from ..rewards import Reward, as_reward, nanmean
+from .base_config import DiffusionRLConfig
 from .base_trainer import DiffusionLoRATrainer, prompt_rows
-from .config import DiffusionRLConfig
-from .objectives import group_advantages
-from .rewards import Reward, as_reward, nanmean
 
 
 RewardFunc = str | Reward | Callable[[list, list[str], list[dict]], Sequence[float]]

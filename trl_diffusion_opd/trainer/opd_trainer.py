@@ -11,29 +11,20 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from . import transition
-from .base_trainer import (
-    EMA_STATE,
+from .. import transition
+from ..data import prompts_by_task
+from ..families.base import Cond, cond_select, cond_tile
+from ..hub import teacher_source
+from ..teachers import (
     STUDENT,
-    TRAINING_WEIGHTS,
-    DiffusionLoRATrainer,
-    PromptCache,
-    default_lora_config,
-)
-from .config import DiffusionOPDConfig
-from .data import prompts_by_task
-from .families.base import Cond, cond_select, cond_tile
-from .hub import teacher_source
-from .teachers import (
     TeacherSpec,
     load_full_teacher,
     load_lora_teacher,
     parse_teachers,
     resolve_teacher,
 )
-
-
-__all__ = ["EMA_STATE", "STUDENT", "TRAINING_WEIGHTS", "DiffusionOPDTrainer", "PromptCache", "default_lora_config"]
+from .base_trainer import DiffusionLoRATrainer
+from .opd_config import DiffusionOPDConfig
 
 
 class DiffusionOPDTrainer(DiffusionLoRATrainer):

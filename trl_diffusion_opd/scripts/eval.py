@@ -1,0 +1,200 @@
+"""`trl-diffusion-opd eval`: the reward table of a base model and its adapters, with image grids.
+
+```bash
+trl-diffusion-opd eval --config eval.yaml
+trl-diffusion-opd eval --model_name_or_path tiny:sd3 --adapters '{"toy": "toy:1"}' --prompts '{"brightness": ["a"]}'
+python -m trl_diffusion_opd.scripts.eval --config eval.yaml     # the same job
+```
+
+The job is `trl_diffusion_opd.evaluation.evaluate_models`; this module parses its arguments
+(`DiffusionOPDEvalArguments`) and writes `results.md`, `results.json` and `grids/` under `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..evaluation import EvaluationResult, evaluate_models, load_base_pipeline
+from ..rewards import RewardServerError
+from .utils import PROG, DiffusionParser, config_path, fail, materialize_toy_adapters, one_line
+
+
+@dataclass
+class DiffusionOPDEvalArguments:
+    """
+    Arguments of the `trl-diffusion-opd eval` command.
+
+    Args:
+        model_name_or_path (`str`):
+            The base pipeline: a Hub id, a local folder, or a registered name (`tiny:sd3`, `world:base`, ...).
+        adapters (`dict[str, Any]` or `None`, *optional*):
+            `{label: adapter}`, one table row each: a local folder, a Hub id `owner/repo[/sub/folder][@revision]`,
+            a dict with `path` and optional `subfolder`, `revision`, `weight_name`, `guidance_scale`, or
+            `toy:<seed>` (a random LoRA for the tiny models).
+        prompts (`dict[str, Any]`):
+            `{column: prompt source}`: a column is a reward name (`ocr`, `pickscore`, ...) or `reward@label`; a
+            source is a `.txt`/`.jsonl`/`.csv`/`.json`/`.parquet` file, a dataset folder or id, or a list.
+        reward_kwargs (`dict[str, dict]` or `None`, *optional*):
+            `{reward or column: keyword arguments}`, e.g. `{"geneval": {"url": "http://host:18085"},
+            "pickscore": {"device": "cuda:1"}}`.
+        normalization (`dict[str, list[float]]` or `None`, *optional*):
+            `{reward or column: [low, high]}` overriding the ranges of the Average column.
+        include_base (`bool`, *optional*, defaults to `True`):
+            Add the base model (no adapter) as the first row.
+        base_label (`str`, *optional*, defaults to `"base"`):
+            Label of the base row.
+        num_inference_steps (`int`, *optional*, defaults to `40`):
+            Sampler steps (deterministic Euler ODE).
+        guidance_scale (`float`, *optional*, defaults to `4.5`):
+            CFG scale (FLUX: the distilled guidance); an adapter's own `guidance_scale` wins.
+        resolution (`int`, *optional*, defaults to `512`):
+            Image side in pixels.
+        seed (`int`, *optional*, defaults to `0`):
+            Image i of a prompt set is drawn with seed `seed + i`, for every model.
+        batch_size (`int`, *optional*, defaults to `4`):
+            Images per pipeline call.
+        max_prompts (`int` or `None`, *optional*):
+            Use only the first prompts of each set.
+        max_sequence_length (`int` or `None`, *optional*):
+            T5 prompt length; `None` is the pipeline's default.
+        grid_size (`int`, *optional*, defaults to `8`):
+            Images per prompt set in each model's grid.
+        output_dir (`str`, *optional*, defaults to `"eval"`):
+            Where `results.md`, `results.json` and `grids/<label>.png` are written.
+        torch_dtype (`str`, *optional*, defaults to `"auto"`):
+            dtype of the base pipeline.
+        device (`str` or `None`, *optional*):
+            Device of the pipeline; `None` is CUDA when available.
+        revision, cache_dir, hub_token:
+            Hub revision of the base, Hub cache, and token.
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base pipeline: Hub id, folder, tiny:sd3."})
+    adapters: dict | str | None = field(default=None, metadata={"help": "Adapters per row label, a mapping (JSON)."})
+    prompts: dict | str | None = field(default=None, metadata={"help": "Prompt source per reward column (JSON)."})
+    reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Arguments per reward (JSON)."})
+    normalization: dict | str | None = field(default=None, metadata={"help": "[low, high] per reward (JSON)."})
+    include_base: bool = field(default=True, metadata={"help": "Add the base model as the first row."})
+    base_label: str = field(default="base", metadata={"help": "Label of the base row."})
+    num_inference_steps: int = field(default=40, metadata={"help": "Sampler steps (Euler ODE)."})
+    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale."})
+    resolution: int = field(default=512, metadata={"help": "Image side in pixels."})
+    seed: int = field(default=0, metadata={"help": "Seed of image 0 of each prompt set (image i: seed + i)."})
+    batch_size: int = field(default=4, metadata={"help": "Images per pipeline call."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first prompts of each set."})
+    max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt length."})
+    grid_size: int = field(default=8, metadata={"help": "Images per prompt set in each grid."})
+    output_dir: str = field(default="eval", metadata={"help": "Output folder."})
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the base pipeline.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+    device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token."})
+
+    def __post_init__(self):
+        for name in ("adapters", "prompts", "reward_kwargs", "normalization"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"`{name}` must be a mapping (a JSON object on the command line): {error}"
+                    ) from error
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"`{name}` must be a mapping, got {type(value).__name__}: {value!r}")
+            setattr(self, name, value)
+        if not self.model_name_or_path:
+            raise ValueError("`model_name_or_path` is required: a Hub id, a local folder, or tiny:sd3 / tiny:flux.")
+        if not self.prompts:
+            raise ValueError('`prompts` is required: {reward: prompt source}, e.g. {"ocr": "ocr_test.txt"}.')
+        for name in ("num_inference_steps", "resolution", "batch_size", "grid_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+
+
+def make_parser(prog: str | None = None) -> DiffusionParser:
+    """The parser of `eval`: `(DiffusionOPDEvalArguments,)`, with `--config file.yaml`."""
+    return DiffusionParser((DiffusionOPDEvalArguments,), prog=prog or f"{PROG} eval")
+
+
+def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
+    """The `eval` command's job: load the base (and `toy:<seed>` adapters for the tiny models), generate, score,
+    write `results.md`, `results.json` and `grids/`. Returns the `EvaluationResult`."""
+    pipeline = load_base_pipeline(
+        eval_args.model_name_or_path,
+        torch_dtype=eval_args.torch_dtype,
+        revision=eval_args.revision,
+        cache_dir=eval_args.cache_dir,
+        token=eval_args.hub_token,
+        device=eval_args.device,
+    )
+    # Toy adapters strong enough (std 1) to change the tiny models' images visibly.
+    adapters = materialize_toy_adapters(
+        eval_args.adapters or {},
+        pipeline,
+        Path(eval_args.output_dir) / "_toy_adapters",
+        what="Adapter",
+        rank=4,
+        std=1.0,
+    )
+    return evaluate_models(
+        pipeline,
+        prompts=eval_args.prompts,
+        adapters=adapters,
+        reward_kwargs=eval_args.reward_kwargs,
+        include_base=eval_args.include_base,
+        base_label=eval_args.base_label,
+        num_inference_steps=eval_args.num_inference_steps,
+        guidance_scale=eval_args.guidance_scale,
+        resolution=eval_args.resolution,
+        seed=eval_args.seed,
+        batch_size=eval_args.batch_size,
+        max_prompts=eval_args.max_prompts,
+        max_sequence_length=eval_args.max_sequence_length,
+        grid_size=eval_args.grid_size,
+        normalization=eval_args.normalization,
+        output_dir=eval_args.output_dir,
+        cache_dir=eval_args.cache_dir,
+        token=eval_args.hub_token,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`trl-diffusion-opd eval ARGS`: the reward table of a base model and its adapters, with image grids."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"{PROG} eval"
+    path = config_path(argv)
+    try:
+        eval_args, config_rest, cli_rest = make_parser(prog).parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except yaml.YAMLError as error:
+        return fail(prog, f"{path} is not valid YAML: {one_line(error)}")
+    except (ValueError, TypeError, OSError) as error:
+        return fail(prog, one_line(error))
+    if config_rest:
+        keys = ", ".join(s.removeprefix("--") for s in config_rest if s.startswith("--"))
+        return fail(prog, f"unknown key(s) in {path}: {keys}.")
+    if cli_rest:
+        return fail(prog, f"unrecognized arguments: {' '.join(cli_rest)}.")
+    try:
+        result = run_evaluation(eval_args)
+    except (ValueError, OSError, ImportError, RewardServerError) as error:
+        return fail(prog, one_line(error))
+    print(result.to_markdown())
+    output = Path(eval_args.output_dir)
+    print(f"Results: {output / 'results.md'} (and results.json); grids: {output / 'grids'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

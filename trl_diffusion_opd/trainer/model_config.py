@@ -1,0 +1,70 @@
+"""`DiffusionModelConfig`: the base model and the student LoRA, the model group of every training command (TRL's
+`ModelConfig` for diffusion pipelines)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig
+
+from ..families.base import get_family
+
+
+@dataclass
+class DiffusionModelConfig:
+    """
+    Base model and student adapter of the training commands.
+
+    Args:
+        model_name_or_path (`str`):
+            The base pipeline: a Hub id (`stabilityai/stable-diffusion-3.5-medium`), a local folder, or a registered
+            name (`tiny:sd3`, `tiny:flux`, `world:base`, ...: `trl_diffusion_opd.registry`). Its revision and dtype
+            are the training config's `revision` and `torch_dtype`.
+        cache_dir (`str` or `None`, *optional*):
+            Hub cache for the base and the teachers; `None` uses `HF_HUB_CACHE`.
+        lora_r (`int`, *optional*, defaults to `32`):
+            Rank of the student LoRA.
+        lora_alpha (`int`, *optional*, defaults to `64`):
+            Alpha of the student LoRA.
+        lora_dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout of the student LoRA.
+        lora_target_modules (`list[str]` or `None`, *optional*):
+            Modules the student adapts; `None` uses the family's attention projections.
+        lora_init (`str`, *optional*, defaults to `"gaussian"`):
+            `init_lora_weights` of PEFT: `"gaussian"`, `"true"` (Kaiming A, zero B), `"pissa"`, ...
+        use_rslora (`bool`, *optional*, defaults to `False`):
+            Rank-stabilised scaling alpha/sqrt(r).
+    """
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base pipeline: Hub id, local folder, or a registered name (tiny:sd3, ...)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache for the base and the teachers."})
+    lora_r: int = field(default=32, metadata={"help": "Rank of the student LoRA."})
+    lora_alpha: int = field(default=64, metadata={"help": "Alpha of the student LoRA."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout of the student LoRA."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules the student adapts; default: the family's attention projections."}
+    )
+    lora_init: str = field(default="gaussian", metadata={"help": "PEFT's init_lora_weights."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ValueError(
+                "`model_name_or_path` is required: a Hub id, a local folder, or a registered name such as tiny:sd3."
+            )
+
+
+def get_student_lora_config(model_args: DiffusionModelConfig, pipeline) -> LoraConfig:
+    """The student's `LoraConfig` from `model_args`; the targets default to the family's of `pipeline`."""
+    targets = model_args.lora_target_modules or list(type(get_family(pipeline)).default_lora_targets)
+    init = {"true": True, "false": False}.get(model_args.lora_init.lower(), model_args.lora_init)
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        init_lora_weights=init,
+        use_rslora=model_args.use_rslora,
+    )
