@@ -97,7 +97,8 @@ def _load(spec: str) -> ScoreFunction:
     return getattr(importlib.import_module(module), name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of `main`: `--scorer module:function`, `--host` (127.0.0.1), `--port`."""
     parser = argparse.ArgumentParser(description="Serve a reward function over HTTP (Flow-GRPO's protocol).")
     parser.add_argument("--scorer", required=True, help="module:function with signature (images, prompts, metadata)")
     parser.add_argument(
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         "machines can reach lets them run code as this server's user.",
     )
     parser.add_argument("--port", type=int, default=18085)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
     score = _load(args.scorer)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(score))
     print(f"Serving {args.scorer} on http://{args.host}:{server.server_address[1]}", flush=True)
