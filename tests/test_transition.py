@@ -456,7 +456,7 @@ def test_nft_optimality_and_heun_by_hand():
     torch.testing.assert_close(heun_mean(x, 2 * x, 4 * x, 1.0, 0.5), torch.full((1, 2), -0.5))
 
 
-# ---------------------------------------------------------------------------------------------- CPS: last step, conventions
+# ---------------------------------------------------------------------------------- CPS: last step, conventions
 
 
 def _flow_grpo_cps_step(x, v, sigma, sigma_prev, a, prev_sample):
@@ -530,7 +530,7 @@ def test_cps_log_prob_conventions_against_the_formulas(a):
         step_log_prob(x_next, mean, std, "cps", "exact")
 
 
-# ---------------------------------------------------------------------------------------------- GRPO-Guard bias, advantages
+# ---------------------------------------------------------------------------------- GRPO-Guard bias, advantages
 
 
 def _released_ratio_norm(log_prob, old_log_prob, mean, old_mean, sigma_bar):

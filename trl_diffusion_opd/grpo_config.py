@@ -43,9 +43,9 @@ class FlowGRPOConfig(DiffusionRLConfig):
             Log-probability of a CPS transition (the SDE's is always the per-element mean of the Gaussian
             log-density, as in Flow-GRPO). `"flow_grpo"`: Flow-GRPO's −mean((x′ − μ)²), without 1/(2σ²) or
             constants, so that its published CPS clip ranges transfer. `"gaussian"`: the exact per-element Gaussian
-            log-density, whose log-ratios are 1/(2σ_c²) times larger (≈ 0.7 on the first SD3.5 step at a = 0.7,
-            ≈ 7900 on the last stochastic one, t_next = 0.0089), so the clip range must change accordingly. GRPO-Guard's RatioNorm
-            always uses the Gaussian density (its formula is derived for it).
+            log-density, whose log-ratios are 1/(2σ_c²) times larger (0.68 on the first SD3.5 step at a = 0.7,
+            about 7900 on the last stochastic one, t_next = 0.0089), so the clip range must change accordingly.
+            GRPO-Guard's RatioNorm always uses the Gaussian density (its formula is derived for it).
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             CFG scale, in the rollout and in the loss.
         num_inference_steps (`int`, *optional*, defaults to `10`):

@@ -19,7 +19,7 @@ from .rl_trainer import DiffusionRLTrainer, RewardFunc
 
 
 def select_rows(batch: dict[str, Any], index: list[int]) -> dict[str, Any]:
-    """The rows `index` of a Flow-GRPO batch (`generate_batch` + `make_batch` keys; per-step tensors are step-major)."""
+    """The rows `index` of a Flow-GRPO batch (the keys of `generate_batch` and `make_batch`)."""
     out = dict(batch)
     picked = torch.tensor(index, dtype=torch.long)
     for key in ("states", "log_probs", "means"):
@@ -51,16 +51,19 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
 
     Each optimizer step, for `per_device_train_batch_size` prompts per task: `num_generations` trajectories of the
     stochastic sampler x_{j+1} ~ N(μ_θ(x_j), σ̄_j² I) (Flow-GRPO's SDE or CPS, noise level a, CFG as configured),
-    storing each transition's per-element-mean log-probability log p_old and mean μ_old; the decoded images are
-    scored and their weighted total reward R gives group-normalised advantages A = (R − mean_g R)/(std + 1e-4),
-    clipped to ±`adv_clip_max`. At each of the first ⌊N·timestep_fraction⌋ steps μ_θ is recomputed with grad at the
-    stored state and
+    storing each transition's log-probability log p_old and mean μ_old. log p is Flow-GRPO's: the per-element mean
+    of the Gaussian log-density for the SDE; for CPS −mean((x′ − μ)²) by default, or the exact per-element density
+    with `cps_log_prob="gaussian"` (`transition.step_log_prob`). The decoded images are scored and their weighted
+    total reward R gives group-normalised advantages A = (R − mean_g R)/(std + 1e-4) (exactly 0 for a group of equal
+    rewards, which `drop_zero_std_groups` removes), clipped to ±`adv_clip_max`. At each of the first
+    ⌊N·timestep_fraction⌋ steps μ_θ is recomputed with grad at the stored state and
 
         loss_j = max(−A ρ_j, −A clip(ρ_j, 1 − ε, 1 + ε)) · w_j + β ‖μ_θ − μ_ref‖² / (2 σ_j² D),
 
     with ρ_j = exp(log p_θ(x_{j+1}) − log p_old(x_{j+1})), w_j = 1 (Flow-GRPO), or with GRPO-Guard's RatioNorm
-    ρ_j = exp(σ̄_j (log p_θ − log p_old + ‖μ_θ − μ_old‖² / (2 D σ̄_j²))) and w_j = 1/|Δt_j| (see
-    `objectives.grpo_guard_log_ratio`). μ_ref is the base model's mean (the adapter disabled). The loss is averaged
+    ρ_j = exp(σ̄_j (log p_θ − log p_old + b_j)), b_j = ‖μ_θ − μ_old‖² / (2 D σ̄_j²) per image or its batch mean
+    (`grpo_guard_bias`), with Gaussian log-densities, and w_j = 1/|Δt_j| (see `objectives.grpo_guard_log_ratio`).
+    CPS's step into t = 0 is deterministic (σ̄ = 0): its exact log-ratio and RatioNorm are 0. μ_ref is the base model's mean (the adapter disabled). The loss is averaged
     over steps and images and back-propagated step chunk by step chunk; one optimizer step follows (or
     `num_iterations` on the same batch).
 

@@ -192,9 +192,9 @@ class DiffusionRLTrainer(DiffusionLoRATrainer, abc.ABC):
         step = json.loads(state_file.read_text()).get("global_step", 0) if state_file.is_file() else 0
         if step % self.args.num_iterations:
             logger.warning(
-                f"Resuming from {folder} at step {step}, in the middle of a `num_iterations={self.args.num_iterations}` "
-                f"cycle, without its generated batch ({batch_file.name}): a new batch is generated, so the resumed run "
-                "will not match an uninterrupted one."
+                f"Resuming from {folder} at step {step}, in the middle of a "
+                f"`num_iterations={self.args.num_iterations}` cycle, without its generated batch ({batch_file.name}): "
+                "a new batch is generated, so the resumed run will not match an uninterrupted one."
             )
 
     # ------------------------------------------------------------------ model card

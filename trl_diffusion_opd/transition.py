@@ -272,7 +272,7 @@ def gaussian_log_prob(
 
 
 def flow_grpo_cps_log_prob(sample: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Flow-GRPO's "log_prob" of a CPS transition: ``-mean_i (x'_i - mu_i)^2``, averaged over the ``D`` latent elements.
+    """Flow-GRPO's "log_prob" of a CPS transition: ``-(x'_i - mu_i)^2`` averaged over the ``D`` latent elements.
 
     This is Flow-GRPO's ``sde_step_with_logprob(..., sde_type="cps")`` ("remove all constants"): neither the
     ``1 / (2 sigma_c^2)`` factor nor the normalising constants of the Gaussian, so it is *not* a log-density. A PPO
