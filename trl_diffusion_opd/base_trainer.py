@@ -56,6 +56,7 @@ STUDENT = "student"
 TRAINING_WEIGHTS = "student_training_weights.safetensors"
 EMA_STATE = "ema_state.safetensors"
 LEGACY_EMA_STATE = "ema_state.pt"  # older checkpoints; read with weights_only=True
+TRAINING_ARGS = "training_args.json"
 DEFAULT_TASK = "default"
 
 
@@ -479,7 +480,8 @@ class DiffusionLoRATrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self.save_student_lora(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        # JSON rather than the Trainer's pickled `training_args.bin`: every file the package writes loads without pickle
+        Path(output_dir, TRAINING_ARGS).write_text(self.args.to_json_string())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
