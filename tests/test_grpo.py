@@ -1,10 +1,13 @@
 """FlowGRPOTrainer (Flow-GRPO / GRPO-Guard) on the tiny SD3 pipeline with rule-based rewards."""
 
+import logging
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, FlowGRPOConfig, FlowGRPOTrainer
 from trl_diffusion_opd.rewards import get_reward
@@ -198,3 +201,135 @@ def test_cli_stage_one_commands_write_an_adapter_and_card(tmp_path, command, con
     assert ("**Flow-GRPO**" if command == "grpo" else "**DiffusionNFT**") in card
     assert "| brightness | 1.0 |" in card
     assert cli.main([command, "--config", str(config_path), "--reward_funcs", "nope", "--output_dir", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- CPS, groups, resume
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"cps_log_prob": "flow_grpo"}, {"cps_log_prob": "gaussian"}, {"ratio_normalization": "grpo_guard"}],
+    ids=["flow_grpo", "gaussian", "grpo_guard"],
+)
+def test_cps_trains_through_its_deterministic_last_step(tmp_path, settings):
+    # timestep_fraction=1.0 trains the step into t = 0, whose std is 0 (it used to give a nan loss)
+    trainer = _trainer(
+        tmp_path, sde_type="cps", num_inference_steps=2, timestep_fraction=1.0, num_iterations=2, beta=0.04, **settings
+    )
+    batch = trainer.make_batch([{"prompt": p} for p in PROMPTS[:2]], trainer._generator("t"))
+    assert torch.equal(batch["log_probs"][-1], torch.zeros(8))  # x' = mu on the last step: 0 in both conventions
+    start = [p.detach().clone() for p in trainer.student_parameters]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "ratio/mean" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and math.isfinite(h["ratio/min"]) for h in logs)
+    assert any(not torch.equal(a, b) for a, b in zip(start, trainer.student_parameters))
+    # off-policy (second iteration) the last step's log-ratio stays finite
+    terms = trainer.step_terms(trainer.model, trainer._buffer, range(1, 2))
+    assert torch.isfinite(terms["log_ratio"]).all()
+    if settings.get("cps_log_prob") == "gaussian" or "ratio_normalization" in settings:
+        assert torch.equal(terms["log_ratio"], torch.zeros(8))  # no density: no ratio, no policy gradient
+    else:  # Flow-GRPO's -mean((x' - mu_theta)^2) - 0
+        assert (terms["log_ratio"] < 0).all()
+
+
+def test_cps_conventions_scale_the_log_ratio_by_two_sigma_squared(tmp_path):
+    from trl_diffusion_opd.transition import gaussian_log_prob
+
+    trainer = _trainer(tmp_path, sde_type="cps", num_inference_steps=4, max_steps=1)
+    batch = trainer.make_batch([{"prompt": p} for p in PROMPTS[:2]], trainer._generator("t"))
+    trainer.train()  # move the policy: the recomputed log-probs now differ from the stored ones
+    exact_batch = dict(batch)  # the same rollout with its log-probs in the exact convention
+    exact_batch["log_probs"] = torch.stack(
+        [
+            gaussian_log_prob(batch["states"][j + 1], batch["means"][j], trainer_std(trainer, batch, j), "mean")
+            for j in range(4)
+        ]
+    )
+    for j in range(3):  # the stochastic steps
+        flow = trainer.step_terms(trainer.model, batch, range(j, j + 1))["log_ratio"]
+        trainer.args.cps_log_prob = "gaussian"
+        exact = trainer.step_terms(trainer.model, exact_batch, range(j, j + 1))["log_ratio"]
+        trainer.args.cps_log_prob = "flow_grpo"
+        std = trainer_std(trainer, batch, j)
+        assert flow.abs().max() > 0
+        torch.testing.assert_close(exact, flow / (2 * std**2), rtol=1e-3, atol=1e-6)
+
+
+def trainer_std(trainer, batch, j):
+    return batch["sigmas"][j + 1].item() * math.sin(trainer.args.noise_level * math.pi / 2)
+
+
+def test_config_rejects_untrainable_cps_and_unknown_options(tmp_path):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        _config(tmp_path, sde_type="cps", num_inference_steps=1)
+    _config(tmp_path, sde_type="cps", num_inference_steps=2, timestep_fraction=1.0)  # trainable: one stochastic step
+    with pytest.raises(ValueError, match="cps_log_prob"):
+        _config(tmp_path, cps_log_prob="exact")
+    with pytest.raises(ValueError, match="grpo_guard_bias"):
+        _config(tmp_path, grpo_guard_bias="mean")
+
+
+def _constant_for_prompt_0(images, prompts, metadata):
+    brightness = get_reward("brightness")(images, prompts, metadata)
+    return [0.5 if prompt == "prompt 0" else value for prompt, value in zip(prompts, brightness)]
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_zero_std_groups_are_dropped_as_in_flow_grpo(tmp_path, drop):
+    trainer = _trainer(tmp_path, rewards=_constant_for_prompt_0, drop_zero_std_groups=drop)
+    rows = [{"prompt": p} for p in PROMPTS[:2]]
+    batch = trainer.make_batch(rows, trainer._generator("t"))
+    assert trainer._metrics["zero_std_fraction"] == [0.5]
+    full = FlowGRPOTrainer.__mro__[1].make_batch(trainer, rows, trainer._generator("t"))  # same seed, no filter
+    assert torch.equal(full["advantages"][:4], torch.zeros(4))  # exactly 0 for the constant group
+    if not drop:
+        assert torch.equal(batch["states"], full["states"]) and len(batch["rows"]) == 8
+        return
+    assert [r["prompt"] for r in batch["rows"]] == ["prompt 1"] * 4
+    for key in ("states", "log_probs", "means"):
+        assert torch.equal(batch[key], full[key][:, 4:]), key
+    for key in ("x0", "rewards", "advantages"):
+        assert torch.equal(batch[key], full[key][4:]), key
+    assert torch.equal(batch["cond"]["prompt_embeds"], full["cond"]["prompt_embeds"][4:])
+    assert math.isfinite(trainer.compute_rl_loss(trainer.model, batch))
+    # only constant groups: the batch is kept whole
+    trainer2 = _trainer(tmp_path / "all", rewards=lambda images, p, m: [1.0] * len(images))
+    assert len(trainer2.make_batch(rows, trainer2._generator("t"))["rows"]) == 8
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_in_the_middle_of_num_iterations_is_bit_exact(tmp_path, caplog):
+    settings = {"max_steps": 4, "num_iterations": 2, "save_strategy": "steps", "save_steps": 1, "ema": True}
+    straight = _trainer(tmp_path / "straight", **settings)
+    straight.train()
+    interrupted = _trainer(tmp_path / "resumed", **settings)
+    interrupted.add_callback(_StopAt(3))
+    interrupted.train()
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-3"
+    assert (checkpoint / "rl_batch-0.safetensors").is_file()  # mid-cycle: the batch is stored
+    assert not (tmp_path / "resumed" / "out" / "checkpoint-2" / "rl_batch-0.safetensors").exists()  # cycle boundary
+    assert (checkpoint / "ema_state.safetensors").is_file() and not (checkpoint / "ema_state.pt").exists()
+
+    resumed = _trainer(tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    for a, b in zip(straight.student_parameters, resumed.student_parameters):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema.shadow_params, resumed.ema.shadow_params):
+        assert torch.equal(a, b)
+
+    # without the stored batch the resume regenerates it, says so, and ends elsewhere
+    (checkpoint / "rl_batch-0.safetensors").unlink()
+    regenerated = _trainer(tmp_path / "resumed", **settings)
+    with caplog.at_level(logging.WARNING):
+        regenerated.train(resume_from_checkpoint=str(checkpoint))
+    assert "will not match an uninterrupted one" in caplog.text
+    assert any(not torch.equal(a, b) for a, b in zip(straight.student_parameters, regenerated.student_parameters))

@@ -301,9 +301,9 @@ def test_push_to_hub_uploads_exactly_adapter_card_and_samples(pushed):
     )
     assert pushed["commit"].oid == "0" * 40
     assert fake.validated_cards == [(output_dir / "README.md").read_text()]
-    # What stayed local: the checkpoints (optimizer state), the teacher, logs and the pickled arguments.
+    # What stayed local: the checkpoints (optimizer state), the teacher, logs and the training arguments.
     assert (output_dir / "checkpoint-2" / "optimizer.pt").is_file()
-    assert (output_dir / "training_args.bin").is_file()
+    assert (output_dir / "training_args.json").is_file()
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert weights and all(key.startswith("transformer.") for key in weights)
 

@@ -164,3 +164,24 @@ def test_cascade_continues_from_the_previous_adapter(tmp_path):
     second.train()
     moved = sum((second.student_state_dict()[k] - v).abs().sum().item() for k, v in trained.items())
     assert moved > 0  # the second stage trains on from there
+
+
+def test_resume_in_the_middle_of_num_iterations_is_bit_exact(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    settings = {"max_steps": 4, "num_iterations": 2, "save_strategy": "steps", "save_steps": 1}
+    straight = _trainer(tmp_path / "straight", **settings)
+    straight.train()
+    interrupted = _trainer(tmp_path / "resumed", **settings)
+    interrupted.add_callback(StopAt3())
+    interrupted.train()
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-3"
+    assert (checkpoint / "rl_batch-0.safetensors").is_file()
+    resumed = _trainer(tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for a, b in zip(straight._adapter_pairs(), resumed._adapter_pairs()):  # student and old policy
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

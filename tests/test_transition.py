@@ -7,13 +7,17 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from trl_diffusion_opd.transition import (
+    CPS_LOG_PROBS,
     KL_NORMALIZATIONS,
+    LOG_PROB_REDUCTIONS,
     SAMPLERS,
     closed_form_kl,
+    flow_grpo_cps_log_prob,
     gaussian_log_prob,
     ppo_surrogate_loss,
     sample_step,
     sde_sigma,
+    step_log_prob,
     step_mean,
     step_std,
 )
@@ -450,3 +454,162 @@ def test_nft_optimality_and_heun_by_hand():
     x = torch.ones(1, 2)
     # dt = -0.5; x + dt * (v + v_next) / 2 = 1 - 0.5 * 3 = -0.5
     torch.testing.assert_close(heun_mean(x, 2 * x, 4 * x, 1.0, 0.5), torch.full((1, 2), -0.5))
+
+
+# ---------------------------------------------------------------------------------- CPS: last step, conventions
+
+
+def _flow_grpo_cps_step(x, v, sigma, sigma_prev, a, prev_sample):
+    """Flow-GRPO's `sde_step_with_logprob(..., sde_type="cps")` (yifan123/flow_grpo), written out as published."""
+    std_dev_t = sigma_prev * math.sin(a * math.pi / 2)
+    pred_original_sample = x - sigma * v
+    noise_estimate = x + v * (1 - sigma)
+    prev_sample_mean = pred_original_sample * (1 - sigma_prev) + noise_estimate * math.sqrt(
+        sigma_prev**2 - std_dev_t**2
+    )
+    log_prob = -((prev_sample - prev_sample_mean) ** 2)  # "remove all constants"
+    return prev_sample_mean, log_prob.mean(dim=tuple(range(1, log_prob.ndim))), std_dev_t
+
+
+def test_cps_last_step_is_deterministic_and_its_log_probs_are_finite():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    x_next, mean, std = sample_step(x, v, 0.3, 0.0, 0.7, "cps", generator=g)
+    assert float(std) == 0.0 and torch.equal(x_next, mean)
+    moved = (mean + 0.05 * torch.randn(mean.shape, generator=g)).requires_grad_()
+    for reduction in LOG_PROB_REDUCTIONS:
+        # no density: 0 for every sample, with a finite (zero) gradient; it used to be nan
+        value = gaussian_log_prob(x_next, moved, std, reduction)
+        assert torch.equal(value, torch.zeros(3))
+        (grad,) = torch.autograd.grad(value.sum(), moved)
+        assert torch.equal(grad, torch.zeros_like(grad))
+    # a (B,) std with one deterministic row leaves the other rows' exact density untouched
+    stds = torch.tensor([0.0, 0.2, 0.5])
+    mixed = gaussian_log_prob(x_next, moved.detach(), stds)
+    assert mixed[0] == 0.0
+    torch.testing.assert_close(mixed[1:], gaussian_log_prob(x_next[1:], moved.detach()[1:], stds[1:]))
+    # Flow-GRPO's convention: 0 at the rollout (x' = mu), -mean((x' - mu_theta)^2) for a moved policy, finite
+    assert torch.equal(step_log_prob(x_next, mean, std, "cps", "flow_grpo"), torch.zeros(3))
+    ref_mean, ref_lp, _ = _flow_grpo_cps_step(x, v, 0.3, 0.0, 0.7, x_next)
+    torch.testing.assert_close(mean, ref_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(step_log_prob(x_next, mean, std, "cps"), ref_lp, rtol=0, atol=1e-7)
+    moved_lp = step_log_prob(x_next, moved.detach(), std, "cps", "flow_grpo")
+    torch.testing.assert_close(moved_lp, -((x_next - moved.detach()) ** 2).flatten(1).mean(1))
+    assert torch.isfinite(moved_lp).all() and (moved_lp < 0).all()
+
+
+@pytest.mark.parametrize("a", [0.3, 0.7])
+def test_cps_log_prob_conventions_against_the_formulas(a):
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(4, 3, 4, 4, generator=g), torch.randn(4, 3, 4, 4, generator=g)
+    t, t_next = 0.7, 0.45
+    x_next, mean, std = sample_step(x, v, t, t_next, a, "cps", generator=g)
+    ref_mean, ref_lp, ref_std = _flow_grpo_cps_step(x, v, t, t_next, a, x_next)
+    torch.testing.assert_close(mean, ref_mean, rtol=0, atol=1e-6)
+    assert float(std) == pytest.approx(ref_std, rel=1e-6)
+    # default: Flow-GRPO's value, bit for bit the published formula
+    torch.testing.assert_close(step_log_prob(x_next, mean, std, "cps"), ref_lp, rtol=1e-6, atol=0)
+    torch.testing.assert_close(flow_grpo_cps_log_prob(x_next, mean), ref_lp, rtol=1e-6, atol=0)
+    # "gaussian": the exact density per element, -(x' - mu)^2 / (2 s^2) - log s - log(2 pi) / 2
+    exact = (-((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+    torch.testing.assert_close(step_log_prob(x_next, mean, std, "cps", "gaussian"), exact)
+    # PPO log-ratios: exact = Flow-GRPO's / (2 sigma_c^2)
+    moved = mean + 0.02 * torch.randn(mean.shape, generator=g)
+    ratio_fg = step_log_prob(x_next, moved, std, "cps") - step_log_prob(x_next, mean, std, "cps")
+    ratio_exact = step_log_prob(x_next, moved, std, "cps", "gaussian") - step_log_prob(
+        x_next, mean, std, "cps", "gaussian"
+    )
+    torch.testing.assert_close(ratio_exact, ratio_fg / (2 * std**2), rtol=1e-4, atol=1e-7)
+    # the SDE has one convention, the per-element mean of the density (Flow-GRPO's too)
+    x_next, mean, std = sample_step(x, v, t, t_next, a, "sde", generator=g)
+    for convention in CPS_LOG_PROBS:
+        assert torch.equal(
+            step_log_prob(x_next, mean, std, "sde", convention), gaussian_log_prob(x_next, mean, std, "mean")
+        )
+    with pytest.raises(ValueError, match="cps_log_prob"):
+        step_log_prob(x_next, mean, std, "cps", "exact")
+
+
+# ---------------------------------------------------------------------------------- GRPO-Guard bias, advantages
+
+
+def _released_ratio_norm(log_prob, old_log_prob, mean, old_mean, sigma_bar):
+    """The RatioNorm block of GRPO-Guard's `train_sd3_GRPO_Guard.py` (sqrt_dt.mean() * sigma_t = sigma_bar)."""
+    ratio_mean_bias = (mean - old_mean).pow(2).mean(dim=tuple(range(1, log_prob.ndim)))  # ndim 1: dim=() = all
+    ratio_mean_bias = ratio_mean_bias / (2 * sigma_bar**2)
+    return (log_prob - old_log_prob + ratio_mean_bias) * sigma_bar
+
+
+def _guard_inputs(batch, seed, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    old = torch.randn(batch, 3, 2, 2, generator=g)
+    sample = old + std * torch.randn(old.shape, generator=g)
+    moved = old + 0.05 * torch.randn(old.shape, generator=g)  # a different shift per row
+    lp_old = gaussian_log_prob(sample, old, std, "mean")
+    lp_new = gaussian_log_prob(sample, moved, std, "mean")
+    return sample, old, moved, lp_old, lp_new
+
+
+def test_grpo_guard_bias_sample_and_batch_against_their_formulas():
+    from trl_diffusion_opd.objectives import grpo_guard_log_ratio
+
+    std = 0.3
+    sample, old, moved, lp_old, lp_new = _guard_inputs(4, 0, std)
+    per_sample = grpo_guard_log_ratio(lp_new, lp_old, moved, old, std, "sample")
+    batch = grpo_guard_log_ratio(lp_new, lp_old, moved, old, std, "batch")
+    # "sample" is the paper's closed form <x' - mu_old, mu_theta - mu_old> / (D sigma_bar)
+    closed = ((sample - old) * (moved - old)).flatten(1).mean(1) / std
+    torch.testing.assert_close(per_sample, closed, rtol=1e-4, atol=1e-6)
+    # "batch" is the released code, literally
+    torch.testing.assert_close(batch, _released_ratio_norm(lp_new, lp_old, moved, old, std), rtol=1e-5, atol=1e-7)
+    # and they differ by sigma_bar (b_bar - b_i), b_i = ||mu_theta - mu_old||^2 / (2 D sigma_bar^2)
+    b = (moved - old).pow(2).flatten(1).mean(1) / (2 * std**2)
+    torch.testing.assert_close(batch - per_sample, std * (b.mean() - b), rtol=1e-4, atol=1e-7)
+    assert (batch - per_sample).abs().max() > 1e-4  # a real difference here
+    # a batch of one: identical
+    one = [t[:1] for t in (lp_new, lp_old, moved, old)]
+    assert torch.equal(grpo_guard_log_ratio(*one, std, "sample"), grpo_guard_log_ratio(*one, std, "batch"))
+    # two trained steps in one call (step-major rows): the batch mean is taken within each step
+    stds = torch.tensor([0.3] * 4 + [0.1] * 4)
+    sample2, old2, moved2, _, _ = _guard_inputs(4, 1, 0.1)
+    rows = [torch.cat(pair) for pair in ((sample, sample2), (old, old2), (moved, moved2))]
+    lp_o = gaussian_log_prob(rows[0], rows[1], stds, "mean")
+    lp_n = gaussian_log_prob(rows[0], rows[2], stds, "mean")
+    both = grpo_guard_log_ratio(lp_n, lp_o, rows[2], rows[1], stds, "batch", num_groups=2)
+    first = _released_ratio_norm(lp_n[:4], lp_o[:4], rows[2][:4], rows[1][:4], 0.3)
+    second = _released_ratio_norm(lp_n[4:], lp_o[4:], rows[2][4:], rows[1][4:], 0.1)
+    torch.testing.assert_close(both, torch.cat([first, second]), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="num_groups"):
+        grpo_guard_log_ratio(lp_n, lp_o, rows[2], rows[1], stds, "batch", num_groups=3)
+    with pytest.raises(ValueError, match="bias"):
+        grpo_guard_log_ratio(lp_n, lp_o, rows[2], rows[1], stds, "mean")
+
+
+def test_grpo_guard_log_ratio_is_zero_on_a_deterministic_step():
+    from trl_diffusion_opd.objectives import grpo_guard_log_ratio
+
+    old = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    moved = (old + 0.1).requires_grad_()
+    zero = torch.zeros(2)
+    for bias in ("sample", "batch"):
+        value = grpo_guard_log_ratio(zero, zero, moved, old, torch.zeros(2), bias)
+        assert torch.equal(value, torch.zeros(2))  # was nan (0 * inf)
+        (grad,) = torch.autograd.grad(value.sum(), moved)
+        assert torch.isfinite(grad).all()
+
+
+def test_constant_groups_get_exactly_zero_advantages():
+    from trl_diffusion_opd.objectives import group_advantages, zero_std_groups
+
+    # float32's mean of 24 x 0.7 is 0.7 + 6e-8, which used to give advantages of -6e-4 (0.7) / +6e-4 (0.9)
+    for value in (0.7, 0.9, 0.1, 1 / 3):
+        rewards = torch.full((24,), value)
+        for scale in ("group", "batch", "none"):
+            assert torch.equal(group_advantages(rewards, 24, scale), torch.zeros(24)), (value, scale)
+    rewards = torch.tensor([0.7, 0.7, 0.7, 0.2, 0.5, 0.9])
+    assert zero_std_groups(rewards, 3).tolist() == [True, False]
+    adv = group_advantages(rewards, 3)
+    assert torch.equal(adv[:3], torch.zeros(3))
+    group = rewards[3:].double()
+    expected = (group - group.mean()) / (group.std(unbiased=False) + 1e-4)
+    torch.testing.assert_close(adv[3:], expected.float(), rtol=0, atol=0)

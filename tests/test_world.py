@@ -298,10 +298,10 @@ def test_pretrain_resumes_exactly(tmp_path):
 
     with pytest.raises(Killed):
         pretrain(_pretrain_config(tmp_path / "resumed"), on_step=kill_at_two)
-    assert torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
     resumed = pretrain(_pretrain_config(tmp_path / "resumed"))
-    state_a = torch.load(tmp_path / "straight" / "checkpoint" / "state.pt", weights_only=False)
-    state_b = torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=False)
+    state_a = torch.load(tmp_path / "straight" / "checkpoint" / "state.pt", weights_only=True)
+    state_b = torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=True)
     assert state_a["step"] == state_b["step"] == 4
     for key, value in state_a["transformer"].items():
         assert torch.equal(value, state_b["transformer"][key]), key

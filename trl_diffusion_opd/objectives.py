@@ -17,6 +17,7 @@ from .transition import _expand
 
 
 SCALE_REWARDS = ("group", "batch", "none")
+RATIO_NORM_BIASES = ("sample", "batch")
 ADV_EPS = 1e-4  # added to the std of the advantages (Flow-GRPO's stat tracker)
 NFT_WEIGHT_MIN = 1e-5  # floor of NFT's adaptive weight
 
@@ -39,6 +40,10 @@ def group_advantages(
     The mean is always the group's; the std is the group's (``"group"``, Flow-GRPO's per-prompt tracking), the whole
     batch's (``"batch"``), or 1 (``"none"``). Stds are the population std (``unbiased=False``).
 
+    Computed in float64 (as Flow-GRPO's numpy stat tracker), and a group whose rewards are all equal gets advantages
+    of exactly 0 (in float32 its mean is not always one of its values: ``mean([0.7] * 24)`` leaves about ``6e-8``,
+    i.e. advantages of about ``6e-4`` after the division by ``std + eps = 1e-4``).
+
     Args:
         rewards: ``(K G,)`` total rewards (reward units).
         num_generations: group size ``G``.
@@ -51,17 +56,32 @@ def group_advantages(
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"unknown scale {scale!r}; expected one of {SCALE_REWARDS}")
-    rewards = rewards.float()
     if rewards.dim() != 1 or rewards.numel() % num_generations:
         raise ValueError(f"rewards must be (K * {num_generations},), got shape {tuple(rewards.shape)}")
+    rewards = rewards.double()
     groups = rewards.view(-1, num_generations)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale == "group":
         centred = centred / (groups.std(dim=1, unbiased=False, keepdim=True) + eps)
     elif scale == "batch":
         centred = centred / (rewards.std(unbiased=False) + eps)
-    advantages = centred.flatten()
+    centred = torch.where(zero_std_groups(rewards, num_generations).unsqueeze(1), 0.0, centred)
+    advantages = centred.flatten().float()
     return advantages if clip is None else advantages.clamp(-clip, clip)
+
+
+def zero_std_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Which groups' rewards are all equal (their advantages are 0, so they carry no policy gradient).
+
+    Args:
+        rewards: ``(K G,)`` total rewards, grouped as in ``group_advantages``.
+        num_generations: group size ``G``.
+
+    Returns:
+        bool ``(K,)``.
+    """
+    groups = rewards.view(-1, num_generations)
+    return groups.amax(dim=1) == groups.amin(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -75,35 +95,60 @@ def grpo_guard_log_ratio(
     mean: torch.Tensor,
     old_mean: torch.Tensor,
     std: torch.Tensor | float,
+    bias: str = "sample",
+    num_groups: int = 1,
 ) -> torch.Tensor:
     """GRPO-Guard's RatioNorm: the per-step log importance ratio, recentred and rescaled.
 
-    With per-element-mean log-probs (Flow-GRPO's convention, ``gaussian_log_prob(..., reduction="mean")``) of the
-    sampled ``x'`` under the current mean ``mu_theta`` and the rollout mean ``mu_old``, both with the transition std
-    ``sigma_bar`` (``step_std``),
+    With per-element-mean Gaussian log-densities (``gaussian_log_prob(..., reduction="mean")``) of the sampled ``x'``
+    under the current mean ``mu_theta`` and the rollout mean ``mu_old``, both with the transition std ``sigma_bar``
+    (``step_std``),
 
         log r = log p_theta(x') - log p_old(x') = [ ||x' - mu_old||^2 - ||x' - mu_theta||^2 ] / (2 D sigma_bar^2)
 
-    whose expectation over ``x' ~ p_old`` is ``-||mu_theta - mu_old||^2 / (2 D sigma_bar^2)`` < 0: the ratio is
-    biased below 1, the more so at small ``sigma_bar`` (late steps). RatioNorm adds that mean shift back and scales
-    by ``sigma_bar``, so that the spread no longer depends on the step:
+    whose expectation over ``x' ~ p_old`` is ``-b``, ``b = ||mu_theta - mu_old||^2 / (2 D sigma_bar^2) >= 0``: the
+    ratio is biased below 1, the more so at small ``sigma_bar`` (late steps). RatioNorm adds the bias back and
+    scales by ``sigma_bar``, so that the spread no longer depends on the step:
 
-        log r_norm = sigma_bar * ( log r + ||mu_theta - mu_old||^2 / (2 D sigma_bar^2) )
-                   = <x' - mu_old, mu_theta - mu_old> / (D sigma_bar).
+        log r_norm = sigma_bar * (log r + b).
 
-    It is 0 exactly when the policy has not moved (``mu_theta == mu_old``, and ``log_prob == old_log_prob``).
+    Two forms of ``b`` (``bias``):
+
+    * ``"sample"`` (default; the paper's form): each row's own ``b_i``. Then exactly
+      ``log r_norm_i = <x'_i - mu_old_i, mu_theta_i - mu_old_i> / (D sigma_bar)``, zero-mean for every row.
+    * ``"batch"`` (the released code, ``train_sd3_GRPO_Guard.py``: its ``.mean(dim=tuple(range(1, log_prob.ndim)))``
+      on the ``(B,)`` log-prob is ``mean(dim=())``, a mean over the whole batch): every row of a step gets the batch
+      mean ``b_bar``, so ``log r_norm_i`` is the ``"sample"`` value plus ``sigma_bar (b_bar - b_i)``. Rows are split
+      into ``num_groups`` consecutive equal blocks (one per trained step, step-major) and ``b`` is averaged within
+      each block.
+
+    The two agree for a batch of one, and whenever the policy has not moved (``mu_theta == mu_old``: ``b = 0``, so on
+    the first optimizer step on a batch); they differ by the second-order term above otherwise. Both are 0 exactly
+    when the policy has not moved. A row with ``sigma_bar = 0`` (CPS's deterministic last step) gets 0.
 
     Args:
-        log_prob, old_log_prob: ``(B,)`` per-element-mean log-densities (nats per latent element).
+        log_prob, old_log_prob: ``(B,)`` per-element-mean Gaussian log-densities (nats per latent element).
         mean, old_mean: ``(B, *D)`` transition means; ``mean`` carries the gradient.
-        std: transition std ``sigma_bar``, float / scalar / ``(B,)``, ``> 0`` (latent units).
+        std: transition std ``sigma_bar``, float / scalar / ``(B,)``, ``>= 0`` (latent units).
+        bias: ``"sample"`` or ``"batch"`` (``RATIO_NORM_BIASES``).
+        num_groups: blocks of rows that ``"batch"`` averages over separately; must divide ``B``.
 
     Returns:
         float32 ``(B,)``, the normalised log-ratio (dimensionless).
     """
-    std = torch.as_tensor(std, dtype=torch.float32, device=log_prob.device)
-    shift = (mean.float() - old_mean.float().detach()).pow(2).flatten(1).mean(dim=1) / (2.0 * std**2)
-    return (log_prob.float() - old_log_prob.float() + shift) * std
+    if bias not in RATIO_NORM_BIASES:
+        raise ValueError(f"unknown bias {bias!r}; expected one of {RATIO_NORM_BIASES}")
+    rows = log_prob.shape[0]
+    if num_groups < 1 or rows % num_groups:
+        raise ValueError(f"num_groups must be >= 1 and divide the {rows} rows, got {num_groups}")
+    std = torch.as_tensor(std, dtype=torch.float32, device=log_prob.device).expand(rows)
+    deterministic = std == 0
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
+    shift = (mean.float() - old_mean.float().detach()).pow(2).flatten(1).mean(dim=1) / (2.0 * safe_std**2)
+    if bias == "batch":
+        shift = shift.view(num_groups, -1).mean(dim=1, keepdim=True).expand(num_groups, rows // num_groups).flatten()
+    log_ratio = (log_prob.float() - old_log_prob.float() + shift) * std
+    return torch.where(deterministic, torch.zeros_like(log_ratio), log_ratio)
 
 
 def grpo_guard_step_weight(t, t_next) -> torch.Tensor:

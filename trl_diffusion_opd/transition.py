@@ -11,7 +11,15 @@ Pure float32 torch math, no pipeline objects. Conventions used throughout:
 * every result is float32 whatever the input dtype.
 
 Samplers: ``noise_level == 0`` is the deterministic Euler ODE step (any sampler); ``"sde"`` is Flow-GRPO's
-Euler-Maruyama discretisation of the marginal-preserving SDE; ``"cps"`` is coefficient-preserving sampling.
+Euler-Maruyama discretisation of the marginal-preserving SDE; ``"cps"`` is coefficient-preserving sampling. CPS's
+std ``t_next sin(a pi / 2)`` is 0 on the step into ``t = 0``: that last transition is deterministic (see
+``gaussian_log_prob`` and ``closed_form_kl`` for how each quantity treats it).
+
+Log-probability conventions (``step_log_prob``): the true Gaussian log-density ``gaussian_log_prob`` (nats, summed
+or averaged over latent elements), and Flow-GRPO's ``sde_step_with_logprob``, which returns for ``"sde"`` the
+per-element *mean* of the true log-density (constants included) but for ``"cps"`` only ``-mean((x' - mu)^2)``
+(no ``1 / (2 sigma^2)``, no constants). PPO log-ratios of the two CPS conventions differ by the factor
+``1 / (2 sigma_c^2)``, so clip ranges published for one do not transfer to the other.
 """
 
 import math
@@ -22,6 +30,7 @@ import torch
 SAMPLERS = ("sde", "cps")
 KL_NORMALIZATIONS = ("paper", "reference")
 LOG_PROB_REDUCTIONS = ("sum", "mean")
+CPS_LOG_PROBS = ("flow_grpo", "gaussian")
 
 # Used for ``t >= 1`` inside the SDE sigma when the caller gives no ``t_guard`` (keeps sigma finite).
 _DEFAULT_T_CLAMP = 1.0 - 1e-4
@@ -232,11 +241,18 @@ def gaussian_log_prob(
 ) -> torch.Tensor:
     """Log-density of ``N(mean, std^2 I)`` at ``sample``, reduced over the non-batch dims.
 
+    ``log p = sum_i [-(x'_i - mu_i)^2 / (2 std^2) - log std - log(2 pi) / 2]`` (``"sum"``) or the same averaged over
+    the ``D`` latent elements (``"mean"``, which for the ``"sde"`` sampler is what Flow-GRPO's
+    ``sde_step_with_logprob`` returns; its ``"cps"`` value is another quantity, see ``flow_grpo_cps_log_prob``).
+
+    A row whose ``std`` is 0 (CPS's last step into ``t = 0``) is a deterministic transition, which has no density:
+    its log-prob is defined as 0 for every sample (value and gradient), so a log-ratio of such a step is 0 and the
+    step carries no policy gradient. That is also what Flow-GRPO's rollout stores there (``x' = mu``).
+
     Args:
         sample, mean: ``(B, *D)``.
-        std: ``> 0``; float, scalar, ``(B,)`` or a tensor already broadcastable to ``sample``.
-        reduction: ``"sum"`` (the true log-density, nats) or ``"mean"`` (per-element average, Flow-GRPO's
-            convention).
+        std: ``>= 0``; float, scalar, ``(B,)`` or a tensor already broadcastable to ``sample`` (latent units).
+        reduction: ``"sum"`` (the true log-density, nats) or ``"mean"`` (nats per latent element).
 
     Returns:
         float32 ``(B,)``.
@@ -247,8 +263,64 @@ def gaussian_log_prob(
     std = _as_tensor(std, sample.device)
     if std.dim() <= 1:
         std = _expand(std, sample)
-    log_prob = -((sample - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _HALF_LOG_2PI
+    deterministic = std == 0
+    # a safe std keeps the value and the gradient of the masked rows finite (0 * inf would be nan)
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
+    log_prob = -((sample - mean) ** 2) / (2.0 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI
+    log_prob = torch.where(deterministic, torch.zeros_like(log_prob), log_prob)
     return _reduce(log_prob.expand_as(sample), reduction)
+
+
+def flow_grpo_cps_log_prob(sample: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's "log_prob" of a CPS transition: ``-(x'_i - mu_i)^2`` averaged over the ``D`` latent elements.
+
+    This is Flow-GRPO's ``sde_step_with_logprob(..., sde_type="cps")`` ("remove all constants"): neither the
+    ``1 / (2 sigma_c^2)`` factor nor the normalising constants of the Gaussian, so it is *not* a log-density. A PPO
+    log-ratio built on it equals ``2 sigma_c^2`` times the exact per-element log-ratio (``gaussian_log_prob(...,
+    "mean")``), whence Flow-GRPO's CPS clip ranges only transfer with this convention. It is finite on the
+    deterministic last step (``sigma_c = 0``), where the rollout's own value is 0.
+
+    Args:
+        sample, mean: ``(B, *D)``.
+
+    Returns:
+        float32 ``(B,)``, in squared latent units (no nats).
+    """
+    return -_reduce((sample.float() - mean.float()) ** 2, "mean")
+
+
+def step_log_prob(
+    sample: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor | float,
+    sampler: str = "sde",
+    cps_log_prob: str = "flow_grpo",
+) -> torch.Tensor:
+    """Per-element log-probability of a sampled transition, in the convention a PPO ratio is built on.
+
+    * ``"sde"`` (either ``cps_log_prob``): ``gaussian_log_prob(sample, mean, std, "mean")``, which is also Flow-GRPO's
+      value.
+    * ``"cps"`` with ``cps_log_prob="flow_grpo"`` (default, so that Flow-GRPO's CPS hyper-parameters transfer):
+      ``flow_grpo_cps_log_prob(sample, mean) = -mean((x' - mu)^2)``.
+    * ``"cps"`` with ``cps_log_prob="gaussian"``: the exact per-element log-density
+      ``gaussian_log_prob(sample, mean, std, "mean")``; log-ratios are ``1 / (2 sigma_c^2)`` times the Flow-GRPO ones.
+
+    Args:
+        sample, mean: ``(B, *D)``.
+        std: transition std (``step_std``), float / scalar / ``(B,)``.
+        sampler: one of ``SAMPLERS``.
+        cps_log_prob: one of ``CPS_LOG_PROBS``.
+
+    Returns:
+        float32 ``(B,)``: nats per latent element, or squared latent units for CPS's ``"flow_grpo"``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if cps_log_prob not in CPS_LOG_PROBS:
+        raise ValueError(f"unknown cps_log_prob {cps_log_prob!r}; expected one of {CPS_LOG_PROBS}")
+    if sampler == "cps" and cps_log_prob == "flow_grpo":
+        return flow_grpo_cps_log_prob(sample, mean)
+    return gaussian_log_prob(sample, mean, std, "mean")
 
 
 def closed_form_kl(

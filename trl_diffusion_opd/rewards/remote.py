@@ -12,8 +12,9 @@ as in Flow-GRPO, they run in a separate process that speaks Flow-GRPO's reward-s
 | `hpsv2` | `http://127.0.0.1:18088` | `outputs` | `server.py --scorer` with an hpsv2 function |
 | `imagereward` | `http://127.0.0.1:18089` | `outputs` | `server.py --scorer` with an ImageReward function |
 
-Any other server works through `RemoteReward(url, score_key=...)`. The protocol pickles: point clients only at
-servers you run.
+Any other server works through `RemoteReward(url, score_key=...)`. The protocol pickles (Flow-GRPO compatibility):
+the client unpickles every answer, so a server you do not run, or anyone who can alter the plain-HTTP traffic, can run
+code in the training process. Point clients only at servers you run, on this machine or over a network you trust.
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@ Protocol (Flow-GRPO's `reward-server`, after ddpo-pytorch's LLaVA server): the c
 200 with a pickled dict of per-image lists (`{"outputs": [...]}`, or GenEval's `{"scores", "rewards",
 "strict_rewards", "group_rewards", "group_strict_rewards"}`), or 500 with the traceback as text.
 
-Pickle runs code when loaded: serve on 127.0.0.1 (the default) or a private network, and point clients only at
-servers you run.
+Security: pickle runs code when loaded. This server unpickles every request, so anyone who can reach its port can run
+any command as the server's user. It therefore listens on 127.0.0.1 (this machine only) unless `--host` / `host`
+says otherwise; `--host 0.0.0.0` or a public address exposes it to every machine that can reach the port. Across
+machines use an SSH tunnel or a private network you trust. Clients unpickle the answers too (see
+`trl_diffusion_opd.rewards.remote`): point them only at servers you run.
 
 This file needs only the standard library and Pillow, so it runs in the reward model's own environment; copy it there
 and serve any function `score(images, prompts, metadata) -> list[float]` (or a dict of lists):
@@ -77,7 +80,8 @@ def make_handler(score: ScoreFunction, lock: threading.Lock | None = None) -> ty
 def serve(score: ScoreFunction, host: str = "127.0.0.1", port: int = 18085) -> ThreadingHTTPServer:
     """Start serving `score` in a background thread; returns the server (`server.server_address`, `shutdown()`).
 
-    `port=0` picks a free port.
+    `host` defaults to loopback: any other address lets whoever reaches the port run code here (the requests are
+    pickles). `port=0` picks a free port.
     """
     server = ThreadingHTTPServer((host, port), make_handler(score))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -93,12 +97,22 @@ def _load(spec: str) -> ScoreFunction:
     return getattr(importlib.import_module(module), name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of `main`: `--scorer module:function`, `--host` (127.0.0.1), `--port`."""
     parser = argparse.ArgumentParser(description="Serve a reward function over HTTP (Flow-GRPO's protocol).")
     parser.add_argument("--scorer", required=True, help="module:function with signature (images, prompts, metadata)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on (default 127.0.0.1, this machine only). Requests are pickles: any address other "
+        "machines can reach lets them run code as this server's user.",
+    )
     parser.add_argument("--port", type=int, default=18085)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
     score = _load(args.scorer)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(score))
     print(f"Serving {args.scorer} on http://{args.host}:{server.server_address[1]}", flush=True)

@@ -39,6 +39,7 @@ from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_task
 from ..families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from ..hub import create_model_card, push_checkpoint, push_to_hub
+from ..safe_io import load_ema_state, save_ema_state
 from ..teachers import (
     STUDENT,
     AdapterSwitch,
@@ -53,7 +54,9 @@ from .callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
 
 
 TRAINING_WEIGHTS = "student_training_weights.safetensors"
-EMA_STATE = "ema_state.pt"
+EMA_STATE = "ema_state.safetensors"
+LEGACY_EMA_STATE = "ema_state.pt"  # older checkpoints; read with weights_only=True
+TRAINING_ARGS = "training_args.json"
 DEFAULT_TASK = "default"
 
 
@@ -325,6 +328,7 @@ class DiffusionLoRATrainer(Trainer):
         generator: torch.Generator,
         guidance_scale: float | None = None,
         log_prob_reduction: str = "sum",
+        cps_log_prob: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Sample the student's trajectory with no grad, with the configured sampler (`noise_level`, `sde_type`).
 
@@ -332,7 +336,9 @@ class DiffusionLoRATrainer(Trainer):
             cond: Conditioning, one row per trajectory.
             generator: Draws the initial latents and the SDE noise.
             guidance_scale: CFG scale; `None` uses `args.guidance_scale`.
-            log_prob_reduction: `"sum"` (the true log-density) or `"mean"` (per latent element, Flow-GRPO's).
+            log_prob_reduction: `"sum"` (the true log-density) or `"mean"` (per latent element).
+            cps_log_prob: When given, the log-probs are `transition.step_log_prob` in this CPS convention
+                (`"flow_grpo"` or `"gaussian"`, per latent element) and `log_prob_reduction` is ignored.
 
         Returns:
             `states` `(N + 1, B, ...)` float32 (x_{t_0}..x_{t_N}), `sigmas` `(N + 1,)`, and for stochastic samplers
@@ -355,7 +361,10 @@ class DiffusionLoRATrainer(Trainer):
                 x, v, sigmas[j].item(), sigmas[j + 1].item(), args.noise_level, args.sde_type, t_guard, noise=noise
             )
             if args.noise_level > 0:
-                log_probs.append(transition.gaussian_log_prob(x, mean, std, log_prob_reduction))
+                if cps_log_prob is None:
+                    log_probs.append(transition.gaussian_log_prob(x, mean, std, log_prob_reduction))
+                else:
+                    log_probs.append(transition.step_log_prob(x, mean, std, args.sde_type, cps_log_prob))
                 means.append(mean)
             states.append(x)
         out = {"states": torch.stack(states), "sigmas": sigmas}
@@ -471,7 +480,8 @@ class DiffusionLoRATrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self.save_student_lora(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        # JSON rather than the Trainer's pickled `training_args.bin`: every file the package writes loads without pickle
+        Path(output_dir, TRAINING_ARGS).write_text(self.args.to_json_string())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
@@ -492,7 +502,7 @@ class DiffusionLoRATrainer(Trainer):
             # The exported adapter holds the EMA weights; resuming needs the raw training weights too.
             save_file({**self.student_state_dict(), **self._extra_checkpoint_state()}, str(folder / TRAINING_WEIGHTS))
             if self.ema is not None:
-                torch.save(self.ema.state_dict(), folder / EMA_STATE)
+                save_ema_state(self.ema.state_dict(), folder / EMA_STATE)
             self.create_model_card(output_dir=str(folder))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -508,8 +518,9 @@ class DiffusionLoRATrainer(Trainer):
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"Checkpoint {folder} does not match the student adapter: {result.unexpected_keys[:3]}")
         self._load_extra_checkpoint_state(extra)
-        if self.ema is not None and (folder / EMA_STATE).is_file():
-            self.ema.load_state_dict(torch.load(folder / EMA_STATE, weights_only=False))
+        ema_file = next((folder / n for n in (EMA_STATE, LEGACY_EMA_STATE) if (folder / n).is_file()), None)
+        if self.ema is not None and ema_file is not None:
+            self.ema.load_state_dict(load_ema_state(ema_file))  # never unpickles code
             self.ema.to(self.args.device)
 
     def _load_best_model(self) -> None:

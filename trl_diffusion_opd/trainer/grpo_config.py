@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..objectives import RATIO_NORM_BIASES
+from ..transition import CPS_LOG_PROBS
 from .base_config import DiffusionRLConfig
 
 
@@ -35,7 +37,15 @@ class FlowGRPOConfig(DiffusionRLConfig):
         noise_level (`float`, *optional*, defaults to `0.7`):
             Noise level a of the stochastic sampler (must be > 0: the ODE has no log-probability).
         sde_type (`str`, *optional*, defaults to `"sde"`):
-            `"sde"` (Flow-GRPO's Euler–Maruyama step) or `"cps"` (coefficient-preserving).
+            `"sde"` (Flow-GRPO's Euler–Maruyama step) or `"cps"` (coefficient-preserving). CPS's step into t = 0 is
+            deterministic (std 0): it carries no policy gradient, so CPS needs `num_inference_steps` ≥ 2.
+        cps_log_prob (`str`, *optional*, defaults to `"flow_grpo"`):
+            Log-probability of a CPS transition (the SDE's is always the per-element mean of the Gaussian
+            log-density, as in Flow-GRPO). `"flow_grpo"`: Flow-GRPO's −mean((x′ − μ)²), without 1/(2σ²) or
+            constants, so that its published CPS clip ranges transfer. `"gaussian"`: the exact per-element Gaussian
+            log-density, whose log-ratios are 1/(2σ_c²) times larger (0.68 on the first SD3.5 step at a = 0.7,
+            about 7900 on the last stochastic one, t_next = 0.0089), so the clip range must change accordingly.
+            GRPO-Guard's RatioNorm always uses the Gaussian density (its formula is derived for it).
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             CFG scale, in the rollout and in the loss.
         num_inference_steps (`int`, *optional*, defaults to `10`):
@@ -51,6 +61,10 @@ class FlowGRPOConfig(DiffusionRLConfig):
             `"group"` (per-prompt std), `"batch"` (global std) or `"none"`.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to [−adv_clip_max, adv_clip_max].
+        drop_zero_std_groups (`bool`, *optional*, defaults to `True`):
+            Drop the groups whose rewards are all equal before the loss (their advantages are exactly 0), as
+            Flow-GRPO's `train_sd3.py` does: no compute is spent on them and the loss averages over the informative
+            images only. If every group is constant the batch is kept (its policy loss is 0; the KL term still acts).
 
         > Parameters that control the loss
 
@@ -60,6 +74,11 @@ class FlowGRPOConfig(DiffusionRLConfig):
             `"none"`: Flow-GRPO's ratio exp(log p_θ − log p_old). `"grpo_guard"`: GRPO-Guard's RatioNorm (the
             log-ratio corrected by the mean shift ‖μ_θ − μ_old‖²/(2σ̄²) and scaled by σ̄) with its per-step
             gradient reweighting 1/|Δt|.
+        grpo_guard_bias (`str`, *optional*, defaults to `"sample"`):
+            Mean-shift correction b of GRPO-Guard's RatioNorm. `"sample"` (the paper's form): each image's own
+            b_i = ‖μ_θ − μ_old‖²/(2Dσ̄²), so every image's normalised log-ratio is zero-mean. `"batch"` (the released
+            `train_sd3_GRPO_Guard.py`, whose reduction averages over the whole batch): every image of a step gets the
+            batch mean of b_i. They coincide on a batch's first optimizer step (μ_θ = μ_old) and for one image.
         beta (`float`, *optional*, defaults to `0.04`):
             Coefficient of the per-step KL to the base model (adapter disabled), Flow-GRPO's
             ‖μ_θ − μ_ref‖²/(2σ_t²) averaged over latent elements; `0.0` skips the reference calls.
@@ -93,6 +112,26 @@ class FlowGRPOConfig(DiffusionRLConfig):
         default="none",
         metadata={"help": "Importance-ratio normalisation.", "choices": list(RATIO_NORMALIZATIONS)},
     )
+    grpo_guard_bias: str = field(
+        default="sample",
+        metadata={
+            "help": "GRPO-Guard's mean-shift correction: per image ('sample', the paper's) or the batch mean "
+            "('batch', the released code's).",
+            "choices": list(RATIO_NORM_BIASES),
+        },
+    )
+    cps_log_prob: str = field(
+        default="flow_grpo",
+        metadata={
+            "help": "Log-probability of CPS transitions: Flow-GRPO's -mean((x'-mu)^2) ('flow_grpo', its clip ranges "
+            "transfer) or the exact Gaussian log-density per element ('gaussian').",
+            "choices": list(CPS_LOG_PROBS),
+        },
+    )
+    drop_zero_std_groups: bool = field(
+        default=True,
+        metadata={"help": "Drop groups whose rewards are all equal (zero advantages) before the loss, as Flow-GRPO."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -106,4 +145,13 @@ class FlowGRPOConfig(DiffusionRLConfig):
         if self.ratio_normalization not in RATIO_NORMALIZATIONS:
             raise ValueError(
                 f"`ratio_normalization` must be one of {RATIO_NORMALIZATIONS}, got {self.ratio_normalization!r}."
+            )
+        if self.grpo_guard_bias not in RATIO_NORM_BIASES:
+            raise ValueError(f"`grpo_guard_bias` must be one of {RATIO_NORM_BIASES}, got {self.grpo_guard_bias!r}.")
+        if self.cps_log_prob not in CPS_LOG_PROBS:
+            raise ValueError(f"`cps_log_prob` must be one of {CPS_LOG_PROBS}, got {self.cps_log_prob!r}.")
+        if self.sde_type == "cps" and self.num_inference_steps < 2:
+            raise ValueError(
+                f"`num_inference_steps={self.num_inference_steps}` cannot be trained with `sde_type='cps'`: CPS's "
+                "step into t = 0 is deterministic (std 0) and has no policy gradient; use `num_inference_steps` >= 2."
             )

@@ -13,9 +13,23 @@ from transformers import TrainerCallback
 
 from .. import transition
 from ..families.base import cond_select, cond_tile
-from ..objectives import grpo_guard_log_ratio, grpo_guard_step_weight, ppo_clip_loss
+from ..objectives import grpo_guard_log_ratio, grpo_guard_step_weight, ppo_clip_loss, zero_std_groups
 from .grpo_config import FlowGRPOConfig
 from .rl_trainer import DiffusionRLTrainer, RewardFunc
+
+
+def select_rows(batch: dict[str, Any], index: list[int]) -> dict[str, Any]:
+    """The rows `index` of a Flow-GRPO batch (the keys of `generate_batch` and `make_batch`)."""
+    out = dict(batch)
+    picked = torch.tensor(index, dtype=torch.long)
+    for key in ("states", "log_probs", "means"):
+        out[key] = batch[key][:, picked.to(batch[key].device)]
+    for key in ("x0", "rewards", "advantages"):
+        out[key] = batch[key][picked.to(batch[key].device)]
+    out["scores"] = batch["scores"][:, picked.to(batch["scores"].device)]
+    out["cond"] = cond_select(batch["cond"], index)
+    out["rows"] = [batch["rows"][i] for i in index]
+    return out
 
 
 GRPO_GUARD_PAPER = {
@@ -37,16 +51,19 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
 
     Each optimizer step, for `per_device_train_batch_size` prompts per task: `num_generations` trajectories of the
     stochastic sampler x_{j+1} ~ N(μ_θ(x_j), σ̄_j² I) (Flow-GRPO's SDE or CPS, noise level a, CFG as configured),
-    storing each transition's per-element-mean log-probability log p_old and mean μ_old; the decoded images are
-    scored and their weighted total reward R gives group-normalised advantages A = (R − mean_g R)/(std + 1e-4),
-    clipped to ±`adv_clip_max`. At each of the first ⌊N·timestep_fraction⌋ steps μ_θ is recomputed with grad at the
-    stored state and
+    storing each transition's log-probability log p_old and mean μ_old. log p is Flow-GRPO's: the per-element mean
+    of the Gaussian log-density for the SDE; for CPS −mean((x′ − μ)²) by default, or the exact per-element density
+    with `cps_log_prob="gaussian"` (`transition.step_log_prob`). The decoded images are scored and their weighted
+    total reward R gives group-normalised advantages A = (R − mean_g R)/(std + 1e-4) (exactly 0 for a group of equal
+    rewards, which `drop_zero_std_groups` removes), clipped to ±`adv_clip_max`. At each of the first
+    ⌊N·timestep_fraction⌋ steps μ_θ is recomputed with grad at the stored state and
 
         loss_j = max(−A ρ_j, −A clip(ρ_j, 1 − ε, 1 + ε)) · w_j + β ‖μ_θ − μ_ref‖² / (2 σ_j² D),
 
     with ρ_j = exp(log p_θ(x_{j+1}) − log p_old(x_{j+1})), w_j = 1 (Flow-GRPO), or with GRPO-Guard's RatioNorm
-    ρ_j = exp(σ̄_j (log p_θ − log p_old + ‖μ_θ − μ_old‖² / (2 D σ̄_j²))) and w_j = 1/|Δt_j| (see
-    `objectives.grpo_guard_log_ratio`). μ_ref is the base model's mean (the adapter disabled). The loss is averaged
+    ρ_j = exp(σ̄_j (log p_θ − log p_old + b_j)), b_j = ‖μ_θ − μ_old‖² / (2 D σ̄_j²) per image or its batch mean
+    (`grpo_guard_bias`), with Gaussian log-densities, and w_j = 1/|Δt_j| (see `objectives.grpo_guard_log_ratio`).
+    CPS's step into t = 0 is deterministic (σ̄ = 0): its exact log-ratio and RatioNorm are 0. μ_ref is the base model's mean (the adapter disabled). The loss is averaged
     over steps and images and back-propagated step chunk by step chunk; one optimizer step follows (or
     `num_iterations` on the same batch).
 
@@ -101,7 +118,7 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
         """SDE rollouts, `generation_batch_size` rows per call.
 
         Returns:
-            `states` `(N + 1, R, ...)`, `log_probs` `(N, R)` (per-element mean, Flow-GRPO's convention), `means`
+            `states` `(N + 1, R, ...)`, `log_probs` `(N, R)` (`transition.step_log_prob`: Flow-GRPO's), `means`
             `(N, R, ...)`, `sigmas` `(N + 1,)`, `x0` `(R, ...)` (the final latents) and `cond` (R rows).
         """
         cond = self.prompt_cache([row["prompt"] for row in rows])
@@ -109,11 +126,24 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
         parts = []
         for start in range(0, len(rows), size):
             index = list(range(start, min(start + size, len(rows))))
-            parts.append(self.rollout(cond_select(cond, index), generator, log_prob_reduction="mean"))
+            parts.append(self.rollout(cond_select(cond, index), generator, cps_log_prob=self.args.cps_log_prob))
         batch = {key: torch.cat([p[key] for p in parts], dim=1) for key in ("states", "log_probs", "means")}
         batch["sigmas"] = parts[0]["sigmas"]
         batch["x0"] = batch["states"][-1]
         batch["cond"] = cond
+        return batch
+
+    @torch.no_grad()
+    def make_batch(self, rows: list[dict], generator: torch.Generator) -> dict[str, Any]:
+        """`DiffusionRLTrainer.make_batch`, then (with `drop_zero_std_groups`) without the groups whose rewards are all
+        equal, as Flow-GRPO's `train_sd3.py` filters samples whose advantages are all 0. A batch of only such groups
+        is kept whole, so that every process runs the same backward passes."""
+        batch = super().make_batch(rows, generator)
+        constant = zero_std_groups(batch["rewards"], self.args.num_generations)
+        self._metrics["zero_std_fraction"].append(constant.float().mean().item())
+        if self.args.drop_zero_std_groups and constant.any() and not constant.all():
+            keep = (~constant).repeat_interleave(self.args.num_generations).nonzero().flatten()
+            batch = select_rows(batch, keep.tolist())
         return batch
 
     # ------------------------------------------------------------------ loss
@@ -136,10 +166,16 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
         sample = batch["states"][steps.start + 1 : steps.stop + 1].flatten(0, 1)
         old_mean = batch["means"][steps.start : steps.stop].flatten(0, 1)
         old_log_prob = batch["log_probs"][steps.start : steps.stop].flatten()
-        log_prob = transition.gaussian_log_prob(sample, mean, std, "mean")
+        log_prob = transition.step_log_prob(sample, mean, std, args.sde_type, args.cps_log_prob)
         terms = {"log_prob": log_prob, "old_log_prob": old_log_prob}
         if self.uses_grpo_guard:
-            terms["log_ratio"] = grpo_guard_log_ratio(log_prob, old_log_prob, mean, old_mean, std)
+            if args.sde_type == "cps" and args.cps_log_prob != "gaussian":
+                # RatioNorm is derived for the Gaussian log-density: use it whatever the stored convention
+                log_prob = transition.gaussian_log_prob(sample, mean, std, "mean")
+                old_log_prob = transition.gaussian_log_prob(sample, old_mean, std, "mean")
+            terms["log_ratio"] = grpo_guard_log_ratio(
+                log_prob, old_log_prob, mean, old_mean, std, args.grpo_guard_bias, num_groups=len(steps)
+            )
             terms["step_weight"] = grpo_guard_step_weight(t, t_next).to(x.device)
         else:
             terms["log_ratio"] = log_prob - old_log_prob

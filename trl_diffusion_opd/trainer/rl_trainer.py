@@ -4,28 +4,37 @@ Each optimizer step: the prompts of the step (`per_device_train_batch_size` per 
 DiffusionOPD) are repeated `num_generations` times; the subclass samples one image per row (`generate_batch`); the
 reward functions score the decoded images; the weighted total reward becomes group-normalised, clipped advantages;
 the subclass's `compute_rl_loss` back-propagates its objective. With `num_iterations > 1` the generated batch is
-reused for that many optimizer steps.
+reused for that many optimizer steps; a checkpoint taken in the middle of such a cycle stores the batch
+(`rl_batch-<process>.safetensors`, tensors in safetensors, prompt rows in JSON), so that resuming from it continues
+bit for bit. A batch that cannot be stored so (metadata that is not JSON) is regenerated on resume, with a warning:
+then the resumed run differs from an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from ..objectives import group_advantages
 from ..rewards import Reward, as_reward, nanmean
+from ..safe_io import load_tensor_tree, save_tensor_tree
 from .base_config import DiffusionRLConfig
 from .base_trainer import DiffusionLoRATrainer, prompt_rows
 
 
+logger = logging.get_logger(__name__)
+RL_BATCH = "rl_batch-{process}.safetensors"
 RewardFunc = str | Reward | Callable[[list, list[str], list[dict]], Sequence[float]]
 
 
@@ -153,6 +162,40 @@ class DiffusionRLTrainer(DiffusionLoRATrainer, abc.ABC):
                 "before the update, so the last checkpoint is intact."
             )
         self.accelerator.backward(loss / getattr(self, "current_gradient_accumulation_steps", 1))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        step = self.state.global_step
+        if self._buffer is None or step % self.args.num_iterations == 0:
+            return  # the next step generates a fresh batch
+        folder = Path(self.args.output_dir) / f"checkpoint-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            save_tensor_tree(self._buffer, folder / RL_BATCH.format(process=self.accelerator.process_index))
+        except TypeError as error:
+            logger.warning(
+                f"Checkpoint {folder} is in the middle of a `num_iterations={self.args.num_iterations}` cycle but its "
+                f"generated batch cannot be stored without pickle ({error}); resuming from it regenerates the batch, "
+                "so the resumed run will not match an uninterrupted one."
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        folder = Path(resume_from_checkpoint)
+        batch_file = folder / RL_BATCH.format(process=self.accelerator.process_index)
+        if batch_file.is_file():
+            self._buffer = load_tensor_tree(batch_file, device=self.args.device)
+            return
+        self._buffer = None
+        state_file = folder / "trainer_state.json"
+        step = json.loads(state_file.read_text()).get("global_step", 0) if state_file.is_file() else 0
+        if step % self.args.num_iterations:
+            logger.warning(
+                f"Resuming from {folder} at step {step}, in the middle of a "
+                f"`num_iterations={self.args.num_iterations}` cycle, without its generated batch ({batch_file.name}): "
+                "a new batch is generated, so the resumed run will not match an uninterrupted one."
+            )
 
     # ------------------------------------------------------------------ model card
     def _reward_card_rows(self) -> list[dict[str, Any]]:

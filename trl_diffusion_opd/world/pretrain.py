@@ -34,6 +34,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset
 
+from ..safe_io import load_weights_only
 from .pipeline import (
     SCORES_FILE,
     WorldModelConfig,
@@ -132,6 +133,12 @@ def flow_matching_loss(transformer, x0: torch.Tensor, cond: dict, t: torch.Tenso
     return torch.nn.functional.mse_loss(pred.float(), noise - x0)
 
 
+def load_checkpoint_state(path: str | os.PathLike) -> dict:
+    """Read a pretraining checkpoint (`checkpoint/state.pt`) with `weights_only=True`: tensors, numbers, strings and
+    containers only, so a tampered file raises instead of running code."""
+    return load_weights_only(path)
+
+
 def _save_checkpoint(folder: Path, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "state.pt.tmp"
@@ -193,7 +200,7 @@ def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | Non
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint_file = output / CHECKPOINT_DIR / "state.pt"
-    state = torch.load(checkpoint_file, map_location="cpu", weights_only=False) if checkpoint_file.is_file() else None
+    state = load_checkpoint_state(checkpoint_file) if checkpoint_file.is_file() else None
     if state is not None:
         config.model = WorldModelConfig.from_dict(state["model_config"])
     device = torch.device(config.device)
