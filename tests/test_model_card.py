@@ -242,7 +242,7 @@ def hub_run(tmp_path_factory, offline):
         pipe, {"geneval": "org/geneval-teacher"}, args=_args(tmp / "out"), train_dataset={"geneval": ["a red circle"]}
     )
     trainer.create_model_card(tags="extra-tag")
-    return {"card": (tmp / "out" / "README.md").read_text(), "commit": snapshot.name, "tmp": tmp}
+    return {"card": (tmp / "out" / "README.md").read_text(), "commit": snapshot.name, "tmp": tmp, "trainer": trainer}
 
 
 def test_hub_run_card_metadata_validates_without_warnings(hub_run):
@@ -292,6 +292,26 @@ def test_hub_run_card_links_the_hub_pages_and_nothing_invented(hub_run):
     urls = _urls(card)
     assert _disallowed(urls, ["org/tiny-sd3", "org/geneval-teacher"]) == []
     assert "https://github.com/huggingface/trl" in urls and "https://github.com/huggingface/diffusers" in urls
+    assert str(hub_run["tmp"]) not in card
+
+
+def test_base_in_a_hub_cache_folder_is_named_by_its_hub_id(hub_run):
+    """A base loaded from its Hub-cache folder by path is the Hub repo it was downloaded from, in metadata and text."""
+    trainer = hub_run["trainer"]
+    snapshot = save_to_hub_cache(hub_run["tmp"] / "teacher", "owner/cached-base", hub_run["tmp"] / "other-cache")
+    trainer.base_model_id = str(snapshot)
+    try:
+        card = str(hub.create_model_card(trainer))
+    finally:
+        trainer.base_model_id = "org/tiny-sd3"
+    data = ModelCard(card).data.to_dict()
+    assert (data["base_model"], data["base_model_relation"]) == ("owner/cached-base", "adapter")
+    assert (
+        f"This is a LoRA adapter for [`owner/cached-base@{snapshot.name}`](https://huggingface.co/owner/cached-base)"
+        in card
+    )
+    assert 'DiffusionPipeline.from_pretrained("owner/cached-base", torch_dtype=torch.bfloat16)' in card
+    assert "is loaded from a local copy of the Hub repo." in card
     assert str(hub_run["tmp"]) not in card
 
 

@@ -6,6 +6,9 @@ What goes to the Hub is an allow-list, never a whole folder: the student adapter
 (`pytorch_lora_weights.safetensors`), the model card (`README.md`) and sample images (`samples/*.png`). The base
 model, the teachers, the training arguments and the optimizer state stay local, unless `hub_strategy` is
 `"checkpoint"` or `"all_checkpoints"`, which asks for resumable checkpoints on the Hub.
+
+The card links only to pages that exist (the papers on arXiv, TRL, diffusers, PEFT, the base's and teachers' Hub
+pages) and never shows a path of the training machine: local models appear by the names of `model_reference`.
 """
 
 from __future__ import annotations
