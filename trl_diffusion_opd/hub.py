@@ -164,10 +164,6 @@ class ModelReference:
         """The Hub page of the repo, when there is one."""
         return f"https://huggingface.co/{self.hub_id}" if self.hub_id else None
 
-    @property
-    def local(self) -> bool:
-        return self.kind not in ("hub", "unknown")
-
     def markdown(self) -> str:
         """The name in code style, linked to its Hub page when it has one."""
         return f"[`{self.name}`]({self.url})" if self.url else f"`{self.name}`"
