@@ -2,12 +2,13 @@
 the demo's pieces (teacher index, multi-task RL baseline) work."""
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from trl_diffusion_opd.world.demo import TASKS, DemoConfig, distil, evaluate, shipped_teachers
-from trl_diffusion_opd.world.pipeline import load_world_pipeline
+from trl_diffusion_opd.world.demo import TASKS, DemoConfig, distil, evaluate, shipped_teachers, write_student_card
+from trl_diffusion_opd.world.pipeline import IMAGE_SIZE, load_world_pipeline
 
 
 def test_shipped_teachers_index(tmp_path):
@@ -51,3 +52,46 @@ def test_multitask_baseline_trains_on_every_task(tmp_path):
     pipe = load_world_pipeline()
     pipe.load_lora_weights(str(folder))
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_student_card_carries_the_demo_table_without_paths(tmp_path):
+    """The demo's student card (1 round, 1 held-out scene per task): the table base vs teachers vs student with the
+    world's names, the grids as widgets, no path of the machine (not even the installed package's), and a quick start
+    that loads the shipped base and runs."""
+    from huggingface_hub import ModelCard
+
+    import trl_diffusion_opd
+
+    config = DemoConfig(
+        output_dir=str(tmp_path), rounds=1, prompts_per_task=1, eval_images=1, num_inference_steps=2, seed=0
+    )
+    teachers = shipped_teachers()
+    trainer = distil(teachers, config, tmp_path / "student")
+    adapters = {f"teacher: {task}": path for task, path in teachers.items()}
+    adapters["student: DiffusionOPD"] = str(tmp_path / "student")
+    result = evaluate(adapters, config, tmp_path)
+    card = write_student_card(trainer, result).read_text()
+
+    assert str(tmp_path) not in card and str(Path(trl_diffusion_opd.__file__).parent) not in card
+    assert "This is a LoRA adapter for `world:base`," in card
+    assert "The base, `world:base`, is the tiny world's base, shipped inside the trl-diffusion-opd package." in card
+    section = card.split("### Evaluation", 1)[1].split("###", 1)[0]
+    assert "| model | adapter | world_composition | world_letters | world_aesthetic | Average |" in section
+    for label, adapter in [("base", "– (the base)"), ("student: DiffusionOPD", "this adapter")] + [
+        (f"teacher: {task}", f"`world:{task}`") for task in TASKS
+    ]:
+        scores = " | ".join(f"{result.scores[label][c]:.4f}" for c in result.columns)
+        assert f"| {label} | {adapter} | {scores} | {result.average[label]:.4f} |" in section
+    assert "(world_composition: 1, world_letters: 1, world_aesthetic: 1 prompts)" in section
+    assert "(seed 10000 + image index)" in section
+
+    widgets = ModelCard(card).data.to_dict()["widget"]
+    assert [w["output"]["url"] for w in widgets] == ["samples/base.png", "samples/student_DiffusionOPD.png"]
+    for widget in widgets:
+        assert (tmp_path / "student" / widget["output"]["url"]).is_file()
+
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "from trl_diffusion_opd.world.pipeline import load_world_pipeline" in code
+    namespace = {}
+    exec(code.replace('load_lora_weights("student")', f'load_lora_weights("{tmp_path / "student"}")'), namespace)
+    assert namespace["image"].size == (IMAGE_SIZE, IMAGE_SIZE)

@@ -6,20 +6,28 @@ What goes to the Hub is an allow-list, never a whole folder: the student adapter
 (`pytorch_lora_weights.safetensors`), the model card (`README.md`) and sample images (`samples/*.png`). The base
 model, the teachers, the training arguments and the optimizer state stay local, unless `hub_strategy` is
 `"checkpoint"` or `"all_checkpoints"`, which asks for resumable checkpoints on the Hub.
+
+The card links only to pages that exist (the papers on arXiv, TRL, diffusers, PEFT, the base's and teachers' Hub
+pages) and never shows a path of the training machine: local models appear by the names of `model_reference`.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 import os
 import platform
 import re
 import shutil
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from . import registry
 
 
 if TYPE_CHECKING:
@@ -126,16 +134,106 @@ def base_license(base: str | None) -> dict[str, str]:
     return result if "license" in result else {}
 
 
+_REGISTERED_NOTE = "a name registered with `trl_diffusion_opd.registry` by a plug-in"
+# Hub cache folders are `models--owner--name/snapshots/<commit>/...`.
+_CACHE_REPO = re.compile(r"^models--(?P<owner>[^-].*?)--(?P<name>.+)$")
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """How a model card names a base or an adapter: never by the machine's absolute path.
+
+    Attributes:
+        name: What the card prints: a Hub id (`owner/name[/sub/folder][@revision]`), a registered name
+            (`world:base`, `world:<task>`, `tiny:sd3`: `trl_diffusion_opd.registry`), a local folder's name, or
+            `"unknown"`.
+        kind: `"hub"` (a Hub id), `"hub-cache"` (a folder of the local Hub cache: a copy of a Hub repo),
+            `"registered"` (a name a plug-in registered), `"local"` (another local folder) or `"unknown"`.
+        hub_id: `owner/name` for `"hub"` and `"hub-cache"`, else `None`.
+        note: A plain statement of where the model came from when it was not a Hub repo (empty for Hub ids).
+    """
+
+    name: str
+    kind: str
+    hub_id: str | None = None
+    note: str = ""
+
+    @property
+    def url(self) -> str | None:
+        """The Hub page of the repo, when there is one."""
+        return f"https://huggingface.co/{self.hub_id}" if self.hub_id else None
+
+    def markdown(self) -> str:
+        """The name in code style, linked to its Hub page when it has one."""
+        return f"[`{self.name}`]({self.url})" if self.url else f"`{self.name}`"
+
+
+def model_reference(
+    source: str | os.PathLike | None, subfolder: str | None = None, revision: str | None = None
+) -> ModelReference:
+    """Name `source` (a Hub id, a local folder, or a registered name such as `world:base`) for a model card.
+
+    Local folders never appear by their path: a folder of the Hub cache (`.../models--owner--name/snapshots/<commit>/sub`) becomes the Hub id it
+    was downloaded from (`owner/name/sub@<commit>`), any other folder its own name.
+
+    Args:
+        source: The model's id or folder (`None` when unknown).
+        subfolder: Folder inside `source` that holds the model.
+        revision: Hub revision asked for.
+    """
+    if source is None or str(source) == "":
+        return ModelReference("unknown", "unknown", note="not recorded")
+    text = os.fspath(source)
+    suffix = (f"/{subfolder.strip('/')}" if subfolder else "") + (f"@{revision}" if revision else "")
+    named = registry.get_pipeline(text)
+    if named is not None:
+        return ModelReference(text, "registered", note=named.description or _REGISTERED_NOTE)
+    if is_hub_id(source):
+        return ModelReference(text + suffix, "hub", hub_id=text)
+    folder = Path(text).expanduser()
+    folder = (folder / subfolder) if subfolder else folder
+    resolved = folder.resolve()
+    parts = resolved.parts
+    for index in range(len(parts) - 2):
+        match = _CACHE_REPO.match(parts[index])
+        if match and parts[index + 1] == "snapshots" and _COMMIT.match(parts[index + 2]):
+            hub_id = f"{match['owner']}/{match['name']}"
+            inner = "/".join(parts[index + 3 :])
+            commit = parts[index + 2]
+            name = hub_id + (f"/{inner}" if inner else "") + f"@{commit}"
+            return ModelReference(name, "hub-cache", hub_id=hub_id, note="loaded from a local copy of the Hub repo")
+    name = Path(text).expanduser().name or resolved.name
+    return ModelReference(
+        name + (f"/{subfolder.strip('/')}" if subfolder else ""), "local", note="a local folder, not on the Hub"
+    )
+
+
+def teacher_reference(spec: TeacherSpec) -> ModelReference:
+    """The card's name of a teacher: `id[/sub/folder]@revision` for a Hub teacher (the resolved commit when no
+    revision was asked for), or the path-free name of a local one (see `model_reference`)."""
+    if spec.module is not None:
+        return ModelReference(spec.path, "local", note="a model passed in memory")
+    if spec.alias is not None:  # a registered name (`world:letters`): shown as the user wrote it
+        name = spec.display
+        return ModelReference(name, "registered", note=registry.teacher_description(name) or _REGISTERED_NOTE)
+    if spec.is_local:
+        return model_reference(spec.path, spec.subfolder)
+    if is_hub_id(spec.path) or _HUB_ID.match(spec.path):
+        revision = spec.revision
+        if revision is None and spec.local_dir is not None:
+            parts = Path(spec.local_dir).parts
+            if "snapshots" in parts:
+                index = parts.index("snapshots")
+                if index + 1 < len(parts) and _COMMIT.match(parts[index + 1]):
+                    revision = parts[index + 1]
+        return ModelReference(spec.display.split("@")[0] + (f"@{revision}" if revision else ""), "hub", spec.path)
+    return model_reference(spec.path, spec.subfolder, spec.revision)
+
+
 def teacher_source(spec: TeacherSpec) -> str:
-    """`id[/sub/folder]@revision` of a teacher; the revision is the resolved commit when none was asked for."""
-    if spec.revision or spec.local_dir is None or spec.is_local:
-        return spec.display
-    parts = Path(spec.local_dir).parts
-    if "snapshots" in parts:
-        index = parts.index("snapshots")
-        if index + 1 < len(parts) and _COMMIT.match(parts[index + 1]):
-            return f"{spec.display}@{parts[index + 1]}"
-    return spec.display
+    """`id[/sub/folder]@revision` of a Hub teacher (the revision is the resolved commit when none was asked for);
+    the path-free name of a local one (`world:<task>`, the Hub id of a cache folder, or the folder's name)."""
+    return teacher_reference(spec).name
 
 
 def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
@@ -164,12 +262,171 @@ def _example_prompt(trainer: DiffusionLoRATrainer) -> str:
     return 'A photo of a cat holding a sign that says "hello"'
 
 
+def _spec_reference(spec: Any) -> ModelReference:
+    """The card's name of an adapter given as a teacher-style spec (`owner/repo/sub@rev`, a folder, a dict)."""
+    from .teachers import parse_teacher_spec
+
+    try:
+        return teacher_reference(parse_teacher_spec("adapter", spec))
+    except (ValueError, TypeError):
+        return model_reference(spec.get("path") if isinstance(spec, dict) else spec)
+
+
+def _base_loader(ref: ModelReference) -> str:
+    """The quick start's lines that load the base as `pipe` (on `device`), imports first."""
+    named = registry.get_pipeline(ref.name) if ref.kind == "registered" else None
+    if named is not None and named.quickstart:
+        return (
+            f"{named.quickstart}\n\n"
+            'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+            f"pipe = pipe.to(device)  # `{ref.name}`: {named.description or _REGISTERED_NOTE}"
+        )
+    name, comment = ref.hub_id or ref.name, ""
+    if ref.kind == "local":
+        comment = f"# The base was a local folder ({ref.name!r}), not on the Hub: point this at your copy of it.\n"
+    return (
+        "from diffusers import DiffusionPipeline\n\n"
+        'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+        f'{comment}pipe = DiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.bfloat16).to(device)'
+    )
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    """A markdown table cell: floats with `digits` decimals, `–` when missing or NaN, no `|` or line break."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown_table(header: list[str], rows: list[list[Any]], text_columns: int = 1) -> str:
+    """A markdown table; the columns after the first `text_columns` are numbers, right-aligned."""
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _evaluation_section(results: Any, trainer: DiffusionLoRATrainer) -> dict[str, str]:
+    """The card's section of an external results table: an `EvaluationResult` of `evaluation.evaluate_models`
+    (base vs adapters, e.g. the world demo's base vs teachers vs student) or its `to_dict()` (`results.json`)."""
+    table = results.to_dict() if hasattr(results, "to_dict") else dict(results)
+    columns, settings = list(table["columns"]), table.get("settings") or {}
+    own = Path(trainer.args.output_dir).resolve()
+    with_average = any(row.get("average") is not None for row in table["rows"])
+    rows = []
+    for row in table["rows"]:
+        adapter = row.get("adapter")
+        if adapter is None:
+            name = "– (the base)"
+        elif isinstance(adapter, str) and not is_hub_id(adapter) and Path(adapter).expanduser().resolve() == own:
+            name = "this adapter"
+        else:
+            name = _spec_reference(adapter).markdown()
+        if row.get("guidance_scale") is not None:
+            name += f" (guidance {row['guidance_scale']:g})"
+        scores = [row["scores"].get(column) for column in columns]
+        rows.append([row["model"], name, *scores, *([row.get("average")] if with_average else [])])
+    header = ["model", "adapter", *columns, *(["Average"] if with_average else [])]
+    prompts = settings.get("prompts") or {}
+    counts = ", ".join(f"{column}: {count}" for column, count in prompts.items())
+    description = (
+        "Mean reward of each model per column (reward), scored by `trl_diffusion_opd.evaluation.evaluate_models` on "
+        f"one image per prompt ({counts or 'prompt counts not recorded'} prompts). Every model is sampled with the same "
+        f"initial noise (seed {settings.get('seed', 'not recorded')} + image index), "
+        f"{settings.get('num_inference_steps', '?')} Euler ODE steps, guidance {settings.get('guidance_scale', '?')} "
+        f"(unless a row says otherwise), {settings.get('resolution', '?')} px."
+    )
+    ranges = {column: bounds for column, bounds in (table.get("ranges") or {}).items() if bounds}
+    if with_average and ranges:
+        spans = ", ".join(f"{column} [{low:g}, {high:g}]" for column, (low, high) in ranges.items())
+        description += f" Average: the mean over columns of (score − low) / (high − low), with {spans}."
+    return {"title": "Evaluation", "description": description, "table": _markdown_table(header, rows, 2)}
+
+
+_EVAL_REWARD_KEY = re.compile(r"^rewards/(?P<task>[^/]+)/(?P<reward>.+)$")
+
+
+def _reward_eval_section(trainer: DiffusionLoRATrainer) -> dict[str, str] | None:
+    """The card's section of the rewards `RewardEvalCallback` logged during training (`rewards/{task}/{reward}` in
+    the log history): the first and the last evaluation, per task and reward."""
+    evaluations = [e for e in trainer.state.log_history if any(_EVAL_REWARD_KEY.match(k) for k in e)]
+    if not evaluations:
+        return None
+    keys = list(dict.fromkeys(k for e in evaluations for k in e if _EVAL_REWARD_KEY.match(k)))
+    shown = [evaluations[0], evaluations[-1]] if len(evaluations) > 1 else evaluations
+    header = ["task", "reward", *(f"step {e.get('step', '?')}" for e in shown)]
+    rows = [[*_EVAL_REWARD_KEY.match(k).group("task", "reward"), *(e.get(k) for e in shown)] for k in keys]
+    args = trainer.args
+    callback = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "RewardEvalCallback"), None)
+    weights = "its EMA weights" if args.ema else "its weights"
+    if callback is not None and getattr(callback, "prompts", None):
+        held_out = trainer.eval_prompts or {}
+        counts = ", ".join(
+            f"{task}: {len(rows)}"
+            + ("" if callback.prompts_spec is not None else (" held-out" if held_out.get(task) else " training"))
+            for task, rows in callback.prompts.items()
+        )
+        steps = callback.num_inference_steps or args.num_inference_steps
+        sampling = (
+            f"the same fixed prompts at every evaluation ({counts} prompts per task, one image each), "
+            f"sampled with {steps} steps, guidance {args.guidance_scale} and the same initial noise (seed "
+            f"{callback.seed})"
+        )
+    else:
+        sampling = "fixed prompts per task (their number and seed were not recorded with this card)"
+    description = (
+        f"Mean reward of the student ({weights}) during training, measured by `RewardEvalCallback` on {sampling}; "
+        f"{len(evaluations)} evaluation{'s' if len(evaluations) != 1 else ''}, "
+        + ("the first and the last shown." if len(shown) > 1 else "shown.")
+    )
+    return {"title": "Rewards during training", "description": description, "table": _markdown_table(header, rows, 2)}
+
+
+def _kl_eval_section(trainer: DiffusionLoRATrainer) -> dict[str, str] | None:
+    """The card's section of the last `trainer.evaluate()` (`eval_kl` and `eval_kl/{task}` in the log history)."""
+    entry = next((e for e in reversed(trainer.state.log_history) if "eval_kl" in e), None)
+    if entry is None:
+        return None
+    tasks = [key.split("/", 1)[1] for key in entry if key.startswith("eval_kl/")]
+    rows = [[task, entry[f"eval_kl/{task}"]] for task in tasks] + [["mean over tasks", entry["eval_kl"]]]
+    held_out = trainer.eval_prompts or {}
+    counts = ", ".join(f"{task}: {len(held_out[task])}" for task in tasks if task in held_out)
+    prompts = f"held-out prompts ({counts})" if counts else "the prompts given to `evaluate()`"
+    compute = getattr(trainer, "compute_teacher_kl", None)
+    seed = inspect.signature(compute).parameters["seed"].default if compute is not None else "not recorded"
+    normalization = getattr(trainer.args, "kl_normalization", None)
+    description = (
+        "Mean per-step KL between the student's and its task's teacher's next-step Gaussians"
+        + (f" ({normalization} normalisation)" if normalization else "")
+        + f", on the student's own rollouts of {prompts}, {trainer.args.num_inference_steps} sampler steps, "
+        f"seed {seed}; measured by `trainer.evaluate()` at step {entry.get('step', '?')}. Lower is closer to the "
+        "teacher."
+    )
+    return {"title": "KL to the teachers", "description": description, "table": _markdown_table(["task", "KL"], rows)}
+
+
+def result_sections(trainer: DiffusionLoRATrainer, results: Any = None) -> list[dict[str, str]]:
+    """The card's results: `results` (or `trainer.model_card_results`), an `EvaluationResult` or its `to_dict()`,
+    then what the run logged itself: `RewardEvalCallback`'s rewards and the last `evaluate()`'s KL.
+
+    Returns:
+        `[{"title", "description", "table"}]`, the table in markdown; empty when nothing was measured.
+    """
+    results = results if results is not None else getattr(trainer, "model_card_results", None)
+    sections = [_evaluation_section(results, trainer)] if results is not None else []
+    sections += [s for s in (_reward_eval_section(trainer), _kl_eval_section(trainer)) if s is not None]
+    return sections
+
+
 def create_model_card(
     trainer: DiffusionLoRATrainer,
     model_name: str | None = None,
     dataset_name: str | list[str] | None = None,
     tags: str | list[str] | None = None,
     samples: list[dict] | None = None,
+    results: Any = None,
 ) -> ModelCard:
     """Render the model card of `trainer`'s student adapter.
 
@@ -177,16 +434,23 @@ def create_model_card(
     algorithm, which teachers or rewards), the teachers' and rewards' tables, extra tags (tasks, reward names), the
     algorithm's rows of the training table and the papers to cite (`trainer._name`, `trainer._paper`).
 
+    The card never shows a path of the machine: local bases, teachers and adapters appear by the names of
+    `model_reference` (`world:base`, `tiny:sd3`, the Hub id of a Hub-cache folder, a folder's name) with a statement
+    that they were local, and the quick start loads the base the way a reader can.
+
     Args:
         trainer: The trainer whose config, base and algorithm describe the adapter.
         model_name: Title of the card; defaults to the last part of `hub_model_id` or of `output_dir`.
         dataset_name: Hub dataset id(s) of the prompts, recorded in the metadata.
         tags: Extra tags.
         samples: Widget entries `{"text": prompt, "url": path in the repo}`; defaults to `sample_widgets(trainer)`.
+        results: A results table for the card's Results section: an `EvaluationResult` of
+            `evaluation.evaluate_models` (e.g. base vs teachers vs student) or its `to_dict()`; defaults to
+            `trainer.model_card_results` when set. The rewards of `RewardEvalCallback` and the KL of the last
+            `evaluate()` are added from the log history either way.
     """
     args = trainer.args
-    base = trainer.base_model_id
-    base_on_hub = is_hub_id(base)
+    base = model_reference(trainer.base_model_id)
     repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or Path(args.output_dir).name
     details = trainer._model_card_details()
     extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
@@ -194,14 +458,14 @@ def create_model_card(
     datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
     samples = samples if samples is not None else sample_widgets(trainer)
     card_data = ModelCardData(
-        base_model=base if base_on_hub else None,
-        base_model_relation="adapter" if base_on_hub else None,
+        base_model=base.hub_id,
+        base_model_relation="adapter" if base.hub_id else None,
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=all_tags,
         datasets=[name for name in datasets if is_hub_id(name)] or None,
         widget=[{"text": s["text"], "output": {"url": s["url"]}} for s in samples] or None,
-        **(base_license(base) if base_on_hub else {}),
+        **(base_license(base.hub_id) if base.hub_id else {}),
     )
     peft_config = trainer.peft_config
     targets = peft_config.target_modules or []
@@ -223,21 +487,31 @@ def create_model_card(
         "seed": args.seed,
     }
     if args.student_adapter:
-        settings["continued from"] = f"`{args.student_adapter}`"
+        continued = _spec_reference(args.student_adapter)
+        settings["continued from"] = continued.markdown() + (f" ({continued.note})" if continued.note else "")
+    teachers = []
+    for row in details.get("teachers", []):
+        reference = row.get("reference")
+        if isinstance(reference, ModelReference):
+            where = f"[Hub]({reference.url})" if reference.url else ""
+            where = "; ".join(part for part in (where, reference.note) if part) or "–"
+            row = {**row, "source": reference.name, "where": where}
+        teachers.append(row)
     papers = [paper for paper in details.get("papers", [trainer._paper]) if paper]
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
         model_name=model_name or repo_id.split("/")[-1],
         repo_id=repo_id,
-        base_model=base or "unknown",
-        base_on_hub=base_on_hub,
+        base=base,
+        base_loader=_base_loader(base),
         algorithm=trainer._name,
         summary=details.get("summary", f"trained with **{trainer._name}**."),
         papers=papers,
         trl_citation=TRL_CITATION,
-        teachers=details.get("teachers", []),
+        teachers=teachers,
         rewards=details.get("rewards", []),
+        results=result_sections(trainer, results),
         guidance_scale=args.guidance_scale,
         example_prompt=repr(_example_prompt(trainer)),
         num_inference_steps=args.num_inference_steps,

@@ -43,11 +43,13 @@ class NamedPipeline:
         name: The full name, e.g. `world:base`.
         loader: Builds the pipeline (no arguments), on the CPU in float32.
         quickstart: Python code that defines `pipe` for a reader (shown in model cards instead of a local path).
+        description: Where the pipeline comes from, in a few words (model cards print it).
     """
 
     name: str
     loader: Callable[[], Any]
     quickstart: str | None = None
+    description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class NamedCommand:
 
 _PIPELINES: dict[str, NamedPipeline] = {}
 _TEACHERS: dict[str, Callable[[str], str | os.PathLike]] = {}
+_TEACHER_DESCRIPTIONS: dict[str, str] = {}
 _PROMPT_SOURCES: dict[str, Callable[[str], list[dict[str, Any]]]] = {}
 _COMMANDS: dict[str, NamedCommand] = {}
 _plugins_loaded = False
@@ -72,17 +75,24 @@ def _check_scheme(scheme: str) -> str:
     return scheme
 
 
-def register_pipeline(name: str, loader: Callable[[], Any], quickstart: str | None = None) -> None:
+def register_pipeline(
+    name: str, loader: Callable[[], Any], quickstart: str | None = None, description: str | None = None
+) -> None:
     """Register the base pipeline `name` (`scheme:rest`), built by `loader()`; `quickstart` is code that defines
-    `pipe` for a reader of a model card."""
+    `pipe` for a reader of a model card, `description` says in a few words where it comes from."""
     _check_scheme(name.partition(":")[0])
-    _PIPELINES[name] = NamedPipeline(name, loader, quickstart)
+    _PIPELINES[name] = NamedPipeline(name, loader, quickstart, description)
 
 
-def register_teacher(scheme: str, resolver: Callable[[str], str | os.PathLike]) -> None:
+def register_teacher(
+    scheme: str, resolver: Callable[[str], str | os.PathLike], description: str | None = None
+) -> None:
     """Register the teachers `scheme:<rest>`: `resolver(name)` returns the local folder of the adapter (or of a
-    full-weight transformer). Raise `ValueError` for an unknown name."""
+    full-weight transformer); raise `ValueError` for an unknown name. `description` (model cards print it) says in a
+    few words where these teachers come from."""
     _TEACHERS[_check_scheme(scheme)] = resolver
+    if description:
+        _TEACHER_DESCRIPTIONS[scheme] = description
 
 
 def register_prompt_source(scheme: str, loader: Callable[[str], list[dict[str, Any]]]) -> None:
@@ -140,6 +150,11 @@ def resolve_teacher_name(name: str) -> str | None:
     registered. Raises `ValueError` when the scheme is registered but the name is unknown."""
     resolver = _lookup(_TEACHERS, _scheme(name))
     return None if resolver is None else os.fspath(resolver(name))
+
+
+def teacher_description(name: str) -> str | None:
+    """The description registered with the scheme of teacher `name`, if any."""
+    return _TEACHER_DESCRIPTIONS.get(_scheme(name) or "")
 
 
 def load_named_prompts(name: str) -> list[dict[str, Any]] | None:

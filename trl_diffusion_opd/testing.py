@@ -406,4 +406,7 @@ def register() -> None:
     """Register every tiny pipeline as `tiny:<name>` (`trl_diffusion_opd.registry`), seed 0."""
     for name, build in TINY_PIPELINES.items():
         quickstart = f"from trl_diffusion_opd.testing import {build.__name__}\n\npipe = {build.__name__}(seed=0)"
-        registry.register_pipeline(f"tiny:{name}", functools.partial(build, seed=0), quickstart=quickstart)
+        description = f"randomly initialised, built by `trl_diffusion_opd.testing.{build.__name__}(seed=0)`"
+        registry.register_pipeline(
+            f"tiny:{name}", functools.partial(build, seed=0), quickstart=quickstart, description=description
+        )

@@ -169,6 +169,8 @@ class DiffusionLoRATrainer(Trainer):
 
     task_prompts: dict[str, list[PromptRow]]
     eval_prompts: dict[str, list[PromptRow]] | None = None
+    # A results table for the model card (`hub.create_model_card`'s `results`), e.g. an `EvaluationResult`.
+    model_card_results: Any = None
 
     def __init__(
         self,
@@ -541,6 +543,8 @@ class DiffusionLoRATrainer(Trainer):
             dataset_name: Hub dataset id(s) of the prompts, recorded in the metadata.
             tags: Extra tags.
             output_dir: Folder to write to (the trainer writes one into every checkpoint too).
+            kwargs: `samples` (widget entries) and `results` (a results table, default `self.model_card_results`):
+                see `hub.create_model_card`.
         """
         if not self.is_world_process_zero():
             return

@@ -223,12 +223,12 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
     def _model_card_details(self) -> dict[str, Any]:
         args = self.args
         paper = self._paper
-        summary = f"trained with\n**Flow-GRPO** ([{paper['title']}](https://huggingface.co/papers/{paper['id']}))"
+        summary = f"trained with\n**Flow-GRPO** ([{paper['title']}](https://arxiv.org/abs/{paper['id']}))"
         papers = [paper]
         if self.uses_grpo_guard:
             summary += (
                 f" with **GRPO-Guard**'s ratio normalisation ([{GRPO_GUARD_PAPER['title']}]"
-                f"(https://huggingface.co/papers/{GRPO_GUARD_PAPER['id']}))"
+                f"(https://arxiv.org/abs/{GRPO_GUARD_PAPER['id']}))"
             )
             papers.append(GRPO_GUARD_PAPER)
         summary += f"\n{self._reward_summary()}: online RL on groups of {args.num_generations} SDE samples per prompt."

@@ -238,7 +238,7 @@ class DiffusionNFTTrainer(DiffusionRLTrainer):
         args = self.args
         paper = self._paper
         summary = (
-            f"trained with\n**DiffusionNFT** ([{paper['title']}](https://huggingface.co/papers/{paper['id']}))\n"
+            f"trained with\n**DiffusionNFT** ([{paper['title']}](https://arxiv.org/abs/{paper['id']}))\n"
             f"{self._reward_summary()}: online RL on the forward process, contrasting implicit positive and "
             f"negative policies on groups of {args.num_generations} samples per prompt."
         )

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from .. import transition
 from ..data import prompts_by_task
 from ..families.base import Cond, cond_select, cond_tile
-from ..hub import teacher_source
+from ..hub import teacher_reference
 from ..teachers import (
     STUDENT,
     TeacherSpec,
@@ -128,7 +128,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         teachers = [
             {
                 "task": task,
-                "source": teacher_source(spec),
+                "reference": teacher_reference(spec),
                 "guidance_scale": spec.guidance_scale
                 if spec.guidance_scale is not None
                 else args.teacher_guidance_for(task),
@@ -139,7 +139,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         ]
         count = len(teachers)
         summary = (
-            f"distilled with\n**DiffusionOPD** ([{self._paper['title']}](https://huggingface.co/papers/"
+            f"distilled with\n**DiffusionOPD** ([{self._paper['title']}](https://arxiv.org/abs/"
             f"{self._paper['id']})): on-policy distillation of\n{count} reward-specific teacher"
             f"{'s' if count != 1 else ''} ({', '.join(tasks)}) into one student.\n"
             "The student samples its own trajectories and, at every trained step, is pulled towards the transition "

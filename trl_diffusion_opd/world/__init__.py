@@ -57,8 +57,11 @@ def world_prompts(name: str) -> list[dict[str, Any]]:
 def register() -> None:
     """Register the world's pipeline, teachers, prompt sources and CLI command (idempotent; its rewards register on
     import)."""
-    registry.register_pipeline(BASE, load_world_pipeline, quickstart=QUICKSTART)
-    registry.register_teacher("world", _teacher_folder)
+    shipped = "shipped inside the trl-diffusion-opd package"
+    registry.register_pipeline(
+        BASE, load_world_pipeline, quickstart=QUICKSTART, description=f"the tiny world's pretrained base, {shipped}"
+    )
+    registry.register_teacher("world", _teacher_folder, description=f"a Stage-1 teacher of the tiny world, {shipped}")
     registry.register_prompt_source("world", world_prompts)
     registry.register_command(
         "world",

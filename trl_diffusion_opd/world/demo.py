@@ -5,7 +5,8 @@ on its own rule-based reward (`trl_diffusion_opd.world.teachers`). Stage 2: `Dif
 teachers into one LoRA student on the shipped base, each task's prompts supervised by that task's teacher. Then
 every model is sampled on held-out scenes with the same seeds and scored with the three rewards, and the paper-style
 table (rows: base, teachers, student; columns: the rewards and their average) and one image grid per model are
-written by `trl_diffusion_opd.evaluation.evaluate_models`.
+written by `trl_diffusion_opd.evaluation.evaluate_models`; the student's model card carries that table and the
+base's and student's grids (`write_student_card`).
 
 ```python
 from trl_diffusion_opd.world.demo import DemoConfig, run_demo
@@ -18,6 +19,7 @@ print(result.to_markdown())
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,6 +171,30 @@ def evaluate(adapters: dict[str, str], config: DemoConfig, output_dir: str | Pat
     )
 
 
+def write_student_card(
+    trainer, result, student_label: str = "student: DiffusionOPD", base_label: str = "base"
+) -> Path:
+    """Rewrite the student's model card with the demo's table (base vs teachers vs student, `result`) and the base's
+    and the student's grids as widget images (copied into `<student>/samples/`, which `push_to_hub` uploads).
+
+    Returns:
+        The card's path.
+    """
+    folder = Path(trainer.args.output_dir)
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    widgets = []
+    for label in (base_label, student_label):
+        grid = result.grids.get(label)
+        if grid is not None:
+            shutil.copy(grid, folder / "samples" / Path(grid).name)
+            text = f"{label}: held-out scenes, a row per task ({', '.join(TASKS)})"
+            widgets.append({"text": text, "url": f"samples/{Path(grid).name}"})
+    trainer.sample_widgets = widgets
+    trainer.model_card_results = result  # kept for later cards (`push_to_hub`)
+    trainer.create_model_card(output_dir=str(folder))
+    return folder / "README.md"
+
+
 def train_teachers(config: DemoConfig, folder: Path) -> dict[str, str]:
     """Stage 1 again (`full=True`): one teacher per task with `world.teachers`' recipe."""
     from .teachers import train_world_teacher
@@ -198,7 +224,8 @@ def run_demo(config: DemoConfig) -> Any:
         teachers = train_teachers(config, output_dir / "teachers")
         timings["stage1_teachers_s"] = time.perf_counter() - start
     else:
-        teachers = dict(config.teachers or shipped_teachers())
+        # The shipped teachers by their registered names (`world:<task>`), as a reader of the card can load them.
+        teachers = dict(config.teachers or {task: f"world:{task}" for task in shipped_teachers()})
     missing = [task for task in TASKS if task not in teachers]
     if missing:
         raise ValueError(f"No teacher for task(s) {missing}; teachers given: {sorted(teachers)}.")
@@ -218,6 +245,7 @@ def run_demo(config: DemoConfig) -> Any:
     began = time.perf_counter()
     result = evaluate(adapters, config, output_dir)
     timings["evaluation_s"] = time.perf_counter() - began
+    write_student_card(trainer, result, "student: DiffusionOPD")
     timings["total_s"] = time.perf_counter() - start
     summary = {
         "config": {k: v for k, v in asdict(config).items() if k != "teachers"},

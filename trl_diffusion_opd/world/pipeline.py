@@ -260,6 +260,8 @@ def load_world_pipeline(
         folder, text_encoder_3=None, tokenizer_3=None, torch_dtype=dtype, local_files_only=True
     )
     pipe = _finish(pipe, config or WorldModelConfig())
+    if folder == BASE_DIR:  # the shipped base goes by its registered name (`world:base`), never by its path
+        pipe.register_to_config(_name_or_path="world:base")
     return pipe.to(device)
 
 
