@@ -91,6 +91,8 @@ def test_distillation_lowers_kl_to_each_flux_teacher(distilled):
     for task in kl_before:
         assert kl_before[task] > 1e-7, f"teacher '{task}' equals the base: nothing to distil"
         reduction = 1 - kl_after[task] / kl_before[task]
+        # A supervised objective, no chaotic outcome: with the student's seed 1 instead of 0 the reductions were 89.9%
+        # (geneval) and 89.6% (ocr), so 80% leaves about 10 points for other seeds and machines.
         assert reduction >= 0.8, (
             f"KL to '{task}' fell by {reduction:.1%} only ({kl_before[task]:.3g} -> {kl_after[task]:.3g})"
         )

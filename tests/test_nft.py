@@ -52,13 +52,19 @@ def _brightness(trainer):
 
 
 def test_nft_raises_brightness_of_fresh_samples(tmp_path):
-    trainer = _trainer(tmp_path, max_steps=40)
-    before = _brightness(trainer)
-    trainer.train()
-    after = _brightness(trainer)
-    # The tiny VAE's brightness band is narrow (see test_grpo); measured about +0.01.
-    assert after.mean() - before.mean() > 0.004, (before.mean(), after.mean())
-    assert (after > before).float().mean() >= 0.9
+    # One seed's outcome depends on the CPU's floating-point details (see test_grpo), so three seeds train and each must
+    # gain. The tiny VAE's brightness band is narrow (see test_grpo). Mean gain of seeds 0-4 (40 steps): +0.0085, +0.0081,
+    # +0.0088, +0.0038, +0.0035 (min 0.0035, mean 0.0065), every held-out image brighter in each.
+    gains = []
+    for seed in (0, 1, 2):
+        trainer = _trainer(tmp_path / f"seed{seed}", max_steps=40, seed=seed)
+        before = _brightness(trainer)
+        trainer.train()
+        gains.append(_brightness(trainer) - before)
+    gains = torch.stack(gains)
+    assert gains.mean() > 0.004, gains.mean(1)
+    assert (gains.mean(1) > 0.0015).all(), gains.mean(1)
+    assert (gains > 0).float().mean() >= 0.9  # held-out images (same noise) that came out brighter
 
 
 def _loss_inputs(seed=0):

@@ -533,7 +533,8 @@ def test_ensemble_distillation_closes_most_of_the_gap_to_the_ensemble_optimum(tm
     their update (`shared_seed`, like LoRAs fine-tuned from one base), which keeps the floor at ~15% of the initial KL.
     We assert that training removes ≥ 80% of the *reducible* KL, (before − after) / (before − floor) (measured: ~91%),
     that the raw weighted KL drops by ≥ 70% (measured: ~77%; ≥ 80% is impossible here, since the floor alone is
-    ~15%), and that the student never beats the floor (it is a true lower bound at every state).
+    ~15%), and that the student never beats the floor (it is a true lower bound at every state). With the student's
+    seed 1 instead of 0: floor 14.6% of the initial KL, 91.6% of the reducible KL removed, raw drop 78.3%.
     """
     pipe = get_tiny_sd3_pipeline(with_t5=False)
     folders = [

