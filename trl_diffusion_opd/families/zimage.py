@@ -116,7 +116,8 @@ class ZImageFamily(FlowMatchingFamily):
         out = transformer(frames, t_model, captions, return_dict=False)[0]
         return torch.stack([o.float() for o in out]).squeeze(2)
 
-    def velocity(self, transformer, x, sigma, cond, guidance_scale=1.0, negative_cond=None):
+    def velocity(self, transformer, x, sigma, cond, guidance_scale=0.0, negative_cond=None):
+        # The default is no guidance, which for Z-Image is w = 0 (w = 1 is CFG with scale 2).
         # The pipeline's own arithmetic (from the scheduler's timestep 1000·sigma), so the values match bit for bit.
         t_model = (1000 - sigma.float() * 1000) / 1000
         cfg_rows = torch.zeros_like(sigma, dtype=torch.bool)
