@@ -2,7 +2,7 @@
 
 Everything here is built from configs in memory: no file or network access, deterministic for a seed, and small
 enough that a transformer forward pass takes milliseconds on a CPU. The pipelines are real diffusers pipelines
-(`StableDiffusion3Pipeline`, `FluxPipeline`), so the code under test is the code users run on real checkpoints.
+(`StableDiffusion3Pipeline`, `FluxPipeline`, `ZImagePipeline`), so the code under test is the code users run on real checkpoints.
 
 ```python
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache
@@ -34,12 +34,19 @@ from diffusers import (
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
+from tokenizers import AddedToken
+from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -49,11 +56,14 @@ from . import registry
 
 
 __all__ = [
+    "TINY_PIPELINES",
     "TINY_RESOLUTION",
     "get_tiny_clip_tokenizer",
     "get_tiny_flux_pipeline",
+    "get_tiny_qwen3_tokenizer",
     "get_tiny_sd3_pipeline",
     "get_tiny_t5_tokenizer",
+    "get_tiny_zimage_pipeline",
     "save_toy_lora",
     "save_to_hub_cache",
 ]
@@ -78,6 +88,25 @@ def get_tiny_t5_tokenizer() -> T5Tokenizer:
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [(c, -3.0) for c in _CHARS] + [("▁" + c, -2.5) for c in _CHARS]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
+
+
+# Qwen3's chat template, reduced to what prompt encoding uses: user turns and the generation prompt, whose empty
+# thinking block is added only when thinking is disabled (Z-Image enables it, so no block).
+_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def get_tiny_qwen3_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level Qwen2/Qwen3 BPE tokenizer built in memory (one token per byte, no merges, no download), with
+    Qwen's `<|im_start|>` / `<|im_end|>` special tokens and chat template."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {piece: i for i, piece in enumerate(sorted(ByteLevel.alphabet()) + specials)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=_QWEN3_CHAT_TEMPLATE, model_max_length=512)
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in specials[1:]])
+    return tokenizer
 
 
 def _clip_config(hidden_size: int, vocab_size: int, projection_dim: int) -> CLIPTextConfig:
@@ -114,8 +143,9 @@ def _t5_encoder(d_model: int, vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _tiny_vae(latent_channels: int) -> AutoencoderKL:
-    # Two blocks -> vae_scale_factor 2. Shift/scale mimic SD3's so that the code path that undoes them is exercised.
+def _tiny_vae(latent_channels: int, shift_factor: float = 0.0609, scaling_factor: float = 1.5035) -> AutoencoderKL:
+    # Two blocks -> vae_scale_factor 2. Shift/scale default to SD3's so that the code path that undoes them is
+    # exercised.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -128,8 +158,8 @@ def _tiny_vae(latent_channels: int) -> AutoencoderKL:
         sample_size=TINY_RESOLUTION,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
     )
 
 
@@ -269,6 +299,67 @@ def get_tiny_flux_pipeline(
     return _to_eval(pipe)
 
 
+def get_tiny_zimage_pipeline(
+    seed: int = 0,
+    n_layers: int = 2,
+    n_refiner_layers: int = 1,
+    dim: int = 32,
+    n_heads: int = 2,
+    shift: float = 6.0,
+) -> ZImagePipeline:
+    """A randomly initialised `ZImagePipeline` with Z-Image's structure at a tiny size (diffusers' own test config:
+    Qwen3 text encoder, 16-channel FLUX-style VAE with Z-Image's scale and shift, static-shift Euler scheduler).
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        n_layers, n_refiner_layers, dim, n_heads: Transformer size.
+        shift: Static sigma shift of the scheduler (6.0 is the base Z-Image's, 3.0 Z-Image-Turbo's).
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32.
+    """
+    caption_dim = 16
+    tokenizer = get_tiny_qwen3_tokenizer()
+    _seeded(seed, 1)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=dim,
+        n_layers=n_layers,
+        n_refiner_layers=n_refiner_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        qk_norm=True,
+        cap_feat_dim=caption_dim,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # the pad tokens are created with `torch.empty`: give them seeded values
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    _seeded(seed, 2)
+    config = Qwen3Config(
+        hidden_size=caption_dim,
+        intermediate_size=2 * caption_dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = Qwen3Model(config)
+    _seeded(seed, 3)
+    vae = _tiny_vae(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    return _to_eval(pipe)
+
+
 def _to_eval(pipe):
     # Models built from a config start in train mode; eval() disables dropout so outputs are deterministic.
     for component in pipe.components.values():
@@ -399,7 +490,11 @@ def save_toy_lora(
 
 
 # `tiny:<name>` base pipelines, registered through the `trl_diffusion_opd.plugins` entry point (`register`).
-TINY_PIPELINES = {"sd3": get_tiny_sd3_pipeline, "flux": get_tiny_flux_pipeline}
+TINY_PIPELINES = {
+    "sd3": get_tiny_sd3_pipeline,
+    "flux": get_tiny_flux_pipeline,
+    "zimage": get_tiny_zimage_pipeline,
+}
 
 
 def register() -> None:
