@@ -126,7 +126,9 @@ class Flux2KleinFamily(FlowMatchingFamily):
 
         if self.is_distilled:
             if guidance_scale > 1 and not self._warned_distilled:
-                logger.warning("guidance_scale %s is ignored: this FLUX.2 [klein] model is step-distilled.", guidance_scale)
+                logger.warning(
+                    "guidance_scale %s is ignored: this FLUX.2 [klein] model is step-distilled.", guidance_scale
+                )
                 self._warned_distilled = True
             return call(x, sigma, cond).float()
         return self.cfg_velocity(call, x, sigma, cond, negative_cond, guidance_scale)
