@@ -75,6 +75,9 @@ KNOWN_LICENSES["black-forest-labs/FLUX.1-dev"] = _license(
     "other", "flux-1-dev-non-commercial-license", "black-forest-labs/FLUX.1-dev"
 )
 KNOWN_LICENSES["black-forest-labs/FLUX.1-schnell"] = _license("apache-2.0")
+# FLUX.2 [klein] 4B (base and distilled) is Apache-2.0; the 9B models carry BFL's non-commercial licence.
+KNOWN_LICENSES["black-forest-labs/FLUX.2-klein-4B"] = _license("apache-2.0")
+KNOWN_LICENSES["black-forest-labs/FLUX.2-klein-base-4B"] = _license("apache-2.0")
 
 PACKAGES = (
     "trl-diffusion-opd",

@@ -2,7 +2,8 @@
 
 Everything here is built from configs in memory: no file or network access, deterministic for a seed, and small
 enough that a transformer forward pass takes milliseconds on a CPU. The pipelines are real diffusers pipelines
-(`StableDiffusion3Pipeline`, `FluxPipeline`, `ZImagePipeline`), so the code under test is the code users run on real checkpoints.
+(`StableDiffusion3Pipeline`, `FluxPipeline`, `Flux2KleinPipeline`, `ZImagePipeline`, ...), so the code under test is the
+code users run on real checkpoints.
 
 ```python
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache
@@ -29,7 +30,10 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -46,6 +50,7 @@ from transformers import (
     CLIPTokenizer,
     Qwen2Tokenizer,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5Config,
     T5EncoderModel,
@@ -59,7 +64,9 @@ __all__ = [
     "TINY_PIPELINES",
     "TINY_RESOLUTION",
     "get_tiny_clip_tokenizer",
+    "get_tiny_flux2_klein_pipeline",
     "get_tiny_flux_pipeline",
+    "get_tiny_qwen_tokenizer",
     "get_tiny_qwen3_tokenizer",
     "get_tiny_sd3_pipeline",
     "get_tiny_t5_tokenizer",
@@ -106,6 +113,33 @@ def get_tiny_qwen3_tokenizer() -> Qwen2Tokenizer:
     vocab = {piece: i for i, piece in enumerate(sorted(ByteLevel.alphabet()) + specials)}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=_QWEN3_CHAT_TEMPLATE, model_max_length=512)
     tokenizer.add_tokens([AddedToken(token, special=True) for token in specials[1:]])
+    return tokenizer
+
+
+# Qwen3's chat template, reduced to what text-to-image pipelines use: user/system turns without tools, the generation
+# prompt and `enable_thinking=False` (an empty think block). Renders exactly what Qwen3's own template renders there.
+_QWEN3_NO_THINKING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def get_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level Qwen2/Qwen3 BPE tokenizer built in memory (every byte is a token, no merges, no download), with
+    Qwen's chat special tokens and Qwen3's chat template. Pads with `<|endoftext|>` as Qwen does."""
+    from tokenizers import pre_tokenizers
+
+    pieces = ["<|endoftext|>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
+    tokenizer = Qwen2Tokenizer(
+        vocab={piece: i for i, piece in enumerate(pieces)},
+        merges=[],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+    )
+    tokenizer.chat_template = _QWEN3_NO_THINKING_TEMPLATE
     return tokenizer
 
 
@@ -360,6 +394,97 @@ def get_tiny_zimage_pipeline(
     return _to_eval(pipe)
 
 
+def get_tiny_flux2_klein_pipeline(
+    seed: int = 0,
+    is_distilled: bool = False,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+) -> Flux2KleinPipeline:
+    """A randomly initialised `Flux2KleinPipeline` with FLUX.2 [klein]'s structure at a tiny size.
+
+    The Qwen3 text encoder has 28 layers of width 16 so that the pipeline's default hidden-state taps (9, 18, 27)
+    exist, and the transformer's text width is 3 x 16 = 48, as klein-4B's is 3 x 2560. The VAE has 4 latent channels
+    (16 after 2x2 patchification) and random BatchNorm running statistics, so that the denormalisation before
+    decoding is exercised.
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        is_distilled: `True` mimics the step-distilled klein checkpoints (the pipeline then ignores CFG).
+        num_layers, num_single_layers, num_attention_heads, attention_head_dim: Transformer size.
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32.
+    """
+    text_hidden = 16
+    latent_channels = 4
+    axes = attention_head_dim // 4
+    tokenizer = get_tiny_qwen_tokenizer()
+    _seeded(seed, 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # the VAE's 2x2 patches, packed into channels
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=3 * text_hidden,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(axes, axes, axes, attention_head_dim - 3 * axes),
+        guidance_embeds=False,
+    )
+    _seeded(seed, 2)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    _seeded(seed, 3)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=TINY_RESOLUTION,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    vae.bn.running_mean.copy_(torch.randn(4 * latent_channels) * 0.5)
+    vae.bn.running_var.copy_(torch.rand(4 * latent_channels) * 1.5 + 0.5)
+    # FLUX.2's published scheduler config (dynamic exponential shift; the pipeline always supplies `mu`).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+    return _to_eval(pipe)
+
+
 def _to_eval(pipe):
     # Models built from a config start in train mode; eval() disables dropout so outputs are deterministic.
     for component in pipe.components.values():
@@ -493,6 +618,7 @@ def save_toy_lora(
 TINY_PIPELINES = {
     "sd3": get_tiny_sd3_pipeline,
     "flux": get_tiny_flux_pipeline,
+    "flux2_klein": get_tiny_flux2_klein_pipeline,
     "zimage": get_tiny_zimage_pipeline,
 }
 

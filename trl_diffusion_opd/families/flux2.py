@@ -1,0 +1,148 @@
+"""FLUX.2 [klein] (`Flux2KleinPipeline`): the 4B and 9B klein models, base and step-distilled."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from diffusers import Flux2KleinPipeline
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+from diffusers.utils.torch_utils import randn_tensor
+
+from .base import Cond, FlowMatchingFamily, register_family
+
+
+logger = logging.getLogger(__name__)
+
+
+@register_family
+class Flux2KleinFamily(FlowMatchingFamily):
+    """FLUX.2 [klein]: exactly what `Flux2KleinPipeline.__call__` does for text-to-image.
+
+    - Prompts: the Qwen3 text encoder reads the prompt in Qwen3's chat template (one user turn, generation prompt,
+      `enable_thinking=False`), padded to `max_sequence_length` tokens (512 unless set), and the hidden states
+      after layers 9, 18 and 27 are concatenated per token (3 x 2560 = 7680 channels for klein-4B). Text position
+      ids are `(0, 0, 0, l)` per token.
+    - Latents: the transformer works in the VAE's 2x2-patchified, BatchNorm-normalised space. The family's latents
+      `x` are that space as an image, `(B, 4·C_vae, H/16, W/16)` (the layout `Flux2KleinPipeline(latents=...)`
+      takes, 128 channels at real size); `velocity` packs them into `(B, h·w, 128)` tokens with position ids
+      `(0, i, j, 0)` and unpacks the output, so the trainer's Gaussian transition acts on the same numbers as the
+      pipeline's scheduler.
+    - Schedule: sigmas `linspace(1, 1/N, N)` shifted with the empirical `mu(h·w, N)` of `compute_empirical_mu`
+      (resolution- and step-count-dependent), through the pipeline's own scheduler config.
+    - Timestep: the transformer receives sigma (it multiplies by 1000 itself); its output is the velocity as is.
+    - Guidance: the klein base models (`is_distilled=False` in the pipeline config) use plain classifier-free
+      guidance `v_u + g (v_c − v_u)` with the empty prompt when `guidance_scale > 1`, no rescale; there is no
+      guidance embedding (`guidance=None`).
+    - Step-distilled checkpoints (`black-forest-labs/FLUX.2-klein-4B` / `-9B`, `is_distilled=True`) ignore
+      `guidance_scale` as their pipeline does (it only logs a warning): one conditional forward pass per step. For
+      teachers this means a `guidance_scale` in a teacher spec has no effect on a distilled base — the teacher's
+      means are its conditional velocity — and a distilled student is distilled at guidance 1 whatever the config
+      says. Distil klein LoRAs on the same base they were trained on (base vs distilled give different velocities).
+    - Decoding: the final latents are BatchNorm-denormalised with the VAE's running statistics, un-patchified to
+      `(B, C_vae, H/8, W/8)` and decoded.
+
+    `Flux2Pipeline` (FLUX.2 [dev], Mistral-3 text encoder, embedded guidance) is not handled by this family.
+    """
+
+    pipeline_class = Flux2KleinPipeline
+    name = "flux2_klein"
+    tag = "flux2-klein"
+    # The attention and MLP linears of the double-stream blocks (image and text streams) and the fused QKV + MLP-in
+    # projection of the single-stream blocks. Their fused output `single_transformer_blocks.N.attn.to_out` has no
+    # suffix that does not also match the double blocks' `attn.to_out` ModuleList, which PEFT rejects.
+    default_lora_targets = [
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_qkv_mlp_proj",
+        "attn.to_v",
+        "ff.linear_in",
+        "ff.linear_out",
+        "ff_context.linear_in",
+        "ff_context.linear_out",
+    ]
+    # The pipeline's default (`text_encoder_out_layers`); BFL's klein checkpoints were trained with these taps.
+    text_encoder_out_layers = (9, 18, 27)
+
+    def __init__(self, pipeline, max_sequence_length: int | None = None):
+        super().__init__(pipeline, max_sequence_length)
+        self.is_distilled = bool(pipeline.config.get("is_distilled", False))
+        self._warned_distilled = False
+
+    def _latent_side(self, resolution: int) -> int:
+        # Pixels -> VAE latents (x vae_scale_factor) -> 2x2 patches, as `prepare_latents` rounds it.
+        return resolution // (self.vae_scale_factor * 2)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        kwargs = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length is not None else {}
+        prompt_embeds, _ = self.pipeline.encode_prompt(
+            prompt=list(prompts),
+            device=self.device,
+            text_encoder_out_layers=self.text_encoder_out_layers,
+            **kwargs,
+        )
+        return {"prompt_embeds": prompt_embeds.to(self.dtype)}
+
+    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+        scheduler = self.new_scheduler()
+        mu = compute_empirical_mu(image_seq_len=self._latent_side(resolution) ** 2, num_steps=num_steps)
+        if scheduler.config.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", mu=mu)
+        return scheduler.sigmas.float()
+
+    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None):
+        side = self._latent_side(resolution)
+        shape = (batch_size, self.transformer.config.in_channels, side, side)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    def velocity(self, transformer, x, sigma, cond, guidance_scale=1.0, negative_cond=None):
+        """Velocity of `x` `(B, 4·C_vae, h, w)` at sigmas `(B,)`; CFG as the pipeline (off for distilled models)."""
+        dtype = self.dtype
+        batch, channels, height, width = x.shape
+        img_ids = self.pipeline._prepare_latent_ids(x[:1]).to(x.device)
+        txt_ids = self.pipeline._prepare_text_ids(cond["prompt_embeds"][:1]).to(x.device)
+
+        def call(x, sigma, cond):
+            tokens = self.pipeline._pack_latents(x)  # (B, h*w, 4C)
+            out = transformer(
+                hidden_states=tokens.to(dtype),
+                timestep=sigma.to(dtype),
+                guidance=None,
+                encoder_hidden_states=cond["prompt_embeds"],
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+            return out.permute(0, 2, 1).reshape(x.shape[0], channels, height, width)
+
+        if self.is_distilled:
+            if guidance_scale > 1 and not self._warned_distilled:
+                logger.warning(
+                    "guidance_scale %s is ignored: this FLUX.2 [klein] model is step-distilled.", guidance_scale
+                )
+                self._warned_distilled = True
+            return call(x, sigma, cond).float()
+        return self.cfg_velocity(call, x, sigma, cond, negative_cond, guidance_scale)
+
+    def vae_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Final latents `(B, 4·C_vae, h, w)` -> the VAE's latents `(B, C_vae, 2h, 2w)`, as the pipeline returns them
+        with `output_type="latent"`: BatchNorm-denormalised with the VAE's running statistics, then un-patchified."""
+        vae = self.pipeline.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.device, x.dtype)
+        return self.pipeline._unpatchify_latents(x * std + mean)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, resolution: int) -> list:
+        vae = self.pipeline.vae
+        image = vae.decode(self.vae_latents(x).to(vae.dtype), return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")
