@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from .objectives import SCALE_REWARDS
 from .transition import KL_NORMALIZATIONS, SAMPLERS
@@ -40,13 +41,20 @@ class DiffusionTrainingConfig(TrainingArguments):
     Subclasses (`DiffusionOPDConfig`, `FlowGRPOConfig`, `DiffusionNFTConfig`) document these parameters again with
     their own defaults; see [`~transformers.TrainingArguments`] for the rest.
 
+    The optimisation defaults are those every released SD3.5-Medium script shares (DiffusionOPD's
+    `train_sd3_opd.py`, Flow-GRPO's `train_sd3.py`, DiffusionNFT's `train_nft_sd3.py`): AdamW (β = 0.9, 0.999,
+    ε = 1e-8) with lr 3e-4, weight decay 1e-4, gradient clipping 1.0, a *constant* learning rate (the scripts build no
+    scheduler, so `lr_scheduler_type` is `"constant"` here, not transformers' `"linear"`), no warm-up, seed 42, T5
+    prompts of 128 tokens, 10 sampler steps at 512 px, and an EMA of decay 0.9.
+
     Parameters:
         > Parameters that control the model
 
         torch_dtype (`str`, *optional*, defaults to `"auto"`):
             dtype of the pipeline when `model` is a Hub id or path.
-        max_sequence_length (`int` or `None`, *optional*):
-            Length of the T5 prompt embeddings; `None` uses the pipeline's default.
+        max_sequence_length (`int` or `None`, *optional*, defaults to `128`):
+            Length of the T5 prompt embeddings (the released scripts' 128); `None` uses the pipeline's default (256
+            for SD3, 512 for FLUX).
         revision (`str` or `None`, *optional*):
             Revision of the base model when `model` is a Hub id.
         student_adapter (`str` or `None`, *optional*):
@@ -94,6 +102,10 @@ class DiffusionTrainingConfig(TrainingArguments):
 
     # Parameters whose default values are overridden from TrainingArguments
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant",
+        metadata={"help": "The scheduler type to use (the released recipes keep the learning rate constant)."},
+    )
     weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of AdamW."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient norm clipping at each optimizer step."})
     per_device_train_batch_size: int = field(
@@ -112,7 +124,9 @@ class DiffusionTrainingConfig(TrainingArguments):
             "choices": ["auto", "bfloat16", "float16", "float32"],
         },
     )
-    max_sequence_length: int | None = field(default=None, metadata={"help": "Length of the T5 prompt embeddings."})
+    max_sequence_length: int | None = field(
+        default=128, metadata={"help": "Length of the T5 prompt embeddings; None uses the pipeline's default."}
+    )
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model on the Hub."})
     student_adapter: str | None = field(
         default=None, metadata={"help": "Existing LoRA to continue training from (local folder or Hub spec)."}
@@ -199,9 +213,10 @@ class DiffusionRLConfig(DiffusionTrainingConfig):
         reward_weights (`list[float]` or `None`, *optional*):
             Weight of each reward function; `None` weighs them all 1. A reward that returns `nan` for an image (e.g.
             OCR on a prompt without text) contributes 0 to that image's total.
-        scale_rewards (`str`, *optional*, defaults to `"group"`):
-            Standard deviation that divides the advantages: `"group"` (per prompt, Flow-GRPO's per-prompt stat
-            tracking), `"batch"` (over the whole batch) or `"none"`.
+        scale_rewards (`str`, *optional*, defaults to `"batch"`):
+            Standard deviation that divides the advantages (the mean is always the prompt's group's): `"batch"` (over
+            the whole batch: `global_std=True`, which Flow-GRPO's and DiffusionNFT's SD3.5 recipes use), `"group"`
+            (the prompt's own group) or `"none"`.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to [−adv_clip_max, adv_clip_max].
         beta (`float`, *optional*, defaults to `0.0`):
@@ -219,7 +234,7 @@ class DiffusionRLConfig(DiffusionTrainingConfig):
         default=None, metadata={"help": "Weight of each reward function (a list, or a JSON list string)."}
     )
     scale_rewards: str = field(
-        default="group",
+        default="batch",
         metadata={"help": "Std that divides the advantages.", "choices": list(SCALE_REWARDS)},
     )
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-max, max]."})
@@ -262,7 +277,21 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
 
     This class includes only the parameters that are specific to DiffusionOPD training. For a full list of training
     arguments, please refer to the [`~transformers.TrainingArguments`] documentation. Defaults follow the paper's
-    released recipe for SD3.5-Medium and may differ from those of [`~transformers.TrainingArguments`].
+    released recipe for SD3.5-Medium (`config/opd.py::mopd` and `scripts/train_sd3_opd.py` of the DiffusionOPD
+    release) and may differ from those of [`~transformers.TrainingArguments`]: AdamW at a constant lr 3e-4 (weight
+    decay 1e-4, clipping 1.0), T5 prompts of 128 tokens, the 10-step ODE rollout (noise level 0) at 512 px with
+    student CFG 4.5, the first ⌊0.99·N⌋ steps trained, 3 prompts per task and round, EMA 0.9 every 8 rounds, seed 42.
+
+    Deliberate deviations from the released script:
+
+    - `torch_dtype="auto"` and no mixed precision (the script trains in fp16 autocast): the package must also run on
+      a CPU; the recipe YAML (`examples/configs/sd35m_three_teachers.yaml`) sets `torch_dtype: bfloat16`.
+    - `teacher_guidance_scale=None` (the student's CFG): the released teachers' scales (GenEval 1.0, OCR and
+      aesthetics 4.5) belong to those teachers and are set per task in the recipe YAML.
+    - The EMA decay is 0.9 from the first update; the script's `EMAModuleWrapper` warms up as min((1 + k)/(10 + k),
+      0.9), which matters only for the first ~80 rounds.
+    - A round visits the tasks in a fixed order and takes one optimizer step; the script shuffles the round's
+      prompts of all tasks into micro-batches before the same single step (same gradient up to summation order).
 
     One optimizer step is one *round*: every task is visited once, in a fixed order, with
     `per_device_train_batch_size` prompts per task and device; the per-task losses are accumulated and a single
@@ -274,8 +303,9 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         torch_dtype (`str`, *optional*, defaults to `"auto"`):
             dtype of the pipeline when `model` is a Hub id or path: `"auto"`, `"bfloat16"`, `"float16"` or
             `"float32"`. The student LoRA parameters are always kept in float32.
-        max_sequence_length (`int` or `None`, *optional*):
-            Length of the T5 prompt embeddings; `None` uses the pipeline's default (256 for SD3, 512 for FLUX).
+        max_sequence_length (`int` or `None`, *optional*, defaults to `128`):
+            Length of the T5 prompt embeddings (the released script's 128); `None` uses the pipeline's default (256
+            for SD3, 512 for FLUX).
         revision (`str` or `None`, *optional*):
             Revision of the base model when `model` is a Hub id.
         student_adapter (`str` or `None`, *optional*):
@@ -327,6 +357,19 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         step_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Trained steps evaluated together in one teacher / student call (rows = steps × prompts). `None`
             batches all trained steps; lower it to bound activation memory.
+
+        > Parameters that control the optimisation
+
+        learning_rate (`float`, *optional*, defaults to `3e-4`):
+            AdamW learning rate.
+        lr_scheduler_type (`str`, *optional*, defaults to `"constant"`):
+            Learning-rate schedule; the released script keeps it constant (transformers' default is `"linear"`).
+        weight_decay (`float`, *optional*, defaults to `1e-4`):
+            AdamW weight decay.
+        max_grad_norm (`float`, *optional*, defaults to `1.0`):
+            Gradient-norm clipping of each round's step.
+        per_device_train_batch_size (`int`, *optional*, defaults to `3`):
+            Prompts per task, device and round.
 
         > Parameters that control evaluation
 

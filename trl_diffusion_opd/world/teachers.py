@@ -223,6 +223,10 @@ def build_teacher_trainer(
         "disable_tqdm": not progress,
         "logging_steps": 5,
         "seed": seed,
+        # Pinned to the values the shipped teachers were trained with (the configs' defaults later moved to the
+        # SD3.5 recipes' batch std and NFT's KL 1e-4), so that re-training reproduces them exactly.
+        "scale_rewards": "group",
+        "beta": 0.0,
     }
     if recipe.trainer == "nft":
         config_class, trainer_class = DiffusionNFTConfig, DiffusionNFTTrainer
@@ -231,7 +235,7 @@ def build_teacher_trainer(
         common["ratio_normalization"] = "grpo_guard"
     else:
         raise ValueError(f"Unknown trainer {recipe.trainer!r}; use 'nft' or 'grpo_guard'.")
-    args = config_class(**common, **recipe.extra)
+    args = config_class(**{**common, **recipe.extra})
     peft_config = LoraConfig(
         r=recipe.lora_rank,
         lora_alpha=recipe.lora_rank,
