@@ -3,6 +3,7 @@ installation outside the source tree (offline: no build isolation, no index)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -39,8 +40,14 @@ print(json.dumps({
 def wheel(tmp_path_factory):
     pytest.importorskip("setuptools")  # built in this environment: no build isolation, nothing downloaded
     folder = tmp_path_factory.mktemp("wheel")
+    source = folder / "source"  # a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    shutil.copytree(
+        ROOT / "trl_diffusion_opd", source / "trl_diffusion_opd", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "--no-index"]
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index"]
         + ["--wheel-dir", str(folder), "--verbose"],
         capture_output=True,
         text=True,
