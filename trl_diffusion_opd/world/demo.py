@@ -49,7 +49,7 @@ FULL_SIZE = {"rounds": 60, "prompts_per_task": 4, "learning_rate": 1e-3, "eval_i
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo (defaults: a quick run, about 4 minutes in all on a 2-core CPU; see the README).
+    """Settings of the demo (defaults: a quick run, about 5 minutes of one CPU core; see the README).
 
     Attributes:
         output_dir: Where the student adapter, `results.md` / `results.json`, `grids/*.png`, `comparison.png` and
