@@ -198,6 +198,7 @@ def test_generated_images_do_not_depend_on_the_batch():
 
 
 def test_training_with_eval_steps_logs_rewards_and_writes_sample_grids(tmp_path, adapters, monkeypatch):
+    pytest.importorskip("tensorboard")  # the `tensorboard` extra (also in `test`)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))

@@ -47,6 +47,7 @@ def _config(tmp_path, **kwargs):
         "guidance_scale": 1.0,
         "beta": 0.0,
         "step_batch_size": None,
+        "scale_rewards": "group",  # the margins below were measured with the per-group std
         "logging_steps": 1,
     }
     defaults.update(kwargs)

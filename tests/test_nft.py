@@ -36,6 +36,8 @@ def _trainer(tmp_path, **kwargs):
         "step_batch_size": None,
         "sampler": "euler",
         "logging_steps": 1,
+        "scale_rewards": "group",  # the margins below were measured with the per-group std
+        "beta": 0.0,
     }
     defaults.update(kwargs)
     return DiffusionNFTTrainer(

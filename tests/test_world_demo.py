@@ -2,13 +2,39 @@
 the demo's pieces (teacher index, multi-task RL baseline) work."""
 
 import json
+import logging
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
-from trl_diffusion_opd.world.demo import TASKS, DemoConfig, distil, evaluate, shipped_teachers, write_student_card
+from trl_diffusion_opd.world.demo import (
+    FULL_SIZE,
+    TASKS,
+    DemoConfig,
+    distil,
+    evaluate,
+    shipped_teachers,
+    write_comparison,
+    write_student_card,
+)
 from trl_diffusion_opd.world.pipeline import IMAGE_SIZE, load_world_pipeline
+
+
+# Warnings the demo used to cause itself (issue 15): they must not come back.
+OWN_WARNINGS = ("Already found a `peft_config`", "`torch_dtype` is deprecated", "No LoRA keys associated")
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def test_shipped_teachers_index(tmp_path):
@@ -26,19 +52,51 @@ def test_short_opd_on_the_world_raises_student_rewards(tmp_path):
     config = DemoConfig(
         output_dir=str(tmp_path), rounds=10, prompts_per_task=2, learning_rate=2e-3, eval_images=24, seed=0
     )
-    trainer = distil(shipped_teachers(), config, tmp_path / "student")
+    records = _Records()
+    library_loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    for logger in library_loggers:
+        logger.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = distil(shipped_teachers(), config, tmp_path / "student")
+            result = evaluate({"student": str(tmp_path / "student")}, config, tmp_path / "eval")
+    finally:
+        for logger in library_loggers:
+            logger.removeHandler(records)
+    messages = [str(w.message) for w in caught] + records.messages
+    assert not [m for m in messages if any(own in m for own in OWN_WARNINGS)]
+
     assert trainer.state.global_step == 10
     # every task's KL to its teacher was logged and is finite
     logged = [entry for entry in trainer.state.log_history if "kl/composition" in entry]
     assert logged and all(entry[f"kl/{task}"] >= 0 for entry in logged for task in TASKS)
 
-    result = evaluate({"student": str(tmp_path / "student")}, config, tmp_path / "eval")
     gains = {column: result.scores["student"][column] - result.scores["base"][column] for column in result.columns}
     assert sum(gain > 0.02 for gain in gains.values()) >= 2, gains
     assert result.average["student"] > result.average["base"] + 0.02, result.average
     table = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [row["model"] for row in table["rows"]] == ["base", "student"]
     assert (tmp_path / "eval" / "grids" / "student.png").is_file()
+
+    # comparison.png: the first 2 held-out prompts of every task as columns, base and student as rows, the table
+    figure = np.asarray(Image.open(write_comparison(result, config, tmp_path / "comparison.png")))
+    columns = config.figure_prompts * len(TASKS)
+    assert figure.shape[1] == 150 + columns * (96 + 6) + 6
+    assert [len(images) for images in result.samples["student"]] == [8, 8, 8]
+    assert len(result.sample_prompts) == 3 and all(len(texts) == 8 for texts in result.sample_prompts)
+    assert (figure.min(axis=-1) < 128).sum() > 1000  # labels, prompts and the table are drawn
+
+
+def test_default_demo_is_the_quick_run_and_full_is_the_readme_table():
+    quick, full = DemoConfig(), DemoConfig(full=True)
+    assert (quick.rounds, quick.prompts_per_task, quick.eval_images) == (30, 2, 32)
+    assert {name: getattr(full, name) for name in FULL_SIZE} == {
+        "rounds": 60,
+        "prompts_per_task": 4,
+        "learning_rate": 1e-3,
+        "eval_images": 96,
+    }
 
 
 def test_multitask_baseline_trains_on_every_task(tmp_path):

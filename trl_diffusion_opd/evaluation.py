@@ -40,7 +40,7 @@ from PIL import Image
 from .data import load_prompt_source
 from .registry import load_pipeline
 from .rewards import Reward, as_reward, get_reward, nanmean
-from .teachers import DIFFUSERS_LORA_WEIGHTS, load_lora_teacher, parse_teacher_spec, resolve_teacher
+from .teachers import DIFFUSERS_LORA_WEIGHTS, load_lora_teacher, parse_teacher_spec, resolve_teacher, several_adapters
 
 
 RESULTS_JSON = "results.json"
@@ -68,6 +68,117 @@ def make_grid(rows: Sequence[Sequence[Image.Image]], size: int | None = None, pa
                 tile = tile.resize((width, height), Image.Resampling.BICUBIC)
             grid.paste(tile, (padding + c * (width + padding), padding + r * (height + padding)))
     return grid
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int | None = None) -> list[str]:
+    """`text` in lines no wider than `width` pixels (words longer than a line are cut); `max_lines` ends with …."""
+    lines: list[str] = []
+    for word in text.split():
+        while draw.textlength(word, font=font) > width and len(word) > 1:  # a word wider than the line
+            cut = max(1, int(len(word) * width / draw.textlength(word, font=font)) - 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(".") + "…"
+    return lines or [""]
+
+
+def comparison_figure(
+    rows: dict[str, Sequence[Image.Image]],
+    prompts: Sequence[str],
+    table: Sequence[Sequence[str]] | None = None,
+    tile: int = 96,
+    label_width: int = 150,
+    font_size: int = 12,
+    padding: int = 6,
+    max_prompt_lines: int = 4,
+) -> Image.Image:
+    """One figure comparing models on the same prompts: a column per prompt (its text above), a row per model (its
+    name at the left), and optionally a table of scores below.
+
+    Args:
+        rows: `{model name: images}`, one image per prompt, in `prompts`' order; all rows the same length.
+        prompts: The prompt of each column.
+        table: Text cells, the first row the header (e.g. `EvaluationResult.table_rows()`); drawn below the images
+            with aligned columns (first column left-aligned, the others right-aligned).
+        tile: Side of each image in pixels (images are resized, nearest-neighbour when enlarged so that small
+            samples stay sharp).
+        label_width: Width of the model-name column in pixels.
+        font_size: Size of Pillow's default font (`ImageFont.load_default(size)`, Pillow >= 10.1).
+        padding: Space between tiles and around the figure, in pixels.
+        max_prompt_lines: Prompt text lines above a column; longer prompts end with "…".
+
+    Returns:
+        An RGB image of width `label_width + len(prompts) * (tile + padding) + padding` on a white background.
+
+    Raises:
+        ValueError: no rows, or a row without one image per prompt.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if not rows or not prompts:
+        raise ValueError("`comparison_figure` needs at least one row and one prompt.")
+    for name, images in rows.items():
+        if len(images) != len(prompts):
+            raise ValueError(f"Row '{name}' has {len(images)} images for {len(prompts)} prompts.")
+    font = ImageFont.load_default(size=font_size)
+    line = font_size + 3  # line height in pixels
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    headers = [_wrap(scratch, text, font, tile, max_prompt_lines) for text in prompts]
+    header_height = max(len(lines) for lines in headers) * line + padding
+    labels = {name: _wrap(scratch, name, font, label_width - 2 * padding) for name in rows}
+
+    widths: list[float] = []
+    if table:
+        columns = max(len(cells) for cells in table)
+        widths = [
+            max(scratch.textlength(cells[c], font=font) for cells in table if c < len(cells)) for c in range(columns)
+        ]
+    table_height = (len(table) * line + 2 * padding) if table else 0
+
+    width = label_width + len(prompts) * (tile + padding) + padding
+    width = max(width, int(sum(widths) + 3 * padding * len(widths) + 2 * padding))
+    height = padding + header_height + len(rows) * (tile + padding) + table_height
+    figure = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(figure)
+
+    for column, lines in enumerate(headers):
+        x = label_width + column * (tile + padding)
+        y = padding + header_height - padding - len(lines) * line  # the text sits just above its column
+        for i, text in enumerate(lines):
+            draw.text((x, y + i * line), text, fill="black", font=font)
+    for r, (name, images) in enumerate(rows.items()):
+        y = padding + header_height + r * (tile + padding)
+        lines = labels[name]
+        top = y + (tile - len(lines) * line) // 2
+        for i, text in enumerate(lines):
+            draw.text((padding, top + i * line), text, fill="black", font=font)
+        for column, image in enumerate(images):
+            image = image.convert("RGB")
+            if image.size != (tile, tile):
+                enlarge = image.size[0] < tile
+                resample = Image.Resampling.NEAREST if enlarge else Image.Resampling.BICUBIC
+                image = image.resize((tile, tile), resample)
+            figure.paste(image, (label_width + column * (tile + padding), y))
+    if table:
+        y = padding + header_height + len(rows) * (tile + padding) + padding
+        draw.line([(padding, y - padding // 2), (width - padding, y - padding // 2)], fill="gray")
+        for r, cells in enumerate(table):
+            x = padding
+            for c, text in enumerate(cells):
+                if c == 0:
+                    draw.text((x, y + r * line), text, fill="black", font=font)
+                else:  # numbers right-aligned under their header
+                    draw.text(
+                        (x + widths[c] - draw.textlength(text, font=font), y + r * line), text, fill="black", font=font
+                    )
+                x += widths[c] + 3 * padding
+    return figure
 
 
 def _file_name(label: str) -> str:
@@ -110,7 +221,9 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     """Load the LoRA `spec` (local folder, Hub id `owner/repo[/sub/folder][@revision]` or a dict with `path`,
     `subfolder`, `revision`, `weight_name`, `guidance_scale`) on `pipeline` as the adapter of row `label`.
 
-    Diffusers-format folders go through `pipeline.load_lora_weights`, as users load them; PEFT-format folders
+    Diffusers-format folders go through `pipeline.load_lora_weights`, as users load them (a file with transformer
+    weights only straight into the transformer, as `load_lora_weights` does, without its "No LoRA keys associated to
+    CLIPTextModel..." warning per text encoder); PEFT-format folders
     (`adapter_config.json` + `adapter_model.safetensors`, e.g. the released DiffusionOPD teachers), which
     `load_lora_weights` would silently skip, through PEFT with their own rank and alpha.
 
@@ -123,13 +236,30 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     if spec.full_weight:
         raise ValueError(f"Adapter '{label}' ({spec.display}) is a full model, not a LoRA: evaluate it as the base.")
     weight_name = spec.weight_name or DIFFUSERS_LORA_WEIGHTS
-    if (folder / weight_name).is_file() and not (folder / "adapter_config.json").is_file():
-        pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
-    else:
-        load_lora_teacher(pipeline.transformer, spec, folder)
+    with several_adapters():
+        if (folder / weight_name).is_file() and not (folder / "adapter_config.json").is_file():
+            if _transformer_only(folder / weight_name) and hasattr(pipeline.transformer, "load_lora_adapter"):
+                pipeline.transformer.load_lora_adapter(
+                    str(folder), weight_name=weight_name, prefix="transformer", adapter_name=name, _pipeline=pipeline
+                )
+            else:
+                pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+        else:
+            load_lora_teacher(pipeline.transformer, spec, folder)
     if not any(f".{name}." in key for key, _ in pipeline.transformer.named_parameters()):
         raise ValueError(f"Adapter '{label}' ({spec.display}) loaded no LoRA weight into the transformer.")
     return EvalModel(label=label, adapter_name=name, source=spec.display, guidance_scale=spec.guidance_scale)
+
+
+def _transformer_only(path: Path) -> bool:
+    """Whether a diffusers LoRA file holds transformer weights only (what this package saves)."""
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    return bool(keys) and all(key.startswith("transformer.") for key in keys)
 
 
 def _activate(pipeline, model: EvalModel, has_adapters: bool) -> None:
@@ -185,6 +315,9 @@ class EvaluationResult:
         average: `{label: mean over columns of (score - low) / (high - low)}`.
         grids: `{label: path of its image grid}`.
         settings: Sampling settings and prompt counts.
+        samples: `{label: [images of prompt set k]}`, the first `grid_size` images of every prompt set (the grids'
+            images, the same seeds for every row), for figures such as `comparison_figure`.
+        sample_prompts: `[prompts of set k]`, the prompts of those images.
     """
 
     columns: list[str]
@@ -196,6 +329,20 @@ class EvaluationResult:
     average: dict[str, float]
     grids: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, list[list[Image.Image]]] = field(default_factory=dict, repr=False)
+    sample_prompts: list[list[str]] = field(default_factory=list)
+
+    def table_rows(self, digits: int = 3) -> list[list[str]]:
+        """The table as text cells: a header (`model`, the columns, `Average`), then one row per model."""
+
+        def fmt(value: float) -> str:
+            return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+        rows = [["model", *self.columns, "Average"]]
+        for model in self.models:
+            scores = [fmt(self.scores[model.label][column]) for column in self.columns]
+            rows.append([model.label, *scores, fmt(self.average[model.label])])
+        return rows
 
     def to_markdown(self, digits: int = 4) -> str:
         """The table: rows = models, columns = rewards, plus the Average of normalised scores."""
@@ -356,6 +503,7 @@ def evaluate_models(
 
     per_image = {m.label: {c: [] for c in columns} for m in models}
     grids: dict[str, str] = {}
+    samples: dict[str, list[list[Image.Image]]] = {}
     total = len(models) * sum(len(rows) for rows, _ in sets)
     bar = tqdm(total=total, disable=not progress, desc="evaluating", unit="image")
     try:
@@ -383,6 +531,7 @@ def evaluate_models(
                     shown.extend(images[: max(0, grid_size - len(shown))])
                     bar.update(len(batch))
                 grid_rows.append(shown)
+            samples[model.label] = grid_rows
             if output_dir is not None:
                 path = Path(output_dir) / GRIDS_DIR / f"{_file_name(model.label)}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +561,10 @@ def evaluate_models(
         "max_sequence_length": max_sequence_length,
         "prompts": {c: len(rows) for rows, cols in sets for c in cols},
     }
-    result = EvaluationResult(columns, models, scores, counts, per_image, ranges, average, grids, settings)
+    sample_prompts = [[row["prompt"] for row in rows[:grid_size]] for rows, _ in sets]
+    result = EvaluationResult(
+        columns, models, scores, counts, per_image, ranges, average, grids, settings, samples, sample_prompts
+    )
     if output_dir is not None:
         result.save(output_dir)
     return result

@@ -195,6 +195,4 @@ def load_pipeline(
         known = ", ".join(pipeline_names()) or "none"
         raise ValueError(f"'{name}' is not a registered pipeline name (registered: {known}), a Hub id or a folder.")
     dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
-    return DiffusionPipeline.from_pretrained(
-        name, torch_dtype=dtype, revision=revision, cache_dir=cache_dir, token=token
-    )
+    return DiffusionPipeline.from_pretrained(name, dtype=dtype, revision=revision, cache_dir=cache_dir, token=token)

@@ -18,10 +18,12 @@ A folder holds a LoRA in diffusers format (`pytorch_lora_weights.safetensors`) o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,7 +268,7 @@ def load_full_teacher(spec: TeacherSpec, transformer_class: type, dtype: torch.d
         folder = spec.local_dir
         subfolder = "transformer" if (folder / "transformer" / "config.json").is_file() else None
         try:
-            spec.module = transformer_class.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+            spec.module = transformer_class.from_pretrained(folder, subfolder=subfolder, dtype=dtype)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"Teacher '{spec.name}': '{spec.display}' looks like a full-weight model but does not load as a "
@@ -381,6 +383,25 @@ def adapter_metadata(config: LoraConfig) -> dict:
     return {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
 
 
+@contextlib.contextmanager
+def several_adapters():
+    """Add adapters to a model that already has one, on purpose (student, teachers, old policy, evaluated rows).
+
+    PEFT warns "Already found a `peft_config` attribute in the model. This will lead to having multiple adapters"
+    each time a second adapter is injected through diffusers' `add_adapter` / `load_lora_weights`; several named
+    adapters on one base is this package's design, so exactly that warning is ignored here, and nothing else.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        yield
+
+
+def add_adapter(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """`model.add_adapter(config, adapter_name=adapter_name)` (diffusers) without PEFT's multiple-adapters warning."""
+    with several_adapters():
+        model.add_adapter(config, adapter_name=adapter_name)
+
+
 def load_lora_teacher(transformer: torch.nn.Module, spec: TeacherSpec, folder: Path) -> None:
     """Load a LoRA teacher as the adapter `spec.name` on `transformer`, frozen.
 
@@ -398,7 +419,7 @@ def load_lora_teacher(transformer: torch.nn.Module, spec: TeacherSpec, folder: P
             f"not have, e.g. {missing[:3]}: is it a LoRA for another model?"
         )
     lora_config = lora_config_for(state_dict, config)
-    transformer.add_adapter(lora_config, adapter_name=spec.name)
+    add_adapter(transformer, lora_config, spec.name)
     result = set_peft_model_state_dict(transformer, state_dict, adapter_name=spec.name)
     expected = {k for k in transformer.state_dict() if f".{spec.name}." in k}
     not_loaded = sorted(k for k in result.missing_keys if k in expected)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from ..objectives import SCALE_REWARDS
 from ..transition import SAMPLERS
@@ -40,13 +41,20 @@ class DiffusionTrainingConfig(TrainingArguments):
     Subclasses (`DiffusionOPDConfig`, `FlowGRPOConfig`, `DiffusionNFTConfig`) document these parameters again with
     their own defaults; see [`~transformers.TrainingArguments`] for the rest.
 
+    The optimisation defaults are those every released SD3.5-Medium script shares (DiffusionOPD's
+    `train_sd3_opd.py`, Flow-GRPO's `train_sd3.py`, DiffusionNFT's `train_nft_sd3.py`): AdamW (β = 0.9, 0.999,
+    ε = 1e-8) with lr 3e-4, weight decay 1e-4, gradient clipping 1.0, a *constant* learning rate (the scripts build no
+    scheduler, so `lr_scheduler_type` is `"constant"` here, not transformers' `"linear"`), no warm-up, seed 42, T5
+    prompts of 128 tokens, 10 sampler steps at 512 px, and an EMA of decay 0.9.
+
     Parameters:
         > Parameters that control the model
 
         torch_dtype (`str`, *optional*, defaults to `"auto"`):
             dtype of the pipeline when `model` is a Hub id or path.
-        max_sequence_length (`int` or `None`, *optional*):
-            Length of the T5 prompt embeddings; `None` uses the pipeline's default.
+        max_sequence_length (`int` or `None`, *optional*, defaults to `128`):
+            Length of the T5 prompt embeddings (the released scripts' 128); `None` uses the pipeline's default (256
+            for SD3, 512 for FLUX).
         revision (`str` or `None`, *optional*):
             Revision of the base model when `model` is a Hub id.
         student_adapter (`str` or `None`, *optional*):
@@ -94,6 +102,10 @@ class DiffusionTrainingConfig(TrainingArguments):
 
     # Parameters whose default values are overridden from TrainingArguments
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant",
+        metadata={"help": "The scheduler type to use (the released recipes keep the learning rate constant)."},
+    )
     weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of AdamW."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient norm clipping at each optimizer step."})
     per_device_train_batch_size: int = field(
@@ -112,7 +124,9 @@ class DiffusionTrainingConfig(TrainingArguments):
             "choices": ["auto", "bfloat16", "float16", "float32"],
         },
     )
-    max_sequence_length: int | None = field(default=None, metadata={"help": "Length of the T5 prompt embeddings."})
+    max_sequence_length: int | None = field(
+        default=128, metadata={"help": "Length of the T5 prompt embeddings; None uses the pipeline's default."}
+    )
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model on the Hub."})
     student_adapter: str | None = field(
         default=None, metadata={"help": "Existing LoRA to continue training from (local folder or Hub spec)."}
@@ -199,9 +213,10 @@ class DiffusionRLConfig(DiffusionTrainingConfig):
         reward_weights (`list[float]` or `None`, *optional*):
             Weight of each reward function; `None` weighs them all 1. A reward that returns `nan` for an image (e.g.
             OCR on a prompt without text) contributes 0 to that image's total.
-        scale_rewards (`str`, *optional*, defaults to `"group"`):
-            Standard deviation that divides the advantages: `"group"` (per prompt, Flow-GRPO's per-prompt stat
-            tracking), `"batch"` (over the whole batch) or `"none"`.
+        scale_rewards (`str`, *optional*, defaults to `"batch"`):
+            Standard deviation that divides the advantages (the mean is always the prompt's group's): `"batch"` (over
+            the whole batch: `global_std=True`, which Flow-GRPO's and DiffusionNFT's SD3.5 recipes use), `"group"`
+            (the prompt's own group) or `"none"`.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to [−adv_clip_max, adv_clip_max].
         beta (`float`, *optional*, defaults to `0.0`):
@@ -219,7 +234,7 @@ class DiffusionRLConfig(DiffusionTrainingConfig):
         default=None, metadata={"help": "Weight of each reward function (a list, or a JSON list string)."}
     )
     scale_rewards: str = field(
-        default="group",
+        default="batch",
         metadata={"help": "Std that divides the advantages.", "choices": list(SCALE_REWARDS)},
     )
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-max, max]."})

@@ -44,6 +44,7 @@ from ..teachers import (
     STUDENT,
     AdapterSwitch,
     adapter_metadata,
+    add_adapter,
     lora_config_for,
     parse_teacher_spec,
     read_lora_folder,
@@ -181,7 +182,7 @@ class DiffusionLoRATrainer(Trainer):
     ):
         if isinstance(model, str):
             dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-            pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=args.revision)
+            pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype, revision=args.revision)
             self.base_model_id = model
         else:
             pipeline = model
@@ -279,11 +280,11 @@ class DiffusionLoRATrainer(Trainer):
             spec = parse_teacher_spec(STUDENT, args.student_adapter)
             state_dict, config = read_lora_folder(resolve_teacher(spec, token=args.hub_token), spec.weight_name)
             peft_config = lora_config_for(state_dict, config)
-            transformer.add_adapter(peft_config, adapter_name=STUDENT)
+            add_adapter(transformer, peft_config, STUDENT)
             set_peft_model_state_dict(transformer, state_dict, adapter_name=STUDENT)
         else:
             peft_config = copy.deepcopy(peft_config) if peft_config is not None else default_lora_config(self.family)
-            transformer.add_adapter(peft_config, adapter_name=STUDENT)
+            add_adapter(transformer, peft_config, STUDENT)
         self._freeze_all_but_student(transformer)
         # LoRA weights train in float32 even on a bf16/fp16 base.
         cast_training_params(transformer, torch.float32)

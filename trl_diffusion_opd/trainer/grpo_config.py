@@ -17,11 +17,23 @@ class FlowGRPOConfig(DiffusionRLConfig):
     r"""
     Configuration class for the [`FlowGRPOTrainer`].
 
-    Defaults follow Flow-GRPO's SD3.5-Medium recipe (the SDE sampler with noise level a = 0.7, 10 steps, CFG 4.5, KL
-    coefficient 0.04, clip range 1e-4). GRPO-Guard is `ratio_normalization="grpo_guard"`, whose normalised ratio is
-    much narrower, hence its clip range 2e-6 (see `examples/configs/sd35m_grpo_guard_ocr.yaml`). For the arguments
-    shared with every trainer (model, sampling, EMA, ...) see [`DiffusionTrainingConfig`], and
-    [`~transformers.TrainingArguments`] for the rest.
+    Defaults follow Flow-GRPO's SD3.5-Medium recipe (`config/grpo.py::general_ocr_sd3` / `geneval_sd3` with
+    `scripts/train_sd3.py`): the SDE sampler with noise level a = 0.7, 10 steps at 512 px, CFG 4.5 in the rollout and
+    the loss, 24 images per prompt, the first ⌊0.99·N⌋ steps trained, KL coefficient 0.04, clip range 1e-4,
+    advantages clipped to ±5 with the batch's std (`global_std=True`), AdamW at a constant lr 3e-4 (weight decay
+    1e-4, clipping 1.0), T5 prompts of 128 tokens, EMA 0.9 every 8 steps, seed 42. GRPO-Guard is
+    `ratio_normalization="grpo_guard"`, whose normalised ratio is much narrower, hence its clip range 2e-6 (see
+    `examples/configs/sd35m_grpo_guard_ocr.yaml`). For the arguments shared with every trainer (model, sampling,
+    EMA, ...) see [`DiffusionTrainingConfig`], and [`~transformers.TrainingArguments`] for the rest.
+
+    Deliberate deviations from the released script:
+
+    - `per_device_train_batch_size` counts prompts (1 prompt = one group of `num_generations` images) where the
+      script counts images per GPU and sets the groups per step through its GPU count (48 groups per epoch, two
+      optimizer steps); scale it to your number of processes.
+    - `torch_dtype="auto"` and no mixed precision (the script uses fp16 autocast), so that it runs on a CPU; the
+      recipe YAMLs set bf16. The EMA has no warm-up (see [`DiffusionOPDConfig`]).
+    - The pickscore recipe's KL coefficient is 0.01, not the default 0.04 (OCR and GenEval): set `beta`.
 
     One optimizer step: `per_device_train_batch_size` prompts per task and device, `num_generations` SDE rollouts
     each (log-probabilities stored), rewards, group-normalised advantages, then the PPO-clip loss over the first
@@ -57,8 +69,8 @@ class FlowGRPOConfig(DiffusionRLConfig):
 
         reward_weights (`list[float]` or `None`, *optional*):
             Weight of each reward function; `None` weighs them all 1.
-        scale_rewards (`str`, *optional*, defaults to `"group"`):
-            `"group"` (per-prompt std), `"batch"` (global std) or `"none"`.
+        scale_rewards (`str`, *optional*, defaults to `"batch"`):
+            `"batch"` (global std: Flow-GRPO's `global_std=True`), `"group"` (per-prompt std) or `"none"`.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to [−adv_clip_max, adv_clip_max].
         drop_zero_std_groups (`bool`, *optional*, defaults to `True`):

@@ -20,6 +20,7 @@ from ..objectives import nft_loss, nft_optimality
 from .base_trainer import STUDENT
 from .nft_config import DiffusionNFTConfig
 from .rl_trainer import DiffusionRLTrainer, RewardFunc
+from .teachers import add_adapter
 
 
 OLD = "old"
@@ -105,7 +106,7 @@ class DiffusionNFTTrainer(DiffusionRLTrainer):
 
     # ------------------------------------------------------------------ the old policy
     def _add_auxiliary_adapters(self, transformer, args) -> None:
-        transformer.add_adapter(copy.deepcopy(self.peft_config), adapter_name=OLD)
+        add_adapter(transformer, copy.deepcopy(self.peft_config), OLD)
         set_peft_model_state_dict(transformer, self._peft_state(transformer, STUDENT), adapter_name=OLD)
         cast_training_params(transformer, torch.float32)  # (still trainable here) the same dtype as the student
         for name, param in transformer.named_parameters():

@@ -15,7 +15,21 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
 
     This class includes only the parameters that are specific to DiffusionOPD training. For a full list of training
     arguments, please refer to the [`~transformers.TrainingArguments`] documentation. Defaults follow the paper's
-    released recipe for SD3.5-Medium and may differ from those of [`~transformers.TrainingArguments`].
+    released recipe for SD3.5-Medium (`config/opd.py::mopd` and `scripts/train_sd3_opd.py` of the DiffusionOPD
+    release) and may differ from those of [`~transformers.TrainingArguments`]: AdamW at a constant lr 3e-4 (weight
+    decay 1e-4, clipping 1.0), T5 prompts of 128 tokens, the 10-step ODE rollout (noise level 0) at 512 px with
+    student CFG 4.5, the first ⌊0.99·N⌋ steps trained, 3 prompts per task and round, EMA 0.9 every 8 rounds, seed 42.
+
+    Deliberate deviations from the released script:
+
+    - `torch_dtype="auto"` and no mixed precision (the script trains in fp16 autocast): the package must also run on
+      a CPU; the recipe YAML (`examples/configs/sd35m_three_teachers.yaml`) sets `torch_dtype: bfloat16`.
+    - `teacher_guidance_scale=None` (the student's CFG): the released teachers' scales (GenEval 1.0, OCR and
+      aesthetics 4.5) belong to those teachers and are set per task in the recipe YAML.
+    - The EMA decay is 0.9 from the first update; the script's `EMAModuleWrapper` warms up as min((1 + k)/(10 + k),
+      0.9), which matters only for the first ~80 rounds.
+    - A round visits the tasks in a fixed order and takes one optimizer step; the script shuffles the round's
+      prompts of all tasks into micro-batches before the same single step (same gradient up to summation order).
 
     One optimizer step is one *round*: every task is visited once, in a fixed order, with
     `per_device_train_batch_size` prompts per task and device; the per-task losses are accumulated and a single
@@ -27,8 +41,9 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         torch_dtype (`str`, *optional*, defaults to `"auto"`):
             dtype of the pipeline when `model` is a Hub id or path: `"auto"`, `"bfloat16"`, `"float16"` or
             `"float32"`. The student LoRA parameters are always kept in float32.
-        max_sequence_length (`int` or `None`, *optional*):
-            Length of the T5 prompt embeddings; `None` uses the pipeline's default (256 for SD3, 512 for FLUX).
+        max_sequence_length (`int` or `None`, *optional*, defaults to `128`):
+            Length of the T5 prompt embeddings (the released script's 128); `None` uses the pipeline's default (256
+            for SD3, 512 for FLUX).
         revision (`str` or `None`, *optional*):
             Revision of the base model when `model` is a Hub id.
         student_adapter (`str` or `None`, *optional*):
@@ -80,6 +95,19 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         step_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Trained steps evaluated together in one teacher / student call (rows = steps × prompts). `None`
             batches all trained steps; lower it to bound activation memory.
+
+        > Parameters that control the optimisation
+
+        learning_rate (`float`, *optional*, defaults to `3e-4`):
+            AdamW learning rate.
+        lr_scheduler_type (`str`, *optional*, defaults to `"constant"`):
+            Learning-rate schedule; the released script keeps it constant (transformers' default is `"linear"`).
+        weight_decay (`float`, *optional*, defaults to `1e-4`):
+            AdamW weight decay.
+        max_grad_norm (`float`, *optional*, defaults to `1.0`):
+            Gradient-norm clipping of each round's step.
+        per_device_train_batch_size (`int`, *optional*, defaults to `3`):
+            Prompts per task, device and round.
 
         > Parameters that control evaluation
 

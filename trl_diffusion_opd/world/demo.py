@@ -5,8 +5,12 @@ on its own rule-based reward (`trl_diffusion_opd.world.teachers`). Stage 2: `Dif
 teachers into one LoRA student on the shipped base, each task's prompts supervised by that task's teacher. Then
 every model is sampled on held-out scenes with the same seeds and scored with the three rewards, and the paper-style
 table (rows: base, teachers, student; columns: the rewards and their average) and one image grid per model are
-written by `trl_diffusion_opd.evaluation.evaluate_models`; the student's model card carries that table and the
-base's and student's grids (`write_student_card`).
+written by `trl_diffusion_opd.evaluation.evaluate_models`; `comparison.png` shows every model on the same held-out
+prompts (`trl_diffusion_opd.evaluation.comparison_figure`) above the table; the student's model card carries that table and the base's and
+student's grids (`write_student_card`).
+
+The default is a quick run (30 rounds of 2 prompts per task, 32 held-out scenes per task); `DemoConfig(full=True)`
+(`examples/demo.py --full`) gives the full-size table of the README (60 rounds of 4 prompts, 96 scenes per task).
 
 ```python
 from trl_diffusion_opd.world.demo import DemoConfig, run_demo
@@ -19,6 +23,7 @@ print(result.to_markdown())
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer_callback import ProgressCallback
 
 from .pipeline import MAX_SEQUENCE_LENGTH, load_world_pipeline
 from .rewards import WORLD_TASK_REWARDS
@@ -39,42 +45,89 @@ TASKS = tuple(WORLD_TASK_REWARDS)
 TRAIN_SEED, EVAL_SEED = 0, 1
 
 
+# The full-size run of the README's table (`full=True`), and the quick default.
+FULL_SIZE = {"rounds": 60, "prompts_per_task": 4, "learning_rate": 1e-3, "eval_images": 96}
+
+
 @dataclass
 class DemoConfig:
-    """Settings of the demo (defaults: about 5 minutes of DiffusionOPD on a 2-core CPU, then the evaluation).
+    """Settings of the demo (defaults: a quick run, about 5 minutes of one CPU core; see the README).
 
     Attributes:
-        output_dir: Where the student adapter, `results.md` / `results.json`, `grids/*.png` and `demo.json` go.
+        output_dir: Where the student adapter, `results.md` / `results.json`, `grids/*.png`, `comparison.png` and
+            `demo.json` go.
         rounds: DiffusionOPD rounds (one optimizer step each, every task once).
         prompts_per_task: Prompts per task and round (`per_device_train_batch_size`).
-        learning_rate: Student learning rate.
+        learning_rate: Student learning rate (constant).
         lora_rank: Student LoRA rank (alpha = rank).
         num_inference_steps: Sampler steps, for training and evaluation (10 is as good as 20 in this world).
         eval_images: Held-out images per task for the table.
+        figure_prompts: Held-out prompts per task shown in `comparison.png` (columns).
         teachers: `{task: folder}`; `None` reads the shipped teachers (`assets/teachers/index.json`).
-        full: Re-train the three teachers first (`world.teachers.train_world_teacher`); implies
+        full: The full-size table: `FULL_SIZE` (60 rounds of 4 prompts, 96 scenes per task) replaces `rounds`,
+            `prompts_per_task`, `learning_rate` and `eval_images`.
+        retrain_teachers: Re-train the three teachers first (`world.teachers.train_world_teacher`); implies
             `multitask_baseline`.
         multitask_baseline: Add the paper's multi-task RL row: one LoRA trained with DiffusionNFT on every task's
             prompts, each rewarded by its own task's reward (`world.teachers.train_multitask_world_baseline`).
         teacher_steps: Optimizer steps of each re-trained teacher and of the baseline (`None`: the recipe's).
         seed: Seed of the student's initialisation and of the rollouts.
         num_threads: Torch threads (`None` leaves torch's default).
+        progress: Progress bars (one per phase).
     """
 
     output_dir: str = "demo_output"
-    rounds: int = 60
-    prompts_per_task: int = 4
-    learning_rate: float = 1e-3
+    rounds: int = 30
+    prompts_per_task: int = 2
+    learning_rate: float = 2e-3
     lora_rank: int = 16
     num_inference_steps: int = 10
-    eval_images: int = 96
+    eval_images: int = 32
+    figure_prompts: int = 2
     teachers: dict[str, str] | None = None
     full: bool = False
+    retrain_teachers: bool = False
     multitask_baseline: bool = False
     teacher_steps: int | None = None
     seed: int = 0
     num_threads: int | None = None
+    progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.full:
+            for name, value in FULL_SIZE.items():
+                setattr(self, name, value)
+
+
+class PhaseProgress(ProgressCallback):
+    """One progress bar for a training phase, its postfix the last logged metrics (instead of transformers'
+    `ProgressCallback`, which writes every logged dict as a line between the bars).
+
+    Args:
+        desc: Name of the phase, left of the bar.
+        keys: Prefixes of the logged metrics shown (`kl/` by default: the KL to each teacher).
+        unit: What one step is called on the bar.
+    """
+
+    def __init__(self, desc: str, keys: tuple[str, ...] = ("kl/",), unit: str = "round"):
+        super().__init__()
+        self.desc = desc
+        self.keys = keys
+        self.unit = unit
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, desc=self.desc, unit=self.unit, dynamic_ncols=True)
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k.split("/", 1)[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith(self.keys)}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
 
 
 def shipped_teachers(folder: str | Path | None = None) -> dict[str, str]:
@@ -125,6 +178,7 @@ def distil(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path)
         save_strategy="no",
         logging_steps=max(1, config.rounds // 6),
         report_to="none",
+        disable_tqdm=not config.progress,
         seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
         **config.extra,
@@ -135,6 +189,9 @@ def distil(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path)
         r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=_targets()
     )
     trainer = DiffusionOPDTrainer(pipe, teachers, args=args, train_dataset=rows, peft_config=peft_config)
+    if config.progress:  # one bar with the KL to each teacher, not a dict printed every `logging_steps`
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(PhaseProgress("DiffusionOPD"))
     trainer.train()
     trainer.save_model(str(output_dir))
     return trainer
@@ -165,9 +222,10 @@ def evaluate(adapters: dict[str, str], config: DemoConfig, output_dir: str | Pat
         seed=10_000,
         batch_size=max(1, config.eval_images),
         max_sequence_length=MAX_SEQUENCE_LENGTH,
-        grid_size=8,
+        grid_size=max(8, config.figure_prompts),
         grid_image_size=96,
         output_dir=output_dir,
+        progress=config.progress,
     )
 
 
@@ -195,6 +253,19 @@ def write_student_card(
     return folder / "README.md"
 
 
+def write_comparison(result, config: DemoConfig, path: str | Path) -> Path:
+    """`comparison.png`: the first `figure_prompts` held-out prompts of every task as columns, one row per model
+    (the same seeds in every row), the table below."""
+    from ..evaluation import comparison_figure
+
+    count = config.figure_prompts
+    prompts = [text for texts in result.sample_prompts for text in texts[:count]]
+    rows = {label: [image for images in sets for image in images[:count]] for label, sets in result.samples.items()}
+    figure = comparison_figure(rows, prompts, table=result.table_rows(digits=3), tile=96)
+    figure.save(path)
+    return Path(path)
+
+
 def train_teachers(config: DemoConfig, folder: Path) -> dict[str, str]:
     """Stage 1 again (`full=True`): one teacher per task with `world.teachers`' recipe."""
     from .teachers import train_world_teacher
@@ -219,8 +290,8 @@ def run_demo(config: DemoConfig) -> Any:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    if config.full:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    if config.retrain_teachers:
         teachers = train_teachers(config, output_dir / "teachers")
         timings["stage1_teachers_s"] = time.perf_counter() - start
     else:
@@ -230,23 +301,30 @@ def run_demo(config: DemoConfig) -> Any:
     if missing:
         raise ValueError(f"No teacher for task(s) {missing}; teachers given: {sorted(teachers)}.")
 
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     student_dir = output_dir / "student"
     trainer = distil(teachers, config, student_dir)
     timings["stage2_opd_s"] = time.perf_counter() - began
+    timings["stage2_opd_cpu_s"] = time.process_time() - began_cpu
 
     adapters = {f"teacher: {task}": path for task, path in teachers.items()}
-    if config.full or config.multitask_baseline:
+    if config.retrain_teachers or config.multitask_baseline:
         began = time.perf_counter()
         adapters["multi-task RL (DiffusionNFT)"] = train_multitask_baseline(config, output_dir / "multitask_rl")
         timings["multitask_rl_s"] = time.perf_counter() - began
     adapters["student: DiffusionOPD"] = str(student_dir)
 
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     result = evaluate(adapters, config, output_dir)
+    write_comparison(result, config, output_dir / "comparison.png")
     timings["evaluation_s"] = time.perf_counter() - began
+    timings["evaluation_cpu_s"] = time.process_time() - began_cpu
     write_student_card(trainer, result, "student: DiffusionOPD")
     timings["total_s"] = time.perf_counter() - start
+    timings["total_cpu_s"] = time.process_time() - start_cpu
+    timings["threads"] = torch.get_num_threads()
+    if hasattr(os, "getloadavg"):  # other processes' share of the CPU while the demo ran (1-minute average)
+        timings["load_average_1min_at_end"] = os.getloadavg()[0]
     summary = {
         "config": {k: v for k, v in asdict(config).items() if k != "teachers"},
         "teachers": teachers,

@@ -23,6 +23,7 @@ images = sample_images(pipe, ["a red circle", "the letter K"], num_inference_ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -241,6 +242,24 @@ def save_world_pipeline(
     return folder
 
 
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Without diffusers' and transformers' loading bars: the world's 8 MB load in a fraction of a second, and two
+    nested bars per load would crowd the demo's one bar per phase. The libraries' previous settings are restored."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(module, module.is_progress_bar_enabled()) for module in (diffusers_logging, transformers_logging)]
+    for module, _ in states:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in states:
+            if enabled:
+                module.enable_progress_bar()
+
+
 def load_world_pipeline(
     folder: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> StableDiffusion3Pipeline:
@@ -256,9 +275,10 @@ def load_world_pipeline(
         )
     config_file = folder / WORLD_CONFIG_FILE
     config = WorldModelConfig.from_dict(json.loads(config_file.read_text())) if config_file.is_file() else None
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        folder, text_encoder_3=None, tokenizer_3=None, torch_dtype=dtype, local_files_only=True
-    )
+    with _no_loading_bars():
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            folder, text_encoder_3=None, tokenizer_3=None, dtype=dtype, local_files_only=True
+        )
     pipe = _finish(pipe, config or WorldModelConfig())
     if folder == BASE_DIR:  # the shipped base goes by its registered name (`world:base`), never by its path
         pipe.register_to_config(_name_or_path="world:base")

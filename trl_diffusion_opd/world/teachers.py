@@ -223,6 +223,10 @@ def build_teacher_trainer(
         "disable_tqdm": not progress,
         "logging_steps": 5,
         "seed": seed,
+        # Pinned to the values the shipped teachers were trained with (the configs' defaults later moved to the
+        # SD3.5 recipes' batch std and NFT's KL 1e-4), so that re-training reproduces them exactly.
+        "scale_rewards": "group",
+        "beta": 0.0,
     }
     if recipe.trainer == "nft":
         config_class, trainer_class = DiffusionNFTConfig, DiffusionNFTTrainer
@@ -231,7 +235,7 @@ def build_teacher_trainer(
         common["ratio_normalization"] = "grpo_guard"
     else:
         raise ValueError(f"Unknown trainer {recipe.trainer!r}; use 'nft' or 'grpo_guard'.")
-    args = config_class(**common, **recipe.extra)
+    args = config_class(**{**common, **recipe.extra})
     peft_config = LoraConfig(
         r=recipe.lora_rank,
         lora_alpha=recipe.lora_rank,
@@ -275,6 +279,13 @@ def train_world_teacher(
     recipe = recipe_for(task, **overrides)
     output_dir = Path(output_dir)
     trainer = build_teacher_trainer(task, output_dir, recipe, seed=seed, progress=progress, save_steps=save_steps)
+    if progress:  # one bar per teacher with its reward, not a metrics dict printed every `logging_steps`
+        from transformers.trainer_callback import ProgressCallback
+
+        from .demo import PhaseProgress
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(PhaseProgress(f"teacher: {task}", keys=("reward",), unit="step"))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
