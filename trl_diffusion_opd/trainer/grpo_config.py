@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base_config import DiffusionRLConfig
+from .base_config import DiffusionRLConfig, check_choice, check_number
 
 
 RATIO_NORMALIZATIONS = ("none", "grpo_guard")
@@ -101,9 +101,5 @@ class FlowGRPOConfig(DiffusionRLConfig):
                 f"`noise_level` must be > 0 for Flow-GRPO (the ODE sampler has no log-probability), got "
                 f"{self.noise_level}."
             )
-        if not self.clip_range > 0:
-            raise ValueError(f"`clip_range` must be > 0, got {self.clip_range}.")
-        if self.ratio_normalization not in RATIO_NORMALIZATIONS:
-            raise ValueError(
-                f"`ratio_normalization` must be one of {RATIO_NORMALIZATIONS}, got {self.ratio_normalization!r}."
-            )
+        check_number("clip_range", self.clip_range, 0, low_open=True)
+        check_choice("ratio_normalization", self.ratio_normalization, RATIO_NORMALIZATIONS)
