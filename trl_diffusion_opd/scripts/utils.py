@@ -58,8 +58,8 @@ def json_dict(value: Any, name: str, required: bool = False) -> dict | None:
 
 
 class DiffusionParser(TrlParser):
-    """`TrlParser` whose errors are one line (not a usage dump of every flag), and whose dict-typed fields read JSON
-    on the command line (HfArgumentParser would call `dict(text)` on them)."""
+    """`TrlParser` whose errors are one line (not a usage dump of every flag), and whose dict- and `Any`-typed fields
+    read JSON on the command line (HfArgumentParser would call `dict(text)` or `Any(text)` on them)."""
 
     def __init__(self, dataclass_types, prog: str):
         super().__init__(dataclass_types, prog=prog)
@@ -76,7 +76,8 @@ class DiffusionParser(TrlParser):
 
 
 def _mentions_dict(hint: Any) -> bool:
-    if hint is dict or typing.get_origin(hint) is dict:
+    # `Any` fields (a prompt source or {task: source}) read JSON too: argparse cannot call `Any` on the text.
+    if hint is dict or hint is Any or typing.get_origin(hint) is dict:
         return True
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_mentions_dict(arg) for arg in typing.get_args(hint))
