@@ -263,6 +263,10 @@ CONFIG_CASES = [
         {"eval_rewards": {"shapes": 3}},
         "`eval_rewards['shapes']` must be a reward name or a list of them, got 3.",
     ),
+    Case("train", None, {"ema": "no"}, "`ema` must be True or False, got 'no'."),
+    Case("train", None, {"offload_text_encoders": 1}, "`offload_text_encoders` must be True or False, got 1."),
+    Case("train", None, {"teacher_offload": "yes"}, "`teacher_offload` must be True or False, got 'yes'."),
+    Case("train", None, {"use_rslora": "yes"}, "`use_rslora` must be True or False, got 'yes'.", target="model"),
     # DiffusionOPDConfig
     Case(
         "train",

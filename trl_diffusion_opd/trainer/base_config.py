@@ -71,6 +71,13 @@ def check_number(
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """`value` if it is `True` or `False` (a string such as "no" would otherwise be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
 def check_choice(name: str, value: Any, choices) -> Any:
     """`value` if it is one of `choices`, else a `ValueError` naming `name` and the choices."""
     if not isinstance(value, str) or value not in choices:
@@ -322,6 +329,8 @@ class DiffusionTrainingConfig(TrainingArguments):
         check_choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
         check_int("max_sequence_length", self.max_sequence_length, 1, optional=True)
         check_int("prompt_cache_size", self.prompt_cache_size, 1)
+        check_bool("offload_text_encoders", self.offload_text_encoders)
+        check_bool("ema", self.ema)
         check_int("num_inference_steps", self.num_inference_steps, 1)
         check_number("noise_level", self.noise_level, 0)
         check_choice("sde_type", self.sde_type, SAMPLERS)

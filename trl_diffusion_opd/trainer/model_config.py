@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from peft import LoraConfig
 
 from ..families.base import get_family
-from .base_config import check_int, check_number, check_output_dir
+from .base_config import check_bool, check_int, check_number, check_output_dir
 
 
 def _lora_inits() -> list[str]:
@@ -82,6 +82,7 @@ class DiffusionModelConfig:
                 f"`lora_target_modules` must be a non-empty list of module names (e.g. to_q to_k to_v) or None, "
                 f"got {targets!r}."
             )
+        check_bool("use_rslora", self.use_rslora)
         inits = _lora_inits()
         patterns = [re.escape(name).replace(re.escape("[number of iters]"), r"\d+") for name in inits]
         if not isinstance(self.lora_init, str) or not any(re.fullmatch(p, self.lora_init.lower()) for p in patterns):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..transition import KL_NORMALIZATIONS
-from .base_config import DiffusionTrainingConfig, _as_dict, check_choice, check_number
+from .base_config import DiffusionTrainingConfig, _as_dict, check_bool, check_choice, check_number
 
 
 @dataclass
@@ -139,6 +139,7 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                 self.teacher_guidance_scale = _as_dict(self.teacher_guidance_scale, "teacher_guidance_scale")
         super().__post_init__()
 
+        check_bool("teacher_offload", self.teacher_offload)
         check_choice("loss_type", self.loss_type, ("kl", "ppo"))
         check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
         if self.loss_type == "ppo" and self.noise_level == 0:
