@@ -73,7 +73,8 @@ class DiffusionOPDEvalArguments:
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             CFG scale (FLUX: the distilled guidance); an adapter's own `guidance_scale` wins.
         resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels.
+            Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
+            times the 2×2 latent patch), checked once the pipeline is loaded.
         seed (`int`, *optional*, defaults to `0`):
             Image i of a prompt set is drawn with seed `seed + i`, for every model.
         batch_size (`int`, *optional*, defaults to `4`):

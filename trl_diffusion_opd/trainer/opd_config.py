@@ -60,7 +60,8 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
         resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels.
+            Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
+            times the 2×2 latent patch), checked once the pipeline is loaded.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             Train the first ⌊N·timestep_fraction⌋ steps; the default skips the near-deterministic last step.
 
