@@ -322,10 +322,9 @@ def _lora_config(folder: Path, path: Path, metadata: dict[str, str], prefix: str
     """The LoRA's recorded config: PEFT's `adapter_config.json`, else diffusers' safetensors metadata, else `None`."""
     config_file = folder / PEFT_CONFIG
     if config_file.is_file():
-        source, text = config_file, None
+        source = config_file
         try:
-            text = config_file.read_text(encoding="utf-8")
-            config = json.loads(text)
+            config = json.loads(config_file.read_text(encoding="utf-8"))
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
             raise ValueError(f"{prefix}{config_file} is not valid JSON ({_first_line(error)}).") from error
     else:
