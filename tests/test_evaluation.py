@@ -122,7 +122,7 @@ def test_eval_command_writes_table_and_grids_and_rows_differ(tmp_path, adapters,
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prompts", '{"nope": ["a"]}'], "Unknown reward 'nope'; available rewards:"),
+        (["--prompts", '{"nope": ["a"]}'], "`prompts` names unknown reward(s) ['nope']; available rewards:"),
         (["--prompts", '{"brightness": "missing.txt"}'], "prompt file 'missing.txt' does not exist"),
         (["--prompts", '{"brightness": ["a"]}', "--adapters", '{"x": "./no-such-folder"}'], "no-such-folder"),
         (["--prompts", '{"brightness": ["a"]}', "--not_a_flag", "1"], "unrecognized arguments: --not_a_flag 1"),

@@ -81,29 +81,47 @@ _BUILDERS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 def _load_path(source: str, name: str) -> list[PromptRow]:
     extension = os.path.splitext(source)[1].lower()
     if extension in (".txt", ".jsonl", *_BUILDERS) and not os.path.isfile(source):
-        raise ValueError(f"{name}: prompt file '{source}' does not exist.")
+        what = "is a folder, not a file" if os.path.isdir(source) else "does not exist"
+        raise ValueError(f"{name}: prompt file '{source}' {what}.")
     if extension == ".txt":
-        with open(source, encoding="utf-8") as handle:
-            return [{"prompt": line.strip()} for line in handle if line.strip()]
+        rows = [{"prompt": line.strip()} for _, line in _lines(source, name) if line.strip()]
+        if not rows:
+            raise ValueError(f"{name}: prompt file '{source}' has no prompts (one per line).")
+        return rows
     if extension == ".jsonl":
         rows = []
-        with open(source, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{name}: {source} line {number} is not valid JSON: {error}") from error
-                if not isinstance(row, dict):
-                    raise ValueError(f"{name}: {source} line {number} is not a JSON object: {line.strip()!r}")
-                rows.append(row)
+        for number, line in _lines(source, name):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{name}: {source} line {number} is not valid JSON: {error}") from error
+            if not isinstance(row, dict):
+                raise ValueError(f"{name}: {source} line {number} is not a JSON object: {line.strip()!r}")
+            if not isinstance(row.get("prompt"), str):
+                raise ValueError(
+                    f"{name}: {source} line {number} has no string 'prompt' field: {line.strip()[:120]!r}"
+                )
+            rows.append(row)
+        if not rows:
+            raise ValueError(f"{name}: prompt file '{source}' has no prompts (one JSON object per line).")
         return rows
     if extension in _BUILDERS:
-        return load_prompt_source(load_prompt_dataset(_BUILDERS[extension], data_files=source), name)
+        return load_prompt_source(load_prompt_dataset(_BUILDERS[extension], data_files=source, name=name), name)
     # `id:split` picks a split; a local path is taken whole (it may itself contain ':').
     path, _, split = source.partition(":") if not os.path.exists(source) else (source, "", "")
     return load_prompt_source(load_prompt_dataset(path, split=split or "train", name=name), name)
+
+
+def _lines(source: str, name: str):
+    """`(line number, line)` of a UTF-8 text file; a byte that is not UTF-8 is an error naming the line."""
+    with open(source, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{name}: {source} line {number} is not UTF-8 text ({error.reason}).") from None
 
 
 def load_prompt_dataset(

@@ -40,7 +40,14 @@ from PIL import Image
 from .data import load_prompt_source
 from .registry import load_pipeline
 from .rewards import Reward, as_reward, get_reward, nanmean
-from .teachers import DIFFUSERS_LORA_WEIGHTS, load_lora_teacher, parse_teacher_spec, resolve_teacher, several_adapters
+from .teachers import (
+    DIFFUSERS_LORA_WEIGHTS,
+    check_teacher_files,
+    load_lora_teacher,
+    parse_teacher_spec,
+    resolve_teacher,
+    several_adapters,
+)
 
 
 RESULTS_JSON = "results.json"
@@ -235,6 +242,7 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     folder = resolve_teacher(spec, cache_dir=cache_dir, token=token)
     if spec.full_weight:
         raise ValueError(f"Adapter '{label}' ({spec.display}) is a full model, not a LoRA: evaluate it as the base.")
+    check_teacher_files(spec, owner=f"Adapter '{label}'")
     weight_name = spec.weight_name or DIFFUSERS_LORA_WEIGHTS
     with several_adapters():
         if (folder / weight_name).is_file() and not (folder / "adapter_config.json").is_file():
@@ -245,7 +253,7 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
             else:
                 pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
         else:
-            load_lora_teacher(pipeline.transformer, spec, folder)
+            load_lora_teacher(pipeline.transformer, spec, folder, owner=f"Adapter '{label}'")
     if not any(f".{name}." in key for key, _ in pipeline.transformer.named_parameters()):
         raise ValueError(f"Adapter '{label}' ({spec.display}) loaded no LoRA weight into the transformer.")
     return EvalModel(label=label, adapter_name=name, source=spec.display, guidance_scale=spec.guidance_scale)

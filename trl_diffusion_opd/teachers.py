@@ -305,8 +305,98 @@ def is_full_weight_folder(folder: Path) -> bool:
     )
 
 
-def read_lora_folder(folder: Path, weight_name: str | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Read a LoRA folder in diffusers or PEFT format.
+def _lora_weight_file(folder: Path, weight_name: str | None, prefix: str) -> Path:
+    if weight_name is not None:
+        path = folder / weight_name
+        if not path.is_file():
+            raise ValueError(f"{prefix}{path} does not exist (`weight_name` '{weight_name}').")
+        return path
+    for name in (DIFFUSERS_LORA_WEIGHTS, PEFT_WEIGHTS):
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(
+        f"{prefix}{folder} holds no LoRA: expected '{DIFFUSERS_LORA_WEIGHTS}' (diffusers format) or "
+        f"'{PEFT_CONFIG}' + '{PEFT_WEIGHTS}' (PEFT format)."
+    )
+
+
+def _lora_config(folder: Path, path: Path, metadata: dict[str, str], prefix: str) -> dict | None:
+    """The LoRA's recorded config: PEFT's `adapter_config.json`, else diffusers' safetensors metadata, else `None`."""
+    config_file = folder / PEFT_CONFIG
+    if config_file.is_file():
+        source = config_file
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"{prefix}{config_file} is not valid JSON ({_first_line(error)}).") from error
+    else:
+        raw = metadata.get("transformer.lora_adapter_metadata") or metadata.get("lora_adapter_metadata")
+        if not raw:
+            return None
+        source = f"the adapter metadata of {path}"
+        try:
+            config = json.loads(raw)
+        except ValueError as error:
+            raise ValueError(f"{prefix}{source} is not valid JSON ({_first_line(error)}).") from error
+        if isinstance(config, dict):
+            config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    if not isinstance(config, dict):
+        raise ValueError(f"{prefix}{source} is not a JSON object: {str(config)[:80]!r}.")
+    try:
+        lora = lora_config_for({}, config)
+        if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
+            raise ValueError(f"'r' must be an integer >= 1, got {lora.r!r}")
+        if isinstance(lora.lora_alpha, bool) or not isinstance(lora.lora_alpha, (int, float)):
+            raise ValueError(f"'lora_alpha' must be a number, got {lora.lora_alpha!r}")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{prefix}{source} is not a valid LoRA config ({_first_line(error)}).") from error
+    return config
+
+
+def check_lora_folder(folder: Path, weight_name: str | None = None, owner: str | None = None) -> Path:
+    """Check that `folder` holds a readable LoRA without loading its tensors: the weight file exists and is a
+    safetensors file whose keys include LoRA weights, and its config (`adapter_config.json` or the safetensors
+    metadata) is a valid `LoraConfig`. Cheap enough to run on every adapter before the base model is loaded.
+
+    Args:
+        folder: The adapter's folder.
+        weight_name: Weight file; `None` finds `pytorch_lora_weights.safetensors` or `adapter_model.safetensors`.
+        owner: Prefix of error messages, e.g. `"Teacher 'ocr'"`.
+
+    Returns:
+        The weight file.
+
+    Raises:
+        ValueError: one line naming `owner`, the file and what is wrong with it.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    prefix = f"{owner}: " if owner else ""
+    path = _lora_weight_file(folder, weight_name, prefix)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors' SafetensorError (header too large, truncated, ...) or OSError
+        raise ValueError(f"{prefix}{path} is not a valid safetensors file ({_first_line(error)}).") from error
+    lora_keys = [key for key in keys if ".lora_" in key or ".lora." in key]
+    if not lora_keys:
+        found = f"its {len(keys)} tensor(s) are not LoRA weights, e.g. {keys[:2]}" if keys else "it has no tensors"
+        raise ValueError(f"{prefix}{path} is an empty adapter: {found}.")
+    _lora_config(folder, path, metadata, prefix)
+    return path
+
+
+def read_lora_folder(
+    folder: Path, weight_name: str | None = None, owner: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read a LoRA folder in diffusers or PEFT format (checked by `check_lora_folder` first).
+
+    Args:
+        folder: The adapter's folder.
+        weight_name: Weight file; `None` finds `pytorch_lora_weights.safetensors` or `adapter_model.safetensors`.
+        owner: Prefix of error messages, e.g. `"Teacher 'ocr'"`.
 
     Returns:
         `(state_dict, lora_config)`: state-dict keys relative to the transformer in PEFT's naming
@@ -314,39 +404,30 @@ def read_lora_folder(folder: Path, weight_name: str | None = None) -> tuple[dict
         records them (PEFT's `adapter_config.json` or diffusers' safetensors metadata), else `None`.
 
     Raises:
-        ValueError: the folder holds no LoRA in either format.
+        ValueError: the folder holds no LoRA in either format, or a file of it is malformed (one line naming it).
     """
-    if weight_name is None:
-        if (folder / DIFFUSERS_LORA_WEIGHTS).is_file():
-            weight_name = DIFFUSERS_LORA_WEIGHTS
-        elif (folder / PEFT_WEIGHTS).is_file():
-            weight_name = PEFT_WEIGHTS
-        else:
-            raise ValueError(
-                f"{folder} holds no LoRA: expected '{DIFFUSERS_LORA_WEIGHTS}' (diffusers format) or "
-                f"'{PEFT_CONFIG}' + '{PEFT_WEIGHTS}' (PEFT format)."
-            )
-    path = folder / weight_name
-    state_dict = load_file(path)
-    config = None
-    if (folder / PEFT_CONFIG).is_file():
-        config = json.loads((folder / PEFT_CONFIG).read_text())
-    else:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as handle:
+    folder = Path(folder)
+    prefix = f"{owner}: " if owner else ""
+    path = check_lora_folder(folder, weight_name, owner)
+    try:
+        state_dict = load_file(path)
+        with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        raw = metadata.get("transformer.lora_adapter_metadata") or metadata.get("lora_adapter_metadata")
-        if raw:
-            config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    except Exception as error:  # a file that changed or whose data is cut short after its header
+        raise ValueError(f"{prefix}{path} is not a valid safetensors file ({_first_line(error)}).") from error
+    config = _lora_config(folder, path, metadata, prefix)
     prefixes = ("base_model.model.", "transformer.")
     cleaned = {}
     for key, value in state_dict.items():
-        for prefix in prefixes:
-            key = key.removeprefix(prefix)
+        for prefix_ in prefixes:
+            key = key.removeprefix(prefix_)
         if key.startswith(("text_encoder.", "text_encoder_2.")):
             continue  # text-encoder LoRAs do not touch the transformer this trainer distils
         cleaned[key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")] = value
+    if not any(".lora_B." in key for key in cleaned):
+        raise ValueError(f"{prefix}{path} holds no LoRA weights for the transformer (only text-encoder ones).")
     return cleaned, config
 
 
@@ -402,35 +483,49 @@ def add_adapter(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -
         model.add_adapter(config, adapter_name=adapter_name)
 
 
-def load_lora_teacher(transformer: torch.nn.Module, spec: TeacherSpec, folder: Path) -> None:
+def load_lora_teacher(transformer: torch.nn.Module, spec: TeacherSpec, folder: Path, owner: str | None = None) -> None:
     """Load a LoRA teacher as the adapter `spec.name` on `transformer`, frozen.
 
     Its rank, alpha and target modules are its own (they may differ from the student's and other teachers').
+    `owner` names it in error messages (default `Teacher '<name>'`).
 
     Raises:
-        ValueError: the adapter targets modules the base does not have.
+        ValueError: a file of the adapter is malformed, the adapter targets modules the base does not have, or its
+            weights do not fit its config.
     """
-    state_dict, config = read_lora_folder(folder, spec.weight_name)
+    owner = owner or f"Teacher '{spec.name}'"
+    state_dict, config = read_lora_folder(folder, spec.weight_name, owner)
     modules = dict(transformer.named_modules())
     missing = sorted(m for m in lora_module_names(state_dict) if m not in modules)
     if missing:
         raise ValueError(
-            f"Teacher '{spec.name}' ({spec.display}) adapts {len(missing)} module(s) that the base transformer does "
+            f"{owner} ({spec.display}) adapts {len(missing)} module(s) that the base transformer does "
             f"not have, e.g. {missing[:3]}: is it a LoRA for another model?"
         )
     lora_config = lora_config_for(state_dict, config)
     add_adapter(transformer, lora_config, spec.name)
-    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=spec.name)
+    try:
+        result = set_peft_model_state_dict(transformer, state_dict, adapter_name=spec.name)
+    except RuntimeError as error:  # shapes that disagree with the recorded rank
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(f"{owner} ({spec.display}) does not fit its own config: {' '.join(lines[:2])}") from error
     expected = {k for k in transformer.state_dict() if f".{spec.name}." in k}
     not_loaded = sorted(k for k in result.missing_keys if k in expected)
     if not_loaded or result.unexpected_keys:
         raise ValueError(
-            f"Teacher '{spec.name}' ({spec.display}) did not load exactly: missing {not_loaded[:3]}, "
+            f"{owner} ({spec.display}) did not load exactly: missing {not_loaded[:3]}, "
             f"unexpected {list(result.unexpected_keys)[:3]}."
         )
     for param_name, param in transformer.named_parameters():
         if f".{spec.name}." in param_name:
             param.requires_grad_(False)
+
+
+def check_teacher_files(spec: TeacherSpec, owner: str | None = None) -> None:
+    """Check a resolved teacher's LoRA files (`check_lora_folder`) before any model is loaded; full-weight teachers
+    are checked when they load."""
+    if spec.module is None and not spec.full_weight and spec.local_dir is not None:
+        check_lora_folder(spec.local_dir, spec.weight_name, owner or f"Teacher '{spec.name}'")
 
 
 class AdapterSwitch:

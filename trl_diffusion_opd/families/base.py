@@ -140,6 +140,25 @@ class FlowMatchingFamily(abc.ABC):
         return self.pipeline.vae_scale_factor
 
     @property
+    def resolution_multiple(self) -> int:
+        """Image sides, in pixels, must be multiples of this: the VAE's downsampling factor times the transformer's
+        patch size (one latent patch is one token). A family that packs its latents further overrides it."""
+        patch_size = getattr(getattr(self.transformer, "config", None), "patch_size", None) or 1
+        return self.vae_scale_factor * int(patch_size)
+
+    def check_resolution(self, resolution: int, name: str = "resolution") -> None:
+        """Raise a one-line `ValueError` naming `name` when `resolution` does not fit the latent layout (the latents
+        would silently cover a smaller image than asked for)."""
+        multiple = self.resolution_multiple
+        if resolution % multiple:
+            nearest = max(multiple, round(resolution / multiple) * multiple)
+            raise ValueError(
+                f"`{name}` must be a multiple of {multiple} for this {self.name} pipeline (VAE scale factor "
+                f"{self.vae_scale_factor} x latent patch {multiple // self.vae_scale_factor}), got {resolution}; "
+                f"e.g. {nearest}."
+            )
+
+    @property
     def text_encoders(self) -> list[torch.nn.Module]:
         """The text encoders, so that callers can move them off the accelerator once prompts are cached."""
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")

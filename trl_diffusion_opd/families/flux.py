@@ -43,6 +43,11 @@ class FluxFamily(FlowMatchingFamily):
     def uses_guidance_embedding(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
+    @property
+    def resolution_multiple(self) -> int:
+        # The transformer's patch size is 1, but its latents are packed into 2x2 patches.
+        return self.vae_scale_factor * 2
+
     def _latent_side(self, resolution: int) -> int:
         # VAE downsampling, then 2x2 packing: the latent side must be even.
         return 2 * (resolution // (self.vae_scale_factor * 2))

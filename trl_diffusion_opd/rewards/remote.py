@@ -117,7 +117,15 @@ class RemoteReward(Reward):
             "meta_datas": list(metadata),
             **self.extra,
         }
-        answer = pickle.loads(self._post(pickle.dumps(payload)))
+        body = self._post(pickle.dumps(payload))
+        try:
+            answer = pickle.loads(body)
+        except Exception as error:  # pickle raises many types on bytes that are not a pickle
+            raise RewardServerError(
+                f"Reward '{self.name}': the server at {self.url} answered {len(body)} bytes that do not decode as "
+                f"a pickle ({type(error).__name__}: {error}); is it a server of Flow-GRPO's protocol? Starts with "
+                f"{body[:40]!r}."
+            ) from error
         if not isinstance(answer, dict):
             raise RewardServerError(f"Reward '{self.name}': the server answered {type(answer).__name__}, not a dict.")
         key = self.score_key or ("outputs" if "outputs" in answer else "scores")
@@ -125,7 +133,18 @@ class RemoteReward(Reward):
             raise RewardServerError(
                 f"Reward '{self.name}': the server's answer has no '{key}' (keys: {sorted(answer)}); set `score_key`."
             )
-        scores = [float(value) for value in answer[key]]
+        values = answer[key]
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+            raise RewardServerError(
+                f"Reward '{self.name}': the server's '{key}' is a {type(values).__name__}, not a list of scores: "
+                f"{str(values)[:80]!r}."
+            )
+        try:
+            scores = [float(value) for value in values]
+        except (TypeError, ValueError) as error:
+            raise RewardServerError(
+                f"Reward '{self.name}': the server's '{key}' holds a value that is not a number ({error})."
+            ) from error
         if len(scores) != len(images):
             raise RewardServerError(
                 f"Reward '{self.name}': the server returned {len(scores)} '{key}' for {len(images)} images."

@@ -19,9 +19,29 @@ from pathlib import Path
 
 import yaml
 
+from ..data import load_prompt_source
 from ..evaluation import EvaluationResult, evaluate_models, load_base_pipeline
+from ..families.base import get_family
 from ..rewards import RewardServerError
-from .utils import PROG, DiffusionParser, config_path, fail, materialize_toy_adapters, one_line
+from ..teachers import check_teacher_files, parse_teacher_spec, resolve_teacher
+from ..trainer.base_config import (
+    TORCH_DTYPES,
+    check_choice,
+    check_int,
+    check_number,
+    check_output_dir,
+    check_reward_names,
+)
+from .utils import (
+    PROG,
+    TOY_PLACEHOLDER,
+    DiffusionParser,
+    config_path,
+    fail,
+    materialize_toy_adapters,
+    one_line,
+    toy_placeholders,
+)
 
 
 @dataclass
@@ -53,7 +73,8 @@ class DiffusionOPDEvalArguments:
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             CFG scale (FLUX: the distilled guidance); an adapter's own `guidance_scale` wins.
         resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels.
+            Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
+            times the 2×2 latent patch), checked once the pipeline is loaded.
         seed (`int`, *optional*, defaults to `0`):
             Image i of a prompt set is drawn with seed `seed + i`, for every model.
         batch_size (`int`, *optional*, defaults to `4`):
@@ -117,8 +138,25 @@ class DiffusionOPDEvalArguments:
         if not self.prompts:
             raise ValueError('`prompts` is required: {reward: prompt source}, e.g. {"ocr": "ocr_test.txt"}.')
         for name in ("num_inference_steps", "resolution", "batch_size", "grid_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+            check_int(name, getattr(self, name), 1)
+        check_int("max_prompts", self.max_prompts, 1, optional=True)
+        check_int("max_sequence_length", self.max_sequence_length, 1, optional=True)
+        check_int("seed", self.seed, 0)
+        check_number("guidance_scale", self.guidance_scale, 0)
+        check_choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
+        check_output_dir("output_dir", self.output_dir)
+        check_output_dir("cache_dir", self.cache_dir)
+        if not isinstance(self.base_label, str) or not self.base_label.strip():
+            raise ValueError(f"`base_label` must be a non-empty string, got {self.base_label!r}.")
+        check_reward_names("prompts", [column.split("@")[0] for column in self.prompts])
+        for name, kwargs in (self.reward_kwargs or {}).items():
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"`reward_kwargs['{name}']` must be a mapping of keyword arguments, got {kwargs!r}.")
+        for name, bounds in (self.normalization or {}).items():
+            if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+                raise ValueError(f"`normalization['{name}']` must be [low, high], got {bounds!r}.")
+            low = check_number(f"normalization['{name}'][0]", bounds[0])
+            check_number(f"normalization['{name}'][1]", bounds[1], low, low_open=True)
 
 
 def make_parser(prog: str | None = None) -> DiffusionParser:
@@ -128,7 +166,18 @@ def make_parser(prog: str | None = None) -> DiffusionParser:
 
 def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
     """The `eval` command's job: load the base (and `toy:<seed>` adapters for the tiny models), generate, score,
-    write `results.md`, `results.json` and `grids/`. Returns the `EvaluationResult`."""
+    write `results.md`, `results.json` and `grids/`. Returns the `EvaluationResult`.
+
+    The prompt files and the adapters' files are checked before the base is loaded, and the resolution against the
+    base before toy adapters are written, so that a failed start leaves nothing on disk."""
+    for column, source in eval_args.prompts.items():
+        load_prompt_source(source, f"prompts '{column}'")
+    for label, spec in toy_placeholders(eval_args.adapters or {}, what="Adapter").items():
+        if spec == TOY_PLACEHOLDER or (isinstance(spec, dict) and spec.get("path") == TOY_PLACEHOLDER):
+            continue
+        parsed = parse_teacher_spec(label, spec)
+        resolve_teacher(parsed, cache_dir=eval_args.cache_dir, token=eval_args.hub_token)
+        check_teacher_files(parsed, owner=f"Adapter '{label}'")
     pipeline = load_base_pipeline(
         eval_args.model_name_or_path,
         torch_dtype=eval_args.torch_dtype,
@@ -137,6 +186,7 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
         token=eval_args.hub_token,
         device=eval_args.device,
     )
+    get_family(pipeline).check_resolution(eval_args.resolution)
     # Toy adapters strong enough (std 1) to change the tiny models' images visibly.
     adapters = materialize_toy_adapters(
         eval_args.adapters or {},

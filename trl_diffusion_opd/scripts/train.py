@@ -26,18 +26,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..teachers import STUDENT, parse_teachers, resolve_teacher
+from ..data import prompts_by_task
+from ..teachers import STUDENT, check_teacher_files, parse_teachers, resolve_teacher
 from ..trainer import DiffusionModelConfig, DiffusionOPDConfig, DiffusionOPDTrainer
+from ..trainer.base_trainer import resolve_student_adapter
 from ..trainer.model_config import get_student_lora_config
 from .utils import (
     PROG,
+    TOY_PLACEHOLDER,
     TOY_TEACHERS_DIR,
     DiffusionParser,
+    check_resolution,
     json_dict,
     load_base,
     load_prompts,
     materialize_toy_adapters,
     run_training,
+    toy_placeholders,
     training_main,
 )
 
@@ -111,19 +116,48 @@ def resolve_teachers(
     teachers: dict[str, Any], cache_dir: str | None = None, token: str | bool | None = None
 ) -> dict[str, list]:
     """Parse `{task: spec}` into `TeacherSpec`s and resolve each one (download from the Hub or find it in the
-    cache) once, with `cache_dir` and `token`; the trainer then reuses the resolved folders."""
+    cache) once, with `cache_dir` and `token`, checking its LoRA files; the trainer then reuses the resolved folders.
+    `toy:<seed>` specs must have been materialised (`check_teachers` accepts them)."""
     specs = parse_teachers(teachers, reserved=(STUDENT,))
     for task_specs in specs.values():
         for spec in task_specs:
             resolve_teacher(spec, cache_dir=cache_dir, token=token)
+            check_teacher_files(spec)
     return specs
+
+
+def check_teachers(teachers: dict[str, Any], cache_dir: str | None = None, token: str | bool | None = None) -> None:
+    """What can be checked about the teachers without the base model: every spec parses (`toy:<seed>` ones
+    included, with their names), and every other teacher resolves and its LoRA files are well formed."""
+    specs = parse_teachers(toy_placeholders(teachers), reserved=(STUDENT,))
+    for task_specs in specs.values():
+        for spec in task_specs:
+            if spec.path != TOY_PLACEHOLDER:
+                resolve_teacher(spec, cache_dir=cache_dir, token=token)
+                check_teacher_files(spec)
 
 
 def build_trainer(
     script_args: DiffusionOPDScriptArguments, training_args: DiffusionOPDConfig, model_args: DiffusionModelConfig
 ) -> DiffusionOPDTrainer:
-    """The `DiffusionOPDTrainer` that the `train` command runs."""
+    """The `DiffusionOPDTrainer` that the `train` command runs.
+
+    Everything that needs no model is checked first (prompt files, tasks, teacher specs and files), then the base is
+    loaded and the resolution checked against it; only then are toy teachers written under `output_dir`, so that a
+    failed start leaves nothing on disk."""
+    train_dataset, eval_dataset = load_prompts(script_args)
+    train_dataset = prompts_by_task(train_dataset)  # every prompt file is read once, here
+    eval_dataset = prompts_by_task(eval_dataset) if eval_dataset is not None else None
+    DiffusionOPDTrainer.check_tasks(train_dataset, script_args.teachers)
+    if eval_dataset:
+        DiffusionOPDTrainer.check_eval_tasks(eval_dataset, script_args.teachers)
+    DiffusionOPDTrainer.check_task_weights(training_args.task_weights, script_args.teachers)
+    with training_args.main_process_first(desc="resolving the teachers"):
+        check_teachers(script_args.teachers, cache_dir=model_args.cache_dir, token=training_args.hub_token)
+        resolve_student_adapter(training_args.student_adapter, model_args.cache_dir, training_args.hub_token)
+
     pipeline = load_base(model_args, training_args)
+    check_resolution(pipeline, training_args)
     # Toy teachers share part of their update (`shared_seed`), as teachers RL-tuned from one base do.
     teachers = materialize_toy_adapters(
         script_args.teachers,
@@ -136,7 +170,6 @@ def build_trainer(
     )
     with training_args.main_process_first(desc="resolving the teachers"):
         teachers = resolve_teachers(teachers, cache_dir=model_args.cache_dir, token=training_args.hub_token)
-    train_dataset, eval_dataset = load_prompts(script_args)
     return DiffusionOPDTrainer(
         model=pipeline,
         teachers=teachers,

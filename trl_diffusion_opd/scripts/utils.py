@@ -21,14 +21,19 @@ import yaml
 from trl import TrlParser
 
 from ..data import load_prompt_dataset
+from ..families.base import get_family
 from ..registry import load_pipeline
 from ..rewards import get_reward
+from ..trainer.base_config import check_reward_names
+from ..trainer.base_trainer import prompt_rows, resolve_student_adapter
 from ..trainer.model_config import DiffusionModelConfig, get_student_lora_config
 
 
 PROG = "trl-diffusion-opd"
 TOY_PREFIX = "toy:"
 TOY_TEACHERS_DIR = "_toy_teachers"
+# Stands for a toy adapter while the other specs are checked, before the base exists (a Hub id never resolved).
+TOY_PLACEHOLDER = "trl-diffusion-opd/toy-adapter-not-yet-written"
 # Set in the environment of a job relaunched through accelerate, so that it trains instead of relaunching again.
 LAUNCHED_ENV = "TRL_DIFFUSION_OPD_LAUNCHED"
 
@@ -53,8 +58,8 @@ def json_dict(value: Any, name: str, required: bool = False) -> dict | None:
 
 
 class DiffusionParser(TrlParser):
-    """`TrlParser` whose errors are one line (not a usage dump of every flag), and whose dict-typed fields read JSON
-    on the command line (HfArgumentParser would call `dict(text)` on them)."""
+    """`TrlParser` whose errors are one line (not a usage dump of every flag), and whose dict- and `Any`-typed fields
+    read JSON on the command line (HfArgumentParser would call `dict(text)` or `Any(text)` on them)."""
 
     def __init__(self, dataclass_types, prog: str):
         super().__init__(dataclass_types, prog=prog)
@@ -71,7 +76,8 @@ class DiffusionParser(TrlParser):
 
 
 def _mentions_dict(hint: Any) -> bool:
-    if hint is dict or typing.get_origin(hint) is dict:
+    # `Any` fields (a prompt source or {task: source}) read JSON too: argparse cannot call `Any` on the text.
+    if hint is dict or hint is Any or typing.get_origin(hint) is dict:
         return True
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_mentions_dict(arg) for arg in typing.get_args(hint))
@@ -205,13 +211,34 @@ class DiffusionRLScriptArguments:
             self.reward_funcs = [name.strip() for name in self.reward_funcs.split(",") if name.strip()]
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is required: one or more reward names (e.g. `--reward_funcs ocr`).")
+        check_reward_names("reward_funcs", self.reward_funcs)
         self.reward_kwargs = json_dict(self.reward_kwargs, "reward_kwargs") or {}
+        for reward, kwargs in self.reward_kwargs.items():
+            if reward not in self.reward_funcs:
+                raise ValueError(
+                    f"`reward_kwargs` names reward '{reward}', which is not in `reward_funcs` {self.reward_funcs}."
+                )
+            if not isinstance(kwargs, dict):
+                raise ValueError(
+                    f"`reward_kwargs['{reward}']` must be a mapping of keyword arguments, got {kwargs!r}."
+                )
         for name in ("prompts", "eval_prompts"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
-                setattr(self, name, json.loads(value))
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"`{name}` starts like JSON but is not valid JSON ({error}): {value!r}"
+                    ) from error
         if self.prompts is None and self.dataset_name is None:
             raise ValueError("Give the prompts: `prompts` (a source or {task: source}) or `dataset_name`.")
+
+
+def check_resolution(pipeline, training_args) -> None:
+    """`training_args.resolution` fits the pipeline's latent layout (the trainer checks it too; the commands check
+    it before writing toy adapters, so that a failed start leaves nothing on disk)."""
+    get_family(pipeline).check_resolution(training_args.resolution)
 
 
 def load_base(model_args: DiffusionModelConfig, training_args):
@@ -226,13 +253,9 @@ def load_base(model_args: DiffusionModelConfig, training_args):
         )
 
 
-def materialize_toy_adapters(
-    specs: dict[str, Any], pipeline, folder: str | os.PathLike, what: str = "Teacher", **lora_kwargs
-) -> dict[str, Any]:
-    """Replace every `toy:<seed>` spec (alone, as a dict's `path`, or in a list) by a random LoRA for `pipeline`
-    (`testing.save_toy_lora(**lora_kwargs)`), saved under `folder/<label>[_<index>]`; other specs are unchanged.
-    Toy adapters exist for offline runs on the tiny pipelines."""
-    from ..testing import save_toy_lora  # the test helpers are only loaded when a toy adapter is asked for
+def _map_toy_specs(specs: dict[str, Any], what: str, make: Callable[[str, int], str]) -> dict[str, Any]:
+    """`specs` with every `toy:<seed>` spec (alone, as a dict's `path`, or in a list) replaced by `make(label, seed)`;
+    a seed that is not an integer raises a `ValueError` naming the `what` (`Teacher`, `Adapter`) and its label."""
 
     def convert(spec: Any, label: str) -> Any:
         if isinstance(spec, list):
@@ -243,11 +266,31 @@ def materialize_toy_adapters(
             seed = spec[len(TOY_PREFIX) :]
             if not seed.isdigit():
                 raise ValueError(f"{what} '{label}': '{spec}' must be 'toy:<integer seed>'.")
-            name = re.sub(r"[^\w.-]+", "_", label)
-            return str(save_toy_lora(pipeline, Path(folder) / name, seed=int(seed), **lora_kwargs))
+            return make(label, int(seed))
         return spec
 
     return {label: convert(spec, label) for label, spec in specs.items()}
+
+
+def toy_placeholders(specs: dict[str, Any], what: str = "Teacher") -> dict[str, Any]:
+    """`specs` with every `toy:<seed>` replaced by `TOY_PLACEHOLDER`, a spec that parses (as a Hub id) but is never
+    resolved: the other specs can be parsed and checked before the base model that toy adapters need is loaded."""
+    return _map_toy_specs(specs, what, lambda label, seed: TOY_PLACEHOLDER)
+
+
+def materialize_toy_adapters(
+    specs: dict[str, Any], pipeline, folder: str | os.PathLike, what: str = "Teacher", **lora_kwargs
+) -> dict[str, Any]:
+    """Replace every `toy:<seed>` spec (alone, as a dict's `path`, or in a list) by a random LoRA for `pipeline`
+    (`testing.save_toy_lora(**lora_kwargs)`), saved under `folder/<label>[_<index>]`; other specs are unchanged.
+    Toy adapters exist for offline runs on the tiny pipelines."""
+    from ..testing import save_toy_lora  # the test helpers are only loaded when a toy adapter is asked for
+
+    def make(label: str, seed: int) -> str:
+        name = re.sub(r"[^\w.-]+", "_", label)
+        return str(save_toy_lora(pipeline, Path(folder) / name, seed=seed, **lora_kwargs))
+
+    return _map_toy_specs(specs, what, make)
 
 
 def load_prompts(script_args) -> tuple[Any, Any]:
@@ -269,10 +312,22 @@ def _load_split(name: str, config: str | None, split: str) -> Any:
 
 
 def build_rl_trainer(trainer_class: type, script_args: DiffusionRLScriptArguments, training_args, model_args):
-    """The Stage-1 trainer (`FlowGRPOTrainer` or `DiffusionNFTTrainer`) of the `grpo` / `nft` commands."""
-    pipeline = load_base(model_args, training_args)
-    rewards = [get_reward(name, **script_args.reward_kwargs.get(name, {})) for name in script_args.reward_funcs]
+    """The Stage-1 trainer (`FlowGRPOTrainer` or `DiffusionNFTTrainer`) of the `grpo` / `nft` commands.
+
+    The prompts are read and the reward weights checked before the rewards and the base model are loaded."""
     train_dataset, eval_dataset = load_prompts(script_args)
+    train_dataset = prompt_rows(train_dataset)
+    eval_dataset = prompt_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+    weights = training_args.reward_weights
+    if weights is not None and len(weights) != len(script_args.reward_funcs):
+        raise ValueError(
+            f"`reward_weights` has {len(weights)} values for {len(script_args.reward_funcs)} reward functions "
+            f"({script_args.reward_funcs})."
+        )
+    with training_args.main_process_first(desc="resolving the student adapter"):
+        resolve_student_adapter(training_args.student_adapter, model_args.cache_dir, training_args.hub_token)
+    rewards = [get_reward(name, **script_args.reward_kwargs.get(name, {})) for name in script_args.reward_funcs]
+    pipeline = load_base(model_args, training_args)
     return trainer_class(
         model=pipeline,
         reward_funcs=rewards,
@@ -326,6 +381,7 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
     script_args, training_args, model_args = parsed
     try:
         trainer = build(script_args, training_args, model_args)
+        trainer.check_resume(training_args.resume_from_checkpoint)
     except (ValueError, OSError) as error:
         return fail(prog, one_line(error))
     run_training(trainer, script_args, training_args)

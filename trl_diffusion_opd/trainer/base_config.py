@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
@@ -13,6 +17,144 @@ from transformers.trainer_utils import SchedulerType
 
 from ..objectives import SCALE_REWARDS
 from ..transition import SAMPLERS
+
+
+# Files of a checkpoint folder written by the trainers besides the Trainer's own (`DiffusionLoRATrainer`).
+TRAINING_WEIGHTS = "student_training_weights.safetensors"
+EMA_STATE = "ema_state.safetensors"
+LEGACY_EMA_STATE = "ema_state.pt"  # older checkpoints; read with weights_only=True
+TRAINING_ARGS = "training_args.json"
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+# Each check raises `ValueError("`field` must be <what is accepted>, got <value>.")`: one line that the CLI prints
+# as is, so a bad value fails at parse time, before any model is loaded.
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {high}"
+    return ""
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, optional: bool = False) -> int | None:
+    """`value` if it is an integer >= `minimum` (or `None` when `optional`), else a `ValueError` naming `name`."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        accepted = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if optional else "")
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
+    return int(value)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> float | None:
+    """`value` if it is a finite real number in the range (`None` when `optional`), else a `ValueError` naming
+    `name`. NaN and ±inf are refused: they pass comparisons silently and surface as a non-finite loss later."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        accepted = f"a finite number{_range_text(low, high, low_open, high_open)}" + (" or None" if optional else "")
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """`value` if it is `True` or `False` (a string such as "no" would otherwise be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
+def check_choice(name: str, value: Any, choices) -> Any:
+    """`value` if it is one of `choices`, else a `ValueError` naming `name` and the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+def check_output_dir(name: str, value: Any) -> None:
+    """An output folder may not exist yet, but must not be a file."""
+    if value is not None and os.path.isfile(os.path.expanduser(str(value))):
+        raise ValueError(f"`{name}` must be a folder, but '{value}' is an existing file.")
+
+
+def check_reward_names(name: str, names: list[Any]) -> None:
+    """Every item of `names` that is a string must be a registered reward (plug-ins' included)."""
+    from ..rewards import reward_names
+
+    unknown = [item for item in names if isinstance(item, str) and item not in reward_names()]
+    if unknown:
+        raise ValueError(
+            f"`{name}` names unknown reward(s) {unknown}; available rewards: {', '.join(reward_names())}."
+        )
+
+
+def check_checkpoint(folder: str | os.PathLike, name: str = "resume_from_checkpoint") -> Path:
+    """Check a checkpoint folder of these trainers before resuming from it, so that a missing or corrupt file is one
+    line naming it, not a traceback after the models are loaded.
+
+    Checked: the folder exists; `student_training_weights.safetensors` is there and is a readable safetensors file;
+    `trainer_state.json`, when present, is a JSON object; the pickled states (`optimizer.pt`, `scheduler.pt`,
+    `rng_state.pth`, ...) are complete torch archives; the other safetensors files (`ema_state.safetensors`, stored
+    RL batches) are readable.
+
+    Raises:
+        ValueError: the folder or one of its files is missing or malformed.
+    """
+    from safetensors import safe_open
+
+    path = Path(os.path.expanduser(str(folder)))
+    if not path.is_dir():
+        raise ValueError(
+            f"`{name}` must be a checkpoint folder (e.g. output_dir/checkpoint-100), but '{folder}' "
+            f"{'is a file' if path.exists() else 'does not exist'}."
+        )
+    weights = path / TRAINING_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"`{name}`: {path} is not a checkpoint of this package (no {TRAINING_WEIGHTS}).")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError, and OSError
+        raise ValueError(f"`{name}`: {weights} is not a valid safetensors file ({_first_line(error)}).") from error
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            if not isinstance(json.loads(state.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"`{name}`: {state} is not valid JSON ({_first_line(error)}).") from error
+    for file in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
+        if not zipfile.is_zipfile(file):
+            raise ValueError(f"`{name}`: {file} is truncated or not a file written by torch.save.")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own SafetensorError, and OSError
+            raise ValueError(f"`{name}`: {file} is not a valid safetensors file ({_first_line(error)}).") from error
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _has_accelerator() -> bool:
@@ -30,6 +172,38 @@ def _as_dict(value: Any, name: str) -> Any:
             raise ValueError(f"`{name}` must be a dict or a JSON object string, got {value!r}: {error}") from error
     if value is not None and not isinstance(value, dict):
         raise ValueError(f"`{name}` must be a dict, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def _parse_eval_rewards(value: Any) -> Any:
+    """`eval_rewards` with a JSON string parsed, checked to be `None`, `"a,b"`, a list of names or
+    `{task: name or [names]}` of registered rewards (`Reward` objects and functions pass through)."""
+    if isinstance(value, str) and value.strip().startswith(("{", "[")):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`eval_rewards` is not valid JSON ({error}): {value!r}") from error
+    accepted = "None, 'a,b', a list of reward names or {task: [reward names]}"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = [name.strip() for name in value.split(",") if name.strip()]
+    elif isinstance(value, dict):
+        names = []
+        for task, rewards in value.items():
+            if isinstance(rewards, str):
+                names += [name.strip() for name in rewards.split(",") if name.strip()]
+            elif isinstance(rewards, (list, tuple)) or rewards is None:
+                names += list(rewards or [])
+            elif not callable(rewards):
+                raise ValueError(f"`eval_rewards['{task}']` must be a reward name or a list of them, got {rewards!r}.")
+    elif isinstance(value, (list, tuple)):
+        names = list(value)
+    elif callable(value):
+        names = []
+    else:
+        raise ValueError(f"`eval_rewards` must be {accepted}, got {type(value).__name__}: {value!r}.")
+    check_reward_names("eval_rewards", names)
     return value
 
 
@@ -77,7 +251,8 @@ class DiffusionTrainingConfig(TrainingArguments):
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
         resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels.
+            Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
+            times the 2×2 latent patch), checked once the pipeline is loaded.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             Train the first ⌊N·timestep_fraction⌋ steps.
         step_batch_size (`int` or `None`, *optional*, defaults to `None`):
@@ -170,26 +345,53 @@ class DiffusionTrainingConfig(TrainingArguments):
             # silently drift apart.
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
+        # Before TrainingArguments, which would `json.loads` a "{..." string without naming the field.
+        self.eval_rewards = _parse_eval_rewards(self.eval_rewards)
         super().__post_init__()
+        self._check_training_arguments()
 
-        if self.num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {self.num_inference_steps}.")
-        if self.noise_level < 0:
-            raise ValueError(f"`noise_level` must be >= 0, got {self.noise_level}.")
-        if not 0.0 < self.timestep_fraction <= 1.0:
-            raise ValueError(f"`timestep_fraction` must be in (0, 1], got {self.timestep_fraction}.")
-        if self.sde_type not in SAMPLERS:
-            raise ValueError(f"`sde_type` must be one of {SAMPLERS}, got {self.sde_type!r}.")
-        if self.resolution < 1:
-            raise ValueError(f"`resolution` must be positive, got {self.resolution}.")
-        if self.step_batch_size is not None and self.step_batch_size < 1:
-            raise ValueError(f"`step_batch_size` must be >= 1 or None, got {self.step_batch_size}.")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
-        if self.ema_update_interval < 1:
-            raise ValueError(f"`ema_update_interval` must be >= 1, got {self.ema_update_interval}.")
-        if self.prompt_cache_size < 1:
-            raise ValueError(f"`prompt_cache_size` must be >= 1, got {self.prompt_cache_size}.")
+        check_choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
+        check_int("max_sequence_length", self.max_sequence_length, 1, optional=True)
+        check_int("prompt_cache_size", self.prompt_cache_size, 1)
+        check_bool("offload_text_encoders", self.offload_text_encoders)
+        check_bool("ema", self.ema)
+        check_int("num_inference_steps", self.num_inference_steps, 1)
+        check_number("noise_level", self.noise_level, 0)
+        check_choice("sde_type", self.sde_type, SAMPLERS)
+        check_number("guidance_scale", self.guidance_scale, 0)
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"`negative_prompt` must be a string, got {self.negative_prompt!r}.")
+        # The family's latent layout (a multiple of 16 for SD3 and FLUX) is checked by the trainer once it knows it.
+        check_int("resolution", self.resolution, 1)
+        check_number("timestep_fraction", self.timestep_fraction, 0, 1, low_open=True)
+        check_int("step_batch_size", self.step_batch_size, 1, optional=True)
+        check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
+        check_int("ema_update_interval", self.ema_update_interval, 1)
+
+    def _check_training_arguments(self) -> None:
+        """The `TrainingArguments` fields that this package relies on and that transformers does not check (a zero
+        batch size divides by zero; a negative learning rate fails in torch only once the models are loaded)."""
+        check_int("per_device_train_batch_size", self.per_device_train_batch_size, 1)
+        check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        check_number("learning_rate", self.learning_rate, 0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("max_grad_norm", self.max_grad_norm, 0, optional=True)
+        check_number("adam_beta1", self.adam_beta1, 0, 1, high_open=True)
+        check_number("adam_beta2", self.adam_beta2, 0, 1, high_open=True)
+        check_number("adam_epsilon", self.adam_epsilon, 0)
+        if not isinstance(self.max_steps, numbers.Integral) or not (self.max_steps == -1 or self.max_steps >= 1):
+            raise ValueError(
+                f"`max_steps` must be an integer >= 1, or -1 to train for `num_train_epochs`, got {self.max_steps!r}."
+            )
+        if self.max_steps == -1:
+            check_number("num_train_epochs", self.num_train_epochs, 0, low_open=True)
+        seed = check_int("seed", self.seed, 0)
+        if seed >= 2**32:
+            raise ValueError(f"`seed` must be an integer in [0, 2**32), got {seed}.")
+        check_output_dir("output_dir", self.output_dir)
+        resume = self.resume_from_checkpoint
+        if isinstance(resume, (str, os.PathLike)) and str(resume).lower() not in ("true", "false"):
+            check_checkpoint(resume)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -245,26 +447,23 @@ class DiffusionRLConfig(DiffusionTrainingConfig):
             try:
                 self.reward_weights = json.loads(self.reward_weights)
             except json.JSONDecodeError as error:
-                raise ValueError(f"`reward_weights` must be a list of numbers: {error}") from error
+                raise ValueError(
+                    f"`reward_weights` must be a list of numbers (a JSON list on the command line): {error}"
+                ) from error
         super().__post_init__()
-        if self.num_generations < 2:
+        if check_int("num_generations", self.num_generations) < 2:
             raise ValueError(
                 f"`num_generations` must be >= 2 (advantages compare the images of one prompt), got "
                 f"{self.num_generations}."
             )
-        if self.generation_batch_size is not None and self.generation_batch_size < 1:
-            raise ValueError(f"`generation_batch_size` must be >= 1 or None, got {self.generation_batch_size}.")
-        if self.num_iterations < 1:
-            raise ValueError(f"`num_iterations` must be >= 1, got {self.num_iterations}.")
+        check_int("generation_batch_size", self.generation_batch_size, 1, optional=True)
+        check_int("num_iterations", self.num_iterations, 1)
         if self.reward_weights is not None:
-            if not isinstance(self.reward_weights, list) or not all(
-                isinstance(w, (int, float)) for w in self.reward_weights
-            ):
-                raise ValueError(f"`reward_weights` must be a list of numbers, got {self.reward_weights!r}.")
+            if not isinstance(self.reward_weights, (list, tuple)) or not self.reward_weights:
+                raise ValueError(f"`reward_weights` must be a non-empty list of numbers, got {self.reward_weights!r}.")
+            for index, weight in enumerate(self.reward_weights):
+                check_number(f"reward_weights[{index}]", weight)
             self.reward_weights = [float(w) for w in self.reward_weights]
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"`scale_rewards` must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.")
-        if not self.adv_clip_max > 0:
-            raise ValueError(f"`adv_clip_max` must be > 0, got {self.adv_clip_max}.")
-        if self.beta < 0:
-            raise ValueError(f"`beta` must be >= 0, got {self.beta}.")
+        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        check_number("adv_clip_max", self.adv_clip_max, 0, low_open=True)
+        check_number("beta", self.beta, 0)

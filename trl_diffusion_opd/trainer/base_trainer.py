@@ -39,25 +39,31 @@ from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_task
 from ..families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from ..hub import create_model_card, push_checkpoint, push_to_hub
+from ..registry import load_pipeline
 from ..safe_io import load_ema_state, save_ema_state
 from ..teachers import (
     STUDENT,
     AdapterSwitch,
+    TeacherSpec,
     adapter_metadata,
     add_adapter,
+    check_lora_folder,
     lora_config_for,
     parse_teacher_spec,
     read_lora_folder,
     resolve_teacher,
 )
-from .base_config import DiffusionTrainingConfig
+from .base_config import (
+    EMA_STATE,
+    LEGACY_EMA_STATE,
+    TRAINING_ARGS,
+    TRAINING_WEIGHTS,
+    DiffusionTrainingConfig,
+    check_checkpoint,
+)
 from .callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
 
 
-TRAINING_WEIGHTS = "student_training_weights.safetensors"
-EMA_STATE = "ema_state.safetensors"
-LEGACY_EMA_STATE = "ema_state.pt"  # older checkpoints; read with weights_only=True
-TRAINING_ARGS = "training_args.json"
 DEFAULT_TASK = "default"
 
 
@@ -79,6 +85,27 @@ def prompt_rows(dataset: Any, name: str = "train_dataset") -> dict[str, list[Pro
     if all("task" in row for row in rows):
         return prompts_by_task(rows)
     return {DEFAULT_TASK: rows}
+
+
+def resolve_student_adapter(
+    spec: Any, cache_dir: str | None = None, token: str | bool | None = None
+) -> TeacherSpec | None:
+    """The `student_adapter` to continue from, resolved (local folder or Hub) and its LoRA files checked; `None`
+    when `spec` is `None`.
+
+    Raises:
+        ValueError: one line naming `student_adapter`: the adapter is not found, is a full model, or a file of it
+            is malformed.
+    """
+    if spec is None:
+        return None
+    parsed = parse_teacher_spec(STUDENT, spec)
+    folder = resolve_teacher(parsed, cache_dir=cache_dir, token=token)
+    owner = f"`student_adapter` '{parsed.display}'"
+    if parsed.full_weight:
+        raise ValueError(f"{owner} is a full model, not a LoRA to continue from.")
+    check_lora_folder(folder, parsed.weight_name, owner)
+    return parsed
 
 
 class PromptCache:
@@ -180,9 +207,10 @@ class DiffusionLoRATrainer(Trainer):
         peft_config: LoraConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
     ):
-        if isinstance(model, str):
-            dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-            pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype, revision=args.revision)
+        # checked before the base is loaded
+        self._student_spec = resolve_student_adapter(args.student_adapter, token=args.hub_token)
+        if isinstance(model, str):  # a Hub id, a folder or a registered name (`tiny:sd3`, `world:base`)
+            pipeline = load_pipeline(model, torch_dtype=args.torch_dtype, revision=args.revision, token=args.hub_token)
             self.base_model_id = model
         else:
             pipeline = model
@@ -192,6 +220,7 @@ class DiffusionLoRATrainer(Trainer):
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
         self.family = get_family(pipeline, max_sequence_length=args.max_sequence_length)
+        self.family.check_resolution(args.resolution)
         transformer = pipeline.transformer
         transformer.requires_grad_(False)
         transformer.eval()  # no dropout: rollouts and recomputed means must agree
@@ -276,9 +305,11 @@ class DiffusionLoRATrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up
     def _add_student(self, transformer, peft_config: LoraConfig | None, args: DiffusionTrainingConfig) -> LoraConfig:
-        if args.student_adapter is not None:
-            spec = parse_teacher_spec(STUDENT, args.student_adapter)
-            state_dict, config = read_lora_folder(resolve_teacher(spec, token=args.hub_token), spec.weight_name)
+        if self._student_spec is not None:
+            spec = self._student_spec
+            state_dict, config = read_lora_folder(
+                spec.local_dir, spec.weight_name, f"`student_adapter` '{spec.display}'"
+            )
             peft_config = lora_config_for(state_dict, config)
             add_adapter(transformer, peft_config, STUDENT)
             set_peft_model_state_dict(transformer, state_dict, adapter_name=STUDENT)
@@ -509,9 +540,7 @@ class DiffusionLoRATrainer(Trainer):
             self.create_model_card(output_dir=str(folder))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        folder = Path(resume_from_checkpoint)
-        if not (folder / TRAINING_WEIGHTS).is_file():
-            raise ValueError(f"{folder} is not a {self._name} checkpoint (no {TRAINING_WEIGHTS}).")
+        folder = check_checkpoint(resume_from_checkpoint)
         model = self.accelerator.unwrap_model(model or self.model)
         state = load_file(str(folder / TRAINING_WEIGHTS))
         extra_keys = set(self._extra_checkpoint_state())
@@ -589,6 +618,25 @@ class DiffusionLoRATrainer(Trainer):
         # The Trainer's default uploads the whole output folder; only the adapter, card and samples belong there.
         push_checkpoint(self, checkpoint_folder)
 
-    def train(self, *args, **kwargs):
+    def check_resume(self, resume_from_checkpoint: str | bool | None) -> None:
+        """Check the checkpoint that `train(resume_from_checkpoint=...)` would resume from (`True`: the last one in
+        `output_dir`) before anything runs; a missing or corrupt file raises a one-line `ValueError` naming it."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if last is None:
+                raise ValueError(
+                    f"`resume_from_checkpoint=True` but {self.args.output_dir} holds no checkpoint-<step> folder."
+                )
+            resume_from_checkpoint = last
+        check_checkpoint(resume_from_checkpoint)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "false"):
+            resume_from_checkpoint = resume_from_checkpoint.lower() == "true" or None  # as written on the CLI
+        self.check_resume(resume_from_checkpoint)
         set_seed(self.args.seed)
-        return super().train(*args, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..objectives import RATIO_NORM_BIASES
 from ..transition import CPS_LOG_PROBS
-from .base_config import DiffusionRLConfig
+from .base_config import DiffusionRLConfig, check_choice, check_number
 
 
 RATIO_NORMALIZATIONS = ("none", "grpo_guard")
@@ -152,16 +152,10 @@ class FlowGRPOConfig(DiffusionRLConfig):
                 f"`noise_level` must be > 0 for Flow-GRPO (the ODE sampler has no log-probability), got "
                 f"{self.noise_level}."
             )
-        if not self.clip_range > 0:
-            raise ValueError(f"`clip_range` must be > 0, got {self.clip_range}.")
-        if self.ratio_normalization not in RATIO_NORMALIZATIONS:
-            raise ValueError(
-                f"`ratio_normalization` must be one of {RATIO_NORMALIZATIONS}, got {self.ratio_normalization!r}."
-            )
-        if self.grpo_guard_bias not in RATIO_NORM_BIASES:
-            raise ValueError(f"`grpo_guard_bias` must be one of {RATIO_NORM_BIASES}, got {self.grpo_guard_bias!r}.")
-        if self.cps_log_prob not in CPS_LOG_PROBS:
-            raise ValueError(f"`cps_log_prob` must be one of {CPS_LOG_PROBS}, got {self.cps_log_prob!r}.")
+        check_number("clip_range", self.clip_range, 0, low_open=True)
+        check_choice("ratio_normalization", self.ratio_normalization, RATIO_NORMALIZATIONS)
+        check_choice("grpo_guard_bias", self.grpo_guard_bias, RATIO_NORM_BIASES)
+        check_choice("cps_log_prob", self.cps_log_prob, CPS_LOG_PROBS)
         if self.sde_type == "cps" and self.num_inference_steps < 2:
             raise ValueError(
                 f"`num_inference_steps={self.num_inference_steps}` cannot be trained with `sde_type='cps'`: CPS's "

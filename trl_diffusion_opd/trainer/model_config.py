@@ -3,11 +3,23 @@
 
 from __future__ import annotations
 
+import re
+import typing
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
 from ..families.base import get_family
+from .base_config import check_bool, check_int, check_number, check_output_dir
+
+
+def _lora_inits() -> list[str]:
+    """The string values of PEFT's `init_lora_weights` (`pissa_niter_[number of iters]` stands for `pissa_niter_<n>`),
+    plus `true` / `false`."""
+    hint = LoraConfig.__dataclass_fields__["init_lora_weights"].type
+    hint = typing.get_type_hints(LoraConfig).get("init_lora_weights", hint) if isinstance(hint, str) else hint
+    literals = [arg for part in typing.get_args(hint) for arg in typing.get_args(part) if isinstance(arg, str)]
+    return ["true", "false", *(literals or ["gaussian", "pissa", "pissa_niter_[number of iters]", "olora"])]
 
 
 @dataclass
@@ -54,6 +66,27 @@ class DiffusionModelConfig:
             raise ValueError(
                 "`model_name_or_path` is required: a Hub id, a local folder, or a registered name such as tiny:sd3."
             )
+        if not isinstance(self.model_name_or_path, str):
+            raise ValueError(f"`model_name_or_path` must be a string, got {self.model_name_or_path!r}.")
+        check_output_dir("cache_dir", self.cache_dir)
+        check_int("lora_r", self.lora_r, 1)
+        check_number("lora_alpha", self.lora_alpha, 0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, 0, 1, high_open=True)
+        targets = self.lora_target_modules
+        if targets is not None and (
+            isinstance(targets, str)
+            or not targets
+            or not all(isinstance(name, str) and name.strip() for name in targets)
+        ):
+            raise ValueError(
+                f"`lora_target_modules` must be a non-empty list of module names (e.g. to_q to_k to_v) or None, "
+                f"got {targets!r}."
+            )
+        check_bool("use_rslora", self.use_rslora)
+        inits = _lora_inits()
+        patterns = [re.escape(name).replace(re.escape("[number of iters]"), r"\d+") for name in inits]
+        if not isinstance(self.lora_init, str) or not any(re.fullmatch(p, self.lora_init.lower()) for p in patterns):
+            raise ValueError(f"`lora_init` must be one of {inits}, got {self.lora_init!r}.")
 
 
 def get_student_lora_config(model_args: DiffusionModelConfig, pipeline) -> LoraConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base_config import DiffusionRLConfig
+from .base_config import DiffusionRLConfig, check_choice, check_number
 
 
 NFT_SAMPLERS = ("euler", "heun")
@@ -100,14 +100,10 @@ class DiffusionNFTConfig(DiffusionRLConfig):
             raise ValueError(
                 f"DiffusionNFT samples with a deterministic sampler: `noise_level` must be 0, got {self.noise_level}."
             )
-        if self.sampler not in NFT_SAMPLERS:
-            raise ValueError(f"`sampler` must be one of {NFT_SAMPLERS}, got {self.sampler!r}.")
-        if not self.nft_beta > 0:
-            raise ValueError(f"`nft_beta` must be > 0, got {self.nft_beta}.")
-        if self.old_policy_decay_rate < 0:
-            raise ValueError(f"`old_policy_decay_rate` must be >= 0, got {self.old_policy_decay_rate}.")
-        if not 0.0 <= self.old_policy_max_decay < 1.0:
-            raise ValueError(f"`old_policy_max_decay` must be in [0, 1), got {self.old_policy_max_decay}.")
+        check_choice("sampler", self.sampler, NFT_SAMPLERS)
+        check_number("nft_beta", self.nft_beta, 0, low_open=True)
+        check_number("old_policy_decay_rate", self.old_policy_decay_rate, 0)
+        check_number("old_policy_max_decay", self.old_policy_max_decay, 0, 1, high_open=True)
 
     def old_policy_decay(self, step: int) -> float:
         """η_k of the old policy's update after optimizer step `step`."""

@@ -17,10 +17,10 @@ from transformers import TrainerCallback
 from .. import transition
 from ..families.base import cond_select, cond_tile
 from ..objectives import nft_loss, nft_optimality
+from ..teachers import add_adapter
 from .base_trainer import STUDENT
 from .nft_config import DiffusionNFTConfig
 from .rl_trainer import DiffusionRLTrainer, RewardFunc
-from .teachers import add_adapter
 
 
 OLD = "old"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..transition import KL_NORMALIZATIONS
-from .base_config import DiffusionTrainingConfig, _as_dict
+from .base_config import DiffusionTrainingConfig, _as_dict, check_bool, check_choice, check_number
 
 
 @dataclass
@@ -75,7 +75,8 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
         resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels.
+            Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
+            times the 2×2 latent patch), checked once the pipeline is loaded.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             Train the first ⌊N·timestep_fraction⌋ steps; the default skips the near-deterministic last step.
 
@@ -159,20 +160,30 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             try:
                 self.teacher_guidance_scale = float(self.teacher_guidance_scale)
             except ValueError:
+                if not self.teacher_guidance_scale.strip().startswith("{"):
+                    raise ValueError(
+                        "`teacher_guidance_scale` must be a number or {task: number}, got "
+                        f"{self.teacher_guidance_scale!r}."
+                    ) from None
                 self.teacher_guidance_scale = _as_dict(self.teacher_guidance_scale, "teacher_guidance_scale")
         super().__post_init__()
 
-        if self.kl_normalization not in KL_NORMALIZATIONS:
-            raise ValueError(f"`kl_normalization` must be one of {KL_NORMALIZATIONS}, got {self.kl_normalization!r}.")
-        if self.loss_type not in ("kl", "ppo"):
-            raise ValueError(f"`loss_type` must be 'kl' or 'ppo', got {self.loss_type!r}.")
+        check_bool("teacher_offload", self.teacher_offload)
+        check_choice("loss_type", self.loss_type, ("kl", "ppo"))
+        check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
         if self.loss_type == "ppo" and self.noise_level == 0:
             raise ValueError(
                 "`loss_type='ppo'` needs a stochastic sampler: set `noise_level > 0` (the ODE has no log-probability)."
             )
-        for name, weight in (self.task_weights or {}).items():
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(f"`task_weights['{name}']` must be a non-negative number, got {weight!r}.")
+        check_number("ppo_clip_range", self.ppo_clip_range, 0, low_open=True, optional=True)
+        if isinstance(self.teacher_guidance_scale, dict):
+            for task, scale in self.teacher_guidance_scale.items():
+                check_number(f"teacher_guidance_scale['{task}']", scale, 0)
+        else:
+            check_number("teacher_guidance_scale", self.teacher_guidance_scale, 0, optional=True)
+        # Missing tasks weigh 1; that some task keeps a weight > 0 is checked by the trainer, which knows the tasks.
+        for task, weight in (self.task_weights or {}).items():
+            check_number(f"task_weights['{task}']", weight, 0)
 
     def teacher_guidance_for(self, task: str) -> float:
         """CFG scale of `task`'s teacher when its spec sets none."""

@@ -18,6 +18,7 @@ from ..hub import teacher_reference
 from ..teachers import (
     STUDENT,
     TeacherSpec,
+    check_teacher_files,
     load_full_teacher,
     load_lora_teacher,
     parse_teachers,
@@ -85,27 +86,29 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         # Everything that can be checked without a model is checked first.
         self.task_prompts = prompts_by_task(train_dataset)
         self.teacher_specs = parse_teachers(teachers, reserved=(STUDENT,))
-        self._check_tasks(self.task_prompts, self.teacher_specs)
+        self.check_tasks(self.task_prompts, self.teacher_specs)
         self._teacher_by_name = {
             spec.name: (task, spec) for task, specs in self.teacher_specs.items() for spec in specs
         }
         self._check_routing(self.task_prompts)
         self.eval_prompts = prompts_by_task(eval_dataset) if eval_dataset is not None else None
         if self.eval_prompts:
+            self.check_eval_tasks(self.eval_prompts, self.teacher_specs)
             self._check_routing(self.eval_prompts)
-        for task in args.task_weights or {}:
-            if task not in self.teacher_specs:
-                raise ValueError(f"`task_weights` names task '{task}', which has no teacher.")
+        self.check_task_weights(args.task_weights, self.teacher_specs)
+        # The teachers' files are read (headers only) before the base model is loaded or anything computed.
+        for specs in self.teacher_specs.values():
+            for spec in specs:
+                resolve_teacher(spec, token=args.hub_token)
+                check_teacher_files(spec)
 
         self.full_teachers: dict[str, torch.nn.Module] = {}
         super().__init__(model, args, peft_config=peft_config, callbacks=callbacks)
 
     # ------------------------------------------------------------------ hooks
     def _load_extra_models(self, transformer, args: DiffusionOPDConfig) -> None:
-        """Resolve every teacher and load it: LoRA teachers as adapters on the base, full ones as frozen modules."""
-        for specs in self.teacher_specs.values():
-            for spec in specs:
-                resolve_teacher(spec, token=args.hub_token)
+        """Load every teacher (resolved in `__init__`): LoRA teachers as adapters on the base, full ones as frozen
+        modules."""
         for specs in self.teacher_specs.values():
             for spec in specs:
                 if spec.full_weight:
@@ -162,13 +165,33 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
-    def _check_tasks(prompts: dict[str, list], teachers: dict[str, list[TeacherSpec]]) -> None:
+    def check_tasks(prompts: dict[str, list], teachers: dict[str, Any]) -> None:
+        """Every task of the training prompts has a teacher, and every teacher's task has prompts."""
         no_teacher = [task for task in prompts if task not in teachers]
         if no_teacher:
             raise ValueError(f"Dataset task(s) {no_teacher} have no teacher; teachers are given for {list(teachers)}.")
         no_prompts = [task for task in teachers if task not in prompts]
         if no_prompts:
             raise ValueError(f"Teacher task(s) {no_prompts} have no prompts in the dataset (tasks: {list(prompts)}).")
+
+    @staticmethod
+    def check_eval_tasks(eval_prompts: dict[str, list], teachers: dict[str, Any]) -> None:
+        """Held-out prompts measure the KL to their task's teacher: every task of `eval_prompts` needs one."""
+        no_teacher = [task for task in eval_prompts if task not in teachers]
+        if no_teacher:
+            raise ValueError(
+                f"`eval_prompts` task(s) {no_teacher} have no teacher; teachers are given for {list(teachers)}."
+            )
+
+    @staticmethod
+    def check_task_weights(task_weights: dict[str, float] | None, teachers: dict[str, Any]) -> None:
+        """`task_weights` names only tasks with a teacher and leaves some task a weight > 0 (missing tasks weigh 1)."""
+        task_weights = task_weights or {}
+        for task in task_weights:
+            if task not in teachers:
+                raise ValueError(f"`task_weights` names task '{task}', which has no teacher.")
+        if not any(task_weights.get(task, 1.0) > 0 for task in teachers):
+            raise ValueError(f"`task_weights` gives every task weight 0 ({task_weights}): nothing would be trained.")
 
     def _check_routing(self, prompts: dict[str, list[dict]]) -> None:
         for task, rows in prompts.items():
