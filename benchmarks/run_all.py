@@ -25,10 +25,13 @@ BENCHMARKS = {
     "convergence": ["-m", "benchmarks.convergence"],
     "gpu_round_tiny": ["-m", "benchmarks.gpu_round", "--tiny"],
     "peak_memory": ["-m", "benchmarks.peak_memory"],
+    "released_loop": ["-m", "benchmarks.released_loop"],
 }
 
 
-TAGS = tuple(f"[{name}]" for name in ("round_cost", "grad_variance", "convergence", "gpu_round", "peak_memory"))
+TAGS = tuple(
+    f"[{name}]" for name in ("round_cost", "grad_variance", "convergence", "gpu_round", "peak_memory", "released_loop")
+)
 
 
 def _children_cpu() -> float:

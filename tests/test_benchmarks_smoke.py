@@ -127,3 +127,29 @@ def test_peak_memory_case_and_summary():
     summary = peak_memory.summarize(fake)
     assert summary["lora_3_over_lora_1"] == pytest.approx(1.05)
     assert summary["full_3_offload_over_full_3"] == pytest.approx(0.4)
+
+
+def test_released_loop_and_trainer_run_the_same_problem():
+    from benchmarks import gpu_scale, released_loop
+
+    device = torch.device("cpu")
+    released = released_loop.run_case("released", "tiny", device, rounds=1)
+    trainer = released_loop.run_case("trainer", "tiny", device, rounds=1)
+    steps, tasks = released_loop.PRESETS["tiny"]["steps"], len(released_loop.TASKS)
+    trained = int(steps * 0.99)
+    # released: per task N rollout calls, N teacher calls (every step), T student micro-steps; a VAE decode
+    assert released["calls_per_round"] == {
+        "transformer_calls": tasks * (2 * steps + trained),
+        "transformer_rows": tasks * (2 * steps + trained) * 2 - steps,  # B = 1; the geneval teacher has no CFG
+        "vae_calls": tasks,
+        "text_encoder_calls": 2 * tasks,
+    }
+    # the trainer: N rollout calls, one teacher and one student call over the T trained steps; no VAE
+    assert trainer["calls_per_round"] == {"transformer_calls": tasks * (steps + 2), "vae_calls": 0}
+    for result in (released, trainer):
+        assert len(result["cpu_s"]) == 1 and result["cpu_s"][0] > 0 and result["images_per_round"] == tasks
+    summary = released_loop.summarize([released, trainer])
+    assert summary["cases"]["released"]["speedup"] == 1.0
+    assert summary["cases"]["trainer"]["rounds_per_s"] == pytest.approx(1 / trainer["cpu_s"][0])
+    assert "| released loop (re-creation) |" in released_loop.markdown([released, trainer], summary)
+    assert callable(gpu_scale.main)

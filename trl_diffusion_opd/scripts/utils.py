@@ -120,9 +120,24 @@ def _unknown_options(strings: list[str], allowed: set[str]) -> list[str]:
     return [s.split("=")[0] for s in strings if s.startswith("--") and s.split("=")[0] not in allowed]
 
 
+# Where `--accelerate_config NAME` looks, first to last: this package's presets (FSDP2 and DeepSpeed ZeRO set up for a
+# LoRA student on a sharded diffusion base), then TRL's (`multi_gpu`, `single_gpu`, `fsdp1`, `zero1`, ...).
+ACCELERATE_PRESET_PACKAGES = ("trl_diffusion_opd.accelerate_configs", "trl.accelerate_configs")
+
+
+def accelerate_presets() -> dict[str, str]:
+    """`{preset name: path of its YAML file}`; a name of this package's presets hides TRL's preset of that name."""
+    presets: dict[str, str] = {}
+    for package in reversed(ACCELERATE_PRESET_PACKAGES):
+        folder = resources.files(package)
+        presets.update({p.name.removesuffix(".yaml"): str(p) for p in folder.iterdir() if p.name.endswith(".yaml")})
+    return dict(sorted(presets.items()))
+
+
 def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
-    """Turn `--accelerate_config PRESET_OR_PATH` into accelerate's `--config_file PATH`; a preset is a TRL-shipped
-    config name such as `multi_gpu`, `single_gpu`, `zero2` or `fsdp2`."""
+    """Turn `--accelerate_config PRESET_OR_PATH` into accelerate's `--config_file PATH`; a preset is a config name
+    shipped with this package (`fsdp2`, `fsdp2_offload`, `zero2`, `zero3`) or with TRL (`multi_gpu`, `single_gpu`,
+    `fsdp1`, `zero1`, ...)."""
     if "--accelerate_config" not in launch_args:
         return launch_args
     index = launch_args.index("--accelerate_config")
@@ -132,12 +147,12 @@ def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
     if os.path.isfile(value):
         path = value
     else:
-        presets = resources.files("trl.accelerate_configs")
-        candidate = presets.joinpath(f"{value}.yaml")
-        if not candidate.is_file():
-            names = sorted(p.name.removesuffix(".yaml") for p in presets.iterdir() if p.name.endswith(".yaml"))
-            raise ValueError(f"`--accelerate_config {value}` is neither a file nor a preset (presets: {names}).")
-        path = str(candidate)
+        presets = accelerate_presets()
+        if value.removesuffix(".yaml") not in presets:
+            raise ValueError(
+                f"`--accelerate_config {value}` is neither a file nor a preset (presets: {list(presets)})."
+            )
+        path = presets[value.removesuffix(".yaml")]
     return ["--config_file", path, *launch_args[:index], *launch_args[index + 2 :]]
 
 

@@ -108,6 +108,31 @@ def resolve_student_adapter(
     return parsed
 
 
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: a sharded DTensor (FSDP2) gathered from every rank, any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _like_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
+    """Whole adapter weights `state` (PEFT naming, as saved) shaped like the live parameters: each one sharded like
+    its parameter when that is a DTensor (FSDP2), so loading copies shard into shard; unchanged otherwise."""
+    params = {
+        name.replace(f".{adapter}.", "."): param
+        for name, param in model.named_parameters()
+        if f".{adapter}." in name and hasattr(param, "device_mesh")
+    }
+    if not params:
+        return state
+    from torch.distributed.tensor import distribute_tensor
+
+    return {
+        key: distribute_tensor(value.to(params[key].dtype), params[key].device_mesh, params[key].placements)
+        if key in params
+        else value
+        for key, value in state.items()
+    }
+
+
 class PromptCache:
     """LRU cache of prompt embeddings, so each prompt goes through the text encoders once.
 
@@ -491,8 +516,9 @@ class DiffusionLoRATrainer(Trainer):
         """An adapter's LoRA weights in PEFT naming (`...attn.to_q.lora_A.weight`), copied to the CPU."""
         model = self.accelerator.unwrap_model(self.model)
         state = get_peft_model_state_dict(model, adapter_name=adapter)
-        # A copy: on CPU `.cpu()` would alias the live parameters, which the EMA context restores afterwards.
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        # A copy: on CPU `.cpu()` would alias the live parameters, which the EMA context restores afterwards. Under
+        # FSDP2 the weights are sharded DTensors: `full_tensor` gathers them (a collective, so every rank calls this).
+        return {k: _full_tensor(v).detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The student LoRA in PEFT naming (`...attn.to_q.lora_A.weight`), on CPU."""
@@ -531,13 +557,28 @@ class DiffusionLoRATrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
+        # The exported adapter holds the EMA weights; resuming needs the raw training weights too. Every rank gathers
+        # them (sharded weights need all ranks); the main process writes.
+        state = {**self.student_state_dict(), **self._extra_checkpoint_state()}
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            # The exported adapter holds the EMA weights; resuming needs the raw training weights too.
-            save_file({**self.student_state_dict(), **self._extra_checkpoint_state()}, str(folder / TRAINING_WEIGHTS))
+            save_file(state, str(folder / TRAINING_WEIGHTS))
             if self.ema is not None:
                 save_ema_state(self.ema.state_dict(), folder / EMA_STATE)
             self.create_model_card(output_dir=str(folder))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Under FSDP the Trainer would also gather and write the whole frozen base (`pytorch_model_fsdp.bin`, the
+        # size of the model) into every checkpoint; only the student trains, and `_save_checkpoint` saves it.
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(
+            self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
+        )
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         folder = check_checkpoint(resume_from_checkpoint)
@@ -546,7 +587,7 @@ class DiffusionLoRATrainer(Trainer):
         extra_keys = set(self._extra_checkpoint_state())
         extra = {k: v for k, v in state.items() if k in extra_keys}
         student = {k: v for k, v in state.items() if k not in extra_keys}
-        result = set_peft_model_state_dict(model, student, adapter_name=STUDENT)
+        result = set_peft_model_state_dict(model, _like_parameters(model, student, STUDENT), adapter_name=STUDENT)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"Checkpoint {folder} does not match the student adapter: {result.unexpected_keys[:3]}")
         self._load_extra_checkpoint_state(extra)
