@@ -65,6 +65,7 @@ KNOWN_LICENSES["black-forest-labs/FLUX.1-dev"] = _license(
     "other", "flux-1-dev-non-commercial-license", "black-forest-labs/FLUX.1-dev"
 )
 KNOWN_LICENSES["black-forest-labs/FLUX.1-schnell"] = _license("apache-2.0")
+KNOWN_LICENSES["Qwen/Qwen-Image"] = _license("apache-2.0")
 
 PACKAGES = (
     "trl-diffusion-opd",
