@@ -3,8 +3,12 @@
 change the velocity, the KL is 0 between identical adapters, the trainer distils two teachers (diffusers and PEFT
 formats), the saved student reloads with `QwenImagePipeline.load_lora_weights` and the model card names the base."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 
@@ -122,9 +126,10 @@ def test_rollout_reproduces_qwenimage_pipeline_sampler(distilled):
     rollout = trainer.rollout(cond, torch.Generator().manual_seed(0))
     states = rollout["states"]
     assert states.shape == (5, 2, 16, 16)  # (N + 1, B, (32 / 4 / 2)^2 packed tokens, 4 channels x 2 x 2)
-    expected = pipeline_latents(
-        states[0], negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG, max_sequence_length=MAX_LENGTH
-    )
+    # What the model card's quick start passes: true_cfg_scale and the negative prompt.
+    guidance = trainer.family.pipeline_guidance_kwargs(TRUE_CFG, NEGATIVE)
+    assert guidance == {"true_cfg_scale": TRUE_CFG, "negative_prompt": NEGATIVE}
+    expected = pipeline_latents(states[0], max_sequence_length=MAX_LENGTH, **guidance)
     torch.testing.assert_close(states[-1], expected, atol=1e-5, rtol=1e-5)
     assert (states[-1] - states[0]).abs().max() > 0.1
 
@@ -233,6 +238,11 @@ def test_model_card_names_qwen_image_base_and_tags(distilled, tmp_path):
         ["text-to-image", "diffusers", "lora", "trl", "diffusion-opd", "qwen-image", "geneval", "ocr"]
     )
     assert 'DiffusionPipeline.from_pretrained("Qwen/Qwen-Image"' in card.text
+    # The quick start samples with the trained guidance: Qwen-Image's `guidance_scale` would be ignored.
+    code = card.text.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    compile(code, "quick_start", "exec")
+    assert f"true_cfg_scale={TRUE_CFG},\n    negative_prompt={NEGATIVE!r},\n" in code and "guidance_scale" not in code
+    assert f"max_sequence_length={MAX_LENGTH}," in code
 
 
 def test_tiny_qwenimage_pipeline_is_registered_and_deterministic():
@@ -248,3 +258,25 @@ def test_tiny_qwenimage_pipeline_is_registered_and_deterministic():
     ids = a.tokenizer(template.format("a dog")).input_ids
     kept = a.tokenizer.decode(ids[a.prompt_template_encode_start_idx :])
     assert kept == "a dog<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_example_config_is_a_valid_qwen_image_recipe(tmp_path):
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples" / "configs" / "qwenimage.yaml").read_text())
+    fields = {f.name for f in dataclasses.fields(DiffusionOPDConfig)}
+    assert set(config) - fields == {
+        "model_name_or_path",
+        "lora_r",
+        "lora_alpha",
+        "teachers",
+        "prompts",
+        "eval_prompts",
+    }
+    assert config["model_name_or_path"] == "Qwen/Qwen-Image"
+    args = DiffusionOPDConfig(**{**{k: v for k, v in config.items() if k in fields}, "output_dir": str(tmp_path)})
+    assert (args.guidance_scale, args.negative_prompt, args.resolution, args.num_inference_steps) == (
+        4.0,
+        " ",
+        512,
+        10,
+    )
+    assert args.max_sequence_length == 128 and args.gradient_checkpointing

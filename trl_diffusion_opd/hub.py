@@ -237,7 +237,12 @@ def create_model_card(
         trl_citation=TRL_CITATION,
         teachers=details.get("teachers", []),
         rewards=details.get("rewards", []),
-        guidance_scale=args.guidance_scale,
+        guidance_kwargs={
+            key: repr(value)
+            for key, value in trainer.family.pipeline_guidance_kwargs(
+                args.guidance_scale, args.negative_prompt
+            ).items()
+        },
         example_prompt=repr(_example_prompt(trainer)),
         num_inference_steps=args.num_inference_steps,
         resolution=args.resolution,

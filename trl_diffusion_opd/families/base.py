@@ -199,6 +199,14 @@ class FlowMatchingFamily(abc.ABC):
     def decode(self, x: torch.Tensor, resolution: int) -> list:
         """Decode final latents x_{t_N} to a list of PIL images."""
 
+    def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
+        """The keyword arguments that make the pipeline's `__call__` sample with the guidance `velocity` applies for
+        `guidance_scale` and `negative_prompt` (written into the model card's quick start).
+
+        The default, `{"guidance_scale": g}`, is SD3's CFG and FLUX.1-dev's guidance embedding.
+        """
+        return {"guidance_scale": guidance_scale}
+
     @staticmethod
     def cfg_velocity(
         call, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, negative_cond: Cond | None, guidance_scale: float

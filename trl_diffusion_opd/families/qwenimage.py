@@ -155,6 +155,13 @@ class QwenImageFamily(FlowMatchingFamily):
         combined = v_negative + guidance_scale * (v_cond - v_negative)
         return combined * (v_cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
+    def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
+        """`true_cfg_scale` with the negative prompt (the pipeline's `guidance_scale` is for guidance-distilled
+        models and is ignored here); without guidance, `true_cfg_scale=1.0` (the pipeline's default is 4.0)."""
+        if guidance_scale <= 1.0:
+            return {"true_cfg_scale": 1.0}
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": negative_prompt}
+
     @torch.no_grad()
     def decode(self, x: torch.Tensor, resolution: int) -> list:
         vae = self.pipeline.vae
