@@ -73,25 +73,31 @@ def _student_config() -> LoraConfig:
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """A student distilled from a diffusers-format and a PEFT-format teacher: `(trainer, kl_before, kl_after)`."""
-    tmp = tmp_path_factory.mktemp("qwenimage")
-    pipe = get_tiny_qwenimage_pipeline(seed=0)
-    pipe.register_to_config(_name_or_path="Qwen/Qwen-Image")
-    teachers = {
-        "geneval": _teacher(pipe, tmp / "geneval", 1),
-        "ocr": _teacher(pipe, tmp / "ocr", 2, format="peft"),
-    }
-    trainer = DiffusionOPDTrainer(
-        pipe,
-        teachers,
-        # 70 rounds at lr 5e-3 cut the held-out KL by 89.9-95.1% over 3 seeds (pipeline, teachers, trainer).
-        args=_args(tmp / "out", max_steps=70, learning_rate=5e-3),
-        train_dataset=TRAIN_PROMPTS,
-        peft_config=_student_config(),
-    )
-    kl_before = trainer.compute_teacher_kl(EVAL_PROMPTS, use_ema=False)
-    trainer.train()
-    kl_after = trainer.compute_teacher_kl(EVAL_PROMPTS, use_ema=False)
-    return trainer, kl_before, kl_after
+    # One thread, as conftest sets for each test: its autouse fixture is function-scoped and runs after this one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tmp = tmp_path_factory.mktemp("qwenimage")
+        pipe = get_tiny_qwenimage_pipeline(seed=0)
+        pipe.register_to_config(_name_or_path="Qwen/Qwen-Image")
+        teachers = {
+            "geneval": _teacher(pipe, tmp / "geneval", 1),
+            "ocr": _teacher(pipe, tmp / "ocr", 2, format="peft"),
+        }
+        trainer = DiffusionOPDTrainer(
+            pipe,
+            teachers,
+            # 70 rounds at lr 5e-3 cut the held-out KL by 89.9-95.1% over 3 seeds (pipeline, teachers, trainer).
+            args=_args(tmp / "out", max_steps=70, learning_rate=5e-3),
+            train_dataset=TRAIN_PROMPTS,
+            peft_config=_student_config(),
+        )
+        kl_before = trainer.compute_teacher_kl(EVAL_PROMPTS, use_ema=False)
+        trainer.train()
+        kl_after = trainer.compute_teacher_kl(EVAL_PROMPTS, use_ema=False)
+        yield trainer, kl_before, kl_after
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_distillation_lowers_kl_to_each_qwenimage_teacher(distilled):
