@@ -78,6 +78,7 @@ KNOWN_LICENSES["black-forest-labs/FLUX.1-schnell"] = _license("apache-2.0")
 # FLUX.2 [klein] 4B (base and distilled) is Apache-2.0; the 9B models carry BFL's non-commercial licence.
 KNOWN_LICENSES["black-forest-labs/FLUX.2-klein-4B"] = _license("apache-2.0")
 KNOWN_LICENSES["black-forest-labs/FLUX.2-klein-base-4B"] = _license("apache-2.0")
+KNOWN_LICENSES["Qwen/Qwen-Image"] = _license("apache-2.0")
 
 PACKAGES = (
     "trl-diffusion-opd",
@@ -515,7 +516,12 @@ def create_model_card(
         teachers=teachers,
         rewards=details.get("rewards", []),
         results=result_sections(trainer, results),
-        guidance_scale=args.guidance_scale,
+        guidance_kwargs={
+            key: repr(value)
+            for key, value in trainer.family.pipeline_guidance_kwargs(
+                args.guidance_scale, args.negative_prompt
+            ).items()
+        },
         example_prompt=repr(_example_prompt(trainer)),
         num_inference_steps=args.num_inference_steps,
         resolution=args.resolution,

@@ -2,7 +2,7 @@
 
 Everything here is built from configs in memory: no file or network access, deterministic for a seed, and small
 enough that a transformer forward pass takes milliseconds on a CPU. The pipelines are real diffusers pipelines
-(`StableDiffusion3Pipeline`, `FluxPipeline`, `Flux2KleinPipeline`, `ZImagePipeline`, ...), so the code under test is the
+(`StableDiffusion3Pipeline`, `FluxPipeline`, `Flux2KleinPipeline`, `QwenImagePipeline`, `ZImagePipeline`, ...), so the code under test is the
 code users run on real checkpoints.
 
 ```python
@@ -31,11 +31,14 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     ZImagePipeline,
@@ -48,6 +51,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -56,6 +61,7 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from . import registry
 
@@ -66,8 +72,10 @@ __all__ = [
     "get_tiny_clip_tokenizer",
     "get_tiny_flux2_klein_pipeline",
     "get_tiny_flux_pipeline",
+    "get_tiny_qwen2_tokenizer",
     "get_tiny_qwen_tokenizer",
     "get_tiny_qwen3_tokenizer",
+    "get_tiny_qwenimage_pipeline",
     "get_tiny_sd3_pipeline",
     "get_tiny_t5_tokenizer",
     "get_tiny_zimage_pipeline",
@@ -140,6 +148,37 @@ def get_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
         additional_special_tokens=["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
     )
     tokenizer.chat_template = _QWEN3_NO_THINKING_TEMPLATE
+    return tokenizer
+
+
+# The words of Qwen-Image's prompt template, one BPE token each as in the real vocabulary, so that its system prefix
+# is the 34 tokens the pipeline drops (`prompt_template_encode_start_idx`). Other text is tokenised byte by byte.
+_QWEN_TEMPLATE_WORDS = [
+    "system", "user", "assistant", "Describe", " the", " image", " by", " detailing", " color", " shape", " size",
+    " texture", " quantity", " text", " spatial", " relationships", " of", " objects", " and", " background",
+]  # fmt: skip
+
+
+def get_tiny_qwen2_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level `Qwen2Tokenizer` (the class of Qwen-Image's tokenizer) built in memory (no download): the 256
+    byte symbols, one merged token per word of Qwen-Image's prompt template, and the chat special tokens, so the
+    template's prefix is 34 tokens as with the real tokenizer."""
+    byte_symbols = bytes_to_unicode()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(set(byte_symbols.values())))}
+    merges = []
+    for word in _QWEN_TEMPLATE_WORDS:
+        symbols = [byte_symbols[b] for b in word.encode()]
+        merged = symbols[0]
+        for symbol in symbols[1:]:
+            if (merged, symbol) not in merges:
+                merges.append((merged, symbol))
+            merged += symbol
+            vocab.setdefault(merged, len(vocab))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for token in specials:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=2048)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials[1:]], special_tokens=True)
     return tokenizer
 
 
@@ -485,6 +524,90 @@ def get_tiny_flux2_klein_pipeline(
     return _to_eval(pipe)
 
 
+def get_tiny_qwenimage_pipeline(
+    seed: int = 0, num_layers: int = 2, num_attention_heads: int = 2, attention_head_dim: int = 16
+) -> QwenImagePipeline:
+    """A randomly initialised `QwenImagePipeline` with Qwen-Image's structure at a tiny size (diffusers' test sizes):
+    a Qwen2.5-VL text encoder (2 layers, hidden size 16, a one-block vision tower the pipeline never runs), a
+    single-frame 3D VAE with 4x downsampling and non-trivial `latents_mean` / `latents_std`, and the published
+    scheduler config (exponential dynamic shift, `shift_terminal=0.02`) with sequence lengths scaled down so that
+    32 px images (16 packed tokens) get a shift between the base and maximum ones.
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        num_layers, num_attention_heads, attention_head_dim: Transformer size.
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32.
+    """
+    hidden = 16
+    latent_channels = 4
+    tokenizer = get_tiny_qwen2_tokenizer()
+    vocab = len(tokenizer)
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    _seeded(seed, 1)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * latent_channels,  # 2x2 latent patches packed into channels
+        out_channels=latent_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=hidden,
+        axes_dims_rope=(attention_head_dim // 2, attention_head_dim // 4, attention_head_dim // 4),
+    )
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab,
+            "bos_token_id": pad_id,
+            "eos_token_id": pad_id,
+            "pad_token_id": pad_id,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+        },
+        vision_config={"depth": 1, "hidden_size": hidden, "intermediate_size": hidden, "num_heads": 2},
+        vocab_size=vocab,
+        # ids outside the vocabulary: the prompts never contain vision tokens
+        image_token_id=vocab,
+        video_token_id=vocab + 1,
+        vision_start_token_id=vocab + 2,
+        vision_end_token_id=vocab + 3,
+    )
+    config.vision_config.out_hidden_size = hidden
+    _seeded(seed, 2)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    _seeded(seed, 3)
+    vae = AutoencoderKLQwenImage(
+        base_dim=6 * latent_channels,
+        z_dim=latent_channels,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 1.0],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=4,
+        max_image_seq_len=64,
+        shift_terminal=0.02,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    return _to_eval(pipe)
+
+
 def _to_eval(pipe):
     # Models built from a config start in train mode; eval() disables dropout so outputs are deterministic.
     for component in pipe.components.values():
@@ -619,6 +742,7 @@ TINY_PIPELINES = {
     "sd3": get_tiny_sd3_pipeline,
     "flux": get_tiny_flux_pipeline,
     "flux2_klein": get_tiny_flux2_klein_pipeline,
+    "qwenimage": get_tiny_qwenimage_pipeline,
     "zimage": get_tiny_zimage_pipeline,
 }
 

@@ -16,7 +16,9 @@ Adding a family (Wan 2.1, SANA, Qwen-Image, ...) is one new file in this package
    batches several sampler steps together), return float32 and take `guidance_scale` either as classifier-free
    guidance (`cfg_velocity` does the batching) or, for guidance-distilled models, through the model's guidance
    embedding, in which case `uses_guidance_embedding` must be `True`.
-3. Override `text_encoders` when the pipeline's encoders are not named `text_encoder[_2|_3]`.
+3. Override `text_encoders` when the pipeline's encoders are not named `text_encoder[_2|_3]`, and
+   `pipeline_guidance_kwargs` when the pipeline's `__call__` takes the guidance under other arguments than
+   `guidance_scale` (Qwen-Image: `true_cfg_scale` and `negative_prompt`); the model card's quick start uses it.
 4. Decorate the class with `@register_family`. Every module of this package is imported by `get_family`, so no other
    file needs editing.
 
@@ -217,6 +219,14 @@ class FlowMatchingFamily(abc.ABC):
     @torch.no_grad()
     def decode(self, x: torch.Tensor, resolution: int) -> list:
         """Decode final latents x_{t_N} to a list of PIL images."""
+
+    def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
+        """The keyword arguments that make the pipeline's `__call__` sample with the guidance `velocity` applies for
+        `guidance_scale` and `negative_prompt` (written into the model card's quick start).
+
+        The default, `{"guidance_scale": g}`, is SD3's CFG and FLUX.1-dev's guidance embedding.
+        """
+        return {"guidance_scale": guidance_scale}
 
     @staticmethod
     def cfg_velocity(
