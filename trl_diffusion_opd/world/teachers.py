@@ -282,7 +282,7 @@ def train_world_teacher(
     if progress:  # one bar per teacher with its reward, not a metrics dict printed every `logging_steps`
         from transformers.trainer_callback import ProgressCallback
 
-        from .demo import PhaseProgress
+        from .progress import PhaseProgress
 
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(PhaseProgress(f"teacher: {task}", keys=("reward",), unit="step"))
