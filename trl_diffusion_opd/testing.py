@@ -2,7 +2,7 @@
 
 Everything here is built from configs in memory: no file or network access, deterministic for a seed, and small
 enough that a transformer forward pass takes milliseconds on a CPU. The pipelines are real diffusers pipelines
-(`StableDiffusion3Pipeline`, `FluxPipeline`), so the code under test is the code users run on real checkpoints.
+(`StableDiffusion3Pipeline`, `FluxPipeline`, `WanPipeline`), so the code under test is the code users run on real checkpoints.
 
 ```python
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache
@@ -29,11 +29,15 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -43,6 +47,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from . import registry
@@ -54,6 +60,7 @@ __all__ = [
     "get_tiny_flux_pipeline",
     "get_tiny_sd3_pipeline",
     "get_tiny_t5_tokenizer",
+    "get_tiny_wan_pipeline",
     "save_toy_lora",
     "save_to_hub_cache",
 ]
@@ -269,6 +276,96 @@ def get_tiny_flux_pipeline(
     return _to_eval(pipe)
 
 
+# Video side and frames the tiny Wan pipelines are meant to run at: 8x VAE downsampling -> 4x4 latents, 2 latent frames.
+TINY_WAN_RESOLUTION = 32
+TINY_WAN_FRAMES = 5
+
+
+def get_tiny_wan_pipeline(
+    seed: int = 0,
+    two_experts: bool = False,
+    boundary_ratio: float = 0.875,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 12,
+    flow_shift: float = 3.0,
+) -> WanPipeline:
+    """A randomly initialised `WanPipeline` with Wan 2.1's structure (or Wan 2.2 A14B's two experts) at a tiny size.
+
+    The sizes follow diffusers' own Wan tests (`tests/pipelines/wan/test_wan.py`, `test_wan_22.py`); the text encoder
+    is a tiny `UMT5EncoderModel` with the character-level T5 tokenizer of `get_tiny_t5_tokenizer`, and the scheduler
+    is the Hub pipelines' `UniPCMultistepScheduler` (flow sigmas, `flow_shift`), which the family replaces by the
+    flow-matching Euler step with the same shift.
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        two_experts: Add `transformer_2` (the low-noise expert, its own random weights) and `boundary_ratio`.
+        boundary_ratio: Switch point of the experts (Wan 2.2 A14B: 0.875).
+        num_layers, num_attention_heads, attention_head_dim: Transformer size.
+        flow_shift: Shift of the sigma schedule (Wan's text-to-video configs: 3.0).
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32; run it at `TINY_WAN_RESOLUTION` pixels and `TINY_WAN_FRAMES`
+        frames.
+    """
+    text_dim = 32
+    tokenizer = get_tiny_t5_tokenizer()
+
+    def transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=16,
+            out_channels=16,
+            text_dim=text_dim,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+
+    _seeded(seed, 1)
+    high = transformer()
+    low = None
+    if two_experts:
+        _seeded(seed, 2)
+        low = transformer()
+    _seeded(seed, 3)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=2 * text_dim,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    _seeded(seed, 4)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=high,
+        transformer_2=low,
+        boundary_ratio=boundary_ratio if two_experts else None,
+    )
+    return _to_eval(pipe)
+
+
 def _to_eval(pipe):
     # Models built from a config start in train mode; eval() disables dropout so outputs are deterministic.
     for component in pipe.components.values():
@@ -399,11 +496,20 @@ def save_toy_lora(
 
 
 # `tiny:<name>` base pipelines, registered through the `trl_diffusion_opd.plugins` entry point (`register`).
-TINY_PIPELINES = {"sd3": get_tiny_sd3_pipeline, "flux": get_tiny_flux_pipeline}
+TINY_PIPELINES = {
+    "sd3": get_tiny_sd3_pipeline,
+    "flux": get_tiny_flux_pipeline,
+    "wan": get_tiny_wan_pipeline,
+    "wan22": functools.partial(get_tiny_wan_pipeline, two_experts=True),
+}
 
 
 def register() -> None:
     """Register every tiny pipeline as `tiny:<name>` (`trl_diffusion_opd.registry`), seed 0."""
     for name, build in TINY_PIPELINES.items():
-        quickstart = f"from trl_diffusion_opd.testing import {build.__name__}\n\npipe = {build.__name__}(seed=0)"
+        function = getattr(build, "func", build)  # a `functools.partial` fixes keyword arguments
+        arguments = ", ".join(["seed=0", *(f"{k}={v!r}" for k, v in getattr(build, "keywords", {}).items())])
+        quickstart = (
+            f"from trl_diffusion_opd.testing import {function.__name__}\n\npipe = {function.__name__}({arguments})"
+        )
         registry.register_pipeline(f"tiny:{name}", functools.partial(build, seed=0), quickstart=quickstart)
