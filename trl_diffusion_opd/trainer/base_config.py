@@ -66,10 +66,15 @@ class DiffusionTrainingConfig(TrainingArguments):
             Stochastic sampler when `noise_level > 0`: `"sde"` (Flow-GRPO) or `"cps"` (coefficient-preserving).
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             Student CFG scale.
+        guidance_scale_2 (`float` or `None`, *optional*):
+            Two-expert pipelines (Wan 2.2 A14B) only: the student's CFG scale at the low-noise expert's steps, as
+            `WanPipeline`'s `guidance_scale_2`; `None` uses `guidance_scale`.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
         resolution (`int`, *optional*, defaults to `512`):
             Image side in pixels.
+        num_frames (`int` or `None`, *optional*):
+            Video families only: frames per video (Wan: 1 + a multiple of 4); `None` uses the family's default.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             Train the first ⌊N·timestep_fraction⌋ steps.
         step_batch_size (`int` or `None`, *optional*, defaults to `None`):
@@ -127,8 +132,15 @@ class DiffusionTrainingConfig(TrainingArguments):
     noise_level: float = field(default=0.0, metadata={"help": "SDE noise level a; 0 uses the ODE sampler."})
     sde_type: str = field(default="sde", metadata={"help": "Stochastic sampler.", "choices": list(SAMPLERS)})
     guidance_scale: float = field(default=4.5, metadata={"help": "Student CFG scale (rollout and loss)."})
+    guidance_scale_2: float | None = field(
+        default=None,
+        metadata={"help": "Two-expert pipelines (Wan 2.2): student CFG scale of the low-noise expert; None: same."},
+    )
     negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
     resolution: int = field(default=512, metadata={"help": "Image side in pixels."})
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Video families: frames per video; None uses the family's default."}
+    )
     timestep_fraction: float = field(
         default=0.99, metadata={"help": "Train the first floor(N * timestep_fraction) sampler steps."}
     )
@@ -168,6 +180,8 @@ class DiffusionTrainingConfig(TrainingArguments):
             raise ValueError(f"`sde_type` must be one of {SAMPLERS}, got {self.sde_type!r}.")
         if self.resolution < 1:
             raise ValueError(f"`resolution` must be positive, got {self.resolution}.")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"`num_frames` must be positive or None, got {self.num_frames}.")
         if self.step_batch_size is not None and self.step_batch_size < 1:
             raise ValueError(f"`step_batch_size` must be >= 1 or None, got {self.step_batch_size}.")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -57,6 +57,10 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         teacher_guidance_scale (`float`, `dict[str, float]` or `None`, *optional*):
             Teacher CFG scale, one value or one per task (e.g. `{"geneval": 1.0, "ocr": 4.5}`); a teacher spec's own
             `guidance_scale` wins. `None` uses `guidance_scale`.
+        teacher_guidance_scale_2 (`float`, `dict[str, float]` or `None`, *optional*):
+            Two-expert pipelines (Wan 2.2 A14B) only: the teachers' CFG scale at the low-noise expert's steps, one
+            value or one per task; a spec's `guidance_scale_2` wins. `None` uses the teacher's `guidance_scale`, as
+            `WanPipeline` does.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
         resolution (`int`, *optional*, defaults to `512`):
@@ -97,7 +101,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             Update the EMA every this many optimizer steps.
     """
 
-    _VALID_DICT_FIELDS = DiffusionTrainingConfig._VALID_DICT_FIELDS + ["teacher_guidance_scale", "task_weights"]
+    _VALID_DICT_FIELDS = DiffusionTrainingConfig._VALID_DICT_FIELDS + [
+        "teacher_guidance_scale",
+        "teacher_guidance_scale_2",
+        "task_weights",
+    ]
 
     # Parameters whose default values are overridden from DiffusionTrainingConfig
     per_device_train_batch_size: int = field(
@@ -114,6 +122,10 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     teacher_guidance_scale: dict | str | float | None = field(
         default=None, metadata={"help": "Teacher CFG scale: one value or a dict (or JSON string) task -> scale."}
     )
+    teacher_guidance_scale_2: dict | str | float | None = field(
+        default=None,
+        metadata={"help": "Two-expert pipelines (Wan 2.2): teacher CFG scale of the low-noise expert, as above."},
+    )
 
     # Parameters that control the loss
     loss_type: str = field(default="kl", metadata={"help": "Loss.", "choices": ["kl", "ppo"]})
@@ -127,11 +139,13 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
 
     def __post_init__(self):
         self.task_weights = _as_dict(self.task_weights, "task_weights")
-        if isinstance(self.teacher_guidance_scale, str):
-            try:
-                self.teacher_guidance_scale = float(self.teacher_guidance_scale)
-            except ValueError:
-                self.teacher_guidance_scale = _as_dict(self.teacher_guidance_scale, "teacher_guidance_scale")
+        for name in ("teacher_guidance_scale", "teacher_guidance_scale_2"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    setattr(self, name, _as_dict(value, name))
         super().__post_init__()
 
         if self.kl_normalization not in KL_NORMALIZATIONS:
@@ -152,3 +166,9 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         if isinstance(value, dict):
             return float(value.get(task, self.guidance_scale))
         return float(self.guidance_scale if value is None else value)
+
+    def teacher_guidance_2_for(self, task: str) -> float | None:
+        """Low-noise-expert CFG scale of `task`'s teacher when its spec sets none (`None`: its `guidance_scale`)."""
+        value = self.teacher_guidance_scale_2
+        value = value.get(task) if isinstance(value, dict) else value
+        return None if value is None else float(value)
