@@ -305,7 +305,9 @@ def _first_line(error: BaseException) -> str:
 
 def _holds_lora(folder: Path, weight_name: str | None) -> bool:
     names = [weight_name] if weight_name else [DIFFUSERS_LORA_WEIGHTS, PEFT_WEIGHTS]
-    return any((folder / name).is_file() for name in names) or any(folder.glob("pytorch_lora_weights_*.safetensors"))
+    if any((folder / name).is_file() for name in names):
+        return True
+    return weight_name is None and any(folder.glob("pytorch_lora_weights_*.safetensors"))  # another expert's only
 
 
 def expert_weight_name(expert: str, weight_name: str | None = None) -> str | None:
@@ -314,6 +316,13 @@ def expert_weight_name(expert: str, weight_name: str | None = None) -> str | Non
     expert, which diffusers loads with `pipe.load_lora_weights(folder, weight_name=...,
     load_into_transformer_2=True)`."""
     return weight_name if expert == "transformer" else f"pytorch_lora_weights_{expert}.safetensors"
+
+
+def has_expert_lora(folder: Path, expert: str, weight_name: str | None = None) -> bool:
+    """Whether the adapter folder holds a LoRA for `expert` (`expert_weight_name`)."""
+    name = expert_weight_name(expert, weight_name)
+    names = [name] if name else [DIFFUSERS_LORA_WEIGHTS, PEFT_WEIGHTS]
+    return any((folder / n).is_file() for n in names)
 
 
 def is_full_weight_folder(folder: Path) -> bool:

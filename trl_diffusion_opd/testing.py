@@ -428,6 +428,7 @@ def save_toy_lora(
     format: str = "diffusers",
     shared_seed: int | None = None,
     specific_scale: float = 0.7,
+    expert: str = "transformer",
 ) -> Path:
     """Save a LoRA with random non-zero A and B for `pipeline`'s transformer: a toy "teacher" that differs from
     the base (a freshly initialised LoRA has B = 0 and equals the base).
@@ -445,6 +446,8 @@ def save_toy_lora(
         std: Standard deviation of the A and B entries.
         format: `"diffusers"` (`pytorch_lora_weights.safetensors` with adapter metadata) or `"peft"`
             (`adapter_config.json` + `adapter_model.safetensors`, keys prefixed `base_model.model.`).
+        expert: The pipeline component to adapt; another than `transformer` (Wan 2.2's `transformer_2`) is saved
+            in diffusers format as `pytorch_lora_weights_<expert>.safetensors`, next to the other experts' files.
 
     Returns:
         The folder.
@@ -460,7 +463,7 @@ def save_toy_lora(
     full_rank = 2 * rank if shared_seed is not None else rank
     alpha = lora_alpha or full_rank
     config = LoraConfig(r=full_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-    transformer = copy.deepcopy(pipeline.transformer)
+    transformer = copy.deepcopy(getattr(pipeline, expert))
     for name in list(getattr(transformer, "peft_config", {})):
         transformer.delete_adapters(name)
     inject_adapter_in_model(config, transformer, adapter_name="toy")
@@ -479,10 +482,13 @@ def save_toy_lora(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":
-        from .teachers import adapter_metadata
+        from .teachers import adapter_metadata, expert_weight_name
 
         type(pipeline).save_lora_weights(
-            folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=adapter_metadata(config)
+            folder,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=adapter_metadata(config),
+            weight_name=expert_weight_name(expert),
         )
     elif format == "peft":
         save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(folder / "adapter_model.safetensors"))

@@ -59,8 +59,9 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             `guidance_scale` wins. `None` uses `guidance_scale`.
         teacher_guidance_scale_2 (`float`, `dict[str, float]` or `None`, *optional*):
             Two-expert pipelines (Wan 2.2 A14B) only: the teachers' CFG scale at the low-noise expert's steps, one
-            value or one per task; a spec's `guidance_scale_2` wins. `None` uses the teacher's `guidance_scale`, as
-            `WanPipeline` does.
+            value or one per task; a spec's `guidance_scale_2` wins. `None` uses `guidance_scale_2` (like
+            `teacher_guidance_scale` falls back to `guidance_scale`), and when that is `None` too, the teacher's own
+            `guidance_scale`, as `WanPipeline` does.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
         resolution (`int`, *optional*, defaults to `512`):
@@ -171,4 +172,5 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         """Low-noise-expert CFG scale of `task`'s teacher when its spec sets none (`None`: its `guidance_scale`)."""
         value = self.teacher_guidance_scale_2
         value = value.get(task) if isinstance(value, dict) else value
+        value = self.guidance_scale_2 if value is None else value
         return None if value is None else float(value)

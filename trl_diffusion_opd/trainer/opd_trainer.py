@@ -19,6 +19,7 @@ from ..teachers import (
     STUDENT,
     TeacherSpec,
     expert_weight_name,
+    has_expert_lora,
     load_full_teacher,
     load_lora_teacher,
     parse_teachers,
@@ -127,7 +128,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     load_lora_teacher(transformer, spec, spec.local_dir)
                     spec.experts = tuple(experts)
                     continue
-                found = [e for e in experts if (spec.local_dir / expert_weight_name(e, spec.weight_name)).is_file()]
+                found = [e for e in experts if has_expert_lora(spec.local_dir, e, spec.weight_name)]
                 if not found:
                     names = [
                         expert_weight_name(e, spec.weight_name) or "pytorch_lora_weights.safetensors" for e in experts
