@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
+from safetensors.torch import load_file
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.families.base import get_family
@@ -188,7 +189,9 @@ def test_distillation_lowers_kl_and_student_reloads_into_both_experts(tmp_path):
     assert (tmp_path / "adapter" / LOW_2).is_file()
     fresh = get_tiny_wan_pipeline(seed=0, two_experts=True)
     fresh.load_lora_weights(str(tmp_path / "adapter"), adapter_name="s")
-    fresh.load_lora_weights(str(tmp_path / "adapter"), weight_name=LOW_2, adapter_name="s", load_into_transformer_2=True)
+    fresh.load_lora_weights(
+        str(tmp_path / "adapter"), weight_name=LOW_2, adapter_name="s", load_into_transformer_2=True
+    )
     family = get_family(fresh, max_sequence_length=16, num_frames=TINY_WAN_FRAMES)
     cond = trainer.prompt_cache(PROMPTS["ocr"] + PROMPTS["geneval"])
     x = torch.randn((4, 16, 2, 4, 4), generator=torch.Generator().manual_seed(1))
@@ -202,3 +205,43 @@ def test_distillation_lowers_kl_and_student_reloads_into_both_experts(tmp_path):
     for rows in (slice(0, 2), slice(2, 4)):
         assert (student[rows] - base[rows]).abs().max() > 1e-3, "the student equals the base on an expert"
     assert (reloaded - student).abs().max() <= 1e-5
+
+
+def test_two_expert_checkpoint_ema_resume_and_card(tmp_path):
+    """Checkpoints hold both experts' LoRAs (EMA weights) and the raw training weights of both; resuming restores
+    them exactly; the card says how to load both experts."""
+    pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    teachers = {"geneval": _teacher(pipe, tmp_path / "g", 1)}
+    args = _args(tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=2, ema=True, ema_update_interval=1)
+    trainer = DiffusionOPDTrainer(
+        pipe, teachers, args=args, train_dataset={"geneval": PROMPTS["geneval"]}, peft_config=_student_config()
+    )
+    trainer.train()
+    folder = tmp_path / "out" / "checkpoint-2"
+    assert (folder / "pytorch_lora_weights.safetensors").is_file() and (folder / LOW_2).is_file()
+    state = trainer.student_state_dict()
+    assert {k.split(".")[0] for k in state} == {"transformer", "transformer_2"}
+    saved = load_file(str(folder / "student_training_weights.safetensors"))
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    # The exported files hold the EMA weights of each expert (decay 0.9, so not the raw weights).
+    with trainer._ema_weights():
+        ema = trainer.student_state_dict()
+    low = load_file(str(folder / LOW_2))
+    key = next(k for k in ema if k.startswith("transformer_2.") and ".lora_B." in k)
+    torch.testing.assert_close(low["transformer." + key.removeprefix("transformer_2.")], ema[key])
+    assert not torch.equal(ema[key], state[key])
+
+    card = (folder / "README.md").read_text()
+    assert f'weight_name="{LOW_2}", load_into_transformer_2=True' in card
+    assert "pipeline_tag: text-to-video" in card and ".frames[0]" in card
+
+    fresh = DiffusionOPDTrainer(
+        get_tiny_wan_pipeline(seed=0, two_experts=True),
+        teachers,
+        args=_args(tmp_path / "out2", ema=True),
+        train_dataset={"geneval": PROMPTS["geneval"]},
+        peft_config=_student_config(),
+    )
+    fresh._load_from_checkpoint(str(folder))
+    resumed = fresh.student_state_dict()
+    assert all(torch.equal(resumed[k], state[k]) for k in state)

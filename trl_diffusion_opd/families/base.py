@@ -120,6 +120,8 @@ class FlowMatchingFamily(abc.ABC):
     name: ClassVar[str]
     tag: ClassVar[str]
     default_lora_targets: ClassVar[list[str]]
+    # The Hub pipeline tag of the model card.
+    pipeline_tag: ClassVar[str] = "text-to-image"
     # When `True`, `guidance_scale` is fed to a guidance embedding instead of doubling the batch for CFG.
     uses_guidance_embedding: bool = False
 
