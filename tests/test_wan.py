@@ -158,32 +158,43 @@ def test_two_expert_kl_zero_for_same_adapter_and_low_noise_teacher(tmp_path):
     assert any(g is not None and g.abs().max() > 0 for g in low)
 
 
-def _distil(tmp_path, seed: int):
+def _distil(tmp_path, seed: int, max_steps: int = 40, measure: bool = True):
+    """Distil the two two-expert teachers; returns `(trainer, kl_before, kl_after)` (KLs `None` unless `measure`)."""
     pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
     teachers = {"geneval": _teacher(pipe, tmp_path / "g", 1), "ocr": _teacher(pipe, tmp_path / "o", 2)}
     trainer = DiffusionOPDTrainer(
         pipe,
         teachers,
-        args=_args(tmp_path / "out", max_steps=40, seed=seed, guidance_scale=3.0, guidance_scale_2=2.0),
+        args=_args(tmp_path / "out", max_steps=max_steps, seed=seed, guidance_scale=3.0, guidance_scale_2=2.0),
         train_dataset=PROMPTS,
         peft_config=_student_config(),
     )
+    if not measure:
+        trainer.train()
+        return trainer, None, None
     before = trainer.compute_teacher_kl(PROMPTS, use_ema=False)
     trainer.train()
     after = trainer.compute_teacher_kl(PROMPTS, use_ema=False)
     return trainer, before, after
 
 
-def test_distillation_lowers_kl_and_student_reloads_into_both_experts(tmp_path):
+@pytest.mark.slow  # 3 seeds x 40 rounds: about 100 s on one free CPU core
+def test_distillation_lowers_kl_to_each_teacher_across_seeds(tmp_path):
+    """Two two-expert teachers (both guidance scales in play) distilled into one two-expert student: the KL to each
+    falls by >= 80% for every seed (measured: 84-92%)."""
     reductions = []
     for seed in range(3):
-        trainer, before, after = _distil(tmp_path / str(seed), seed)
+        _, before, after = _distil(tmp_path / str(seed), seed)
         reductions.append({task: 1 - after[task] / before[task] for task in before})
     for task in PROMPTS:
         worst = min(r[task] for r in reductions)
         assert worst >= 0.8, f"KL to '{task}' fell by {worst:.1%} only (per seed: {reductions})"
 
-    # The last student, saved in diffusers' Wan 2.2 layout, reloads into both experts with load_lora_weights.
+
+def test_saved_two_expert_student_reloads_into_both_experts(tmp_path):
+    """The student, saved in diffusers' Wan 2.2 layout (one file per expert), reloads into both experts with
+    `WanPipeline.load_lora_weights(..., load_into_transformer_2=True)` and gives the same velocities."""
+    trainer, _, _ = _distil(tmp_path, 0, max_steps=2, measure=False)
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "adapter" / LOW_2).is_file()
@@ -203,7 +214,7 @@ def test_distillation_lowers_kl_and_student_reloads_into_both_experts(tmp_path):
         fresh.transformer_2.disable_lora()
         base = family.velocity(family.denoiser, x, sigma, cond)
     for rows in (slice(0, 2), slice(2, 4)):
-        assert (student[rows] - base[rows]).abs().max() > 1e-3, "the student equals the base on an expert"
+        assert (student[rows] - base[rows]).abs().max() > 1e-4, "the student equals the base on an expert"
     assert (reloaded - student).abs().max() <= 1e-5
 
 

@@ -72,10 +72,10 @@ class TeacherSpec:
         subfolder: Folder inside the repo (or local folder) that holds the adapter.
         revision: Hub revision (branch, tag or commit).
         guidance_scale: CFG scale of this teacher's predictions; `None` uses the config's default.
-        guidance_scale_2: CFG scale at the steps of the second (low-noise) expert of a two-expert pipeline;
-            `None` uses the config's default.
         weight: Weight of this teacher in its task's loss (> 0; a task's weights are normalised to sum to 1).
         weight_name: Weight file name when a folder holds several.
+        guidance_scale_2: CFG scale at the steps of the second (low-noise) expert of a two-expert pipeline;
+            `None` uses the config's default.
     """
 
     name: str
@@ -83,9 +83,9 @@ class TeacherSpec:
     subfolder: str | None = None
     revision: str | None = None
     guidance_scale: float | None = None
-    guidance_scale_2: float | None = None
     weight: float = 1.0
     weight_name: str | None = None
+    guidance_scale_2: float | None = None
     local_dir: Path | None = field(default=None, repr=False)
     # A full-weight teacher: a whole transformer (given as a module, or a folder recognised at resolution).
     module: torch.nn.Module | None = field(default=None, repr=False, compare=False)
