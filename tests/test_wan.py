@@ -158,7 +158,7 @@ def test_two_expert_kl_zero_for_same_adapter_and_low_noise_teacher(tmp_path):
     assert any(g is not None and g.abs().max() > 0 for g in low)
 
 
-def _distil(tmp_path, seed: int, max_steps: int = 40, measure: bool = True):
+def _distil(tmp_path, seed: int, max_steps: int = 60, measure: bool = True):
     """Distil the two two-expert teachers; returns `(trainer, kl_before, kl_after)` (KLs `None` unless `measure`)."""
     pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
     teachers = {"geneval": _teacher(pipe, tmp_path / "g", 1), "ocr": _teacher(pipe, tmp_path / "o", 2)}
@@ -178,10 +178,10 @@ def _distil(tmp_path, seed: int, max_steps: int = 40, measure: bool = True):
     return trainer, before, after
 
 
-@pytest.mark.slow  # 3 seeds x 40 rounds: about 100 s on one free CPU core
+@pytest.mark.slow  # 3 seeds x 60 rounds: about 60 s on a free CPU
 def test_distillation_lowers_kl_to_each_teacher_across_seeds(tmp_path):
     """Two two-expert teachers (both guidance scales in play) distilled into one two-expert student: the KL to each
-    falls by >= 80% for every seed (measured: 84-92%)."""
+    falls by >= 80% for every seed (measured with 60 rounds: 87-91%; 40 rounds gave 82-85%)."""
     reductions = []
     for seed in range(3):
         _, before, after = _distil(tmp_path / str(seed), seed)
