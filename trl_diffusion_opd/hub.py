@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import registry
+from .teachers import expert_weight_name
 
 
 if TYPE_CHECKING:
@@ -41,7 +42,9 @@ ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 CARD_NAME = "README.md"
 SAMPLES_DIR = "samples"
 # Files of `output_dir` that `push_to_hub` uploads; everything else stays local.
-UPLOAD_PATTERNS = [ADAPTER_WEIGHTS, CARD_NAME, f"{SAMPLES_DIR}/*.png"]
+# The LoRAs of a multi-expert student's further experts (Wan 2.2: `pytorch_lora_weights_transformer_2.safetensors`).
+EXPERT_WEIGHTS = "pytorch_lora_weights_*.safetensors"
+UPLOAD_PATTERNS = [ADAPTER_WEIGHTS, EXPERT_WEIGHTS, CARD_NAME, f"{SAMPLES_DIR}/*.png"]
 
 TRL_CITATION = """@software{vonwerra2020trl,
     title   = {{TRL: Transformers Reinforcement Learning}},
@@ -465,7 +468,7 @@ def create_model_card(
         base_model=base.hub_id,
         base_model_relation="adapter" if base.hub_id else None,
         library_name="diffusers",
-        pipeline_tag="text-to-image",
+        pipeline_tag=trainer.family.pipeline_tag,
         tags=all_tags,
         datasets=[name for name in datasets if is_hub_id(name)] or None,
         widget=[{"text": s["text"], "output": {"url": s["url"]}} for s in samples] or None,
@@ -526,6 +529,12 @@ def create_model_card(
         num_inference_steps=args.num_inference_steps,
         resolution=args.resolution,
         max_sequence_length=args.max_sequence_length,
+        extra_experts=[
+            {"component": name, "weight_name": expert_weight_name(name)} for name in list(trainer.family.experts)[1:]
+        ],
+        video=trainer.family.pipeline_tag == "text-to-video",
+        num_frames=trainer.family.num_frames,
+        guidance_scale_2=args.guidance_scale_2,
         settings=settings,
         samples=samples,
         versions=package_versions(),
@@ -605,9 +614,13 @@ def push_checkpoint(trainer: DiffusionLoRATrainer, checkpoint_folder: str | os.P
         return
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
     checkpoint_folder = Path(checkpoint_folder)
-    for name in (ADAPTER_WEIGHTS, CARD_NAME):
-        if (checkpoint_folder / name).is_file():
-            shutil.copy(checkpoint_folder / name, Path(args.output_dir) / name)
+    for path in [
+        checkpoint_folder / ADAPTER_WEIGHTS,
+        *checkpoint_folder.glob(EXPERT_WEIGHTS),
+        checkpoint_folder / CARD_NAME,
+    ]:
+        if path.is_file():
+            shutil.copy(path, Path(args.output_dir) / path.name)
     message = f"Training in progress, step {trainer.state.global_step}"
     jobs = [
         _hf_api().upload_folder(

@@ -10,10 +10,13 @@ Accepted spec forms (strings in Python, YAML and on the command line):
 - `owner/repo`, `owner/repo@revision` — a Hub repo;
 - `owner/repo/sub/folder`, `owner/repo/sub/folder@revision` — a subfolder of a Hub repo (e.g. the released
   `quanhaol/DiffusionOPD/OCRTeacher/lora`);
-- a dict with `path` and optional `subfolder`, `revision`, `guidance_scale`, `weight`, `weight_name`.
+- a dict with `path` and optional `subfolder`, `revision`, `guidance_scale`, `guidance_scale_2`, `weight`,
+  `weight_name`.
 
 A folder holds a LoRA in diffusers format (`pytorch_lora_weights.safetensors`) or PEFT format
-(`adapter_config.json` + `adapter_model.safetensors`).
+(`adapter_config.json` + `adapter_model.safetensors`). For a pipeline with several experts (Wan 2.2 A14B), the LoRA
+of each further expert sits next to it as `pytorch_lora_weights_<component>.safetensors` (`expert_weight_name`); a
+teacher may carry LoRAs for some experts only and then supervises only the steps those experts run.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ SPEC_FORMS = (
 )
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HUB_SPEC = re.compile(rf"^(?P<repo>{_REPO_PART}/{_REPO_PART})(?P<sub>(/[^/@\s]+)*)(@(?P<rev>[^@\s/][^@\s]*))?$")
-_SPEC_KEYS = {"path", "subfolder", "revision", "guidance_scale", "weight", "weight_name"}
+_SPEC_KEYS = {"path", "subfolder", "revision", "guidance_scale", "guidance_scale_2", "weight", "weight_name"}
 _LOCAL_PREFIXES = (".", "/", "~")
 # Adapter names that are also names of PEFT's own sub-modules: `.lora_A.` would match every adapter's parameters.
 _PEFT_INTERNAL_NAMES = frozenset(
@@ -73,6 +76,8 @@ class TeacherSpec:
         guidance_scale: CFG scale of this teacher's predictions; `None` uses the config's default.
         weight: Weight of this teacher in its task's loss (> 0; a task's weights are normalised to sum to 1).
         weight_name: Weight file name when a folder holds several.
+        guidance_scale_2: CFG scale at the steps of the second (low-noise) expert of a two-expert pipeline;
+            `None` uses the config's default.
     """
 
     name: str
@@ -82,12 +87,15 @@ class TeacherSpec:
     guidance_scale: float | None = None
     weight: float = 1.0
     weight_name: str | None = None
+    guidance_scale_2: float | None = None
     local_dir: Path | None = field(default=None, repr=False)
     # A full-weight teacher: a whole transformer (given as a module, or a folder recognised at resolution).
     module: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     full_weight: bool = False
     # The registered name (`world:letters`, `trl_diffusion_opd.registry`) that `path` was resolved from.
     alias: str | None = None
+    # Experts (pipeline component names) this LoRA teacher has weights for, set when it is loaded.
+    experts: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def is_local(self) -> bool:
@@ -135,12 +143,16 @@ def _parse_dict_spec(name: str, spec: dict[str, Any]) -> TeacherSpec:
             raise _malformed(name, spec, f"'{key}' is given twice: '{inline}' in 'path' and '{explicit}'")
     subfolder = spec.get("subfolder") or base.subfolder
     guidance = spec.get("guidance_scale")
+    guidance_2 = spec.get("guidance_scale_2")
     return TeacherSpec(
         name=name,
         path=base.path,
         subfolder=subfolder.strip("/") if subfolder else None,
         revision=spec.get("revision") or base.revision,
         guidance_scale=None if guidance is None else _number(name, spec, "guidance_scale", guidance, positive=False),
+        guidance_scale_2=None
+        if guidance_2 is None
+        else _number(name, spec, "guidance_scale_2", guidance_2, positive=False),
         weight=_number(name, spec, "weight", spec.get("weight", 1.0), positive=True),
         weight_name=spec.get("weight_name"),
         alias=base.alias,
@@ -295,7 +307,24 @@ def _first_line(error: BaseException) -> str:
 
 def _holds_lora(folder: Path, weight_name: str | None) -> bool:
     names = [weight_name] if weight_name else [DIFFUSERS_LORA_WEIGHTS, PEFT_WEIGHTS]
-    return any((folder / name).is_file() for name in names)
+    if any((folder / name).is_file() for name in names):
+        return True
+    return weight_name is None and any(folder.glob("pytorch_lora_weights_*.safetensors"))  # another expert's only
+
+
+def expert_weight_name(expert: str, weight_name: str | None = None) -> str | None:
+    """The file of `expert`'s LoRA in an adapter folder: `weight_name` (`None`: the default files) for the first
+    expert, `transformer`; `pytorch_lora_weights_<expert>.safetensors` for the others, e.g. Wan 2.2's low-noise
+    expert, which diffusers loads with `pipe.load_lora_weights(folder, weight_name=...,
+    load_into_transformer_2=True)`."""
+    return weight_name if expert == "transformer" else f"pytorch_lora_weights_{expert}.safetensors"
+
+
+def has_expert_lora(folder: Path, expert: str, weight_name: str | None = None) -> bool:
+    """Whether the adapter folder holds a LoRA for `expert` (`expert_weight_name`)."""
+    name = expert_weight_name(expert, weight_name)
+    names = [name] if name else [DIFFUSERS_LORA_WEIGHTS, PEFT_WEIGHTS]
+    return any((folder / n).is_file() for n in names)
 
 
 def is_full_weight_folder(folder: Path) -> bool:
@@ -483,18 +512,25 @@ def add_adapter(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -
         model.add_adapter(config, adapter_name=adapter_name)
 
 
-def load_lora_teacher(transformer: torch.nn.Module, spec: TeacherSpec, folder: Path, owner: str | None = None) -> None:
+def load_lora_teacher(
+    transformer: torch.nn.Module,
+    spec: TeacherSpec,
+    folder: Path,
+    owner: str | None = None,
+    weight_name: str | None = None,
+) -> None:
     """Load a LoRA teacher as the adapter `spec.name` on `transformer`, frozen.
 
     Its rank, alpha and target modules are its own (they may differ from the student's and other teachers').
-    `owner` names it in error messages (default `Teacher '<name>'`).
+    `owner` names it in error messages (default `Teacher '<name>'`); `weight_name` overrides `spec.weight_name` (the
+    file of another expert, `expert_weight_name`).
 
     Raises:
         ValueError: a file of the adapter is malformed, the adapter targets modules the base does not have, or its
             weights do not fit its config.
     """
     owner = owner or f"Teacher '{spec.name}'"
-    state_dict, config = read_lora_folder(folder, spec.weight_name, owner)
+    state_dict, config = read_lora_folder(folder, weight_name or spec.weight_name, owner)
     modules = dict(transformer.named_modules())
     missing = sorted(m for m in lora_module_names(state_dict) if m not in modules)
     if missing:

@@ -2,7 +2,7 @@
 
 Everything here is built from configs in memory: no file or network access, deterministic for a seed, and small
 enough that a transformer forward pass takes milliseconds on a CPU. The pipelines are real diffusers pipelines
-(`StableDiffusion3Pipeline`, `FluxPipeline`, `Flux2KleinPipeline`, `QwenImagePipeline`, `ZImagePipeline`, ...), so the code under test is the
+(`StableDiffusion3Pipeline`, `FluxPipeline`, `Flux2KleinPipeline`, `QwenImagePipeline`, `ZImagePipeline`, `WanPipeline`), so the code under test is the
 code users run on real checkpoints.
 
 ```python
@@ -32,6 +32,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
@@ -41,6 +42,9 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
@@ -60,6 +64,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -78,6 +84,7 @@ __all__ = [
     "get_tiny_qwenimage_pipeline",
     "get_tiny_sd3_pipeline",
     "get_tiny_t5_tokenizer",
+    "get_tiny_wan_pipeline",
     "get_tiny_zimage_pipeline",
     "save_toy_lora",
     "save_to_hub_cache",
@@ -608,6 +615,96 @@ def get_tiny_qwenimage_pipeline(
     return _to_eval(pipe)
 
 
+# Video side and frames the tiny Wan pipelines are meant to run at: 8x VAE downsampling -> 4x4 latents, 2 latent frames.
+TINY_WAN_RESOLUTION = 32
+TINY_WAN_FRAMES = 5
+
+
+def get_tiny_wan_pipeline(
+    seed: int = 0,
+    two_experts: bool = False,
+    boundary_ratio: float = 0.875,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 12,
+    flow_shift: float = 3.0,
+) -> WanPipeline:
+    """A randomly initialised `WanPipeline` with Wan 2.1's structure (or Wan 2.2 A14B's two experts) at a tiny size.
+
+    The sizes follow diffusers' own Wan tests (`tests/pipelines/wan/test_wan.py`, `test_wan_22.py`); the text encoder
+    is a tiny `UMT5EncoderModel` with the character-level T5 tokenizer of `get_tiny_t5_tokenizer`, and the scheduler
+    is the Hub pipelines' `UniPCMultistepScheduler` (flow sigmas, `flow_shift`), which the family replaces by the
+    flow-matching Euler step with the same shift.
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        two_experts: Add `transformer_2` (the low-noise expert, its own random weights) and `boundary_ratio`.
+        boundary_ratio: Switch point of the experts (Wan 2.2 A14B: 0.875).
+        num_layers, num_attention_heads, attention_head_dim: Transformer size.
+        flow_shift: Shift of the sigma schedule (Wan's text-to-video configs: 3.0).
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32; run it at `TINY_WAN_RESOLUTION` pixels and `TINY_WAN_FRAMES`
+        frames.
+    """
+    text_dim = 32
+    tokenizer = get_tiny_t5_tokenizer()
+
+    def transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=16,
+            out_channels=16,
+            text_dim=text_dim,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+
+    _seeded(seed, 1)
+    high = transformer()
+    low = None
+    if two_experts:
+        _seeded(seed, 2)
+        low = transformer()
+    _seeded(seed, 3)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=2 * text_dim,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    _seeded(seed, 4)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=high,
+        transformer_2=low,
+        boundary_ratio=boundary_ratio if two_experts else None,
+    )
+    return _to_eval(pipe)
+
+
 def _to_eval(pipe):
     # Models built from a config start in train mode; eval() disables dropout so outputs are deterministic.
     for component in pipe.components.values():
@@ -670,6 +767,7 @@ def save_toy_lora(
     format: str = "diffusers",
     shared_seed: int | None = None,
     specific_scale: float = 0.7,
+    expert: str = "transformer",
 ) -> Path:
     """Save a LoRA with random non-zero A and B for `pipeline`'s transformer: a toy "teacher" that differs from
     the base (a freshly initialised LoRA has B = 0 and equals the base).
@@ -687,6 +785,8 @@ def save_toy_lora(
         std: Standard deviation of the A and B entries.
         format: `"diffusers"` (`pytorch_lora_weights.safetensors` with adapter metadata) or `"peft"`
             (`adapter_config.json` + `adapter_model.safetensors`, keys prefixed `base_model.model.`).
+        expert: The pipeline component to adapt; another than `transformer` (Wan 2.2's `transformer_2`) is saved
+            in diffusers format as `pytorch_lora_weights_<expert>.safetensors`, next to the other experts' files.
 
     Returns:
         The folder.
@@ -702,7 +802,7 @@ def save_toy_lora(
     full_rank = 2 * rank if shared_seed is not None else rank
     alpha = lora_alpha or full_rank
     config = LoraConfig(r=full_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-    transformer = copy.deepcopy(pipeline.transformer)
+    transformer = copy.deepcopy(getattr(pipeline, expert))
     for name in list(getattr(transformer, "peft_config", {})):
         transformer.delete_adapters(name)
     inject_adapter_in_model(config, transformer, adapter_name="toy")
@@ -721,10 +821,13 @@ def save_toy_lora(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":
-        from .teachers import adapter_metadata
+        from .teachers import adapter_metadata, expert_weight_name
 
         type(pipeline).save_lora_weights(
-            folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=adapter_metadata(config)
+            folder,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=adapter_metadata(config),
+            weight_name=expert_weight_name(expert),
         )
     elif format == "peft":
         save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
@@ -744,14 +847,19 @@ TINY_PIPELINES = {
     "flux2_klein": get_tiny_flux2_klein_pipeline,
     "qwenimage": get_tiny_qwenimage_pipeline,
     "zimage": get_tiny_zimage_pipeline,
+    "wan": get_tiny_wan_pipeline,
+    "wan22": functools.partial(get_tiny_wan_pipeline, two_experts=True),
 }
 
 
 def register() -> None:
     """Register every tiny pipeline as `tiny:<name>` (`trl_diffusion_opd.registry`), seed 0."""
     for name, build in TINY_PIPELINES.items():
-        quickstart = f"from trl_diffusion_opd.testing import {build.__name__}\n\npipe = {build.__name__}(seed=0)"
-        description = f"randomly initialised, built by `trl_diffusion_opd.testing.{build.__name__}(seed=0)`"
+        function = getattr(build, "func", build)  # a `functools.partial` fixes keyword arguments
+        arguments = ", ".join(["seed=0", *(f"{k}={v!r}" for k, v in getattr(build, "keywords", {}).items())])
+        call = f"{function.__name__}({arguments})"
+        quickstart = f"from trl_diffusion_opd.testing import {function.__name__}\n\npipe = {call}"
+        description = f"randomly initialised, built by `trl_diffusion_opd.testing.{call}`"
         registry.register_pipeline(
             f"tiny:{name}", functools.partial(build, seed=0), quickstart=quickstart, description=description
         )

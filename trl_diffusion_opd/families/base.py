@@ -28,6 +28,14 @@ are not per-prompt (FLUX's text and image position ids) are built inside `veloci
 float32 tensors to the trainer, and sigmas are floats in [0, 1] with 1 pure noise: a family converts them to its
 transformer's timestep convention (SD3: 1000·sigma; FLUX: sigma) inside `velocity`.
 
+Video and multi-expert families (`families/wan.py`) use three optional hooks whose defaults keep image families
+unchanged: `num_frames` (a constructor argument: frames per video, read by `init_latents` and `decode`), `experts`
+(the transformers the denoiser runs, by pipeline component name; each carries the student and teacher LoRAs) with
+`denoiser` (the module the trainer trains and passes to `velocity`: the transformer itself, or a container that
+routes each row to the expert the pipeline would use at its sigma) and `expert_index` (which expert each sigma uses),
+and `velocity(..., guidance_scale_2=...)`, the CFG scale of the second (low-noise) expert, which the trainer passes
+only when the user sets one. `decode` of a video family returns one list of PIL frames per sample.
+
 To test a new family, add a tiny randomly initialised pipeline to `trl_diffusion_opd.testing` (and to its
 `TINY_PIPELINES`, which makes it the base `tiny:<name>` of the CLI) and check, as `tests/test_flux.py` does, that the trainer's rollout reproduces the pipeline's own sampler, that a saved student
 reloads with the pipeline's `load_lora_weights`, and that distillation lowers the KL to each teacher.
@@ -99,7 +107,7 @@ def cond_to(cond: Cond, device: torch.device | str) -> Cond:
 
 
 class FlowMatchingFamily(abc.ABC):
-    """A rectified-flow text-to-image model family, wrapping one diffusers pipeline.
+    """A rectified-flow text-to-image (or text-to-video) model family, wrapping one diffusers pipeline.
 
     Latents `x` follow the family's own layout (e.g. `(B, C, h, w)` for SD3, packed `(B, h*w/4, 4C)` for FLUX);
     the trainer treats them as opaque `(B, ...)` tensors. Sigmas are floats in [0, 1], 1 being pure noise.
@@ -107,23 +115,45 @@ class FlowMatchingFamily(abc.ABC):
     Args:
         pipeline: The diffusers pipeline (its transformer may carry PEFT adapters).
         max_sequence_length: Length of the T5 prompt embeddings, when the family has a T5 encoder.
+        num_frames: Frames per sample of a video family (`None`: the family's default); image families ignore it.
     """
 
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     name: ClassVar[str]
     tag: ClassVar[str]
     default_lora_targets: ClassVar[list[str]]
+    # The Hub pipeline tag of the model card.
+    pipeline_tag: ClassVar[str] = "text-to-image"
     # When `True`, `guidance_scale` is fed to a guidance embedding instead of doubling the batch for CFG.
     uses_guidance_embedding: bool = False
 
-    def __init__(self, pipeline: DiffusionPipeline, max_sequence_length: int | None = None):
+    def __init__(
+        self, pipeline: DiffusionPipeline, max_sequence_length: int | None = None, num_frames: int | None = None
+    ):
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
+        self.num_frames = num_frames
         self._dtype: torch.dtype | None = None
 
     @property
     def transformer(self) -> torch.nn.Module:
         return self.pipeline.transformer
+
+    @property
+    def experts(self) -> dict[str, torch.nn.Module]:
+        """The transformers that carry the student and teacher LoRAs, by pipeline component name, the one
+        `load_lora_weights` loads into by default first. With several, a key of `denoiser`'s state dict is
+        `f"{component}.{key}"`; with one, `denoiser` is that transformer and keys are unprefixed."""
+        return {"transformer": self.pipeline.transformer}
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The module the trainer trains and passes to `velocity` (default: the transformer)."""
+        return self.pipeline.transformer
+
+    def expert_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Index into `experts` of the expert the pipeline runs at each sigma: `(B,)` float -> `(B,)` long."""
+        return torch.zeros(sigma.shape, dtype=torch.long, device=sigma.device)
 
     @property
     def device(self) -> torch.device:
@@ -200,6 +230,7 @@ class FlowMatchingFamily(abc.ABC):
         cond: Cond,
         guidance_scale: float = 1.0,
         negative_cond: Cond | None = None,
+        guidance_scale_2: float | None = None,
     ) -> torch.Tensor:
         """Predicted velocity v(x, sigma) with guidance applied.
 
@@ -210,6 +241,9 @@ class FlowMatchingFamily(abc.ABC):
             cond: Prompt conditioning with `B` rows.
             guidance_scale: CFG scale, or the guidance-embedding value for guidance-distilled models.
             negative_cond: Unconditional conditioning with `B` rows, used for CFG when `guidance_scale > 1`.
+            guidance_scale_2: Multi-expert families only: the CFG scale of the rows the second (low-noise) expert
+                runs; `None` uses `guidance_scale`. Image families need not accept it (the trainer passes it only
+                when set, and refuses it for single-expert pipelines).
 
         Returns:
             Velocity of `x`'s shape, float32.
@@ -218,7 +252,7 @@ class FlowMatchingFamily(abc.ABC):
     @abc.abstractmethod
     @torch.no_grad()
     def decode(self, x: torch.Tensor, resolution: int) -> list:
-        """Decode final latents x_{t_N} to a list of PIL images."""
+        """Decode final latents x_{t_N} to a list of PIL images (video families: a list of PIL frames per sample)."""
 
     def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
         """The keyword arguments that make the pipeline's `__call__` sample with the guidance `velocity` applies for

@@ -248,11 +248,16 @@ class DiffusionTrainingConfig(TrainingArguments):
             Stochastic sampler when `noise_level > 0`: `"sde"` (Flow-GRPO) or `"cps"` (coefficient-preserving).
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             Student CFG scale.
+        guidance_scale_2 (`float` or `None`, *optional*):
+            Two-expert pipelines (Wan 2.2 A14B) only: the student's CFG scale at the low-noise expert's steps, as
+            `WanPipeline`'s `guidance_scale_2`; `None` uses `guidance_scale`.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
         resolution (`int`, *optional*, defaults to `512`):
             Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
             times the 2×2 latent patch), checked once the pipeline is loaded.
+        num_frames (`int` or `None`, *optional*):
+            Video families only: frames per video (Wan: 1 + a multiple of 4); `None` uses the family's default.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             Train the first ⌊N·timestep_fraction⌋ steps.
         step_batch_size (`int` or `None`, *optional*, defaults to `None`):
@@ -316,8 +321,15 @@ class DiffusionTrainingConfig(TrainingArguments):
     noise_level: float = field(default=0.0, metadata={"help": "SDE noise level a; 0 uses the ODE sampler."})
     sde_type: str = field(default="sde", metadata={"help": "Stochastic sampler.", "choices": list(SAMPLERS)})
     guidance_scale: float = field(default=4.5, metadata={"help": "Student CFG scale (rollout and loss)."})
+    guidance_scale_2: float | None = field(
+        default=None,
+        metadata={"help": "Two-expert pipelines (Wan 2.2): student CFG scale of the low-noise expert; None: same."},
+    )
     negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
     resolution: int = field(default=512, metadata={"help": "Image side in pixels."})
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Video families: frames per video; None uses the family's default."}
+    )
     timestep_fraction: float = field(
         default=0.99, metadata={"help": "Train the first floor(N * timestep_fraction) sampler steps."}
     )
@@ -359,10 +371,12 @@ class DiffusionTrainingConfig(TrainingArguments):
         check_number("noise_level", self.noise_level, 0)
         check_choice("sde_type", self.sde_type, SAMPLERS)
         check_number("guidance_scale", self.guidance_scale, 0)
+        check_number("guidance_scale_2", self.guidance_scale_2, 0, optional=True)
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"`negative_prompt` must be a string, got {self.negative_prompt!r}.")
         # The family's latent layout (a multiple of 16 for SD3 and FLUX) is checked by the trainer once it knows it.
         check_int("resolution", self.resolution, 1)
+        check_int("num_frames", self.num_frames, 1, optional=True)
         check_number("timestep_fraction", self.timestep_fraction, 0, 1, low_open=True)
         check_int("step_batch_size", self.step_batch_size, 1, optional=True)
         check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)

@@ -48,6 +48,7 @@ from ..teachers import (
     adapter_metadata,
     add_adapter,
     check_lora_folder,
+    expert_weight_name,
     lora_config_for,
     parse_teacher_spec,
     read_lora_folder,
@@ -244,9 +245,14 @@ class DiffusionLoRATrainer(Trainer):
             self.base_model_id = str(name) if name is not None else None
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
-        self.family = get_family(pipeline, max_sequence_length=args.max_sequence_length)
+        # Only video families take `num_frames`, so image families never see it unless the user sets it.
+        frames = {"num_frames": args.num_frames} if args.num_frames is not None else {}
+        self.family = get_family(pipeline, max_sequence_length=args.max_sequence_length, **frames)
+        self._check_guidance_2(args)
+        # The module the Trainer trains: the transformer, or a router over the experts (Wan 2.2) that carries the
+        # student on each of them.
+        transformer = self.family.denoiser
         self.family.check_resolution(args.resolution)
-        transformer = pipeline.transformer
         transformer.requires_grad_(False)
         transformer.eval()  # no dropout: rollouts and recomputed means must agree
         for module in transformer.modules():
@@ -307,6 +313,18 @@ class DiffusionLoRATrainer(Trainer):
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
+    def _check_guidance_2(self, args: DiffusionTrainingConfig) -> None:
+        if args.guidance_scale_2 is not None and len(self.family.experts) < 2:
+            raise ValueError(
+                f"`guidance_scale_2` applies to pipelines with two experts (Wan 2.2 A14B); {type(self.pipeline).__name__}"
+                " has one transformer here."
+            )
+
+    def _velocity(self, transformer, x, sigma, cond, guidance_scale, negative, guidance_scale_2=None):
+        """`family.velocity`, passing the second expert's CFG scale only when one is set (image families take none)."""
+        extra = {"guidance_scale_2": guidance_scale_2} if guidance_scale_2 is not None else {}
+        return self.family.velocity(transformer, x, sigma, cond, guidance_scale, negative, **extra)
+
     # ------------------------------------------------------------------ hooks
     def _load_extra_models(self, transformer: torch.nn.Module, args: DiffusionTrainingConfig) -> None:
         """Load what else lives on the base before the student is added (DiffusionOPD: the teachers)."""
@@ -332,10 +350,16 @@ class DiffusionLoRATrainer(Trainer):
     def _add_student(self, transformer, peft_config: LoraConfig | None, args: DiffusionTrainingConfig) -> LoraConfig:
         if self._student_spec is not None:
             spec = self._student_spec
-            state_dict, config = read_lora_folder(
-                spec.local_dir, spec.weight_name, f"`student_adapter` '{spec.display}'"
-            )
-            peft_config = lora_config_for(state_dict, config)
+            folder = spec.local_dir
+            owner = f"`student_adapter` '{spec.display}'"
+            experts = list(self.family.experts)
+            parts = {e: read_lora_folder(folder, expert_weight_name(e, spec.weight_name), owner) for e in experts}
+            peft_config = lora_config_for(*parts[experts[0]])
+            # one file per expert (`expert_weight_name`); keys prefixed as in `denoiser` when there are several
+            several = len(experts) > 1
+            state_dict = {
+                (f"{e}." if several else "") + k: v for e, (part, _) in parts.items() for k, v in part.items()
+            }
             add_adapter(transformer, peft_config, STUDENT)
             set_peft_model_state_dict(transformer, state_dict, adapter_name=STUDENT)
         else:
@@ -414,7 +438,7 @@ class DiffusionLoRATrainer(Trainer):
         t_guard = sigmas[1].item()
         for j in range(args.num_inference_steps):
             sigma = sigmas[j].expand(batch).to(args.device)
-            v = self.family.velocity(transformer, x, sigma, cond, guidance_scale, negative)
+            v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
             noise = torch.randn(x.shape, generator=generator).to(x.device) if args.noise_level > 0 else None
             x, mean, std = transition.sample_step(
                 x, v, sigmas[j].item(), sigmas[j + 1].item(), args.noise_level, args.sde_type, t_guard, noise=noise
@@ -486,7 +510,7 @@ class DiffusionLoRATrainer(Trainer):
         with context, self.adapters.use(adapter):
             for j in range(steps):
                 sigma = sigmas[j].expand(len(prompts)).to(args.device)
-                v = self.family.velocity(transformer, x, sigma, cond, guidance_scale, negative)
+                v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
                 x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
         return self.decode(x)
 
@@ -526,15 +550,24 @@ class DiffusionLoRATrainer(Trainer):
 
     def save_student_lora(self, output_dir: str | os.PathLike, use_ema: bool = True) -> None:
         """Write the student adapter in diffusers' LoRA format (`pytorch_lora_weights.safetensors`) with its adapter
-        metadata, loadable by `pipe.load_lora_weights(output_dir)`."""
+        metadata, loadable by `pipe.load_lora_weights(output_dir)`.
+
+        With several experts (Wan 2.2), each expert's LoRA is its own file (`expert_weight_name`): the first expert's
+        loads as above, the others with `pipe.load_lora_weights(output_dir, weight_name=
+        "pytorch_lora_weights_transformer_2.safetensors", load_into_transformer_2=True)`."""
         with self._ema_weights() if use_ema else contextlib.nullcontext():
             state = self.student_state_dict()
-        self.family.pipeline_class.save_lora_weights(
-            output_dir,
-            transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=adapter_metadata(self.peft_config),
-            is_main_process=self.accelerator.is_main_process,
-        )
+        experts = list(self.family.experts)
+        for expert in experts:
+            prefix = f"{expert}." if len(experts) > 1 else ""
+            part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            self.family.pipeline_class.save_lora_weights(
+                output_dir,
+                transformer_lora_layers=part,
+                transformer_lora_adapter_metadata=adapter_metadata(self.peft_config),
+                is_main_process=self.accelerator.is_main_process,
+                weight_name=expert_weight_name(expert),
+            )
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir

@@ -72,6 +72,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         teacher_guidance_scale (`float`, `dict[str, float]` or `None`, *optional*):
             Teacher CFG scale, one value or one per task (e.g. `{"geneval": 1.0, "ocr": 4.5}`); a teacher spec's own
             `guidance_scale` wins. `None` uses `guidance_scale`.
+        teacher_guidance_scale_2 (`float`, `dict[str, float]` or `None`, *optional*):
+            Two-expert pipelines (Wan 2.2 A14B) only: the teachers' CFG scale at the low-noise expert's steps, one
+            value or one per task; a spec's `guidance_scale_2` wins. `None` uses `guidance_scale_2` (like
+            `teacher_guidance_scale` falls back to `guidance_scale`), and when that is `None` too, the teacher's own
+            `guidance_scale`, as `WanPipeline` does.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
         resolution (`int`, *optional*, defaults to `512`):
@@ -126,7 +131,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             Update the EMA every this many optimizer steps.
     """
 
-    _VALID_DICT_FIELDS = DiffusionTrainingConfig._VALID_DICT_FIELDS + ["teacher_guidance_scale", "task_weights"]
+    _VALID_DICT_FIELDS = DiffusionTrainingConfig._VALID_DICT_FIELDS + [
+        "teacher_guidance_scale",
+        "teacher_guidance_scale_2",
+        "task_weights",
+    ]
 
     # Parameters whose default values are overridden from DiffusionTrainingConfig
     per_device_train_batch_size: int = field(
@@ -143,6 +152,10 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     teacher_guidance_scale: dict | str | float | None = field(
         default=None, metadata={"help": "Teacher CFG scale: one value or a dict (or JSON string) task -> scale."}
     )
+    teacher_guidance_scale_2: dict | str | float | None = field(
+        default=None,
+        metadata={"help": "Two-expert pipelines (Wan 2.2): teacher CFG scale of the low-noise expert, as above."},
+    )
 
     # Parameters that control the loss
     loss_type: str = field(default="kl", metadata={"help": "Loss.", "choices": ["kl", "ppo"]})
@@ -156,16 +169,15 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
 
     def __post_init__(self):
         self.task_weights = _as_dict(self.task_weights, "task_weights")
-        if isinstance(self.teacher_guidance_scale, str):
-            try:
-                self.teacher_guidance_scale = float(self.teacher_guidance_scale)
-            except ValueError:
-                if not self.teacher_guidance_scale.strip().startswith("{"):
-                    raise ValueError(
-                        "`teacher_guidance_scale` must be a number or {task: number}, got "
-                        f"{self.teacher_guidance_scale!r}."
-                    ) from None
-                self.teacher_guidance_scale = _as_dict(self.teacher_guidance_scale, "teacher_guidance_scale")
+        for name in ("teacher_guidance_scale", "teacher_guidance_scale_2"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    if not value.strip().startswith("{"):
+                        raise ValueError(f"`{name}` must be a number or {{task: number}}, got {value!r}.") from None
+                    setattr(self, name, _as_dict(value, name))
         super().__post_init__()
 
         check_bool("teacher_offload", self.teacher_offload)
@@ -176,11 +188,13 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                 "`loss_type='ppo'` needs a stochastic sampler: set `noise_level > 0` (the ODE has no log-probability)."
             )
         check_number("ppo_clip_range", self.ppo_clip_range, 0, low_open=True, optional=True)
-        if isinstance(self.teacher_guidance_scale, dict):
-            for task, scale in self.teacher_guidance_scale.items():
-                check_number(f"teacher_guidance_scale['{task}']", scale, 0)
-        else:
-            check_number("teacher_guidance_scale", self.teacher_guidance_scale, 0, optional=True)
+        for name in ("teacher_guidance_scale", "teacher_guidance_scale_2"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                for task, scale in value.items():
+                    check_number(f"{name}['{task}']", scale, 0)
+            else:
+                check_number(name, value, 0, optional=True)
         # Missing tasks weigh 1; that some task keeps a weight > 0 is checked by the trainer, which knows the tasks.
         for task, weight in (self.task_weights or {}).items():
             check_number(f"task_weights['{task}']", weight, 0)
@@ -191,3 +205,10 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         if isinstance(value, dict):
             return float(value.get(task, self.guidance_scale))
         return float(self.guidance_scale if value is None else value)
+
+    def teacher_guidance_2_for(self, task: str) -> float | None:
+        """Low-noise-expert CFG scale of `task`'s teacher when its spec sets none (`None`: its `guidance_scale`)."""
+        value = self.teacher_guidance_scale_2
+        value = value.get(task) if isinstance(value, dict) else value
+        value = self.guidance_scale_2 if value is None else value
+        return None if value is None else float(value)

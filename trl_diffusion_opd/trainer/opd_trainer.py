@@ -19,6 +19,8 @@ from ..teachers import (
     STUDENT,
     TeacherSpec,
     check_teacher_files,
+    expert_weight_name,
+    has_expert_lora,
     load_full_teacher,
     load_lora_teacher,
     parse_teachers,
@@ -108,13 +110,38 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
     # ------------------------------------------------------------------ hooks
     def _load_extra_models(self, transformer, args: DiffusionOPDConfig) -> None:
         """Load every teacher (resolved in `__init__`): LoRA teachers as adapters on the base, full ones as frozen
-        modules."""
+        modules.
+
+        With several experts (Wan 2.2), a LoRA teacher's file for each expert (`expert_weight_name`) goes on that
+        expert; a teacher with files for some experts only supervises only the steps those experts run.
+        """
+        experts = self.family.experts
         for specs in self.teacher_specs.values():
             for spec in specs:
+                if spec.full_weight and len(experts) > 1:
+                    raise ValueError(
+                        f"Teacher '{spec.name}': full-weight teachers of multi-expert pipelines are not supported; "
+                        "give LoRA teachers (one file per expert)."
+                    )
                 if spec.full_weight:
                     self.full_teachers[spec.name] = load_full_teacher(spec, type(transformer), transformer.dtype)
-                else:
+                    spec.experts = tuple(experts)
+                    continue
+                if len(experts) == 1:
                     load_lora_teacher(transformer, spec, spec.local_dir)
+                    spec.experts = tuple(experts)
+                    continue
+                found = [e for e in experts if has_expert_lora(spec.local_dir, e, spec.weight_name)]
+                if not found:
+                    names = [
+                        expert_weight_name(e, spec.weight_name) or "pytorch_lora_weights.safetensors" for e in experts
+                    ]
+                    raise ValueError(f"Teacher '{spec.name}' ({spec.display}) has none of the expert LoRAs {names}.")
+                for expert in found:
+                    load_lora_teacher(
+                        experts[expert], spec, spec.local_dir, weight_name=expert_weight_name(expert, spec.weight_name)
+                    )
+                spec.experts = tuple(found)
 
     def _place_models(self, device) -> None:
         for module in self.full_teachers.values():
@@ -208,8 +235,8 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     )
 
     # ------------------------------------------------------------------ one round
-    def _mean(self, transformer, x, t, t_next, cond, guidance_scale, negative, t_guard) -> torch.Tensor:
-        v = self.family.velocity(transformer, x, t, cond, guidance_scale, negative)
+    def _mean(self, transformer, x, t, t_next, cond, guidance_scale, negative, t_guard, guidance_2=None):
+        v = self._velocity(transformer, x, t, cond, guidance_scale, negative, guidance_2)
         return transition.step_mean(x, v, t, t_next, self.args.noise_level, self.args.sde_type, t_guard)
 
     @torch.no_grad()
@@ -219,13 +246,15 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         `task` is the task whose default teacher guidance applies when the spec sets none.
         """
         guidance = spec.guidance_scale if spec.guidance_scale is not None else self.args.teacher_guidance_for(task)
+        guidance_2 = spec.guidance_scale_2
+        guidance_2 = self.args.teacher_guidance_2_for(task) if guidance_2 is None else guidance_2
         negative = self._negative(x.shape[0]) if guidance > 1 else None
         if spec.name in self.full_teachers:
             with self._on_device(self.full_teachers[spec.name]) as module:
-                return self._mean(module, x, t, t_next, cond, guidance, negative, t_guard)
+                return self._mean(module, x, t, t_next, cond, guidance, negative, t_guard, guidance_2)
         transformer = self.accelerator.unwrap_model(self.model)
         with self.adapters.use(spec.name):
-            return self._mean(transformer, x, t, t_next, cond, guidance, negative, t_guard)
+            return self._mean(transformer, x, t, t_next, cond, guidance, negative, t_guard, guidance_2)
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module):
@@ -287,17 +316,42 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             x, t, t_next = self._step_rows(rollout, steps)
             rows_cond = cond_tile(cond, len(steps))
             row_weights = weights.repeat(len(steps), 1).to(x.device)  # rows are step-major, like x
+            row_weights = self._expert_coverage(teachers, t, row_weights)
             subsets = [row_weights[:, k].nonzero().squeeze(1) for k in range(len(teachers))]
             targets = [
                 self.teacher_means(spec, owner, x[idx], t[idx], t_next[idx], cond_select(rows_cond, idx), t_guard)
+                if len(idx)
+                else None
                 for (owner, spec), idx in zip(teachers, subsets)
             ]
+            # Rows no teacher supervises (an expert a teacher has no LoRA for) are left out of the student's pass, so
+            # the expert that would run them gets no gradient (not a zero one, which weight decay would still act on).
+            active = (row_weights.sum(1) > 0).nonzero().squeeze(1)
             with self.compute_loss_context_manager():
-                negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
-                student = self._mean(model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard)
                 kl = torch.zeros(x.shape[0], device=x.device)
                 objective = torch.zeros(x.shape[0], device=x.device)
+                if len(active) == x.shape[0]:
+                    negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
+                    student = self._mean(
+                        model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard, args.guidance_scale_2
+                    )
+                elif len(active):
+                    negative = self._negative(len(active)) if args.guidance_scale > 1 else None
+                    part = self._mean(
+                        model,
+                        x[active],
+                        t[active],
+                        t_next[active],
+                        cond_select(rows_cond, active),
+                        args.guidance_scale,
+                        negative,
+                        t_guard,
+                        args.guidance_scale_2,
+                    )
+                    student = torch.zeros_like(x).index_copy(0, active, part)
                 for k, ((_, spec), idx, target) in enumerate(zip(teachers, subsets, targets)):
+                    if target is None:
+                        continue
                     kl_k = transition.closed_form_kl(
                         student[idx],
                         target,
@@ -321,11 +375,39 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     f"Non-finite loss ({loss.item()}) for task '{task}' at optimizer step {self.state.global_step}; "
                     "training stopped before the update, so the last checkpoint is intact."
                 )
-            if backward:
+            if backward and loss.requires_grad:
                 self.accelerator.backward(loss / getattr(self, "current_gradient_accumulation_steps", 1))
             loss_value += loss.item()
             kl_per_step[steps.start : steps.stop] = kl.detach().view(len(steps), batch).mean(1)
         return loss_value, kl_per_step
+
+    def _check_guidance_2(self, args: DiffusionOPDConfig) -> None:
+        super()._check_guidance_2(args)
+        teacher_2 = args.teacher_guidance_scale_2 is not None or any(
+            spec.guidance_scale_2 is not None for specs in self.teacher_specs.values() for spec in specs
+        )
+        if teacher_2 and len(self.family.experts) < 2:
+            raise ValueError(
+                "`teacher_guidance_scale_2` / a teacher's `guidance_scale_2` applies to pipelines with two experts "
+                f"(Wan 2.2 A14B); {type(self.pipeline).__name__} has one transformer here."
+            )
+
+    def _expert_coverage(self, teachers: list[tuple[str, TeacherSpec]], t, row_weights) -> torch.Tensor:
+        """Zero the weight of each teacher on rows whose expert (`family.expert_index`) it has no LoRA for, and
+        renormalise the others: such a row's loss comes from the covering teachers only (none: no loss)."""
+        experts = list(self.family.experts)
+        if all(len(spec.experts) == len(experts) for _, spec in teachers):
+            return row_weights
+        index = self.family.expert_index(t).to(row_weights.device)
+        covered = torch.stack(
+            [
+                torch.isin(index, torch.tensor([experts.index(e) for e in spec.experts], device=index.device))
+                for _, spec in teachers
+            ],
+            dim=1,
+        )
+        row_weights = row_weights * covered
+        return row_weights / row_weights.sum(1, keepdim=True).clamp_min(1e-12)
 
     def _ppo_rows(self, rollout, steps, idx, student, target, t, t_next, t_guard) -> torch.Tensor:
         args = self.args
