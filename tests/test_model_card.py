@@ -322,7 +322,7 @@ def test_model_reference_names():
     # Registered names (`trl_diffusion_opd.registry`) stay names, with their plug-in's description.
     world_base = hub.model_reference(load_world_pipeline().config._name_or_path)
     assert (world_base.name, world_base.kind, world_base.hub_id) == ("world:base", "registered", None)
-    assert world_base.note == "the tiny world's pretrained base, shipped inside the trl-diffusion-opd package"
+    assert world_base.note == "the tiny world's base, shipped inside the trl-diffusion-opd package"
     letters = hub.teacher_reference(parse_teacher_spec("letters", "world:letters"))
     assert (letters.name, letters.kind) == ("world:letters", "registered")
     assert letters.note == "a Stage-1 teacher of the tiny world, shipped inside the trl-diffusion-opd package"

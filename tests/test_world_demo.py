@@ -123,7 +123,8 @@ def test_student_card_carries_the_demo_table_without_paths(tmp_path):
     config = DemoConfig(
         output_dir=str(tmp_path), rounds=1, prompts_per_task=1, eval_images=1, num_inference_steps=2, seed=0
     )
-    teachers = shipped_teachers()
+    # The shipped teachers by their registered names, as `run_demo` passes them: the card shows those names.
+    teachers = {task: f"world:{task}" for task in shipped_teachers()}
     trainer = distil(teachers, config, tmp_path / "student")
     adapters = {f"teacher: {task}": path for task, path in teachers.items()}
     adapters["student: DiffusionOPD"] = str(tmp_path / "student")

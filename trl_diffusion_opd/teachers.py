@@ -312,6 +312,10 @@ def _holds_lora(folder: Path, weight_name: str | None) -> bool:
     return weight_name is None and any(folder.glob("pytorch_lora_weights_*.safetensors"))  # another expert's only
 
 
+# LoRA files of the experts after the first (`expert_weight_name`), next to the default file.
+EXPERT_LORA_PATTERN = "pytorch_lora_weights_*.safetensors"
+
+
 def expert_weight_name(expert: str, weight_name: str | None = None) -> str | None:
     """The file of `expert`'s LoRA in an adapter folder: `weight_name` (`None`: the default files) for the first
     expert, `transformer`; `pytorch_lora_weights_<expert>.safetensors` for the others, e.g. Wan 2.2's low-noise
@@ -561,7 +565,18 @@ def check_teacher_files(spec: TeacherSpec, owner: str | None = None) -> None:
     """Check a resolved teacher's LoRA files (`check_lora_folder`) before any model is loaded; full-weight teachers
     are checked when they load."""
     if spec.module is None and not spec.full_weight and spec.local_dir is not None:
-        check_lora_folder(spec.local_dir, spec.weight_name, owner or f"Teacher '{spec.name}'")
+        owner = owner or f"Teacher '{spec.name}'"
+        folder = Path(spec.local_dir)
+        # Files of other experts (Wan 2.2's `pytorch_lora_weights_transformer_2.safetensors`) are checked too; a
+        # teacher may hold only those (it then supervises only that expert's steps).
+        experts = sorted(folder.glob(EXPERT_LORA_PATTERN)) if spec.weight_name is None else []
+        if experts and not has_expert_lora(folder, "transformer", spec.weight_name):
+            for path in experts:
+                check_lora_folder(folder, path.name, owner)
+            return
+        check_lora_folder(folder, spec.weight_name, owner)
+        for path in experts:
+            check_lora_folder(folder, path.name, owner)
 
 
 class AdapterSwitch:

@@ -176,6 +176,8 @@ class FlowMatchingFamily(abc.ABC):
         """Image sides, in pixels, must be multiples of this: the VAE's downsampling factor times the transformer's
         patch size (one latent patch is one token). A family that packs its latents further overrides it."""
         patch_size = getattr(getattr(self.transformer, "config", None), "patch_size", None) or 1
+        if isinstance(patch_size, (tuple, list)):  # video transformers patch (frames, height, width)
+            patch_size = patch_size[-1]
         return self.vae_scale_factor * int(patch_size)
 
     def check_resolution(self, resolution: int, name: str = "resolution") -> None:

@@ -59,7 +59,7 @@ def register() -> None:
     import)."""
     shipped = "shipped inside the trl-diffusion-opd package"
     registry.register_pipeline(
-        BASE, load_world_pipeline, quickstart=QUICKSTART, description=f"the tiny world's pretrained base, {shipped}"
+        BASE, load_world_pipeline, quickstart=QUICKSTART, description=f"the tiny world's base, {shipped}"
     )
     registry.register_teacher("world", _teacher_folder, description=f"a Stage-1 teacher of the tiny world, {shipped}")
     registry.register_prompt_source("world", world_prompts)
