@@ -78,10 +78,14 @@ def distilled(tmp_path_factory):
         "geneval": _teacher(pipe, tmp / "geneval", 1),
         "ocr": _teacher(pipe, tmp / "ocr", 2, format="peft"),
     }
+    # The tiny klein's modulation gates are ~0.04 (random time embedding), so its blocks, and the teachers' LoRAs in
+    # them, barely move the velocity: the KL is ~3e-8 per element and the student's LoRA-B gradients ~2e-9, below
+    # AdamW's default eps 1e-8, which then divides the steps by ~5-10 (40 rounds at lr 1e-2: 57% / 70% with eps 1e-8,
+    # 82% / 87% with 1e-12). A small eps gives back Adam's scale-free step, which the toy's tiny scale took away.
     trainer = DiffusionOPDTrainer(
         pipe,
         teachers,
-        args=_args(tmp / "out", max_steps=40, learning_rate=1e-2),
+        args=_args(tmp / "out", max_steps=80, learning_rate=5e-3, adam_epsilon=1e-12),
         train_dataset=TRAIN_PROMPTS,
         peft_config=_student_config(),
     )
@@ -98,9 +102,11 @@ def test_distillation_lowers_kl_to_each_klein_teacher(distilled):
     for task in kl_before:
         assert kl_before[task] > 1e-9, f"teacher '{task}' equals the base: nothing to distil"
         reduction = 1 - kl_after[task] / kl_before[task]
-        # Measured at 40 rounds, lr 1e-2, over pipeline/teacher seeds 0-2: 54-71% (seed 0, this one: 58% / 55%).
-        # FLUX.2's tiny transformer converges more slowly than FLUX.1's: 80 rounds at lr 3e-2 reach 78% / 76%.
-        assert reduction >= 0.4, f"KL to '{task}' fell by {reduction:.1%} only"
+        # Measured at 80 rounds, lr 5e-3, over pipeline seeds s = 0 / 1 / 2 (teacher seeds 1 + 10 s, 2 + 10 s):
+        # 88.5 / 90.6%, 84.9 / 88.1%, 88.3 / 91.0% (geneval / ocr).
+        assert reduction >= 0.8, (
+            f"KL to '{task}' fell by {reduction:.1%} only ({kl_before[task]:.3g} -> {kl_after[task]:.3g})"
+        )
     # Only the student trained, in double- and single-stream blocks alike.
     transformer = trainer.pipeline.transformer
     changed = {n for n, p in transformer.named_parameters() if not torch.equal(p, before[n])}
@@ -108,6 +114,7 @@ def test_distillation_lowers_kl_to_each_klein_teacher(distilled):
     assert changed and changed <= student
     assert {n for n in changed if ".lora_B." in n} == {n for n in student if ".lora_B." in n}
     assert any(n.startswith("single_transformer_blocks.") and "to_qkv_mlp_proj" in n for n in changed)
+    assert any(n.startswith("single_transformer_blocks.0.attn.to_out.lora_B") for n in changed)
 
 
 def test_rollout_reproduces_klein_pipeline_from_the_prompt_text(distilled):
@@ -194,6 +201,7 @@ def test_saved_klein_student_reloads_with_load_lora_weights(distilled, tmp_path)
     assert adapted == student_modules
     assert (
         "single_transformer_blocks.0.attn.to_qkv_mlp_proj" in adapted
+        and "single_transformer_blocks.0.attn.to_out" in adapted
         and "transformer_blocks.0.ff.linear_in" in adapted
     )
 

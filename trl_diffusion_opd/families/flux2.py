@@ -49,9 +49,12 @@ class Flux2KleinFamily(FlowMatchingFamily):
     pipeline_class = Flux2KleinPipeline
     name = "flux2_klein"
     tag = "flux2-klein"
-    # The attention and MLP linears of the double-stream blocks (image and text streams) and the fused QKV + MLP-in
-    # projection of the single-stream blocks. Their fused output `single_transformer_blocks.N.attn.to_out` has no
-    # suffix that does not also match the double blocks' `attn.to_out` ModuleList, which PEFT rejects.
+    # The attention and MLP linears of the double-stream blocks (image and text streams), and both linears of the
+    # single-stream blocks: the fused QKV + MLP-in projection and the fused attention + MLP output projection
+    # `single_transformer_blocks.N.attn.to_out`, the only linear that writes a single block's output to the residual
+    # stream (diffusers' `train_dreambooth_lora_flux2_klein.py` adapts both). The latter is named per block: its
+    # suffix `attn.to_out` would also match the double blocks' `attn.to_out` ModuleList, which PEFT rejects; names of
+    # blocks a model lacks match nothing (48 covers FLUX.2 [dev]; klein-4B has 20 single blocks, klein-9B 24).
     default_lora_targets = [
         "attn.add_k_proj",
         "attn.add_q_proj",
@@ -66,6 +69,7 @@ class Flux2KleinFamily(FlowMatchingFamily):
         "ff.linear_out",
         "ff_context.linear_in",
         "ff_context.linear_out",
+        *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(48)),
     ]
     # The pipeline's default (`text_encoder_out_layers`); BFL's klein checkpoints were trained with these taps.
     text_encoder_out_layers = (9, 18, 27)
