@@ -208,6 +208,65 @@ def test_cfg_truncation_and_renormalisation_follow_the_pipeline(distilled):
         plain.velocity(pipe.transformer, x, sigma, both, 0.5, None)
 
 
+def test_cfg_options_from_the_config_reproduce_the_pipeline(tmp_path):
+    """`family_kwargs` (here a JSON string, as on the command line) reaches the family: the trainer's rollout with
+    CFG truncation and renormalisation gives `ZImagePipeline.__call__`'s latents with the same arguments, and the
+    model card's quick start passes them."""
+    pipe = _pipe()
+    teacher = _teacher(pipe, tmp_path / "teacher", 1)
+    options = '{"cfg_truncation": 0.1, "cfg_normalization": true}'
+    trainer = DiffusionOPDTrainer(
+        pipe,
+        {"geneval": teacher},
+        args=_args(tmp_path / "out", guidance_scale=CFG, family_kwargs=options),
+        train_dataset={"geneval": TRAIN_PROMPTS["geneval"]},
+        peft_config=_student_config(),
+    )
+    assert trainer.args.family_kwargs == {"cfg_truncation": 0.1, "cfg_normalization": True}
+    assert (trainer.family.cfg_truncation, trainer.family.cfg_normalization) == (0.1, 1.0)
+    prompts = ["a yellow star", "the word dog"]
+    rollout = trainer.rollout(trainer.prompt_cache(prompts), torch.Generator().manual_seed(0), guidance_scale=CFG)
+    states = rollout["states"]
+    call = {"latents": states[0], "num_inference_steps": 4, "guidance_scale": CFG, "height": 32, "width": 32}
+    call.update(max_sequence_length=MAX_LEN, output_type="latent")
+    with torch.no_grad():
+        expected = pipe(prompts, cfg_truncation=0.1, cfg_normalization=True, **call).images
+        default = pipe(prompts, **call).images
+    torch.testing.assert_close(states[-1], expected, atol=1e-5, rtol=1e-5)
+    assert (expected - default).abs().max() > 1e-2  # the options changed the result: the comparison pins them
+    card = hub.create_model_card(trainer)
+    assert "cfg_truncation=0.1," in card.text and "cfg_normalization=True," in card.text
+
+
+def test_unknown_or_invalid_family_kwargs_are_one_clear_error(tmp_path):
+    pipe = _pipe()
+    with pytest.raises(ValueError, match=r"no option 'cfg_truncaton' for the zimage family .*: cfg_truncation, cfg_n"):
+        get_family(pipe, {"cfg_truncaton": 0.5})
+    with pytest.raises(ValueError, match="`cfg_normalization` must be a boolean or a number >= 0"):
+        get_family(pipe, {"cfg_normalization": "yes"})
+    with pytest.raises(ValueError, match="`family_kwargs` must be a dict"):
+        _args(tmp_path, family_kwargs="[1]")
+    # The command line and YAML files give the dict .
+    from trl_diffusion_opd.scripts import train as train_script
+
+    (tmp_path / "recipe.yaml").write_text("family_kwargs: {cfg_truncation: 0.9, cfg_normalization: true}\n")
+    flags = ["--model_name_or_path", "tiny:zimage", "--output_dir", str(tmp_path), "--prompts", '{"a": "x"}']
+    flags += ["--teachers", '{"a": "b"}']
+    _, from_yaml, _ = train_script.make_parser().parse_args_and_config(
+        ["--config", str(tmp_path / "recipe.yaml")] + flags
+    )
+    assert from_yaml.family_kwargs == {"cfg_truncation": 0.9, "cfg_normalization": True}
+    _, from_flag, _ = train_script.make_parser().parse_args_and_config(
+        flags + ["--family_kwargs", '{"cfg_truncation": 0.5}']
+    )
+    assert from_flag.family_kwargs == {"cfg_truncation": 0.5}
+    # A family without options (FLUX.2 [klein]) names none.
+    from trl_diffusion_opd.testing import get_tiny_flux2_klein_pipeline
+
+    with pytest.raises(ValueError, match=r"flux2_klein family \(Flux2KleinPipeline\); its options: none"):
+        get_family(get_tiny_flux2_klein_pipeline(seed=0), {"cfg_truncation": 0.5})
+
+
 def test_padded_prompt_embeddings_give_the_pipeline_velocity(distilled):
     trainer, *_ = distilled
     pipe = trainer.pipeline

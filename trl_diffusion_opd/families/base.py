@@ -16,10 +16,13 @@ Adding a family (Wan 2.1, SANA, Qwen-Image, ...) is one new file in this package
    batches several sampler steps together), return float32 and take `guidance_scale` either as classifier-free
    guidance (`cfg_velocity` does the batching) or, for guidance-distilled models, through the model's guidance
    embedding, in which case `uses_guidance_embedding` must be `True`.
-3. Override `text_encoders` when the pipeline's encoders are not named `text_encoder[_2|_3]`, and
+3. Options of the family that users may set (Z-Image's CFG truncation) are keyword arguments of its `__init__`
+   (validated there, with a clear error); `options()` lists them, and the config's `family_kwargs` sets them from
+   Python, YAML or the command line without the core knowing their names.
+4. Override `text_encoders` when the pipeline's encoders are not named `text_encoder[_2|_3]`, and
    `pipeline_guidance_kwargs` when the pipeline's `__call__` takes the guidance under other arguments than
    `guidance_scale` (Qwen-Image: `true_cfg_scale` and `negative_prompt`); the model card's quick start uses it.
-4. Decorate the class with `@register_family`. Every module of this package is imported by `get_family`, so no other
+5. Decorate the class with `@register_family`. Every module of this package is imported by `get_family`, so no other
    file needs editing.
 
 The conditioning a family returns is a plain `dict[str, torch.Tensor]` whose tensors all have the prompt batch as
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import inspect
 import pkgutil
 from typing import ClassVar
 
@@ -70,17 +74,32 @@ def _import_family_modules() -> None:
         importlib.import_module(f"{package}.{module.name}")
 
 
-def get_family(pipeline: DiffusionPipeline, **kwargs) -> FlowMatchingFamily:
+def get_family(pipeline: DiffusionPipeline, family_kwargs: dict | None = None, **kwargs) -> FlowMatchingFamily:
     """Return the family wrapper for `pipeline`, chosen by the pipeline's class (the most specific registered one).
 
+    Args:
+        pipeline: The diffusers pipeline.
+        family_kwargs: The family's own options (the config's `family_kwargs`, e.g. Z-Image's `cfg_truncation`),
+            checked against `FlowMatchingFamily.options()` of the family chosen.
+        **kwargs: The options every family takes (`max_sequence_length`, `num_frames`).
+
     Raises:
-        ValueError: no registered family handles this pipeline class.
+        ValueError: no registered family handles this pipeline class, or `family_kwargs` names an option the family
+            does not have.
     """
     _import_family_modules()
     for klass in type(pipeline).__mro__:
         for cls in _FAMILIES:
             if cls.pipeline_class is klass:
-                return cls(pipeline, **kwargs)
+                family_kwargs = dict(family_kwargs or {})
+                unknown = sorted(set(family_kwargs) - set(cls.options()))
+                if unknown:
+                    accepted = ", ".join(cls.options()) or "none"
+                    raise ValueError(
+                        f"`family_kwargs` has no option {', '.join(map(repr, unknown))} for the {cls.name} family "
+                        f"({cls.pipeline_class.__name__}); its options: {accepted}."
+                    )
+                return cls(pipeline, **kwargs, **family_kwargs)
     supported = ", ".join(cls.pipeline_class.__name__ for cls in _FAMILIES)
     raise ValueError(f"{type(pipeline).__name__} is not supported; supported pipelines: {supported}.")
 
@@ -134,6 +153,16 @@ class FlowMatchingFamily(abc.ABC):
         self.max_sequence_length = max_sequence_length
         self.num_frames = num_frames
         self._dtype: torch.dtype | None = None
+
+    @classmethod
+    def options(cls) -> list[str]:
+        """The family's own constructor options, which the config's `family_kwargs` sets (e.g. Z-Image's
+        `cfg_truncation` and `cfg_normalization`): the keyword arguments of `__init__` beyond those of the base
+        class. A family validates their values in `__init__`."""
+        shared = {"self", "pipeline", "max_sequence_length", "num_frames"}
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [p.name for p in parameters if p.name not in shared and p.kind in kinds]
 
     @property
     def transformer(self) -> torch.nn.Module:

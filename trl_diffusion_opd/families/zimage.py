@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Real
+
 import torch
 from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
@@ -43,6 +45,8 @@ class ZImageFamily(FlowMatchingFamily):
         max_sequence_length: Prompt token length (the pipeline's `max_sequence_length`); defaults to 512.
         cfg_truncation: The pipeline's `cfg_truncation`: CFG is skipped where `1 − sigma > cfg_truncation`.
         cfg_normalization: The pipeline's `cfg_normalization` (`False`/`0` off, `True` = 1.0, or the factor `c`).
+
+    Both options are also the config's `family_kwargs`, e.g. `family_kwargs: {cfg_truncation: 0.9}` in a YAML file.
     """
 
     pipeline_class = ZImagePipeline
@@ -67,7 +71,14 @@ class ZImageFamily(FlowMatchingFamily):
         cfg_normalization: bool | float = False,
     ):
         super().__init__(pipeline, max_sequence_length)
+        if cfg_truncation is not None and (isinstance(cfg_truncation, bool) or not isinstance(cfg_truncation, Real)):
+            raise ValueError(f"Z-Image's `cfg_truncation` must be a number or None, got {cfg_truncation!r}.")
+        if not isinstance(cfg_normalization, Real) or cfg_normalization < 0:
+            raise ValueError(
+                f"Z-Image's `cfg_normalization` must be a boolean or a number >= 0, got {cfg_normalization!r}."
+            )
         self.cfg_truncation = cfg_truncation
+        self._cfg_normalization_arg = cfg_normalization
         self.cfg_normalization = float(cfg_normalization or 0.0)
 
     def _latent_side(self, resolution: int) -> int:
@@ -148,6 +159,16 @@ class ZImageFamily(FlowMatchingFamily):
             guided = guided * scale.view(-1, *([1] * (guided.ndim - 1)))
         pred = pred.index_copy(0, index, guided)
         return -pred
+
+    def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
+        """The pipeline's `guidance_scale` (its `w`), with `cfg_truncation` / `cfg_normalization` when they differ
+        from the pipeline's defaults (1.0, `False`)."""
+        kwargs: dict[str, object] = {"guidance_scale": guidance_scale}
+        if self.cfg_truncation != 1.0:
+            kwargs["cfg_truncation"] = self.cfg_truncation
+        if self.cfg_normalization > 0:
+            kwargs["cfg_normalization"] = self._cfg_normalization_arg
+        return kwargs
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor, resolution: int) -> list:

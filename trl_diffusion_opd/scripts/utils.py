@@ -251,9 +251,10 @@ class DiffusionRLScriptArguments:
 
 
 def check_resolution(pipeline, training_args) -> None:
-    """`training_args.resolution` fits the pipeline's latent layout (the trainer checks it too; the commands check
-    it before writing toy adapters, so that a failed start leaves nothing on disk)."""
-    get_family(pipeline).check_resolution(training_args.resolution)
+    """`training_args.resolution` fits the pipeline's latent layout and `training_args.family_kwargs` are options of
+    its family (the trainer checks both too; the commands check them before writing toy adapters, so that a failed
+    start leaves nothing on disk)."""
+    get_family(pipeline, training_args.family_kwargs).check_resolution(training_args.resolution)
 
 
 def load_base(model_args: DiffusionModelConfig, training_args):

@@ -237,6 +237,10 @@ class DiffusionTrainingConfig(TrainingArguments):
             Embed every prompt up front and move the text encoders to the CPU when they all fit in the cache.
         prompt_cache_size (`int`, *optional*, defaults to `1024`):
             Prompt embeddings kept on the device (LRU).
+        family_kwargs (`dict` or `None`, *optional*):
+            Options of the model family (its `FlowMatchingFamily.options()`), e.g. `{"cfg_truncation": 0.9,
+            "cfg_normalization": true}` for Z-Image; a JSON string on the command line. The family checks them when
+            the pipeline is loaded: an option it does not have is an error.
 
         > Parameters that control sampling
 
@@ -278,7 +282,7 @@ class DiffusionTrainingConfig(TrainingArguments):
             Update the EMA every this many optimizer steps.
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["eval_rewards"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["eval_rewards", "family_kwargs"]
 
     # Parameters whose default values are overridden from TrainingArguments
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -315,6 +319,10 @@ class DiffusionTrainingConfig(TrainingArguments):
         default=True, metadata={"help": "Embed all prompts up front and move the text encoders to the CPU."}
     )
     prompt_cache_size: int = field(default=1024, metadata={"help": "Prompt embeddings kept on the device (LRU)."})
+    family_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Options of the model family, a dict (or JSON string), e.g. Z-Image's cfg_truncation."},
+    )
 
     # Parameters that control sampling
     num_inference_steps: int = field(default=10, metadata={"help": "Number of sampler steps of the rollout."})
@@ -359,6 +367,7 @@ class DiffusionTrainingConfig(TrainingArguments):
             self.ddp_backend = self.ddp_backend or "gloo"
         # Before TrainingArguments, which would `json.loads` a "{..." string without naming the field.
         self.eval_rewards = _parse_eval_rewards(self.eval_rewards)
+        self.family_kwargs = _as_dict(self.family_kwargs, "family_kwargs")
         super().__post_init__()
         self._check_training_arguments()
 

@@ -247,7 +247,7 @@ class DiffusionLoRATrainer(Trainer):
         self.pipeline = pipeline
         # Only video families take `num_frames`, so image families never see it unless the user sets it.
         frames = {"num_frames": args.num_frames} if args.num_frames is not None else {}
-        self.family = get_family(pipeline, max_sequence_length=args.max_sequence_length, **frames)
+        self.family = get_family(pipeline, args.family_kwargs, max_sequence_length=args.max_sequence_length, **frames)
         self._check_guidance_2(args)
         # The module the Trainer trains: the transformer, or a router over the experts (Wan 2.2) that carries the
         # student on each of them.
