@@ -197,6 +197,13 @@ def test_known_base_license():
         "license_link": "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md",
     }
     assert hub.base_license("black-forest-labs/FLUX.1-schnell") == {"license": "apache-2.0"}
+    # FLUX.2 [klein]: the 4B models are Apache-2.0, the 9B ones (base and distilled) BFL's non-commercial licence.
+    assert hub.base_license("black-forest-labs/FLUX.2-klein-base-4B") == {"license": "apache-2.0"}
+    assert hub.base_license("black-forest-labs/FLUX.2-klein-base-9B") == {
+        "license": "other",
+        "license_name": "flux-non-commercial-license",
+        "license_link": "https://huggingface.co/black-forest-labs/FLUX.2-klein-base-9B/blob/main/LICENSE.md",
+    }
 
 
 class _FakeHub:

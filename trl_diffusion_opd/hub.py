@@ -78,9 +78,15 @@ KNOWN_LICENSES["black-forest-labs/FLUX.1-dev"] = _license(
     "other", "flux-1-dev-non-commercial-license", "black-forest-labs/FLUX.1-dev"
 )
 KNOWN_LICENSES["black-forest-labs/FLUX.1-schnell"] = _license("apache-2.0")
-# FLUX.2 [klein] 4B (base and distilled) is Apache-2.0; the 9B models carry BFL's non-commercial licence.
+# Checked in 2026-12 against copies of the Hub cards (the Hub itself was not reachable): the klein 4B cards (base
+# and distilled) carry `license: apache-2.0`; the klein-9B card `license: other`, `license_name:
+# flux-non-commercial-license` with LICENSE.md (FLUX Non-Commercial License v2.1), and klein-base-9B derivatives
+# declare the same. Qwen/Qwen-Image: Apache-2.0 per NVIDIA's model card for it and the repo's 11.3 kB LICENSE file;
+# its card's front matter itself was not seen.
 KNOWN_LICENSES["black-forest-labs/FLUX.2-klein-4B"] = _license("apache-2.0")
 KNOWN_LICENSES["black-forest-labs/FLUX.2-klein-base-4B"] = _license("apache-2.0")
+for _klein_9b in ("black-forest-labs/FLUX.2-klein-9B", "black-forest-labs/FLUX.2-klein-base-9B"):
+    KNOWN_LICENSES[_klein_9b] = _license("other", "flux-non-commercial-license", _klein_9b)
 KNOWN_LICENSES["Qwen/Qwen-Image"] = _license("apache-2.0")
 
 PACKAGES = (
