@@ -3,6 +3,7 @@
 scales, the KL is 0 for student == teacher, two teachers are distilled, a two-expert student reloads into both experts
 with diffusers, and a teacher with only a `transformer_2` LoRA supervises only the low-noise steps."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -13,7 +14,13 @@ from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.wan import WanFamily
 from trl_diffusion_opd.teachers import STUDENT
-from trl_diffusion_opd.testing import TINY_WAN_FRAMES, TINY_WAN_RESOLUTION, get_tiny_wan_pipeline, save_toy_lora
+from trl_diffusion_opd.testing import (
+    TINY_WAN_FRAMES,
+    TINY_WAN_RESOLUTION,
+    TINY_WAN_TI2V_RESOLUTION,
+    get_tiny_wan_pipeline,
+    save_toy_lora,
+)
 
 
 TARGETS = WanFamily.default_lora_targets
@@ -64,7 +71,7 @@ def _teacher(pipe, folder, seed: int, experts=("transformer", "transformer_2")) 
     return str(folder)
 
 
-def _reference(pipe, cond, negative, latents, guidance_scale, guidance_scale_2=None):
+def _reference(pipe, cond, negative, latents, guidance_scale, guidance_scale_2=None, resolution=TINY_WAN_RESOLUTION):
     """`WanPipeline.__call__` with the flow-matching Euler scheduler at the model's shift (the family's sampler)."""
     scheduler = pipe.scheduler
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=scheduler.config.flow_shift)
@@ -76,8 +83,8 @@ def _reference(pipe, cond, negative, latents, guidance_scale, guidance_scale_2=N
             num_inference_steps=STEPS,
             guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2,
-            height=TINY_WAN_RESOLUTION,
-            width=TINY_WAN_RESOLUTION,
+            height=resolution,
+            width=resolution,
             num_frames=TINY_WAN_FRAMES,
             output_type="latent",
         ).frames
@@ -120,6 +127,51 @@ def test_rollout_reproduces_wan_pipeline(tmp_path, two_experts):
         assert (other - expected).abs().max() > 1e-3
     video = trainer.decode(states[-1])
     assert len(video) == 2 and len(video[0]) == TINY_WAN_FRAMES and video[0][0].size == (32, 32)
+
+
+def test_rollout_reproduces_ti2v_pipeline(tmp_path):
+    """Wan 2.2 TI2V-5B's structure (text-to-video): per-token timesteps (`expand_timesteps`), 48 latent channels and
+    the Wan 2.2 VAE's 16x spatial compression; the trainer's rollout gives `WanPipeline.__call__`'s latents and its
+    decoded frames."""
+    pipe = get_tiny_wan_pipeline(seed=0, ti2v=True)
+    assert pipe.config.expand_timesteps and pipe.vae_scale_factor_spatial == 16
+    resolution = TINY_WAN_TI2V_RESOLUTION
+    trainer = DiffusionOPDTrainer(
+        pipe,
+        {"geneval": _teacher(pipe, tmp_path / "t", 1, ("transformer",))},
+        args=_args(tmp_path / "out", guidance_scale=5.0, resolution=resolution),
+        train_dataset={"geneval": PROMPTS["geneval"]},
+        peft_config=_student_config(),
+    )
+    assert trainer.family.resolution_multiple == 32  # the VAE's 16x times the 2x2 patch
+    cond = trainer.prompt_cache(PROMPTS["geneval"])
+    states = trainer.rollout(cond, torch.Generator().manual_seed(0))["states"]
+    assert states.shape == (STEPS + 1, 2, 48, 2, 4, 4)  # (N + 1, B, C, (5 - 1) / 4 + 1, 64 / 16, 64 / 16)
+    negative = trainer.prompt_cache([""] * 2)
+    with torch.no_grad():
+        expected = _reference(pipe, cond, negative, states[0], 5.0, resolution=resolution)
+    torch.testing.assert_close(states[-1], expected, atol=1e-5, rtol=1e-5)
+    assert (states[-1] - states[0]).abs().max() > 0.1
+    video = trainer.decode(states[-1])
+    assert len(video) == 2 and len(video[0]) == TINY_WAN_FRAMES and video[0][0].size == (resolution, resolution)
+    scheduler = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=scheduler.config.flow_shift)
+    with torch.no_grad():  # the pipeline's own decoding (latents_mean / latents_std of 48 channels, unpatchify)
+        frames = pipe(
+            prompt_embeds=cond["prompt_embeds"],
+            negative_prompt_embeds=negative["prompt_embeds"],
+            latents=states[0],
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            height=resolution,
+            width=resolution,
+            num_frames=TINY_WAN_FRAMES,
+            output_type="np",
+        ).frames
+    pipe.scheduler = scheduler
+    ours = np.stack([np.stack([np.asarray(frame) for frame in sample]) for sample in video]) / 255.0
+    assert ours.shape == frames.shape == (2, TINY_WAN_FRAMES, resolution, resolution, 3)
+    assert np.abs(ours - frames).max() <= 1 / 255 + 1e-6  # 8-bit rounding of the PIL frames
 
 
 def test_two_expert_kl_zero_for_same_adapter_and_low_noise_teacher(tmp_path):
