@@ -44,7 +44,14 @@ SAMPLES_DIR = "samples"
 # Files of `output_dir` that `push_to_hub` uploads; everything else stays local.
 # The LoRAs of a multi-expert student's further experts (Wan 2.2: `pytorch_lora_weights_transformer_2.safetensors`).
 EXPERT_WEIGHTS = "pytorch_lora_weights_*.safetensors"
-UPLOAD_PATTERNS = [ADAPTER_WEIGHTS, EXPERT_WEIGHTS, CARD_NAME, f"{SAMPLES_DIR}/*.png"]
+# Sample videos of the video families (`RewardEvalCallback`): animated WebP / GIF (shown inline) or MP4.
+SAMPLE_SUFFIXES = (".png", ".webp", ".gif", ".mp4")
+UPLOAD_PATTERNS = [
+    ADAPTER_WEIGHTS,
+    EXPERT_WEIGHTS,
+    CARD_NAME,
+    *(f"{SAMPLES_DIR}/*{suffix}" for suffix in SAMPLE_SUFFIXES),
+]
 
 TRL_CITATION = """@software{vonwerra2020trl,
     title   = {{TRL: Transformers Reinforcement Learning}},
@@ -244,10 +251,11 @@ def teacher_source(spec: TeacherSpec) -> str:
 
 
 def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
-    """Widget entries `{"text": prompt, "url": "samples/<file>.png"}` for the card.
+    """Widget entries `{"text": prompt, "url": "samples/<file>"}` for the card (images, or videos: `.webp`, `.gif`,
+    `.mp4`).
 
     `trainer.sample_widgets` wins when the trainer recorded its samples with their prompts; otherwise every
-    `output_dir/samples/*.png` is listed, its file name standing in for the prompt.
+    `output_dir/samples/*` of those suffixes is listed, its file name standing in for the prompt.
     """
     recorded = getattr(trainer, "sample_widgets", None)
     if recorded:
@@ -257,7 +265,8 @@ def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
         return []
     return [
         {"text": path.stem.replace("_", " "), "url": f"{SAMPLES_DIR}/{path.name}"}
-        for path in sorted(folder.glob("*.png"))
+        for path in sorted(folder.iterdir())
+        if path.suffix.lower() in SAMPLE_SUFFIXES
     ]
 
 

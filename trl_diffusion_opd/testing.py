@@ -808,7 +808,7 @@ def save_toy_lora(
         folder: Output folder.
         seed: Seed of the weights.
         rank, lora_alpha, target_modules: The adapter's shape (alpha defaults to rank, targets to the attention
-            projections).
+            projections `attn.to_q/k/v/out.0`, or every `to_q/k/v/out.0` when there is no `attn` module, as in Wan).
         std: Standard deviation of the A and B entries.
         format: `"diffusers"` (`pytorch_lora_weights.safetensors` with adapter metadata) or `"peft"`
             (`adapter_config.json` + `adapter_model.safetensors`, keys prefixed `base_model.model.`).
@@ -826,6 +826,10 @@ def save_toy_lora(
     from safetensors.torch import save_file
 
     targets = target_modules or ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+    if target_modules is None and not any(
+        name.endswith(".attn.to_q") for name, _ in getattr(pipeline, expert).named_modules()
+    ):  # Wan names its attentions attn1 / attn2: every attention projection, by suffix
+        targets = ["to_q", "to_k", "to_v", "to_out.0"]
     full_rank = 2 * rank if shared_seed is not None else rank
     alpha = lora_alpha or full_rank
     config = LoraConfig(r=full_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
