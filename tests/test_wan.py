@@ -10,7 +10,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
+from trl_diffusion_opd import (
+    DiffusionNFTConfig,
+    DiffusionNFTTrainer,
+    DiffusionOPDConfig,
+    DiffusionOPDTrainer,
+    FlowGRPOConfig,
+    FlowGRPOTrainer,
+)
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.wan import WanFamily
 from trl_diffusion_opd.teachers import STUDENT
@@ -308,3 +315,60 @@ def test_two_expert_checkpoint_ema_resume_and_card(tmp_path):
     fresh._load_from_checkpoint(str(folder))
     resumed = fresh.student_state_dict()
     assert all(torch.equal(resumed[k], state[k]) for k in state)
+
+
+def _rl_args(config_class, output_dir, **kwargs):
+    defaults = {
+        "output_dir": str(output_dir),
+        "max_steps": 1,
+        "num_generations": 2,
+        "per_device_train_batch_size": 2,
+        "save_strategy": "no",
+        "ema": False,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "max_sequence_length": 16,
+        "resolution": TINY_WAN_RESOLUTION,
+        "num_frames": TINY_WAN_FRAMES,
+        "num_inference_steps": STEPS,
+        "guidance_scale": 5.0,
+        "guidance_scale_2": 2.0,
+        "step_batch_size": None,
+        "beta": 0.0,
+        "seed": 0,
+    }
+    return config_class(**{**defaults, **kwargs})
+
+
+def test_grpo_and_nft_honour_guidance_scale_2(tmp_path):
+    """Flow-GRPO's training pass recomputes the rollout's log-probs exactly (ratio 1 before an update) on Wan 2.2 with
+    guidance_scale 5 / guidance_scale_2 2, and DiffusionNFT's sampler gives `WanPipeline.__call__`'s latents with
+    both scales: neither ignores the low-noise expert's CFG scale (steps 1-3 of 4 run `transformer_2`)."""
+    pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    grpo = FlowGRPOTrainer(
+        pipe,
+        "brightness",
+        args=_rl_args(FlowGRPOConfig, tmp_path / "grpo"),
+        train_dataset=PROMPTS["geneval"],
+        peft_config=_student_config(),
+    )
+    batch = grpo.make_batch([{"prompt": p} for p in PROMPTS["geneval"]], grpo._generator("t"))
+    for j in range(grpo.args.num_train_timesteps):
+        terms = grpo.step_terms(grpo.model, batch, range(j, j + 1))
+        torch.testing.assert_close(terms["log_ratio"], torch.zeros_like(terms["log_ratio"]), rtol=0, atol=1e-4)
+
+    nft = DiffusionNFTTrainer(
+        get_tiny_wan_pipeline(seed=0, two_experts=True),
+        "brightness",
+        args=_rl_args(DiffusionNFTConfig, tmp_path / "nft", sampler="euler"),
+        train_dataset=PROMPTS["geneval"],
+        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS),  # B = 0: the old policy is the base
+    )
+    out = nft.generate_batch([{"prompt": p} for p in PROMPTS["geneval"]], torch.Generator().manual_seed(3))
+    initial = nft.family.init_latents(2, TINY_WAN_RESOLUTION, torch.Generator().manual_seed(3))
+    negative = nft.prompt_cache([""] * 2)
+    with torch.no_grad():
+        expected = _reference(nft.pipeline, out["cond"], negative, initial, 5.0, 2.0)
+        ignored = _reference(nft.pipeline, out["cond"], negative, initial, 5.0, None)
+    torch.testing.assert_close(out["x0"], expected, atol=1e-5, rtol=1e-5)
+    assert (ignored - expected).abs().max() > 1e-3
