@@ -50,6 +50,9 @@ class WanExperts(torch.nn.Module):
     `ddp_find_unused_parameters=True`.
     """
 
+    # What accelerate's FSDP `TRANSFORMER_BASED_WRAP` wraps (it reads the attribute of the module it is given).
+    _no_split_modules = ["WanTransformerBlock"]
+
     def __init__(self, transformer: torch.nn.Module, transformer_2: torch.nn.Module, boundary_timestep: float):
         super().__init__()
         self.transformer = transformer
