@@ -87,7 +87,7 @@ def test_eval_command_on_tiny_wan_writes_videos_and_frame_grids(tmp_path):
     ]  # fmt: skip
     assert eval_script.main(argv) == 0
     result = (out / "results.md").read_text()
-    assert "5 frames" in result
+    assert "2 steps (UniPCMultistepScheduler)" in result and "5 frames" in result  # the pipeline's own sampler
     brightness = get_reward("brightness")
     for label in ["base", "toy"]:
         grid = Image.open(out / "grids" / f"{label}.png")
@@ -149,3 +149,6 @@ def test_training_samples_write_videos_and_the_card_shows_them(tmp_path):
     card = str(create_model_card(trainer))
     assert "![geneval: a red ball](samples/step-000003-geneval.webp)" in card
     assert "url: samples/step-000003-geneval.webp" in card and "samples/step-000003.png" in card
+    # An MP4 (which Markdown images do not play) is shown as a video element.
+    card = str(create_model_card(trainer, samples=[{"text": "a red ball", "url": "samples/a.mp4"}]))
+    assert '<video src="samples/a.mp4" controls autoplay loop muted title="a red ball"></video>' in card

@@ -435,6 +435,13 @@ def generate_images(
 
 
 # ---------------------------------------------------------------------------------------------- the table
+def sampler_name(settings: dict[str, Any]) -> str:
+    """How an evaluation sampled: "Euler ODE" for the flow-matching Euler scheduler (or when not recorded), else
+    the pipeline's scheduler class (Wan's Hub pipelines: `UniPCMultistepScheduler`)."""
+    scheduler = settings.get("scheduler")
+    return "Euler ODE" if scheduler in (None, "FlowMatchEulerDiscreteScheduler") else scheduler
+
+
 def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
@@ -512,7 +519,7 @@ class EvaluationResult:
                 else ""
             )
             + ".",
-            f"Sampling: {s.get('num_inference_steps')} steps (Euler ODE), guidance {s.get('guidance_scale')}, "
+            f"Sampling: {s.get('num_inference_steps')} steps ({sampler_name(s)}), guidance {s.get('guidance_scale')}, "
             f"{s.get('resolution')} px"
             + (f", {s['num_frames']} frames" if s.get("num_frames") else "")
             + (f", low-noise guidance {s['guidance_scale_2']}" if s.get("guidance_scale_2") is not None else "")
@@ -729,6 +736,7 @@ def evaluate_models(
         average[label] = nanmean(normalised) if normalised else math.nan
     settings = {
         "num_inference_steps": num_inference_steps,
+        "scheduler": type(pipeline.scheduler).__name__,
         "guidance_scale": guidance_scale,
         "resolution": resolution,
         "seed": seed,

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import registry
+from .evaluation import sampler_name
 from .teachers import expert_weight_name
 
 
@@ -351,8 +352,10 @@ def _evaluation_section(results: Any, trainer: DiffusionLoRATrainer) -> dict[str
         "Mean reward of each model per column (reward), scored by `trl_diffusion_opd.evaluation.evaluate_models` on "
         f"one image per prompt ({counts or 'prompt counts not recorded'} prompts). Every model is sampled with the same "
         f"initial noise (seed {settings.get('seed', 'not recorded')} + image index), "
-        f"{settings.get('num_inference_steps', '?')} Euler ODE steps, guidance {settings.get('guidance_scale', '?')} "
-        f"(unless a row says otherwise), {settings.get('resolution', '?')} px."
+        f"{settings.get('num_inference_steps', '?')} {sampler_name(settings)} steps, guidance "
+        f"{settings.get('guidance_scale', '?')} (unless a row says otherwise), {settings.get('resolution', '?')} px"
+        + (f", {settings['num_frames']} frames" if settings.get("num_frames") else "")
+        + "."
     )
     ranges = {column: bounds for column, bounds in (table.get("ranges") or {}).items() if bounds}
     if with_average and ranges:
