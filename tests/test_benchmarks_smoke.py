@@ -153,3 +153,17 @@ def test_released_loop_and_trainer_run_the_same_problem():
     assert summary["cases"]["trainer"]["rounds_per_s"] == pytest.approx(1 / trainer["cpu_s"][0])
     assert "| released loop (re-creation) |" in released_loop.markdown([released, trainer], summary)
     assert callable(gpu_scale.main)
+
+
+def test_wan_memory_counts_tokens_lora_and_checkpointed_activations():
+    """`benchmarks.wan_memory` on the real Wan 2.1 1.3B config (meta device) at a small video: the video tokens, the
+    student LoRA's exact size, and gradient checkpointing keeping far less than the full graph."""
+    from benchmarks.wan_memory import model_sizes, saved_activations_per_row
+
+    full = saved_activations_per_row("wan2.1-1.3B", resolution=64, num_frames=5)
+    kept = saved_activations_per_row("wan2.1-1.3B", resolution=64, num_frames=5, checkpointing=True)
+    assert full["tokens"] == kept["tokens"] == 2 * 4 * 4  # (5 - 1) / 4 + 1 frames x (64 / 8 / 2)^2
+    # r32 on 8 attention projections (1536 x 1536) and the FFN (1536 <-> 8960) of each of the 30 blocks
+    assert full["lora_params_m"] * 1e6 == 30 * (8 * 32 * (1536 + 1536) + 2 * 32 * (1536 + 8960))
+    assert 0 < kept["total_gib"] < full["total_gib"] / 5
+    assert model_sizes("wan2.1-1.3B")["transformer_params_b"] == pytest.approx(1.42, abs=0.01)

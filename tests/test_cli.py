@@ -371,3 +371,37 @@ def test_world_config_trains_on_the_shipped_base_and_teachers(tmp_path):
     assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
     card = (output_dir / "README.md").read_text()
     assert "`world:base`" in card and "`world:letters`" in card
+
+
+# (YAML, Hub id, resolution multiple (VAE x 2x2 patch), guidance_scale, guidance_scale_2)
+WAN_CONFIGS = [
+    ("wan21_t2v_1.3b.yaml", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 16, 5.0, None),
+    ("wan21_t2v_14b.yaml", "Wan-AI/Wan2.1-T2V-14B-Diffusers", 16, 5.0, None),
+    ("wan22_ti2v_5b.yaml", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", 32, 5.0, None),
+    ("wan22_t2v_a14b.yaml", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", 16, 4.0, 3.0),
+]
+
+
+@pytest.mark.parametrize("name, model_id, multiple, guidance, guidance_2", WAN_CONFIGS)
+def test_wan_example_configs_parse_to_their_recipe(tmp_path, name, model_id, multiple, guidance, guidance_2):
+    """Every Wan example parses through the `train` command's parser with nothing left over, has a resolution and a
+    frame count the pipeline accepts, both guidance scales on Wan 2.2 A14B only, and a row in the README's memory
+    table that names it."""
+    path = ROOT / "examples" / "configs" / name
+    script_args, training_args, model_args, config_rest, cli_rest = train_script.make_parser().parse_args_and_config(
+        ["--config", str(path), "--output_dir", str(tmp_path)],
+        return_remaining_strings=True,
+        separate_remaining_strings=True,
+    )
+    assert config_rest == [] and cli_rest == []
+    assert model_args.model_name_or_path == model_id and training_args.torch_dtype == "bfloat16"
+    assert training_args.resolution % multiple == 0 and (training_args.num_frames - 1) % 4 == 0
+    assert (training_args.guidance_scale, training_args.guidance_scale_2) == (guidance, guidance_2)
+    teacher_2 = dict.fromkeys(script_args.teachers, guidance_2) if guidance_2 is not None else None
+    assert training_args.teacher_guidance_scale_2 == teacher_2
+    assert training_args.gradient_checkpointing and training_args.kl_normalization == "reference"
+    assert training_args.max_sequence_length == 512  # the pipeline's padding, which its cross-attention sees
+    assert set(script_args.prompts) == set(script_args.teachers) == set(training_args.eval_rewards)
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if f"`{name}`" in line)
+    assert row.startswith("| Wan") and "GiB" in row
+    assert "Memory path:" in path.read_text()

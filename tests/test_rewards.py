@@ -244,6 +244,61 @@ def test_missing_model_names_the_repo(tmp_path, monkeypatch):
         get_reward("clipscore", model_id="org/not-cached", cache_dir=str(tmp_path), device="cpu")
 
 
+# ---------------------------------------------------------------------------------------------- videos
+def _video(seed: int, frames: int = 4, size: int = 32) -> list[Image.Image]:
+    """`frames` distinct random frames (a video whose frames really differ)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(frames)]
+
+
+def test_image_rewards_score_a_video_as_the_mean_of_its_frames(clip_cache):
+    """Any image reward scores videos (lists of PIL frames, (F, H, W, C) arrays, (F, C, H, W) tensors, or a whole
+    (B, F, C, H, W) batch) as the mean of its frames' scores, each frame scored on its own with the video's prompt."""
+    kwargs = {"cache_dir": clip_cache["cache_dir"], "device": "cpu"}
+    videos = [_video(0), _video(1, frames=3)]
+    prompts = ["a red square", "a blue sky"]
+    for name in ["clipscore", "aesthetic", "brightness"]:
+        reward = get_reward(name, **kwargs) if name != "brightness" else get_reward(name)
+        expected = [
+            float(np.mean([reward([frame], [prompt])[0] for frame in video])) for video, prompt in zip(videos, prompts)
+        ]
+        assert reward(videos, prompts) == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+        assert expected[0] != pytest.approx(reward([videos[0][0]], prompts[:1])[0], abs=1e-4), name  # frames differ
+        # The same videos as an array (floats in [0, 1]) and as a tensor (channels first).
+        array = np.stack([np.asarray(frame) for frame in videos[0]]).astype(np.float32) / 255.0
+        tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
+        assert reward([array, tensor], prompts[:1] * 2) == pytest.approx([expected[0]] * 2, rel=1e-5, abs=1e-6), name
+        assert reward(tensor[None].repeat(2, 1, 1, 1, 1), prompts[:1] * 2) == pytest.approx(
+            [expected[0]] * 2, rel=1e-5, abs=1e-6
+        )
+    # Frames without a score (nan) are skipped; a video with none has none.
+    half = as_reward(lambda images, p, m: [math.nan if image.getpixel((0, 0))[0] < 128 else 1.0 for image in images])
+    dark, light = Image.new("RGB", (8, 8), "black"), Image.new("RGB", (8, 8), "white")
+    scores = half([[dark, light, light], [dark, dark]])
+    assert scores[0] == 1.0 and math.isnan(scores[1])
+    # Images and videos in one call: an image is scored as itself.
+    assert get_reward("brightness")([white := Image.new("RGB", (8, 8), "white"), [dark, white]]) == [1.0, 0.5]
+
+
+def test_temporal_consistency_of_videos(clip_cache):
+    reward = get_reward("temporal_consistency", cache_dir=clip_cache["cache_dir"], device="cpu", frame_batch_size=3)
+    assert reward.accepts_video and reward.name == "temporal_consistency"
+    frame = _video(5, frames=1)[0]
+    noise = _video(6, frames=6)
+    still, noisy, single = reward([[frame] * 6, noise, frame])
+    assert still == pytest.approx(1.0, abs=1e-6)  # every adjacent pair has the same embedding
+    assert math.isnan(single)  # one image has no adjacent frames
+    with torch.no_grad():
+        embeds = torch.nn.functional.normalize(reward._image_embeds(noise).double(), dim=-1)
+    assert noisy == pytest.approx((embeds[:-1] * embeds[1:]).sum(-1).mean().item(), abs=1e-6)
+    assert noisy < still - 1e-3
+    # Interleaving the still video with noise frames lowers it too; the order of the frames matters.
+    mixed = [frame, noise[0], frame, noise[1], frame, noise[2]]
+    assert reward([mixed])[0] < still - 1e-3
+    ordered = [frame, frame, frame, noise[0], noise[0], noise[0]]
+    assert reward([ordered])[0] > reward([mixed])[0]
+
+
 # ---------------------------------------------------------------------------------------------- reward server
 def _brightness_and_metadata(images, prompts, metadata):
     return {
@@ -278,6 +333,36 @@ def test_remote_reward_round_trip_against_a_local_server():
         assert RemoteReward(url, score_key="tags")(images[:2], None, [{"tag": 7}, {"tag": 8}]) == [7.0, 8.0]
         with pytest.raises(RewardServerError, match="no 'nope'"):
             RemoteReward(url, score_key="nope")(images[:1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_reward_sends_videos_or_their_frames():
+    """`send_videos=True`: one request field `videos` of JPEG frames per video, one score per video back; the default
+    sends the frames as images to an image server and averages their scores."""
+    requests = []
+
+    def score(samples, prompts, metadata):
+        requests.append([len(s) if isinstance(s, list) else "image" for s in samples])
+        if isinstance(samples[0], list):  # a video server: mean brightness of the first frame + frames / 100
+            return [np.asarray(v[0].convert("L")).mean() / 255.0 + len(v) / 100 for v in samples]
+        return [float(np.asarray(image.convert("L")).mean()) / 255.0 for image in samples]
+
+    server = serve(score, port=0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        gray = [Image.new("RGB", (16, 16), (v, v, v)) for v in (0, 100, 200)]
+        videos = [gray, gray[:2], [gray[2]] * 5]
+        as_videos = RemoteReward(url, batch_size=2, send_videos=True)(videos, ["a", "b", "c"])
+        assert as_videos == pytest.approx([0.03, 0.02, 200 / 255 + 0.05], abs=0.01)  # JPEG is lossy
+        assert requests == [[3, 2], [5]]
+        requests.clear()
+        as_frames = get_reward("hpsv2", url=url, batch_size=4)(videos, ["a", "b", "c"])
+        assert as_frames == pytest.approx([100 / 255, 50 / 255, 200 / 255], abs=0.01)
+        assert requests == [["image"] * 4] * 2 + [["image"] * 2]  # 10 frames in batches of 4
+        with pytest.raises(ValueError, match="mixes images and videos"):
+            RemoteReward(url, send_videos=True)([gray[0], gray])
     finally:
         server.shutdown()
         server.server_close()

@@ -3,17 +3,31 @@
 scales, the KL is 0 for student == teacher, two teachers are distilled, a two-expert student reloads into both experts
 with diffusers, and a teacher with only a `transformer_2` LoRA supervises only the low-noise steps."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
+from trl_diffusion_opd import (
+    DiffusionNFTConfig,
+    DiffusionNFTTrainer,
+    DiffusionOPDConfig,
+    DiffusionOPDTrainer,
+    FlowGRPOConfig,
+    FlowGRPOTrainer,
+)
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.wan import WanFamily
 from trl_diffusion_opd.teachers import STUDENT
-from trl_diffusion_opd.testing import TINY_WAN_FRAMES, TINY_WAN_RESOLUTION, get_tiny_wan_pipeline, save_toy_lora
+from trl_diffusion_opd.testing import (
+    TINY_WAN_FRAMES,
+    TINY_WAN_RESOLUTION,
+    TINY_WAN_TI2V_RESOLUTION,
+    get_tiny_wan_pipeline,
+    save_toy_lora,
+)
 
 
 TARGETS = WanFamily.default_lora_targets
@@ -64,7 +78,7 @@ def _teacher(pipe, folder, seed: int, experts=("transformer", "transformer_2")) 
     return str(folder)
 
 
-def _reference(pipe, cond, negative, latents, guidance_scale, guidance_scale_2=None):
+def _reference(pipe, cond, negative, latents, guidance_scale, guidance_scale_2=None, resolution=TINY_WAN_RESOLUTION):
     """`WanPipeline.__call__` with the flow-matching Euler scheduler at the model's shift (the family's sampler)."""
     scheduler = pipe.scheduler
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=scheduler.config.flow_shift)
@@ -76,8 +90,8 @@ def _reference(pipe, cond, negative, latents, guidance_scale, guidance_scale_2=N
             num_inference_steps=STEPS,
             guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2,
-            height=TINY_WAN_RESOLUTION,
-            width=TINY_WAN_RESOLUTION,
+            height=resolution,
+            width=resolution,
             num_frames=TINY_WAN_FRAMES,
             output_type="latent",
         ).frames
@@ -120,6 +134,51 @@ def test_rollout_reproduces_wan_pipeline(tmp_path, two_experts):
         assert (other - expected).abs().max() > 1e-3
     video = trainer.decode(states[-1])
     assert len(video) == 2 and len(video[0]) == TINY_WAN_FRAMES and video[0][0].size == (32, 32)
+
+
+def test_rollout_reproduces_ti2v_pipeline(tmp_path):
+    """Wan 2.2 TI2V-5B's structure (text-to-video): per-token timesteps (`expand_timesteps`), 48 latent channels and
+    the Wan 2.2 VAE's 16x spatial compression; the trainer's rollout gives `WanPipeline.__call__`'s latents and its
+    decoded frames."""
+    pipe = get_tiny_wan_pipeline(seed=0, ti2v=True)
+    assert pipe.config.expand_timesteps and pipe.vae_scale_factor_spatial == 16
+    resolution = TINY_WAN_TI2V_RESOLUTION
+    trainer = DiffusionOPDTrainer(
+        pipe,
+        {"geneval": _teacher(pipe, tmp_path / "t", 1, ("transformer",))},
+        args=_args(tmp_path / "out", guidance_scale=5.0, resolution=resolution),
+        train_dataset={"geneval": PROMPTS["geneval"]},
+        peft_config=_student_config(),
+    )
+    assert trainer.family.resolution_multiple == 32  # the VAE's 16x times the 2x2 patch
+    cond = trainer.prompt_cache(PROMPTS["geneval"])
+    states = trainer.rollout(cond, torch.Generator().manual_seed(0))["states"]
+    assert states.shape == (STEPS + 1, 2, 48, 2, 4, 4)  # (N + 1, B, C, (5 - 1) / 4 + 1, 64 / 16, 64 / 16)
+    negative = trainer.prompt_cache([""] * 2)
+    with torch.no_grad():
+        expected = _reference(pipe, cond, negative, states[0], 5.0, resolution=resolution)
+    torch.testing.assert_close(states[-1], expected, atol=1e-5, rtol=1e-5)
+    assert (states[-1] - states[0]).abs().max() > 0.1
+    video = trainer.decode(states[-1])
+    assert len(video) == 2 and len(video[0]) == TINY_WAN_FRAMES and video[0][0].size == (resolution, resolution)
+    scheduler = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=scheduler.config.flow_shift)
+    with torch.no_grad():  # the pipeline's own decoding (latents_mean / latents_std of 48 channels, unpatchify)
+        frames = pipe(
+            prompt_embeds=cond["prompt_embeds"],
+            negative_prompt_embeds=negative["prompt_embeds"],
+            latents=states[0],
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            height=resolution,
+            width=resolution,
+            num_frames=TINY_WAN_FRAMES,
+            output_type="np",
+        ).frames
+    pipe.scheduler = scheduler
+    ours = np.stack([np.stack([np.asarray(frame) for frame in sample]) for sample in video]) / 255.0
+    assert ours.shape == frames.shape == (2, TINY_WAN_FRAMES, resolution, resolution, 3)
+    assert np.abs(ours - frames).max() <= 1 / 255 + 1e-6  # 8-bit rounding of the PIL frames
 
 
 def test_two_expert_kl_zero_for_same_adapter_and_low_noise_teacher(tmp_path):
@@ -256,3 +315,60 @@ def test_two_expert_checkpoint_ema_resume_and_card(tmp_path):
     fresh._load_from_checkpoint(str(folder))
     resumed = fresh.student_state_dict()
     assert all(torch.equal(resumed[k], state[k]) for k in state)
+
+
+def _rl_args(config_class, output_dir, **kwargs):
+    defaults = {
+        "output_dir": str(output_dir),
+        "max_steps": 1,
+        "num_generations": 2,
+        "per_device_train_batch_size": 2,
+        "save_strategy": "no",
+        "ema": False,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "max_sequence_length": 16,
+        "resolution": TINY_WAN_RESOLUTION,
+        "num_frames": TINY_WAN_FRAMES,
+        "num_inference_steps": STEPS,
+        "guidance_scale": 5.0,
+        "guidance_scale_2": 2.0,
+        "step_batch_size": None,
+        "beta": 0.0,
+        "seed": 0,
+    }
+    return config_class(**{**defaults, **kwargs})
+
+
+def test_grpo_and_nft_honour_guidance_scale_2(tmp_path):
+    """Flow-GRPO's training pass recomputes the rollout's log-probs exactly (ratio 1 before an update) on Wan 2.2 with
+    guidance_scale 5 / guidance_scale_2 2, and DiffusionNFT's sampler gives `WanPipeline.__call__`'s latents with
+    both scales: neither ignores the low-noise expert's CFG scale (steps 1-3 of 4 run `transformer_2`)."""
+    pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    grpo = FlowGRPOTrainer(
+        pipe,
+        "brightness",
+        args=_rl_args(FlowGRPOConfig, tmp_path / "grpo"),
+        train_dataset=PROMPTS["geneval"],
+        peft_config=_student_config(),
+    )
+    batch = grpo.make_batch([{"prompt": p} for p in PROMPTS["geneval"]], grpo._generator("t"))
+    for j in range(grpo.args.num_train_timesteps):
+        terms = grpo.step_terms(grpo.model, batch, range(j, j + 1))
+        torch.testing.assert_close(terms["log_ratio"], torch.zeros_like(terms["log_ratio"]), rtol=0, atol=1e-4)
+
+    nft = DiffusionNFTTrainer(
+        get_tiny_wan_pipeline(seed=0, two_experts=True),
+        "brightness",
+        args=_rl_args(DiffusionNFTConfig, tmp_path / "nft", sampler="euler"),
+        train_dataset=PROMPTS["geneval"],
+        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS),  # B = 0: the old policy is the base
+    )
+    out = nft.generate_batch([{"prompt": p} for p in PROMPTS["geneval"]], torch.Generator().manual_seed(3))
+    initial = nft.family.init_latents(2, TINY_WAN_RESOLUTION, torch.Generator().manual_seed(3))
+    negative = nft.prompt_cache([""] * 2)
+    with torch.no_grad():
+        expected = _reference(nft.pipeline, out["cond"], negative, initial, 5.0, 2.0)
+        ignored = _reference(nft.pipeline, out["cond"], negative, initial, 5.0, None)
+    torch.testing.assert_close(out["x0"], expected, atol=1e-5, rtol=1e-5)
+    assert (ignored - expected).abs().max() > 1e-3

@@ -53,7 +53,11 @@ from .teachers import (
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
 GRIDS_DIR = "grids"
+VIDEOS_DIR = "videos"
 SAMPLES_DIR = "samples"  # as `hub.SAMPLES_DIR`: pushed with the adapter and shown by the model card
+# Video files: animated WebP (the default) and GIF through Pillow, which the Hub shows inline like images; MP4
+# through diffusers' `export_to_video` (needs imageio and imageio-ffmpeg: the extra `video`).
+VIDEO_FORMATS = ("webp", "gif", "mp4")
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -74,6 +78,115 @@ def make_grid(rows: Sequence[Sequence[Image.Image]], size: int | None = None, pa
             if tile.size != (width, height):
                 tile = tile.resize((width, height), Image.Resampling.BICUBIC)
             grid.paste(tile, (padding + c * (width + padding), padding + r * (height + padding)))
+    return grid
+
+
+def is_video(sample: Any) -> bool:
+    """Whether a generated sample is a video (a list of PIL frames, as the video families decode) or one image."""
+    return isinstance(sample, (list, tuple))
+
+
+def save_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int = 16) -> Path:
+    """Write `frames` (PIL images) as a video, its format by `path`'s suffix: `.webp` (animated, lossless) or
+    `.gif` through Pillow (`diffusers.utils.export_to_gif`), `.mp4` through `diffusers.utils.export_to_video`
+    (imageio + imageio-ffmpeg: `pip install "trl-diffusion-opd[video]"`). Returns the path.
+
+    Raises:
+        ValueError: no frames, or a suffix other than `.webp`, `.gif`, `.mp4`.
+        ImportError: `.mp4` without imageio and imageio-ffmpeg.
+    """
+    path = Path(path)
+    frames = [frame.convert("RGB") for frame in frames]
+    if not frames:
+        raise ValueError(f"No frames to write to {path}.")
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in VIDEO_FORMATS:
+        raise ValueError(f"Video format '{suffix}' of {path} is not one of {', '.join(VIDEO_FORMATS)}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == "webp":
+        # Each frame's duration in ms; `loop=0` repeats forever, as a GIF on the Hub does.
+        frames[0].save(
+            path, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0,
+            lossless=True,
+        )  # fmt: skip
+    elif suffix == "gif":
+        from diffusers.utils import export_to_gif
+
+        export_to_gif(frames, str(path), fps=fps)
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("imageio") is None or importlib.util.find_spec("imageio_ffmpeg") is None:
+            raise ImportError(
+                "Writing MP4 needs imageio and imageio-ffmpeg: pip install 'trl-diffusion-opd[video]' "
+                "(or use the video format 'webp' or 'gif')."
+            )
+        from diffusers.utils import export_to_video
+
+        export_to_video(frames, str(path), fps=fps)
+    return path
+
+
+def frame_indices(count: int, max_frames: int | None) -> list[int]:
+    """`max_frames` frame indices spread evenly over `count` frames (first and last included); all when fewer."""
+    if max_frames is None or count <= max_frames:
+        return list(range(count))
+    if max_frames == 1:
+        return [0]
+    return [round(i * (count - 1) / (max_frames - 1)) for i in range(max_frames)]
+
+
+def frame_grid(
+    videos: Sequence[Sequence[Image.Image]],
+    labels: Sequence[str] | None = None,
+    max_frames: int | None = 8,
+    tile: int | None = None,
+    label_width: int = 160,
+    font_size: int = 12,
+    padding: int = 4,
+    max_label_lines: int = 6,
+) -> Image.Image:
+    """One PNG-ready image of videos: a row per video with its frames left to right (at most `max_frames`, spread
+    evenly, first and last included), its label (e.g. the prompt) at the left.
+
+    Args:
+        videos: One list of PIL frames per row.
+        labels: One text per row; `None` draws no label column.
+        max_frames: Frames shown per row (`None`: all).
+        tile: Side of each frame in pixels (square); `None`: the first frame's size.
+        label_width: Width of the label column in pixels (when there are labels).
+        font_size, padding, max_label_lines: Text size, space between tiles and around, lines of a label.
+
+    Returns:
+        An RGB image of width `[label_width] + n · (w + padding) + padding` and height `rows · (h + padding) +
+        padding`, `n` the most frames shown in a row and `(w, h)` the tile size.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if not videos or any(len(video) == 0 for video in videos):
+        raise ValueError("`frame_grid` needs at least one video, each with at least one frame.")
+    if labels is not None and len(labels) != len(videos):
+        raise ValueError(f"{len(labels)} labels for {len(videos)} videos.")
+    rows = [[video[i] for i in frame_indices(len(video), max_frames)] for video in videos]
+    width, height = (tile, tile) if tile else rows[0][0].size
+    left = label_width if labels is not None else 0
+    columns = max(len(row) for row in rows)
+    grid = Image.new(
+        "RGB", (left + columns * (width + padding) + padding, len(rows) * (height + padding) + padding), "white"
+    )
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=font_size) if labels is not None else None
+    for r, row in enumerate(rows):
+        y = padding + r * (height + padding)
+        if labels is not None:
+            lines = _wrap(draw, str(labels[r]), font, label_width - 2 * padding, max_label_lines)
+            for i, text in enumerate(lines):
+                draw.text((padding, y + i * (font_size + 3)), text, fill="black", font=font)
+        for c, frame in enumerate(row):
+            frame = frame.convert("RGB")
+            if frame.size != (width, height):
+                frame = frame.resize((width, height), Image.Resampling.BICUBIC)
+            grid.paste(frame, (left + padding + c * (width + padding), y))
     return grid
 
 
@@ -287,9 +400,19 @@ def generate_images(
     guidance_scale: float = 4.5,
     resolution: int = 512,
     max_sequence_length: int | None = None,
-) -> list[Image.Image]:
-    """Images from the pipeline's own sampler (deterministic flow-matching Euler ODE), one seeded generator per
-    image, so an image depends only on its prompt and seed, not on the batch it was drawn in."""
+    num_frames: int | None = None,
+    guidance_scale_2: float | None = None,
+) -> list:
+    """Images (or videos) from the pipeline's own sampler (the image families: the deterministic flow-matching Euler
+    ODE; Wan: the Hub pipelines' UniPC solver, as users sample), one seeded generator per sample, so a sample
+    depends only on its prompt and seed, not on the batch it was drawn in.
+
+    Args:
+        num_frames, guidance_scale_2: Passed to the pipeline when set (video pipelines; Wan 2.2's low-noise CFG).
+
+    Returns:
+        One PIL image per prompt, or for a video pipeline (whose output has `frames`) one list of PIL frames.
+    """
     kwargs = {
         "prompt": prompts,
         "num_inference_steps": num_inference_steps,
@@ -301,10 +424,24 @@ def generate_images(
     }
     if max_sequence_length is not None:
         kwargs["max_sequence_length"] = max_sequence_length
-    return pipeline(**kwargs).images
+    if num_frames is not None:
+        kwargs["num_frames"] = num_frames
+    if guidance_scale_2 is not None:
+        kwargs["guidance_scale_2"] = guidance_scale_2
+    output = pipeline(**kwargs)
+    if hasattr(output, "images"):
+        return output.images
+    return [list(video) for video in output.frames]
 
 
 # ---------------------------------------------------------------------------------------------- the table
+def sampler_name(settings: dict[str, Any]) -> str:
+    """How an evaluation sampled: "Euler ODE" for the flow-matching Euler scheduler (or when not recorded), else
+    the pipeline's scheduler class (Wan's Hub pipelines: `UniPCMultistepScheduler`)."""
+    scheduler = settings.get("scheduler")
+    return "Euler ODE" if scheduler in (None, "FlowMatchEulerDiscreteScheduler") else scheduler
+
+
 def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
@@ -321,7 +458,8 @@ class EvaluationResult:
         per_image: `{label: {column: [score per image]}}`, in prompt order.
         ranges: `{column: (low, high)}` of the normalisation behind `average`; `None` leaves a column out.
         average: `{label: mean over columns of (score - low) / (high - low)}`.
-        grids: `{label: path of its image grid}`.
+        grids: `{label: path of its image grid}` (videos: its frame grid, a row per video).
+        videos: `{label: [paths of its sample videos]}` (video pipelines only).
         settings: Sampling settings and prompt counts.
         samples: `{label: [images of prompt set k]}`, the first `grid_size` images of every prompt set (the grids'
             images, the same seeds for every row), for figures such as `comparison_figure`.
@@ -339,6 +477,7 @@ class EvaluationResult:
     settings: dict[str, Any] = field(default_factory=dict)
     samples: dict[str, list[list[Image.Image]]] = field(default_factory=dict, repr=False)
     sample_prompts: list[list[str]] = field(default_factory=list)
+    videos: dict[str, list[str]] = field(default_factory=dict)
 
     def table_rows(self, digits: int = 3) -> list[list[str]]:
         """The table as text cells: a header (`model`, the columns, `Average`), then one row per model."""
@@ -380,8 +519,11 @@ class EvaluationResult:
                 else ""
             )
             + ".",
-            f"Sampling: {s.get('num_inference_steps')} steps (Euler ODE), guidance {s.get('guidance_scale')}, "
-            f"{s.get('resolution')} px, seed {s.get('seed')} (+ image index); prompts per column: "
+            f"Sampling: {s.get('num_inference_steps')} steps ({sampler_name(s)}), guidance {s.get('guidance_scale')}, "
+            f"{s.get('resolution')} px"
+            + (f", {s['num_frames']} frames" if s.get("num_frames") else "")
+            + (f", low-noise guidance {s['guidance_scale_2']}" if s.get("guidance_scale_2") is not None else "")
+            + f", seed {s.get('seed')} (+ image index); prompts per column: "
             + ", ".join(f"{c} {n}" for c, n in s.get("prompts", {}).items())
             + ".",
         ]
@@ -400,6 +542,7 @@ class EvaluationResult:
                     "counts": self.counts[m.label],
                     "average": _finite(self.average[m.label]),
                     "grid": self.grids.get(m.label),
+                    **({"videos": self.videos[m.label]} if m.label in self.videos else {}),
                 }
                 for m in self.models
             ],
@@ -438,6 +581,11 @@ def evaluate_models(
     batch_size: int = 4,
     max_prompts: int | None = None,
     max_sequence_length: int | None = None,
+    num_frames: int | None = None,
+    guidance_scale_2: float | None = None,
+    video_format: str = "webp",
+    fps: int = 16,
+    max_grid_frames: int | None = 8,
     grid_size: int = 8,
     grid_image_size: int | None = 256,
     normalization: dict[str, Sequence[float]] | None = None,
@@ -461,10 +609,17 @@ def evaluate_models(
         batch_size: Images per pipeline call.
         max_prompts: Use only the first prompts of each set.
         max_sequence_length: T5 prompt length (`None`: the pipeline's default).
-        grid_size: Images per prompt set in each model's grid.
+        num_frames: Frames per video (video pipelines; `None`: the pipeline's default).
+        guidance_scale_2: CFG scale of Wan 2.2's low-noise expert (`None`: the pipeline's default, `guidance_scale`).
+        video_format: `webp`, `gif` or `mp4` (see `save_video`): the format of the sample videos.
+        fps: Frames per second of the sample videos.
+        max_grid_frames: Frames per video in the frame grids (spread evenly; `None`: all).
+        grid_size: Images (videos) per prompt set in each model's grid.
         grid_image_size: Side of a grid tile in pixels (`None`: the generated size).
         normalization: `{column or reward name: [low, high]}` overriding the rewards' ranges for the Average.
-        output_dir: Where `results.json`, `results.md` and `grids/<label>.png` go; `None` writes nothing.
+        output_dir: Where `results.json`, `results.md` and `grids/<label>.png` go (a video pipeline: the frame grid,
+            a row per video, and the first `grid_size` videos of every prompt set as `videos/<label>/<set>-<i>.<format>`);
+            `None` writes nothing.
         cache_dir, token: Hub cache and token for adapters given as Hub ids.
         progress: Show a progress bar.
     """
@@ -472,6 +627,8 @@ def evaluate_models(
 
     if not prompts:
         raise ValueError("`prompts` is empty: give {reward: prompt source}.")
+    if video_format not in VIDEO_FORMATS:
+        raise ValueError(f"`video_format` must be one of {', '.join(VIDEO_FORMATS)}, got {video_format!r}.")
     reward_kwargs = reward_kwargs or {}
     rewards = rewards or {}
     normalization = normalization or {}
@@ -511,6 +668,7 @@ def evaluate_models(
 
     per_image = {m.label: {c: [] for c in columns} for m in models}
     grids: dict[str, str] = {}
+    videos: dict[str, list[str]] = {}
     samples: dict[str, list[list[Image.Image]]] = {}
     total = len(models) * sum(len(rows) for rows, _ in sets)
     bar = tqdm(total=total, disable=not progress, desc="evaluating", unit="image")
@@ -533,6 +691,8 @@ def evaluate_models(
                         scale,
                         resolution,
                         max_sequence_length,
+                        num_frames,
+                        guidance_scale_2,
                     )
                     for column in set_columns:
                         per_image[model.label][column].extend(scorers[column](images, texts, batch))
@@ -543,7 +703,20 @@ def evaluate_models(
             if output_dir is not None:
                 path = Path(output_dir) / GRIDS_DIR / f"{_file_name(model.label)}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                make_grid(grid_rows, grid_image_size).save(path)
+                if any(is_video(sample) for shown in grid_rows for sample in shown):
+                    captions = [
+                        row["prompt"] for (rows, _), shown in zip(sets, grid_rows) for row in rows[: len(shown)]
+                    ]
+                    flat = [video for shown in grid_rows for video in shown]
+                    frame_grid(flat, captions, max_grid_frames, grid_image_size).save(path)
+                    folder = Path(output_dir) / VIDEOS_DIR / _file_name(model.label)
+                    videos[model.label] = [
+                        str(save_video(video, folder / f"{k}-{i}.{video_format}", fps))
+                        for k, shown in enumerate(grid_rows)
+                        for i, video in enumerate(shown)
+                    ]
+                else:
+                    make_grid(grid_rows, grid_image_size).save(path)
                 grids[model.label] = str(path)
     finally:
         bar.close()  # an error then starts on its own line
@@ -563,15 +736,18 @@ def evaluate_models(
         average[label] = nanmean(normalised) if normalised else math.nan
     settings = {
         "num_inference_steps": num_inference_steps,
+        "scheduler": type(pipeline.scheduler).__name__,
         "guidance_scale": guidance_scale,
         "resolution": resolution,
         "seed": seed,
         "max_sequence_length": max_sequence_length,
+        **({"num_frames": num_frames} if num_frames is not None else {}),
+        **({"guidance_scale_2": guidance_scale_2} if guidance_scale_2 is not None else {}),
         "prompts": {c: len(rows) for rows, cols in sets for c in cols},
     }
     sample_prompts = [[row["prompt"] for row in rows[:grid_size]] for rows, _ in sets]
     result = EvaluationResult(
-        columns, models, scores, counts, per_image, ranges, average, grids, settings, samples, sample_prompts
+        columns, models, scores, counts, per_image, ranges, average, grids, settings, samples, sample_prompts, videos
     )
     if output_dir is not None:
         result.save(output_dir)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import registry
+from .evaluation import sampler_name
 from .teachers import expert_weight_name
 
 
@@ -44,7 +45,14 @@ SAMPLES_DIR = "samples"
 # Files of `output_dir` that `push_to_hub` uploads; everything else stays local.
 # The LoRAs of a multi-expert student's further experts (Wan 2.2: `pytorch_lora_weights_transformer_2.safetensors`).
 EXPERT_WEIGHTS = "pytorch_lora_weights_*.safetensors"
-UPLOAD_PATTERNS = [ADAPTER_WEIGHTS, EXPERT_WEIGHTS, CARD_NAME, f"{SAMPLES_DIR}/*.png"]
+# Sample videos of the video families (`RewardEvalCallback`): animated WebP / GIF (shown inline) or MP4.
+SAMPLE_SUFFIXES = (".png", ".webp", ".gif", ".mp4")
+UPLOAD_PATTERNS = [
+    ADAPTER_WEIGHTS,
+    EXPERT_WEIGHTS,
+    CARD_NAME,
+    *(f"{SAMPLES_DIR}/*{suffix}" for suffix in SAMPLE_SUFFIXES),
+]
 
 TRL_CITATION = """@software{vonwerra2020trl,
     title   = {{TRL: Transformers Reinforcement Learning}},
@@ -250,10 +258,11 @@ def teacher_source(spec: TeacherSpec) -> str:
 
 
 def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
-    """Widget entries `{"text": prompt, "url": "samples/<file>.png"}` for the card.
+    """Widget entries `{"text": prompt, "url": "samples/<file>"}` for the card (images, or videos: `.webp`, `.gif`,
+    `.mp4`).
 
     `trainer.sample_widgets` wins when the trainer recorded its samples with their prompts; otherwise every
-    `output_dir/samples/*.png` is listed, its file name standing in for the prompt.
+    `output_dir/samples/*` of those suffixes is listed, its file name standing in for the prompt.
     """
     recorded = getattr(trainer, "sample_widgets", None)
     if recorded:
@@ -263,7 +272,8 @@ def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
         return []
     return [
         {"text": path.stem.replace("_", " "), "url": f"{SAMPLES_DIR}/{path.name}"}
-        for path in sorted(folder.glob("*.png"))
+        for path in sorted(folder.iterdir())
+        if path.suffix.lower() in SAMPLE_SUFFIXES
     ]
 
 
@@ -348,8 +358,10 @@ def _evaluation_section(results: Any, trainer: DiffusionLoRATrainer) -> dict[str
         "Mean reward of each model per column (reward), scored by `trl_diffusion_opd.evaluation.evaluate_models` on "
         f"one image per prompt ({counts or 'prompt counts not recorded'} prompts). Every model is sampled with the same "
         f"initial noise (seed {settings.get('seed', 'not recorded')} + image index), "
-        f"{settings.get('num_inference_steps', '?')} Euler ODE steps, guidance {settings.get('guidance_scale', '?')} "
-        f"(unless a row says otherwise), {settings.get('resolution', '?')} px."
+        f"{settings.get('num_inference_steps', '?')} {sampler_name(settings)} steps, guidance "
+        f"{settings.get('guidance_scale', '?')} (unless a row says otherwise), {settings.get('resolution', '?')} px"
+        + (f", {settings['num_frames']} frames" if settings.get("num_frames") else "")
+        + "."
     )
     ranges = {column: bounds for column, bounds in (table.get("ranges") or {}).items() if bounds}
     if with_average and ranges:

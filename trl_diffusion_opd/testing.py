@@ -618,6 +618,8 @@ def get_tiny_qwenimage_pipeline(
 # Video side and frames the tiny Wan pipelines are meant to run at: 8x VAE downsampling -> 4x4 latents, 2 latent frames.
 TINY_WAN_RESOLUTION = 32
 TINY_WAN_FRAMES = 5
+# The tiny TI2V-5B-like pipeline (Wan 2.2 VAE, 16x downsampling) at 64 pixels: 4x4 latents as well.
+TINY_WAN_TI2V_RESOLUTION = 64
 
 
 def get_tiny_wan_pipeline(
@@ -628,8 +630,10 @@ def get_tiny_wan_pipeline(
     num_attention_heads: int = 2,
     attention_head_dim: int = 12,
     flow_shift: float = 3.0,
+    ti2v: bool = False,
 ) -> WanPipeline:
-    """A randomly initialised `WanPipeline` with Wan 2.1's structure (or Wan 2.2 A14B's two experts) at a tiny size.
+    """A randomly initialised `WanPipeline` with Wan 2.1's structure (or Wan 2.2 A14B's two experts, or Wan 2.2
+    TI2V-5B's single transformer with per-token timesteps and the Wan 2.2 VAE) at a tiny size.
 
     The sizes follow diffusers' own Wan tests (`tests/pipelines/wan/test_wan.py`, `test_wan_22.py`); the text encoder
     is a tiny `UMT5EncoderModel` with the character-level T5 tokenizer of `get_tiny_t5_tokenizer`, and the scheduler
@@ -642,11 +646,17 @@ def get_tiny_wan_pipeline(
         boundary_ratio: Switch point of the experts (Wan 2.2 A14B: 0.875).
         num_layers, num_attention_heads, attention_head_dim: Transformer size.
         flow_shift: Shift of the sigma schedule (Wan's text-to-video configs: 3.0).
+        ti2v: Wan 2.2 TI2V-5B's structure: `expand_timesteps=True` (one timestep per latent token) and the Wan 2.2
+            VAE (`z_dim` 48, `is_residual`, patch 2, 16x spatial compression; diffusers' `test_wan_22.py` TI2V
+            sizes), so 48 latent channels; not with `two_experts`.
 
     Returns:
-        The pipeline in eval mode on the CPU, float32; run it at `TINY_WAN_RESOLUTION` pixels and `TINY_WAN_FRAMES`
-        frames.
+        The pipeline in eval mode on the CPU, float32; run it at `TINY_WAN_RESOLUTION` pixels
+        (`TINY_WAN_TI2V_RESOLUTION` with `ti2v`) and `TINY_WAN_FRAMES` frames.
     """
+    if ti2v and two_experts:
+        raise ValueError("Wan 2.2 TI2V-5B has one transformer: `ti2v` and `two_experts` exclude each other.")
+    channels = 48 if ti2v else 16
     text_dim = 32
     tokenizer = get_tiny_t5_tokenizer()
 
@@ -655,8 +665,8 @@ def get_tiny_wan_pipeline(
             patch_size=(1, 2, 2),
             num_attention_heads=num_attention_heads,
             attention_head_dim=attention_head_dim,
-            in_channels=16,
-            out_channels=16,
+            in_channels=channels,
+            out_channels=channels,
             text_dim=text_dim,
             freq_dim=256,
             ffn_dim=32,
@@ -689,9 +699,25 @@ def get_tiny_wan_pipeline(
         )
     )
     _seeded(seed, 4)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
+    if ti2v:
+        vae = AutoencoderKLWan(
+            base_dim=3,
+            z_dim=48,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            in_channels=12,
+            out_channels=12,
+            is_residual=True,
+            patch_size=2,
+            scale_factor_spatial=16,
+            latents_mean=[0.1 * (i % 5 - 2) for i in range(48)],
+            latents_std=[1.0 + 0.02 * i for i in range(48)],
+        )
+    else:
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
     pipe = WanPipeline(
         tokenizer=tokenizer,
@@ -701,6 +727,7 @@ def get_tiny_wan_pipeline(
         transformer=high,
         transformer_2=low,
         boundary_ratio=boundary_ratio if two_experts else None,
+        expand_timesteps=ti2v,
     )
     return _to_eval(pipe)
 
@@ -781,7 +808,7 @@ def save_toy_lora(
         folder: Output folder.
         seed: Seed of the weights.
         rank, lora_alpha, target_modules: The adapter's shape (alpha defaults to rank, targets to the attention
-            projections).
+            projections `attn.to_q/k/v/out.0`, or every `to_q/k/v/out.0` when there is no `attn` module, as in Wan).
         std: Standard deviation of the A and B entries.
         format: `"diffusers"` (`pytorch_lora_weights.safetensors` with adapter metadata) or `"peft"`
             (`adapter_config.json` + `adapter_model.safetensors`, keys prefixed `base_model.model.`).
@@ -799,6 +826,10 @@ def save_toy_lora(
     from safetensors.torch import save_file
 
     targets = target_modules or ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+    if target_modules is None and not any(
+        name.endswith(".attn.to_q") for name, _ in getattr(pipeline, expert).named_modules()
+    ):  # Wan names its attentions attn1 / attn2: every attention projection, by suffix
+        targets = ["to_q", "to_k", "to_v", "to_out.0"]
     full_rank = 2 * rank if shared_seed is not None else rank
     alpha = lora_alpha or full_rank
     config = LoraConfig(r=full_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
@@ -849,6 +880,7 @@ TINY_PIPELINES = {
     "zimage": get_tiny_zimage_pipeline,
     "wan": get_tiny_wan_pipeline,
     "wan22": functools.partial(get_tiny_wan_pipeline, two_experts=True),
+    "wan22_ti2v": functools.partial(get_tiny_wan_pipeline, ti2v=True),
 }
 
 

@@ -11,6 +11,10 @@ What is done exactly as `WanPipeline.__call__` (diffusers 0.42.1, `pipelines/wan
 - CFG: on iff `guidance_scale > 1` (the first scale decides for both stages), `v = v_u + w (v_c - v_u)`.
 - Wan 2.2 A14B: rows with `t >= boundary_ratio · 1000` run `transformer` (high noise) with `guidance_scale`, the
   others `transformer_2` (low noise) with `guidance_scale_2` (`None`: `guidance_scale`, as the pipeline).
+- Wan 2.2 TI2V-5B: text-to-video only (`WanPipeline`): per-token timesteps, 48 latent channels and the Wan 2.2
+  VAE (16x spatial compression, so `resolution` is a multiple of 32), pinned by `tests/test_wan.py` on the tiny
+  `tiny:wan22_ti2v`. Its image-to-video mode (`WanImageToVideoPipeline`, a first frame kept clean through the
+  timestep mask) is not a family of this package.
 
 What differs, on purpose: the Hub pipelines sample with `UniPCMultistepScheduler` (a multistep predictor-corrector,
 not a single Gaussian transition, so it has no per-step KL). Like the diffusion-RL frameworks (Flow-GRPO, DanceGRPO,
@@ -45,6 +49,9 @@ class WanExperts(torch.nn.Module):
     Under DDP, a step whose rows all fall on one side leaves the other expert's LoRA without gradient: launch with
     `ddp_find_unused_parameters=True`.
     """
+
+    # What accelerate's FSDP `TRANSFORMER_BASED_WRAP` wraps (it reads the attribute of the module it is given).
+    _no_split_modules = ["WanTransformerBlock"]
 
     def __init__(self, transformer: torch.nn.Module, transformer_2: torch.nn.Module, boundary_timestep: float):
         super().__init__()

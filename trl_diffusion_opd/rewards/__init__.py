@@ -14,8 +14,12 @@ scores = pick(images, prompts, metadata)  # one float per image
 | `clipscore` | CLIP ViT-L/14 cosine(image, prompt) | transformers |
 | `pickscore` | PickScore, raw logit_scale · cosine | transformers |
 | `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | transformers |
+| `temporal_consistency` | videos: mean cosine of adjacent frames' CLIP ViT-L/14 image embeddings | transformers |
 | `geneval`, `unifiedreward`, `hpsv2`, `imagereward` | clients of a reward server (Flow-GRPO's protocol) | a running server |
 | `brightness`, `saturation`, `jpeg_compressibility` | rule-based, in [0, 1] | nothing |
+
+Videos (lists of PIL frames, `(F, H, W, C)` arrays, `(F, C, H, W)` tensors) work with every reward: image rewards
+score each frame and average over the frames (`rewards.base`), video rewards (`accepts_video`) take whole videos.
 
 Plug-ins add rewards with `register_reward` (the tiny world's `world_composition`, `world_letters`,
 `world_aesthetic`: `trl_diffusion_opd.world`); `get_reward` loads the plug-ins when a name is not found.
@@ -32,7 +36,9 @@ from .base import (
     register_reward,
     reward_help,
     reward_names,
+    video_frames,
 )
+from .clip import TemporalConsistencyReward
 from .ocr import OCRReward, levenshtein, ocr_target, text_similarity
 from .remote import RemoteReward, RewardServerError
 
@@ -43,6 +49,7 @@ __all__ = [
     "RemoteReward",
     "Reward",
     "RewardServerError",
+    "TemporalConsistencyReward",
     "as_reward",
     "clear_reward_cache",
     "get_reward",
@@ -53,4 +60,5 @@ __all__ = [
     "reward_help",
     "reward_names",
     "text_similarity",
+    "video_frames",
 ]

@@ -5,6 +5,14 @@ A reward scores generated images: `reward(images, prompts, metadata) -> list[flo
 GenEval's `include` list). A reward that has no score for an image (an OCR prompt without quoted text) returns
 `nan` for it; averages skip those.
 
+Videos: a sample may be a video instead of an image: a list of PIL frames (what the Wan family decodes to and
+`WanPipeline(output_type="pil")` returns), an array `(F, H, W, C)` (`output_type="np"`, floats in [0, 1] or uint8) or
+a tensor `(F, C, H, W)` in [0, 1] (`output_type="pt"`); a whole batch may also be one array or tensor with the batch
+first, `(B, F, ...)`. Every reward scores videos: an image reward (`accepts_video = False`, the default) scores each
+frame as an image (with the video's prompt and metadata row) and a video gets the nan-skipping mean of its frames'
+scores; a video reward (`accepts_video = True`, e.g. `temporal_consistency`) receives each video as its list of PIL
+frames.
+
 Rewards are found by name (`get_reward("pickscore", device="cuda")`), are loaded once per (name, arguments) and
 score in batches of `batch_size`. Register a new one with `@register_reward("name")` on a `Reward` subclass, or wrap
 any function of that signature with `as_reward(fn, name)`.
@@ -34,12 +42,17 @@ class Reward(abc.ABC):
         name: Registry name, used in metric names (`rewards/{task}/{name}`) and table columns.
         score_range: `(low, high)` that maps a score to [0, 1] for the evaluation's "Average" column
             (`(score - low) / (high - low)`); `None` leaves the reward out of the average.
-        batch_size: Images scored per call of `score`.
+        batch_size: Images (or videos, for a video reward; frames, for an image reward scoring videos) scored per
+            call of `score`.
+        accepts_video: `score` receives videos as lists of PIL frames (a video reward); `False` (an image reward)
+            scores the frames of a video one by one and averages them.
     """
 
     name: str = "reward"
     score_range: tuple[float, float] | None = None
     batch_size: int = 16
+    # Whether `score` takes videos (lists of PIL frames) itself; otherwise videos are scored frame by frame.
+    accepts_video: bool = False
 
     @abc.abstractmethod
     def score(self, images: list, prompts: list[str], metadata: list[dict]) -> Sequence[float]:
@@ -48,7 +61,8 @@ class Reward(abc.ABC):
     def __call__(
         self, images: Sequence, prompts: Sequence[str] | None = None, metadata: Sequence[dict] | None = None
     ) -> list[float]:
-        """Score `images` (PIL images) for their `prompts` in batches; returns one float per image."""
+        """Score `images` (PIL images, or videos: see the module docstring) for their `prompts` in batches; returns
+        one float per image or video."""
         images = list(images)
         count = len(images)
         prompts = [""] * count if prompts is None else list(prompts)
@@ -57,6 +71,11 @@ class Reward(abc.ABC):
             raise ValueError(
                 f"Reward '{self.name}': {count} images but {len(prompts)} prompts and {len(metadata)} metadata rows."
             )
+        videos = [video_frames(item) for item in images]
+        if any(frames is not None for frames in videos):
+            if not self.accepts_video:
+                return self._frame_means(images, videos, prompts, metadata)
+            images = [item if frames is None else frames for item, frames in zip(images, videos)]
         scores: list[float] = []
         size = max(1, int(self.batch_size))
         for start in range(0, count, size):
@@ -68,6 +87,24 @@ class Reward(abc.ABC):
                 )
             scores.extend(float(value) for value in batch)
         return scores
+
+    def _frame_means(self, images: list, videos: list, prompts: list[str], metadata: list[dict]) -> list[float]:
+        """Every frame scored as an image (with its video's prompt and row); per video the nan-skipping mean."""
+        flat, flat_prompts, flat_rows, counts = [], [], [], []
+        for item, frames, prompt, row in zip(images, videos, prompts, metadata):
+            frames = [item] if frames is None else frames
+            if not frames:
+                raise ValueError(f"Reward '{self.name}': a video without frames.")
+            flat.extend(frames)
+            flat_prompts.extend([prompt] * len(frames))
+            flat_rows.extend(dict(row) for _ in frames)
+            counts.append(len(frames))
+        scores = self(flat, flat_prompts, flat_rows)
+        means, start = [], 0
+        for count in counts:
+            means.append(nanmean(scores[start : start + count]))
+            start += count
+        return means
 
     def normalize(self, value: float) -> float:
         """`value` mapped to [0, 1] by `score_range` (nan without a range)."""
@@ -158,6 +195,51 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
 def clear_reward_cache() -> None:
     """Forget the loaded rewards (their models are freed once nothing else holds them)."""
     _LOADED.clear()
+
+
+def video_frames(sample: Any) -> list | None:
+    """The frames of `sample` as RGB PIL images when it is a video, `None` when it is a single image.
+
+    A video is a list or tuple of PIL images, a numpy array `(F, H, W, C)` (floats in [0, 1] or uint8, `C` 1, 3 or
+    4) or a torch tensor `(F, C, H, W)` in [0, 1] (diffusers' video outputs for `output_type` `"pil"`, `"np"`,
+    `"pt"`). A one-frame video is still a video.
+
+    Raises:
+        ValueError: an array or tensor that is neither one image (3 dims) nor a video (4 dims).
+    """
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(sample, (list, tuple)):
+        return [frame.convert("RGB") if isinstance(frame, Image.Image) else _to_pil(frame) for frame in sample]
+    if hasattr(sample, "detach") and hasattr(sample, "permute"):  # a torch tensor, channels first
+        if sample.ndim == 4:
+            array = sample.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+            return [_to_pil(frame) for frame in array]
+        if sample.ndim != 3:
+            raise ValueError(f"A video tensor is (F, C, H, W), an image (C, H, W); got shape {tuple(sample.shape)}.")
+        return None
+    if isinstance(sample, np.ndarray):
+        if sample.ndim == 4:
+            return [_to_pil(frame) for frame in sample]
+        if sample.ndim not in (2, 3):
+            raise ValueError(f"A video array is (F, H, W, C), an image (H, W, C); got shape {sample.shape}.")
+    return None
+
+
+def _to_pil(frame: Any):
+    """One frame `(H, W, C)` (floats in [0, 1] or uint8) as an RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(frame, Image.Image):
+        return frame.convert("RGB")
+    array = np.asarray(frame)
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray(array).convert("RGB")
 
 
 def nanmean(values: Sequence[float]) -> float:

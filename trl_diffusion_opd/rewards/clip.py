@@ -12,6 +12,12 @@ local Hub cache, and users point at mirrors. Every model is loaded once (see `ge
 - `aesthetic`: the LAION improved aesthetic predictor (an MLP on the normalised CLIP ViT-L/14 image embedding,
   scores ≈ 1–10), weights from `trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth` (the same
   `sac+logos+ava1-l14-linearMSE` weights) or any local `.pth`/`.safetensors` file.
+- `temporal_consistency` (videos): the mean cosine similarity of adjacent frames' CLIP ViT-L/14 image embeddings,
+  1 for a still video, lower the more consecutive frames differ in content (flicker, identity or scene changes);
+  `nan` for a single image.
+
+Every one of them scores videos too (see `trl_diffusion_opd.rewards.base`): the image rewards per frame, averaged
+over the frames of each video.
 """
 
 from __future__ import annotations
@@ -200,3 +206,46 @@ class AestheticReward(_CLIPReward):
     @torch.no_grad()
     def score(self, images, prompts, metadata):
         return self.predictor(self._image_embeds(images)).squeeze(-1).tolist()
+
+
+@register_reward("temporal_consistency")
+class TemporalConsistencyReward(_CLIPReward):
+    """Videos: mean cosine similarity of adjacent frames' CLIP image embeddings (1 = still; nan for one image).
+
+    For a video of frames `f_1..f_F` with normalised CLIP image embeddings `e_i`, the score is
+    `mean_{i<F} e_i · e_{i+1}` (computed in float64), in [-1, 1]. A static video scores 1; frames that change content
+    score lower. It rewards only stability: pair it with a per-frame prompt or quality reward, which a still video
+    would not satisfy.
+
+    Args:
+        model_id, processor_id: The CLIP model (default ViT-L/14) and its processor.
+        frame_batch_size: Frames embedded per vision-model call.
+    """
+
+    name = "temporal_consistency"
+    score_range = (0.0, 1.0)
+    accepts_video = True
+    batch_size = 4  # videos per call of `score`
+
+    def __init__(
+        self, model_id: str = CLIP_L14, processor_id: str | None = None, frame_batch_size: int = 32, **kwargs: Any
+    ):
+        super().__init__(model_id, processor_id, **kwargs)
+        self.frame_batch_size = max(1, int(frame_batch_size))
+
+    @torch.no_grad()
+    def score(self, images, prompts, metadata):
+        scores = []
+        for video in images:
+            if not isinstance(video, list) or len(video) < 2:
+                scores.append(float("nan"))  # a single image (or frame) has no adjacent pair
+                continue
+            embeds = torch.cat(
+                [
+                    self._image_embeds(video[start : start + self.frame_batch_size])
+                    for start in range(0, len(video), self.frame_batch_size)
+                ]
+            )
+            embeds = torch.nn.functional.normalize(embeds.double(), dim=-1)
+            scores.append((embeds[:-1] * embeds[1:]).sum(-1).mean().item())
+        return scores

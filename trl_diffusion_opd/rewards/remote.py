@@ -12,6 +12,11 @@ as in Flow-GRPO, they run in a separate process that speaks Flow-GRPO's reward-s
 | `hpsv2` | `http://127.0.0.1:18088` | `outputs` | `server.py --scorer` with an hpsv2 function |
 | `imagereward` | `http://127.0.0.1:18089` | `outputs` | `server.py --scorer` with an ImageReward function |
 
+Videos: by default the client sends every frame of a video as an image and averages the frames' scores (what an
+image server understands). With `send_videos=True` (a video scorer), a batch of videos goes in one request as
+`{"videos": [[JPEG bytes of each frame], ...], "prompts", "meta_datas"}` (no `images` key), one score per video
+back; `server.py` decodes such a request into lists of PIL frames for its scorer.
+
 Any other server works through `RemoteReward(url, score_key=...)`. The protocol pickles (Flow-GRPO compatibility):
 the client unpickles every answer, so a server you do not run, or anyone who can alter the plain-HTTP traffic, can run
 code in the training process. Point clients only at servers you run, on this machine or over a network you trust.
@@ -53,6 +58,8 @@ class RemoteReward(Reward):
         jpeg_quality: JPEG quality of the images sent; `None` is Pillow's default (75).
         extra: More fields of every request (e.g. GenEval's `only_strict`).
         score_range: `(low, high)` that normalises the score for the evaluation's Average.
+        send_videos: Send videos as videos (`"videos"`: the JPEG frames of each) for a server that scores videos;
+            `False` sends their frames as images and averages the frames' scores. `batch_size` then counts videos.
     """
 
     batch_size = 64
@@ -69,6 +76,7 @@ class RemoteReward(Reward):
         extra: dict[str, Any] | None = None,
         score_range: tuple[float, float] | None = None,
         name: str = "remote",
+        send_videos: bool = False,
     ):
         self.url = url if "://" in url else f"http://{url}"
         self.score_key = score_key
@@ -78,6 +86,7 @@ class RemoteReward(Reward):
         self.jpeg_quality = jpeg_quality
         self.extra = dict(extra or {})
         self.name = name
+        self.accepts_video = bool(send_videos)
         if batch_size is not None:
             self.batch_size = batch_size
         if score_range is not None:
@@ -111,8 +120,15 @@ class RemoteReward(Reward):
         raise AssertionError("unreachable")
 
     def score(self, images, prompts, metadata):
+        videos = [isinstance(item, list) for item in images]
+        if any(videos):  # only with `send_videos`: the base class passes videos as lists of PIL frames
+            if not all(videos):
+                raise ValueError(f"Reward '{self.name}': a batch mixes images and videos; send one kind per call.")
+            media = {"videos": [[jpeg_bytes(frame, self.jpeg_quality) for frame in video] for video in images]}
+        else:
+            media = {"images": [jpeg_bytes(image, self.jpeg_quality) for image in images]}
         payload = {
-            "images": [jpeg_bytes(image, self.jpeg_quality) for image in images],
+            **media,
             "prompts": list(prompts),
             "meta_datas": list(metadata),
             **self.extra,

@@ -3,7 +3,9 @@
 Protocol (Flow-GRPO's `reward-server`, after ddpo-pytorch's LLaVA server): the client POSTs to `/` a pickled dict
 `{"images": [JPEG bytes, ...], "prompts": [...], "meta_datas": [row dicts], "only_strict": bool}`; the server answers
 200 with a pickled dict of per-image lists (`{"outputs": [...]}`, or GenEval's `{"scores", "rewards",
-"strict_rewards", "group_rewards", "group_strict_rewards"}`), or 500 with the traceback as text.
+"strict_rewards", "group_rewards", "group_strict_rewards"}`), or 500 with the traceback as text. A request for a
+video scorer has `"videos": [[JPEG bytes of each frame], ...]` instead of `"images"`; the scorer then receives one
+list of PIL frames per video and returns one score per video.
 
 Security: pickle runs code when loaded. This server unpickles every request, so anyone who can reach its port can run
 any command as the server's user. It therefore listens on 127.0.0.1 (this machine only) unless `--host` / `host`
@@ -47,8 +49,13 @@ def _response(result: Any, count: int) -> dict:
     return {"outputs": scores, "scores": scores}
 
 
+def _decode(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data), formats=["JPEG"]).convert("RGB")
+
+
 def make_handler(score: ScoreFunction, lock: threading.Lock | None = None) -> type[BaseHTTPRequestHandler]:
-    """A request handler class that scores each POSTed batch with `score` (one batch at a time under `lock`)."""
+    """A request handler class that scores each POSTed batch with `score` (one batch at a time under `lock`): a list
+    of PIL images, or of videos (lists of PIL frames) when the request has `videos`."""
     lock = lock or threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -56,7 +63,10 @@ def make_handler(score: ScoreFunction, lock: threading.Lock | None = None) -> ty
             try:
                 length = int(self.headers.get("Content-Length", 0))
                 request = pickle.loads(self.rfile.read(length))
-                images = [Image.open(io.BytesIO(data), formats=["JPEG"]).convert("RGB") for data in request["images"]]
+                if "videos" in request:  # one list of JPEG frames per video
+                    images = [[_decode(data) for data in frames] for frames in request["videos"]]
+                else:
+                    images = [_decode(data) for data in request["images"]]
                 prompts = list(request.get("prompts") or [""] * len(images))
                 metadata = list(request.get("meta_datas") or [{} for _ in images])
                 with lock:

@@ -7,7 +7,8 @@ python -m trl_diffusion_opd.scripts.eval --config eval.yaml     # the same job
 ```
 
 The job is `trl_diffusion_opd.evaluation.evaluate_models`; this module parses its arguments
-(`DiffusionOPDEvalArguments`) and writes `results.md`, `results.json` and `grids/` under `output_dir`.
+(`DiffusionOPDEvalArguments`) and writes `results.md`, `results.json` and `grids/` under `output_dir` (a video
+pipeline also `videos/`: the sample videos; its grids are frame grids).
 """
 
 from __future__ import annotations
@@ -83,8 +84,18 @@ class DiffusionOPDEvalArguments:
             Use only the first prompts of each set.
         max_sequence_length (`int` or `None`, *optional*):
             T5 prompt length; `None` is the pipeline's default.
+        num_frames (`int` or `None`, *optional*):
+            Frames per video (video pipelines such as Wan: `1 + 4k`); `None` is the pipeline's default.
+        guidance_scale_2 (`float` or `None`, *optional*):
+            CFG scale of Wan 2.2 A14B's low-noise expert; `None` is the pipeline's default (`guidance_scale`).
+        video_format (`str`, *optional*, defaults to `"webp"`):
+            Format of the sample videos of a video pipeline: `webp` or `gif` (Pillow; shown inline on the Hub) or
+            `mp4` (needs the extra `video`: imageio, imageio-ffmpeg).
+        fps (`int`, *optional*, defaults to `16`):
+            Frames per second of the sample videos (Wan 2.1 and 2.2 A14B: 16; TI2V-5B: 24).
         grid_size (`int`, *optional*, defaults to `8`):
-            Images per prompt set in each model's grid.
+            Images (videos) per prompt set in each model's grid; a video pipeline's grid is a frame grid, one row of
+            frames per video, and these videos are written to `videos/<label>/`.
         output_dir (`str`, *optional*, defaults to `"eval"`):
             Where `results.md`, `results.json` and `grids/<label>.png` are written.
         torch_dtype (`str`, *optional*, defaults to `"auto"`):
@@ -109,6 +120,12 @@ class DiffusionOPDEvalArguments:
     batch_size: int = field(default=4, metadata={"help": "Images per pipeline call."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first prompts of each set."})
     max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt length."})
+    num_frames: int | None = field(default=None, metadata={"help": "Frames per video (video pipelines)."})
+    guidance_scale_2: float | None = field(default=None, metadata={"help": "CFG scale of Wan 2.2's low-noise expert."})
+    video_format: str = field(
+        default="webp", metadata={"help": "Format of the sample videos.", "choices": ["webp", "gif", "mp4"]}
+    )
+    fps: int = field(default=16, metadata={"help": "Frames per second of the sample videos."})
     grid_size: int = field(default=8, metadata={"help": "Images per prompt set in each grid."})
     output_dir: str = field(default="eval", metadata={"help": "Output folder."})
     torch_dtype: str = field(
@@ -137,8 +154,11 @@ class DiffusionOPDEvalArguments:
             raise ValueError("`model_name_or_path` is required: a Hub id, a local folder, or tiny:sd3 / tiny:flux.")
         if not self.prompts:
             raise ValueError('`prompts` is required: {reward: prompt source}, e.g. {"ocr": "ocr_test.txt"}.')
-        for name in ("num_inference_steps", "resolution", "batch_size", "grid_size"):
+        for name in ("num_inference_steps", "resolution", "batch_size", "grid_size", "fps"):
             check_int(name, getattr(self, name), 1)
+        check_int("num_frames", self.num_frames, 1, optional=True)
+        check_number("guidance_scale_2", self.guidance_scale_2, 0, optional=True)
+        check_choice("video_format", self.video_format, ("webp", "gif", "mp4"))
         check_int("max_prompts", self.max_prompts, 1, optional=True)
         check_int("max_sequence_length", self.max_sequence_length, 1, optional=True)
         check_int("seed", self.seed, 0)
@@ -210,6 +230,10 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
         batch_size=eval_args.batch_size,
         max_prompts=eval_args.max_prompts,
         max_sequence_length=eval_args.max_sequence_length,
+        num_frames=eval_args.num_frames,
+        guidance_scale_2=eval_args.guidance_scale_2,
+        video_format=eval_args.video_format,
+        fps=eval_args.fps,
         grid_size=eval_args.grid_size,
         normalization=eval_args.normalization,
         output_dir=eval_args.output_dir,
@@ -242,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(prog, one_line(error))
     print(result.to_markdown())
     output = Path(eval_args.output_dir)
-    print(f"Results: {output / 'results.md'} (and results.json); grids: {output / 'grids'}")
+    videos = f"; videos: {output / 'videos'}" if result.videos else ""
+    print(f"Results: {output / 'results.md'} (and results.json); grids: {output / 'grids'}{videos}")
     return 0
 
 

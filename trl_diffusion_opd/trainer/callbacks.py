@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from ..data import prompts_by_task
-from ..evaluation import SAMPLES_DIR, make_grid
+from ..evaluation import SAMPLES_DIR, VIDEO_FORMATS, frame_grid, is_video, make_grid, save_video
 from ..rewards import Reward, as_reward, nanmean
 
 
@@ -40,11 +41,19 @@ def _parse_rewards(rewards: Any, tasks: list[str]) -> dict[str, list]:
     return {task: _reward_list(rewards) for task in tasks}
 
 
+def _file_part(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "task"
+
+
 class RewardEvalCallback(TrainerCallback):
     """Every `eval_steps`, sample fixed prompts per task with the student (EMA weights when EMA is on), log each
     configured reward's mean as `rewards/{task}/{reward}`, and write one grid (a row per task) to
     `output_dir/samples/step-{step}.png` and to TensorBoard / Weights & Biases when they are in `report_to`. At the
     end of training the last grid is sampled (if that step was not) and becomes the model card's widget.
+
+    Video families (Wan): the rewards score the videos (image rewards frame by frame, averaged), the grid is a frame
+    grid (a row of frames per video, labelled with its task and prompt), and each task's first video is written as
+    `samples/step-{step}-{task}.{video_format}`; the card shows those videos and the grid.
 
     Args:
         trainer: The trainer (a `DiffusionLoRATrainer` subclass); or call `bind(trainer)` later.
@@ -59,6 +68,9 @@ class RewardEvalCallback(TrainerCallback):
         seed: Seed of the initial noise (the same every time, so grids are comparable across steps).
         reward_kwargs: `{reward name: kwargs of get_reward}`.
         grid_image_size: Side of a grid tile in pixels (`None`: the generated size).
+        video_format: `webp` (default) or `gif`, shown inline on the Hub, or `mp4` (extra `video`).
+        fps: Frames per second of the videos.
+        max_grid_frames: Frames per video in the frame grid (spread evenly; `None`: all).
     """
 
     def __init__(
@@ -72,7 +84,12 @@ class RewardEvalCallback(TrainerCallback):
         seed: int = 0,
         reward_kwargs: dict[str, dict[str, Any]] | None = None,
         grid_image_size: int | None = 256,
+        video_format: str = "webp",
+        fps: int = 16,
+        max_grid_frames: int | None = 8,
     ):
+        if video_format not in VIDEO_FORMATS:
+            raise ValueError(f"`video_format` must be one of {', '.join(VIDEO_FORMATS)}, got {video_format!r}.")
         self.rewards_spec = rewards
         self.prompts_spec = prompts
         self.eval_steps = eval_steps
@@ -81,6 +98,9 @@ class RewardEvalCallback(TrainerCallback):
         self.seed = seed
         self.reward_kwargs = reward_kwargs or {}
         self.grid_image_size = grid_image_size
+        self.video_format = video_format
+        self.fps = fps
+        self.max_grid_frames = max_grid_frames
         self.trainer = None
         self.last_step: int | None = None
         self.history: list[dict[str, float]] = []
@@ -136,7 +156,7 @@ class RewardEvalCallback(TrainerCallback):
         if not trainer.is_world_process_zero():
             return {}
         metrics: dict[str, float] = {}
-        grid_rows, captions = [], []
+        grid_rows, captions, labels = [], [], []
         for task, rows in self.prompts.items():
             texts = [row["prompt"] for row in rows]
             images = trainer.generate(texts, seed=self.seed, num_inference_steps=self.num_inference_steps)
@@ -144,13 +164,26 @@ class RewardEvalCallback(TrainerCallback):
                 metrics[f"rewards/{task}/{reward.name}"] = nanmean(reward(images, texts, rows))
             grid_rows.append(images)
             captions.append(f"{task}: " + " | ".join(texts))
-        grid = make_grid(grid_rows, self.grid_image_size)
+            labels.extend(f"{task}: {text}" for text in texts)
         folder = Path(trainer.args.output_dir) / SAMPLES_DIR
         folder.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:06d}.png"
-        grid.save(folder / name)
         caption = "\n".join(captions)
-        trainer.sample_widgets = [{"text": caption.replace("\n", " · "), "url": f"{SAMPLES_DIR}/{name}"}]
+        widgets = []
+        if any(is_video(sample) for images in grid_rows for sample in images):
+            grid = frame_grid(
+                [v for videos in grid_rows for v in videos], labels, self.max_grid_frames, self.grid_image_size
+            )
+            for task, videos, rows in zip(self.prompts, grid_rows, self.prompts.values()):
+                if not videos:
+                    continue
+                video_name = f"step-{step:06d}-{_file_part(task)}.{self.video_format}"
+                save_video(videos[0], folder / video_name, self.fps)
+                widgets.append({"text": f"{task}: {rows[0]['prompt']}", "url": f"{SAMPLES_DIR}/{video_name}"})
+        else:
+            grid = make_grid(grid_rows, self.grid_image_size)
+        grid.save(folder / name)
+        trainer.sample_widgets = widgets + [{"text": caption.replace("\n", " · "), "url": f"{SAMPLES_DIR}/{name}"}]
         self._to_trackers(grid, caption, step)
         if metrics:
             # The base `Trainer.log`: the trainer's own `log` would pull the round metrics gathered for the next

@@ -161,14 +161,15 @@ class DiffusionNFTTrainer(DiffusionRLTrainer):
                 x = self.family.init_latents(count, args.resolution, generator).to(args.device)
                 for j in range(args.num_inference_steps):
                     t, t_next = sigmas[j].item(), sigmas[j + 1].item()
-                    velocity = self.family.velocity(
-                        transformer, x, sigmas[j].expand(count).to(args.device), part, args.guidance_scale, negative
+                    sigma = sigmas[j].expand(count).to(args.device)
+                    velocity = self._velocity(
+                        transformer, x, sigma, part, args.guidance_scale, negative, args.guidance_scale_2
                     )
                     euler = transition.step_mean(x, velocity, t, t_next)
                     if args.sampler == "heun" and t_next > 0:
                         sigma_next = sigmas[j + 1].expand(count).to(args.device)
-                        v_next = self.family.velocity(
-                            transformer, euler, sigma_next, part, args.guidance_scale, negative
+                        v_next = self._velocity(
+                            transformer, euler, sigma_next, part, args.guidance_scale, negative, args.guidance_scale_2
                         )
                         x = transition.heun_mean(x, velocity, v_next, t, t_next)
                     else:
@@ -195,14 +196,14 @@ class DiffusionNFTTrainer(DiffusionRLTrainer):
         cond = cond_tile(batch["cond"], len(steps))
         negative = self._negative(x0.shape[0]) if args.guidance_scale > 1 else None
         with torch.no_grad(), self.adapters.use(OLD):
-            v_old = self.family.velocity(model, x_t, t, cond, args.guidance_scale, negative)
-        v_theta = self.family.velocity(model, x_t, t, cond, args.guidance_scale, negative)
+            v_old = self._velocity(model, x_t, t, cond, args.guidance_scale, negative, args.guidance_scale_2)
+        v_theta = self._velocity(model, x_t, t, cond, args.guidance_scale, negative, args.guidance_scale_2)
         r = nft_optimality(batch["advantages"], args.adv_clip_max).repeat(len(steps))
         terms = {"loss": nft_loss(x_t, t, v_theta, v_old, x0, r, args.nft_beta), "r": r}
         terms["old_deviation"] = (v_theta.detach() - v_old).pow(2).flatten(1).mean(1)
         if args.beta > 0:
             with torch.no_grad(), self.adapters.use(None):
-                v_ref = self.family.velocity(model, x_t, t, cond, args.guidance_scale, negative)
+                v_ref = self._velocity(model, x_t, t, cond, args.guidance_scale, negative, args.guidance_scale_2)
             terms["kl"] = (v_theta - v_ref).pow(2).flatten(1).mean(1)
         return terms
 
