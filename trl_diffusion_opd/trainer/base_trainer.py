@@ -291,8 +291,11 @@ class DiffusionLoRATrainer(Trainer):
         self._place_models(device)
         self.prompt_cache = PromptCache(self.family, args.prompt_cache_size)
         if args.offload_text_encoders:
-            every = [row["prompt"] for rows in self.task_prompts.values() for row in rows]
-            every += [row["prompt"] for rows in (self.eval_prompts or {}).values() for row in rows]
+            every = []
+            for prompts in (self.task_prompts, self.eval_prompts or {}):
+                for task, rows in prompts.items():
+                    texts = [row["prompt"] for row in rows]
+                    every += texts + [text for text in self.student_prompts(task, texts) if text not in texts]
             self.prompt_cache.warm([args.negative_prompt, *every])
         self.ema = (
             EMAModel(self.student_parameters, decay=args.ema_decay, min_decay=args.ema_decay, foreach=False)
@@ -479,6 +482,11 @@ class DiffusionLoRATrainer(Trainer):
             return self.family.decode(x, self.args.resolution)
         finally:
             vae.to(home)
+
+    def student_prompts(self, task: str | None, prompts: list[str]) -> list[str]:
+        """The prompts the trained adapter sees for rows of `task` (as written here; DiffusionOPD applies its
+        `task_prompt_templates`)."""
+        return list(prompts)
 
     @torch.no_grad()
     def generate(

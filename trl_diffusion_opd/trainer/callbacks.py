@@ -159,7 +159,10 @@ class RewardEvalCallback(TrainerCallback):
         grid_rows, captions, labels = [], [], []
         for task, rows in self.prompts.items():
             texts = [row["prompt"] for row in rows]
-            images = trainer.generate(texts, seed=self.seed, num_inference_steps=self.num_inference_steps)
+            # the student is sampled with the prompt it was trained on for the task; rewards read the prompt as written
+            images = trainer.generate(
+                trainer.student_prompts(task, texts), seed=self.seed, num_inference_steps=self.num_inference_steps
+            )
             for reward in self.rewards[task]:
                 metrics[f"rewards/{task}/{reward.name}"] = nanmean(reward(images, texts, rows))
             grid_rows.append(images)

@@ -96,6 +96,12 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             (Eq. 11 of the paper).
         task_weights (`dict[str, float]` or `None`, *optional*):
             Weight of each task's loss; missing tasks weigh 1.
+        task_prompt_templates (`dict[str, str]` or `None`, *optional*):
+            The prompt the *student* sees for a task's rows, as a template with `{prompt}` (e.g.
+            `{"aesthetic": "{prompt}, pretty"}`); the task's teachers always see the prompt as written. Tasks whose
+            prompt sets overlap but whose teachers want different images need it: on a prompt shared by two tasks
+            the student otherwise receives both teachers' targets and learns their weighted mean (see the README's
+            "Tasks that share prompts"). Sample the student with the same template; the model card lists it.
         ppo_clip_range (`float` or `None`, *optional*, defaults to `None`):
             PPO clipping range of the importance ratio with `loss_type="ppo"`.
         step_batch_size (`int` or `None`, *optional*, defaults to `None`):
@@ -135,6 +141,7 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         "teacher_guidance_scale",
         "teacher_guidance_scale_2",
         "task_weights",
+        "task_prompt_templates",
     ]
 
     # Parameters whose default values are overridden from DiffusionTrainingConfig
@@ -165,10 +172,18 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     task_weights: dict | str | None = field(
         default=None, metadata={"help": "Weight of each task's loss, a dict (or JSON string)."}
     )
+    task_prompt_templates: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt the student sees per task, a dict (or JSON string) task -> template with '{prompt}'; "
+            "teachers see the prompt as written."
+        },
+    )
     ppo_clip_range: float | None = field(default=None, metadata={"help": "PPO clip range with loss_type='ppo'."})
 
     def __post_init__(self):
         self.task_weights = _as_dict(self.task_weights, "task_weights")
+        self.task_prompt_templates = _as_dict(self.task_prompt_templates, "task_prompt_templates")
         for name in ("teacher_guidance_scale", "teacher_guidance_scale_2"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -198,6 +213,23 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         # Missing tasks weigh 1; that some task keeps a weight > 0 is checked by the trainer, which knows the tasks.
         for task, weight in (self.task_weights or {}).items():
             check_number(f"task_weights['{task}']", weight, 0)
+        for task, template in (self.task_prompt_templates or {}).items():
+            if not isinstance(template, str) or "{prompt}" not in template:
+                raise ValueError(
+                    f"`task_prompt_templates['{task}']` must be a string containing '{{prompt}}', got {template!r}."
+                )
+            try:
+                template.format(prompt="")
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(
+                    f"`task_prompt_templates['{task}']` ({template!r}) has a placeholder other than '{{prompt}}' "
+                    f"({error!r}); double braces write a literal brace."
+                ) from None
+
+    def student_prompt(self, task: str, prompt: str) -> str:
+        """The prompt the student sees for a row of `task` (`task_prompt_templates`; unchanged without one)."""
+        template = (self.task_prompt_templates or {}).get(task)
+        return prompt if template is None else template.format(prompt=prompt)
 
     def teacher_guidance_for(self, task: str) -> float:
         """CFG scale of `task`'s teacher when its spec sets none."""

@@ -98,6 +98,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             self.check_eval_tasks(self.eval_prompts, self.teacher_specs)
             self._check_routing(self.eval_prompts)
         self.check_task_weights(args.task_weights, self.teacher_specs)
+        unknown = [task for task in args.task_prompt_templates or {} if task not in self.teacher_specs]
+        if unknown:
+            raise ValueError(f"`task_prompt_templates` names task(s) {unknown}, which have no teacher.")
         # The teachers' files are read (headers only) before the base model is loaded or anything computed.
         for specs in self.teacher_specs.values():
             for spec in specs:
@@ -108,6 +111,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         super().__init__(model, args, peft_config=peft_config, callbacks=callbacks)
 
     # ------------------------------------------------------------------ hooks
+    def student_prompts(self, task: str | None, prompts: list[str]) -> list[str]:
+        return [self.args.student_prompt(task, prompt) for prompt in prompts] if task else list(prompts)
+
     def _load_extra_models(self, transformer, args: DiffusionOPDConfig) -> None:
         """Load every teacher (resolved in `__init__`): LoRA teachers as adapters on the base, full ones as frozen
         modules.
@@ -181,6 +187,8 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             "KL normalisation": args.kl_normalization,
             "prompts per task, device and round": args.per_device_train_batch_size,
         }
+        for task, template in (args.task_prompt_templates or {}).items():
+            settings[f"student prompt for {task}"] = f"`{template}`"
         return {
             "summary": summary,
             "teachers": teachers,
@@ -303,9 +311,12 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             `(loss, kl_per_step)`: the task's weighted loss (a float) and the unweighted KL per trained step `(T,)`.
         """
         args = self.args
-        cond = self.prompt_cache([row["prompt"] for row in rows])
+        prompts = [row["prompt"] for row in rows]
+        cond = self.prompt_cache(prompts)  # what the teachers see
+        student_prompts = self.student_prompts(task, prompts)
+        student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts)
         batch = len(rows)
-        rollout = self.rollout(cond, generator)
+        rollout = self.rollout(student_cond, generator)
         num_steps = args.num_train_timesteps
         t_guard = rollout["sigmas"][1].item()
         task_weight = float((args.task_weights or {}).get(task, 1.0))
@@ -315,6 +326,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         for steps in self._chunks(num_steps):
             x, t, t_next = self._step_rows(rollout, steps)
             rows_cond = cond_tile(cond, len(steps))
+            student_rows_cond = rows_cond if student_cond is cond else cond_tile(student_cond, len(steps))
             row_weights = weights.repeat(len(steps), 1).to(x.device)  # rows are step-major, like x
             row_weights = self._expert_coverage(teachers, t, row_weights)
             subsets = [row_weights[:, k].nonzero().squeeze(1) for k in range(len(teachers))]
@@ -333,7 +345,15 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                 if len(active) == x.shape[0]:
                     negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
                     student = self._mean(
-                        model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard, args.guidance_scale_2
+                        model,
+                        x,
+                        t,
+                        t_next,
+                        student_rows_cond,
+                        args.guidance_scale,
+                        negative,
+                        t_guard,
+                        args.guidance_scale_2,
                     )
                 elif len(active):
                     negative = self._negative(len(active)) if args.guidance_scale > 1 else None
@@ -342,7 +362,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                         x[active],
                         t[active],
                         t_next[active],
-                        cond_select(rows_cond, active),
+                        cond_select(student_rows_cond, active),
                         args.guidance_scale,
                         negative,
                         t_guard,

@@ -1,0 +1,84 @@
+"""`task_prompt_templates`: the student sees a task's prompt through a template, its teachers see it as written."""
+
+import pytest
+import torch
+
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
+from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
+
+
+PROMPTS = ["a red cube", "two green cones", "a blue ball on a box"]
+
+
+def _args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        resolution=32,
+        num_inference_steps=4,
+        per_device_train_batch_size=3,
+        max_sequence_length=1,
+        save_strategy="no",
+        ema=False,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    return DiffusionOPDConfig(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher") / "t"
+    save_toy_lora(get_tiny_sd3_pipeline(with_t5=False), folder, seed=1, std=0.2, rank=2)
+    return str(folder)
+
+
+def _kl(tmp_path, teacher, templates):
+    # The student starts as the teacher itself: every difference in the KL comes from the prompt it sees.
+    trainer = DiffusionOPDTrainer(
+        get_tiny_sd3_pipeline(with_t5=False),
+        {"same": teacher, "tagged": teacher},
+        args=_args(tmp_path, student_adapter=teacher, task_prompt_templates=templates),
+        train_dataset={"same": PROMPTS, "tagged": PROMPTS},
+    )
+    return trainer, trainer.compute_teacher_kl({"same": PROMPTS, "tagged": PROMPTS}, seed=0)
+
+
+def test_only_the_student_sees_the_template(tmp_path, teacher):
+    _, kl = _kl(tmp_path / "plain", teacher, None)
+    assert kl == {"same": 0.0, "tagged": 0.0}
+    trainer, kl = _kl(tmp_path / "tagged", teacher, '{"tagged": "{prompt}, zz"}')  # a JSON string, as on the CLI
+    assert kl["same"] == 0.0  # a task without a template is untouched
+    assert kl["tagged"] > 1e-6  # same weights, other prompt for the student only
+    assert trainer.student_prompts("tagged", PROMPTS) == [f"{p}, zz" for p in PROMPTS]
+    assert trainer.student_prompts("same", PROMPTS) == PROMPTS
+
+
+def test_the_card_names_the_template(tmp_path, teacher):
+    trainer, _ = _kl(tmp_path, teacher, {"tagged": "{prompt}, zz"})
+    trainer.create_model_card(output_dir=str(tmp_path / "card"))
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "student prompt for tagged" in card and "`{prompt}, zz`" in card
+
+
+@pytest.mark.parametrize(
+    "templates, message",
+    [
+        ({"a": "no placeholder"}, "must be a string containing '{prompt}'"),
+        ({"a": 3}, "must be a string containing '{prompt}'"),
+        ({"a": "{prompt} {style}"}, "has a placeholder other than '{prompt}'"),
+    ],
+)
+def test_bad_templates_fail_in_the_config(tmp_path, templates, message):
+    with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")):
+        _args(tmp_path, task_prompt_templates=templates)
+
+
+def test_a_template_for_a_task_without_teacher_fails(tmp_path, teacher):
+    with pytest.raises(ValueError, match=r"`task_prompt_templates` names task\(s\) \['other'\], which have no teacher"):
+        DiffusionOPDTrainer(
+            get_tiny_sd3_pipeline(with_t5=False),
+            {"same": teacher},
+            args=_args(tmp_path, task_prompt_templates={"other": "{prompt}!"}),
+            train_dataset={"same": PROMPTS},
+        )
