@@ -1,7 +1,7 @@
 """`task_prompt_templates`: the student sees a task's prompt through a template, its teachers see it as written."""
 
+import numpy as np
 import pytest
-import torch
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
@@ -11,18 +11,18 @@ PROMPTS = ["a red cube", "two green cones", "a blue ball on a box"]
 
 
 def _args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=1,
-        resolution=32,
-        num_inference_steps=4,
-        per_device_train_batch_size=3,
-        max_sequence_length=1,
-        save_strategy="no",
-        ema=False,
-        report_to="none",
-        disable_tqdm=True,
-    )
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 1,
+        "resolution": 32,
+        "num_inference_steps": 4,
+        "per_device_train_batch_size": 3,
+        "max_sequence_length": 1,
+        "save_strategy": "no",
+        "ema": False,
+        "report_to": "none",
+        "disable_tqdm": True,
+    }
     return DiffusionOPDConfig(**{**defaults, **kwargs})
 
 
@@ -75,10 +75,53 @@ def test_bad_templates_fail_in_the_config(tmp_path, templates, message):
 
 
 def test_a_template_for_a_task_without_teacher_fails(tmp_path, teacher):
-    with pytest.raises(ValueError, match=r"`task_prompt_templates` names task\(s\) \['other'\], which have no teacher"):
+    with pytest.raises(
+        ValueError, match=r"`task_prompt_templates` names task\(s\) \['other'\], which have no teacher"
+    ):
         DiffusionOPDTrainer(
             get_tiny_sd3_pipeline(with_t5=False),
             {"same": teacher},
             args=_args(tmp_path, task_prompt_templates={"other": "{prompt}!"}),
             train_dataset={"same": PROMPTS},
         )
+
+
+def test_evaluation_samples_a_row_through_its_template(teacher):
+    from trl_diffusion_opd.evaluation import evaluate_models
+
+    pipe = get_tiny_sd3_pipeline(with_t5=False)
+    prompts_seen = {}
+
+    def record(images_, prompts, metadata):
+        return [float(np.asarray(image, dtype="float64").mean()) for image in images_]
+
+    original = pipe.__class__.__call__
+
+    def spy(self, *args, **kwargs):
+        prompts_seen.setdefault(len(prompts_seen), list(kwargs["prompt"]))
+        return original(self, *args, **kwargs)
+
+    pipe.__class__.__call__ = spy
+    try:
+        result = evaluate_models(
+            pipe,
+            prompts={"bright": PROMPTS},
+            adapters={
+                "plain": teacher,
+                "identity": {"path": teacher, "prompt_templates": {"bright": "{prompt}"}},
+                "tagged": {"path": teacher, "prompt_templates": {"bright": "{prompt}, zz"}},
+            },
+            rewards={"bright": record},
+            normalization={"bright": [0, 255]},
+            include_base=False,
+            progress=False,
+            batch_size=3,
+            num_inference_steps=3,
+            resolution=32,
+            max_sequence_length=8,
+        )
+    finally:
+        pipe.__class__.__call__ = original
+    assert prompts_seen == {0: PROMPTS, 1: PROMPTS, 2: [f"{p}, zz" for p in PROMPTS]}
+    assert result.per_image["identity"]["bright"] == result.per_image["plain"]["bright"]
+    assert result.per_image["tagged"]["bright"] != result.per_image["plain"]["bright"]

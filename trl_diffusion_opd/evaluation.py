@@ -335,11 +335,14 @@ class EvalModel:
     adapter_name: str | None = None
     source: str | None = None
     guidance_scale: float | None = None
+    prompt_templates: dict[str, str] | None = None
 
 
 def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, token=None) -> EvalModel:
     """Load the LoRA `spec` (local folder, Hub id `owner/repo[/sub/folder][@revision]` or a dict with `path`,
-    `subfolder`, `revision`, `weight_name`, `guidance_scale`) on `pipeline` as the adapter of row `label`.
+    `subfolder`, `revision`, `weight_name`, `guidance_scale`, `prompt_templates`) on `pipeline` as the adapter of
+    row `label`. `prompt_templates` (`{column: template with "{prompt}"}`) samples that column's prompts through the
+    template, as a student trained with `task_prompt_templates` expects; rewards still read the prompts as written.
 
     Diffusers-format folders go through `pipeline.load_lora_weights`, as users load them (a file with transformer
     weights only straight into the transformer, as `load_lora_weights` does, without its "No LoRA keys associated to
@@ -351,6 +354,13 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
         ValueError: the adapter cannot be found or loads no weight into the transformer.
     """
     name = _adapter_name(label)
+    templates = None
+    if isinstance(spec, dict) and "prompt_templates" in spec:
+        spec = dict(spec)
+        templates = dict(spec.pop("prompt_templates") or {})
+        for column, template in templates.items():
+            if not isinstance(template, str) or "{prompt}" not in template:
+                raise ValueError(f"Adapter '{label}': prompt template of '{column}' must contain '{{prompt}}'.")
     spec = parse_teacher_spec(name, spec)
     folder = resolve_teacher(spec, cache_dir=cache_dir, token=token)
     if spec.full_weight:
@@ -369,7 +379,23 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
             load_lora_teacher(pipeline.transformer, spec, folder, owner=f"Adapter '{label}'")
     if not any(f".{name}." in key for key, _ in pipeline.transformer.named_parameters()):
         raise ValueError(f"Adapter '{label}' ({spec.display}) loaded no LoRA weight into the transformer.")
-    return EvalModel(label=label, adapter_name=name, source=spec.display, guidance_scale=spec.guidance_scale)
+    return EvalModel(
+        label=label,
+        adapter_name=name,
+        source=spec.display,
+        guidance_scale=spec.guidance_scale,
+        prompt_templates=templates,
+    )
+
+
+def _set_template(model: EvalModel, columns: list[str]) -> str:
+    """The prompt template of `model` for a prompt set scored by `columns` (`"{prompt}"` when it has none)."""
+    templates = {(model.prompt_templates or {}).get(column, "{prompt}") for column in columns}
+    if len(templates) > 1:
+        raise ValueError(
+            f"Adapter '{model.label}' gives different prompt templates to columns {columns}, which share prompts."
+        )
+    return templates.pop()
 
 
 def _transformer_only(path: Path) -> bool:
@@ -679,13 +705,14 @@ def evaluate_models(
             grid_rows = []
             for rows, set_columns in sets:
                 shown = []
+                template = _set_template(model, set_columns)
                 for start in range(0, len(rows), batch_size):
                     batch = rows[start : start + batch_size]
                     texts = [row["prompt"] for row in batch]
                     bar.set_postfix_str(model.label)
                     images = generate_images(
                         pipeline,
-                        texts,
+                        [template.format(prompt=text) for text in texts],
                         [seed + start + i for i in range(len(batch))],
                         num_inference_steps,
                         scale,

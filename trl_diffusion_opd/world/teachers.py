@@ -326,6 +326,7 @@ def score_pipeline(
     num_inference_steps: int = 10,
     guidance_scale: float = 1.0,
     per_image: bool = False,
+    prompt_templates: dict[str, str] | None = None,
 ) -> dict:
     """Each task's own reward (in [0, 1]) on its held-out prompts, sampled with the ODE sampler.
 
@@ -336,6 +337,8 @@ def score_pipeline(
         seed: Prompt draw and initial noise; equal seeds give equal prompts and noise whatever the weights.
         num_inference_steps, guidance_scale: Sampler settings (the base's recorded scores use 10 and 1).
         per_image: Also return the per-image scores under `"<task>/values"`.
+        prompt_templates: `{task: template with "{prompt}"}`: sample that task's images from the templated prompt
+            (a student trained with `task_prompt_templates`); the reward still reads the prompt as written.
 
     Returns:
         `{task: mean reward}` (plus `"composition_binary"`, GenEval's success rate, when composition is scored).
@@ -345,7 +348,9 @@ def score_pipeline(
     scores: dict = {}
     for task in tasks:
         prompts = heldout_prompts(task, num_images, seed)
-        images = sample_images(pipe, prompts, num_inference_steps, guidance_scale, seed=seed)
+        template = (prompt_templates or {}).get(task, "{prompt}")
+        texts = [template.format(prompt=prompt) for prompt in prompts]
+        images = sample_images(pipe, texts, num_inference_steps, guidance_scale, seed=seed)
         values = get_reward(TASK_REWARDS[task])(images, prompts)
         scores[task] = nanmean(values)
         if per_image:
