@@ -134,3 +134,61 @@ def _draw_panel(draw, panel: Panel, x0: int, y0: int, width: int, height: int, s
         draw.line([(right - 170, legend_y + 7), (right - 145, legend_y + 7)], fill=color, width=3)
         draw.text((right - 140, legend_y), series.label, fill="black", font=small)
         legend_y += 17
+
+
+def save_bar_chart(
+    groups: list[str],
+    series: list[tuple[str, list[float], list[float]]],
+    path,
+    title: str | None = None,
+    size: tuple[int, int] = (1100, 520),
+    y_range: tuple[float, float] | None = None,
+):
+    """Grouped bars: one group per entry of `groups`, one bar per `(label, values, errors)` of `series` (errors are
+    drawn as ± whiskers; 0 draws none), the legend on the right. The y axis starts below the smallest bar so that
+    differences of a few hundredths stay visible; its range is printed on the axis. Writes a PNG at `path`."""
+    width, height = size
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    small, normal = _font(12), _font(15)
+    legend_width = 330
+    left, right, top, bottom = 60, width - legend_width - 10, 40 if title else 15, height - 40
+    if title:
+        draw.text((10, 10), title, fill="black", font=normal)
+    values = [v - e for _, vs, es in series for v, e in zip(vs, es)] + [
+        v + e for _, vs, es in series for v, e in zip(vs, es)
+    ]
+    if y_range is None:
+        ticks = _nice_ticks(min(values) - 0.02, max(values) + 0.01)
+        y_low, y_high = ticks[0], max(ticks[-1], max(values) + 0.01)
+    else:
+        y_low, y_high = y_range
+        ticks = _nice_ticks(y_low, y_high)
+
+    def py(value: float) -> float:
+        return bottom - (value - y_low) / (y_high - y_low) * (bottom - top)
+
+    for tick in ticks:
+        draw.line([(left, py(tick)), (right, py(tick))], fill="#e6e6e6")
+        draw.text((8, py(tick) - 7), _fmt(tick), fill="black", font=small)
+    group_width = (right - left) / len(groups)
+    bar_width = group_width * 0.8 / max(1, len(series))
+    for g, group in enumerate(groups):
+        x_start = left + g * group_width + group_width * 0.1
+        for s, (_, vs, es) in enumerate(series):
+            color = PALETTE[s % len(PALETTE)]
+            x0 = x_start + s * bar_width
+            draw.rectangle([x0, py(vs[g]), x0 + bar_width - 2, bottom], fill=color)
+            if es[g] > 0:
+                cx = x0 + bar_width / 2 - 1
+                draw.line([(cx, py(vs[g] - es[g])), (cx, py(vs[g] + es[g]))], fill="black", width=1)
+                for end in (vs[g] - es[g], vs[g] + es[g]):
+                    draw.line([(cx - 3, py(end)), (cx + 3, py(end))], fill="black", width=1)
+        draw.text((x_start + group_width * 0.3, bottom + 8), group, fill="black", font=normal)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for s, (label, _, _) in enumerate(series):
+        y = top + 10 + 20 * s
+        draw.rectangle([right + 15, y, right + 30, y + 12], fill=PALETTE[s % len(PALETTE)])
+        draw.text((right + 36, y - 1), label[:48], fill="black", font=small)
+    image.save(path)
+    return path

@@ -75,6 +75,7 @@ class DemoConfig:
         seed: Seed of the student's initialisation and of the rollouts.
         num_threads: Torch threads (`None` leaves torch's default).
         progress: Progress bars (one per phase).
+        extra: More `DiffusionOPDConfig` fields of the student's training; they override the demo's own.
     """
 
     output_dir: str = "demo_output"
@@ -129,31 +130,39 @@ def eval_prompts(count: int, seed: int = EVAL_SEED) -> dict[str, list[dict]]:
 def distil(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path):
     """Stage 2: DiffusionOPD of `teachers` into one student on the shipped base. Returns the trained trainer (its
     student adapter saved in `output_dir`)."""
+    trainer = student_trainer(teachers, config, output_dir)
+    trainer.train()
+    trainer.save_model(str(output_dir))
+    return trainer
+
+
+def student_trainer(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path):
+    """The `DiffusionOPDTrainer` of `distil`, not yet trained (add callbacks to it, then `train()`)."""
     from peft import LoraConfig
 
     from .. import DiffusionOPDConfig, DiffusionOPDTrainer
 
-    args = DiffusionOPDConfig(
-        output_dir=str(output_dir),
-        max_steps=config.rounds,
-        per_device_train_batch_size=config.prompts_per_task,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant",
-        resolution=IMAGE_SIZE,
-        num_inference_steps=config.num_inference_steps,
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        guidance_scale=1.0,
-        teacher_guidance_scale=1.0,
-        noise_level=0.0,  # the ODE sampler: the paper's fastest-converging setting
-        ema=False,
-        save_strategy="no",
-        logging_steps=max(1, config.rounds // 6),
-        report_to="none",
-        disable_tqdm=not config.progress,
-        seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
-        **config.extra,
-    )
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": config.rounds,
+        "per_device_train_batch_size": config.prompts_per_task,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": "constant",
+        "resolution": IMAGE_SIZE,
+        "num_inference_steps": config.num_inference_steps,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "guidance_scale": 1.0,
+        "teacher_guidance_scale": 1.0,
+        "noise_level": 0.0,  # the ODE sampler: the paper's fastest-converging setting
+        "ema": False,
+        "save_strategy": "no",
+        "logging_steps": max(1, config.rounds // 6),
+        "report_to": "none",
+        "disable_tqdm": not config.progress,
+        "seed": config.seed,
+        "use_cpu": not torch.cuda.is_available(),
+    }
+    args = DiffusionOPDConfig(**{**settings, **config.extra})  # `extra` may override any of them
     pipe = load_world_pipeline()
     rows = {task: train_rows(task, 64) for task in teachers}
     peft_config = LoraConfig(
@@ -163,8 +172,6 @@ def distil(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path)
     if config.progress:  # one bar with the KL to each teacher, not a dict printed every `logging_steps`
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(PhaseProgress("DiffusionOPD"))
-    trainer.train()
-    trainer.save_model(str(output_dir))
     return trainer
 
 

@@ -1,0 +1,446 @@
+"""The paper's comparison on the tiny world, with seeds and costs (issue 18).
+
+Rows (each trained on the shipped world base, evaluated on the same held-out scenes with the same initial noise):
+
+- `base`: the shipped base, no training.
+- `teacher: <task>`: the shipped Stage-1 teachers (`world.teachers`); their cost is the training time recorded when
+  they were trained (`training.json`, one CPU thread).
+- `multi-task GRPO-Guard` / `multi-task DiffusionNFT`: one LoRA trained by RL on the prompts of all three tasks, each
+  image rewarded by its own task's reward (`world_task`), with the letters teacher's GRPO-Guard recipe and the
+  aesthetic teacher's DiffusionNFT recipe respectively (the paper's multi-task rows).
+- `cascade RL`: the teachers' recipes run one task after another on one adapter (composition, then letters, then
+  aesthetic; the first stage is the shipped composition teacher, counted at its recorded cost).
+- `off-policy distillation`: a fresh student LoRA fine-tuned by flow matching on the teachers' own samples (each
+  task's training prompts sampled by its teacher).
+- `DiffusionOPD`: the student of `world.demo` (the full-size settings), distilled from the three shipped teachers.
+
+Columns: each task's reward on its held-out scenes, the average, and the wall-clock / CPU seconds of the row's
+training (`+ teachers` adds the Stage-1 cost for the rows that need the teachers). Rows with several seeds report
+mean ± std over seeds; `sem` is the standard error of one seed's mean over the held-out scenes.
+
+Every row is one job run in a worker process with one torch thread; finished jobs are cached under `--cache_dir`
+(`<job>/result.json`), so an interrupted run resumes where it stopped.
+
+```bash
+python -m benchmarks.paper_table                 # the full table (about 45 minutes on a 2-core CPU, 2 workers)
+python -m benchmarks.paper_table --quick         # every row's code path in about a minute, nothing written
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from .common import BENCH_DIR, RESULTS_DIR, machine_info, markdown_table, setup, write_results
+
+
+TASKS = ("composition", "letters", "aesthetic")
+
+
+@dataclass
+class TableSettings:
+    """Sizes of the table's runs (`quick()` shrinks every one to a smoke test of its code path).
+
+    Attributes:
+        seeds: Seeds of the rows trained with several seeds (student, multi-task baselines, off-policy).
+        cascade_seeds: Seeds of the cascade (its stages cost as much as two teachers).
+        eval_images: Held-out scenes per task (the std of a mean is below 0.005 from about 400 on).
+        opd_rounds, opd_prompts, opd_learning_rate, opd_rank: The DiffusionOPD student (`world.demo`'s full size).
+        opd_extra: More `DiffusionOPDConfig` fields of the student.
+        multitask_steps: Optimizer steps of each multi-task RL baseline (the teachers' budget).
+        cascade_steps: Steps of each cascade stage after the first (`None`: the teacher recipes').
+        offpolicy_samples: Teacher samples per task for the off-policy baseline.
+        offpolicy_steps, offpolicy_batch, offpolicy_learning_rate: Its flow-matching fine-tuning.
+        num_inference_steps: Sampler steps of training rollouts and evaluation.
+    """
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    cascade_seeds: tuple[int, ...] = (0,)
+    eval_images: int = 512
+    opd_rounds: int = 60
+    opd_prompts: int = 4
+    opd_learning_rate: float = 1e-3
+    opd_rank: int = 16
+    opd_extra: dict[str, Any] = field(default_factory=dict)
+    multitask_steps: int = 60
+    cascade_steps: int | None = None
+    offpolicy_samples: int = 256
+    offpolicy_steps: int = 240
+    offpolicy_batch: int = 32
+    offpolicy_learning_rate: float = 1e-3
+    num_inference_steps: int = 10
+
+    @classmethod
+    def quick(cls) -> TableSettings:
+        return cls(
+            seeds=(0,),
+            eval_images=8,
+            opd_rounds=2,
+            opd_prompts=2,
+            multitask_steps=1,
+            cascade_steps=1,
+            offpolicy_samples=4,
+            offpolicy_steps=2,
+            offpolicy_batch=4,
+            num_inference_steps=4,
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One trained (or shipped) model of the table: `kind` with `seed` (`task` for a teacher)."""
+
+    kind: str
+    seed: int = 0
+    task: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{self.task}" if self.task else f"{self.kind}-seed{self.seed}"
+
+
+ROW_LABELS = {
+    "base": "base",
+    "teacher": "teacher: {task}",
+    "multitask_grpo_guard": "multi-task GRPO-Guard",
+    "multitask_nft": "multi-task DiffusionNFT",
+    "cascade": "cascade RL (composition → letters → aesthetic)",
+    "offpolicy": "off-policy distillation (flow matching on teacher samples)",
+    "opd": "DiffusionOPD (student)",
+}
+NEEDS_TEACHERS = ("offpolicy", "opd")
+
+
+def jobs(settings: TableSettings) -> list[Job]:
+    """Every job of the table, the most expensive first (so that two workers finish together)."""
+    trained = [Job(kind, seed) for kind in ("multitask_nft", "multitask_grpo_guard") for seed in settings.seeds]
+    trained += [Job("cascade", seed) for seed in settings.cascade_seeds]
+    trained += [Job(kind, seed) for kind in ("opd", "offpolicy") for seed in settings.seeds]
+    return trained + [Job("base")] + [Job("teacher", task=task) for task in TASKS]
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _timed(train, *args, **kwargs) -> tuple[Any, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = train(*args, **kwargs)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def recorded_teacher_seconds(task: str) -> float:
+    """Training seconds of the shipped `task` teacher, as recorded when it was trained (one CPU thread)."""
+    from trl_diffusion_opd.world.teachers import teacher_folder
+
+    return float(json.loads((teacher_folder(task) / "training.json").read_text())["train_seconds"])
+
+
+def train_opd(job: Job, settings: TableSettings, folder: Path) -> Path:
+    from trl_diffusion_opd.world.demo import DemoConfig, distil
+
+    config = DemoConfig(
+        output_dir=str(folder),
+        rounds=settings.opd_rounds,
+        prompts_per_task=settings.opd_prompts,
+        learning_rate=settings.opd_learning_rate,
+        lora_rank=settings.opd_rank,
+        num_inference_steps=settings.num_inference_steps,
+        seed=job.seed,
+        progress=False,
+        extra=dict(settings.opd_extra),
+    )
+    distil({task: f"world:{task}" for task in TASKS}, config, folder / "adapter")
+    return folder / "adapter"
+
+
+def train_multitask(job: Job, settings: TableSettings, folder: Path) -> Path:
+    from trl_diffusion_opd.world.teachers import MULTITASK, RECIPES, train_world_teacher
+
+    overrides: dict[str, Any] = {"max_steps": settings.multitask_steps}
+    if settings.num_inference_steps != RECIPES[MULTITASK].num_inference_steps:
+        overrides["num_inference_steps"] = settings.num_inference_steps
+    if job.kind == "multitask_grpo_guard":  # the letters teacher's GRPO-Guard recipe on every task's prompts
+        letters = RECIPES["letters"]
+        overrides.update(trainer="grpo_guard", learning_rate=letters.learning_rate, extra=dict(letters.extra))
+    return train_world_teacher(MULTITASK, folder / "adapter", seed=job.seed, progress=False, **overrides)
+
+
+def train_cascade(job: Job, settings: TableSettings, folder: Path) -> Path:
+    """Stage 1 is the shipped composition teacher; letters and aesthetic follow with their own recipes, each stage
+    continuing the previous stage's adapter (`student_adapter`)."""
+    from trl_diffusion_opd.world.teachers import teacher_folder, train_world_teacher
+
+    previous = teacher_folder("composition")
+    for task in ("letters", "aesthetic"):
+        overrides: dict[str, Any] = {"extra": {"student_adapter": str(previous)}}
+        if settings.cascade_steps is not None:
+            overrides["max_steps"] = settings.cascade_steps
+        if settings.num_inference_steps != 10:
+            overrides["num_inference_steps"] = settings.num_inference_steps
+        previous = train_world_teacher(task, folder / f"stage-{task}", seed=job.seed, progress=False, **overrides)
+    return previous
+
+
+def train_offpolicy(job: Job, settings: TableSettings, folder: Path) -> Path:
+    """Flow-matching fine-tuning of a fresh LoRA (the student's rank and targets) on each teacher's own ODE samples
+    of its task's training prompts: x_t = (1 - t) x0 + t ε, loss ‖v(x_t, t) - (ε - x0)‖²."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from trl_diffusion_opd.families.sd3 import SD3Family
+    from trl_diffusion_opd.world.pipeline import encode_prompts, load_world_pipeline, sample_images
+    from trl_diffusion_opd.world.pretrain import flow_matching_loss, sample_timesteps
+    from trl_diffusion_opd.world.scenes import task_prompts
+    from trl_diffusion_opd.world.teachers import load_teacher_pipeline, teacher_folder
+
+    images, prompts = [], []
+    for task in TASKS:
+        texts = [row["prompt"] for row in task_prompts(task, settings.offpolicy_samples, seed=job.seed)]
+        teacher = load_teacher_pipeline(teacher_folder(task))
+        samples = sample_images(teacher, texts, settings.num_inference_steps, seed=1_000 + job.seed)
+        images += [np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in samples]
+        prompts += texts
+    x0_all = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+    torch.manual_seed(job.seed)
+    pipe = load_world_pipeline()
+    transformer = pipe.transformer
+    transformer.requires_grad_(False)
+    lora = LoraConfig(
+        r=settings.opd_rank,
+        lora_alpha=settings.opd_rank,
+        init_lora_weights="gaussian",
+        target_modules=list(SD3Family.default_lora_targets),
+    )
+    transformer.add_adapter(lora)
+    parameters = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.offpolicy_learning_rate, weight_decay=1e-4)
+    with torch.no_grad():
+        cond_all = encode_prompts(pipe, prompts)
+    shift = pipe.scheduler.config.shift
+    generator = torch.Generator().manual_seed(job.seed)
+    transformer.train()
+    for _ in range(settings.offpolicy_steps):
+        idx = torch.randint(0, len(prompts), (settings.offpolicy_batch,), generator=generator)
+        x0 = x0_all[idx]
+        t = sample_timesteps(len(idx), shift, "logit_normal", generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        loss = flow_matching_loss(transformer, x0, {k: v[idx] for k, v in cond_all.items()}, t, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder / "adapter", transformer_lora_layers=get_peft_model_state_dict(transformer)
+    )
+    return folder / "adapter"
+
+
+TRAINERS = {
+    "opd": train_opd,
+    "multitask_nft": train_multitask,
+    "multitask_grpo_guard": train_multitask,
+    "cascade": train_cascade,
+    "offpolicy": train_offpolicy,
+}
+
+
+# ---------------------------------------------------------------------------------------------- one job
+def run_job(job: Job, settings: TableSettings, cache_dir: str) -> dict:
+    """Train `job` (unless it is the base or a shipped teacher), score it on every task's held-out scenes and cache
+    the result in `<cache_dir>/<job.key>/result.json`. Returns the result."""
+    setup(1)
+    from trl_diffusion_opd.world.teachers import load_teacher_pipeline, score_pipeline, teacher_folder
+
+    folder = Path(cache_dir) / job.key
+    cached = folder / "result.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    cost: dict[str, float] = {}
+    if job.kind == "base":
+        adapter = None
+    elif job.kind == "teacher":
+        adapter = teacher_folder(job.task)
+        cost = {"train_s": recorded_teacher_seconds(job.task), "recorded": True}
+    else:
+        adapter, wall, cpu = _timed(TRAINERS[job.kind], job, settings, folder)
+        cost = {"train_s": wall, "train_cpu_s": cpu}
+        if job.kind == "cascade":  # its first stage is the shipped composition teacher
+            cost["train_s"] += recorded_teacher_seconds("composition")
+    began = time.perf_counter()
+    scores = score_pipeline(
+        load_teacher_pipeline(adapter),
+        TASKS,
+        num_images=settings.eval_images,
+        num_inference_steps=settings.num_inference_steps,
+        per_image=True,
+    )
+    result = {
+        "job": asdict(job),
+        "key": job.key,
+        "scores": {task: scores[task] for task in TASKS},
+        "per_image": {task: scores[f"{task}/values"] for task in TASKS},
+        "cost": cost,
+        "eval_s": time.perf_counter() - began,
+    }
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    os.replace(tmp, cached)  # a crash mid-write leaves no half result behind
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- the table
+def _sem(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One entry per row: mean and std over seeds of every task's score, the average and the costs."""
+    teacher_s = sum(recorded_teacher_seconds(task) for task in TASKS)
+    groups: dict[str, list[dict]] = {}
+    for result in results:
+        job = result["job"]
+        label = ROW_LABELS[job["kind"]].format(task=job["task"])
+        groups.setdefault(label, []).append(result)
+    rows = []
+    for label, members in groups.items():
+        kind = members[0]["job"]["kind"]
+        row: dict[str, Any] = {"row": label, "kind": kind, "seeds": [m["job"]["seed"] for m in members]}
+        for task in [*TASKS, "average"]:
+            values = [
+                statistics.fmean(m["scores"].values()) if task == "average" else m["scores"][task] for m in members
+            ]
+            row[task] = statistics.fmean(values)
+            row[f"{task}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        row["sem"] = max(_sem(m["per_image"][task]) for m in members for task in TASKS)
+        train = [m["cost"].get("train_s") for m in members if m["cost"]]
+        row["train_s"] = statistics.fmean(train) if train else 0.0
+        row["with_teachers_s"] = row["train_s"] + teacher_s if kind in NEEDS_TEACHERS else None
+        rows.append(row)
+    order = list(ROW_LABELS)
+    rows.sort(key=lambda r: (order.index(r["kind"]), r["row"]))
+    return rows
+
+
+def _cell(row: dict, key: str, best: float | None) -> str:
+    text = f"{row[key]:.3f}"
+    if row.get(f"{key}_std") is not None:
+        text += f" ± {row[f'{key}_std']:.3f}"
+    return f"**{text}**" if best is not None and math.isclose(row[key], best) else text
+
+
+def to_markdown(rows: list[dict]) -> str:
+    headers = ["model", *TASKS, "Average", "seeds", "training (s)", "+ teachers (s)"]
+    best = {key: max(r[key] for r in rows) for key in [*TASKS, "average"]}
+    lines = []
+    for row in rows:
+        lines.append(
+            [
+                row["row"],
+                *[_cell(row, key, best[key]) for key in [*TASKS, "average"]],
+                len(row["seeds"]),
+                f"{row['train_s']:.0f}" if row["train_s"] else "0",
+                f"{row['with_teachers_s']:.0f}" if row["with_teachers_s"] else "",
+            ]
+        )
+    return markdown_table(headers, lines)
+
+
+def bar_chart(rows: list[dict], path: Path) -> Path:
+    """A grouped bar chart (one group per column, one bar per row, ± std whiskers) as a PNG."""
+    from .plot import save_bar_chart
+
+    groups = [*TASKS, "average"]
+    series = [
+        (row["row"], [row[key] for key in groups], [row.get(f"{key}_std") or 0.0 for key in groups]) for row in rows
+    ]
+    return save_bar_chart(groups, series, path, title="The paper's comparison on the tiny world (held-out scenes)")
+
+
+def run(
+    settings: TableSettings | None = None,
+    workers: int = 2,
+    cache_dir: str | os.PathLike | None = None,
+    write: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) every job and assemble the table. Returns `{"rows", "results", "wall_s"}`."""
+    from tqdm.auto import tqdm
+
+    settings = settings or TableSettings()
+    cache_dir = Path(cache_dir or RESULTS_DIR / "paper_table_runs")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    todo = jobs(settings)
+    began = time.perf_counter()
+    results = []
+    bar = tqdm(total=len(todo), desc="paper table", unit="row", disable=not progress)
+    if workers <= 1:
+        for job in todo:
+            results.append(run_job(job, settings, str(cache_dir)))
+            bar.update(1)
+    else:
+        # spawn: a fresh interpreter per worker (no forked torch thread pools), one torch thread each
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, job, settings, str(cache_dir)): job for job in todo}
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.set_postfix_str(futures[future].key)
+                bar.update(1)
+    bar.close()
+    wall = time.perf_counter() - began
+    rows = summarize(results)
+    out = {"rows": rows, "results": results, "wall_s": wall}
+    if write:
+        png = bar_chart(rows, RESULTS_DIR / "paper_table.png")
+        markdown = (
+            f"Wall-clock of this run: {wall / 60:.1f} min with {workers} workers of one thread "
+            f"(cached rows are not re-run). Held-out scenes per task: {settings.eval_images}; largest standard "
+            f"error of a seed's mean: {max(r['sem'] for r in rows):.4f}.\n\n"
+            f"{to_markdown(rows)}\n\n![paper table]({png.relative_to(BENCH_DIR).as_posix()})\n"
+        )
+        write_results(
+            "paper_table",
+            "The paper's comparison on the tiny world (benchmarks.paper_table)",
+            {"workers": workers, **asdict(settings)},
+            {"rows": rows, "wall_s": wall, "machine_at_start": machine_info()},
+            markdown,
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes: every row's code path, nothing written.")
+    parser.add_argument("--workers", type=int, default=2, help="Jobs run in parallel (one torch thread each).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds of the multi-seed rows.")
+    parser.add_argument("--eval_images", type=int, default=None, help="Held-out scenes per task.")
+    parser.add_argument("--cache_dir", default=None, help="Finished jobs are kept here (resume after a stop).")
+    args = parser.parse_args(argv)
+    settings = TableSettings.quick() if args.quick else TableSettings()
+    if args.seeds:
+        settings = replace(settings, seeds=tuple(args.seeds))
+    if args.eval_images:
+        settings = replace(settings, eval_images=args.eval_images)
+    if args.quick and args.cache_dir is None:
+        import tempfile
+
+        args.cache_dir = tempfile.mkdtemp(prefix="paper_table_quick_")
+    out = run(settings, workers=args.workers, cache_dir=args.cache_dir, write=not args.quick)
+    print(to_markdown(out["rows"]))
+    return out
+
+
+if __name__ == "__main__":
+    main()
