@@ -428,21 +428,11 @@ class DiffusionLoRATrainer(Trainer):
             `log_probs` `(N, B)` of the sampled transitions and their `means` `(N, B, ...)`.
         """
         args = self.args
-        guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
-        batch = next(iter(cond.values())).shape[0]
-        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
-        x = self.family.init_latents(batch, args.resolution, generator).to(args.device)
-        negative = self._negative(batch) if guidance_scale > 1 else None
-        states, log_probs, means = [x], [], []
+        state = self._rollout_begin(cond, generator, guidance_scale)
+        states, log_probs, means = [state["x"]], [], []
         transformer = self.accelerator.unwrap_model(self.model)
-        t_guard = sigmas[1].item()
-        for j in range(args.num_inference_steps):
-            sigma = sigmas[j].expand(batch).to(args.device)
-            v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
-            noise = torch.randn(x.shape, generator=generator).to(x.device) if args.noise_level > 0 else None
-            x, mean, std = transition.sample_step(
-                x, v, sigmas[j].item(), sigmas[j + 1].item(), args.noise_level, args.sde_type, t_guard, noise=noise
-            )
+        for _ in range(args.num_inference_steps):
+            x, mean, std = self._rollout_step(state, transformer)
             if args.noise_level > 0:
                 if cps_log_prob is None:
                     log_probs.append(transition.gaussian_log_prob(x, mean, std, log_prob_reduction))
@@ -450,11 +440,49 @@ class DiffusionLoRATrainer(Trainer):
                     log_probs.append(transition.step_log_prob(x, mean, std, args.sde_type, cps_log_prob))
                 means.append(mean)
             states.append(x)
-        out = {"states": torch.stack(states), "sigmas": sigmas}
+        out = {"states": torch.stack(states), "sigmas": state["sigmas"]}
         if log_probs:
             out["log_probs"] = torch.stack(log_probs)
             out["means"] = torch.stack(means)
         return out
+
+    def _rollout_begin(self, cond: Cond, generator: torch.Generator, guidance_scale: float | None = None) -> dict:
+        """A rollout before its first step: initial latents `x` `(B, ...)` (drawn from `generator`), the schedule
+        `sigmas` `(N + 1,)`, its `t_guard`, the CFG scale and negative conditioning, and the step index `j = 0`.
+        `_rollout_step` advances it; `rollout` runs it to the end with no grad."""
+        args = self.args
+        guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
+        batch = next(iter(cond.values())).shape[0]
+        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
+        return {
+            "x": self.family.init_latents(batch, args.resolution, generator).to(args.device),
+            "j": 0,
+            "sigmas": sigmas,
+            "sigma_floats": sigmas.tolist(),  # one host copy for the whole rollout
+            "t_guard": sigmas[1].item(),
+            "cond": cond,
+            "guidance_scale": guidance_scale,
+            "negative": self._negative(batch) if guidance_scale > 1 else None,
+            "generator": generator,
+        }
+
+    def _rollout_step(self, state: dict, transformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sampler step of the rollout `state` (from `_rollout_begin`) with `transformer`, under the caller's grad
+        mode: returns `(x_next, mean, std)` like `transition.sample_step`; `mean` keeps the graph when grad is on,
+        `x_next` (also stored as `state["x"]`) never does, so the next step starts from a detached state."""
+        args = self.args
+        x, j, sigmas = state["x"], state["j"], state["sigma_floats"]
+        sigma = state["sigmas"][j].expand(x.shape[0]).to(args.device)
+        v = self._velocity(
+            transformer, x, sigma, state["cond"], state["guidance_scale"], state["negative"], args.guidance_scale_2
+        )
+        noise = torch.randn(x.shape, generator=state["generator"]).to(x.device) if args.noise_level > 0 else None
+        x_next, mean, std = transition.sample_step(
+            x, v, sigmas[j], sigmas[j + 1], args.noise_level, args.sde_type, state["t_guard"], noise=noise
+        )
+        x_next = x_next.detach()
+        state["x"], state["j"] = x_next, j + 1
+        return x_next, mean, std
 
     def _step_rows(self, rollout: dict[str, torch.Tensor], steps: range):
         """Rows for a chunk of trained steps: states, sigma, next sigma, all `(len(steps) * B, ...)`."""

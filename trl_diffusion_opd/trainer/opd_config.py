@@ -101,6 +101,13 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         step_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Trained steps evaluated together in one teacher / student call (rows = steps × prompts). `None`
             batches all trained steps; lower it to bound activation memory.
+        fused_rollout (`bool`, *optional*, defaults to `True`):
+            At the trained steps, the rollout's own student forward (with grad) is the student's pass of the loss:
+            x_{j+1} is drawn from the detached mean μ_S(x_j), so the gradient equals the two-pass loop's (a no-grad
+            rollout, then the student recomputed at the stored states), at T fewer student forwards per task; the
+            steps after the last trained one, which the loss never reads, are not sampled. The student then runs B
+            rows per call instead of `step_batch_size` × B; activation memory is unchanged (the graphs of one chunk
+            of `step_batch_size` steps live until its backward). Evaluation always uses the no-grad rollout.
 
         > Parameters that control the optimisation
 
@@ -166,6 +173,10 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         default=None, metadata={"help": "Weight of each task's loss, a dict (or JSON string)."}
     )
     ppo_clip_range: float | None = field(default=None, metadata={"help": "PPO clip range with loss_type='ppo'."})
+    fused_rollout: bool = field(
+        default=True,
+        metadata={"help": "Train on the rollout's own student forward at trained steps (no second student pass)."},
+    )
 
     def __post_init__(self):
         self.task_weights = _as_dict(self.task_weights, "task_weights")
@@ -181,6 +192,7 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         super().__post_init__()
 
         check_bool("teacher_offload", self.teacher_offload)
+        check_bool("fused_rollout", self.fused_rollout)
         check_choice("loss_type", self.loss_type, ("kl", "ppo"))
         check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
         if self.loss_type == "ppo" and self.noise_level == 0:

@@ -239,6 +239,39 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         v = self._velocity(transformer, x, t, cond, guidance_scale, negative, guidance_2)
         return transition.step_mean(x, v, t, t_next, self.args.noise_level, self.args.sde_type, t_guard)
 
+    def _fused_rollout_begin(self, cond: Cond, generator: torch.Generator) -> dict:
+        """A rollout for the fused on-policy pass: `_rollout_begin`'s state plus `states` `(1, B, ...)` (x_{t_0}),
+        which `_fused_rollout_step` extends chunk by chunk."""
+        rollout = self._rollout_begin(cond, generator)
+        rollout["states"] = rollout["x"].unsqueeze(0)
+        return rollout
+
+    def _fused_rollout_step(
+        self, model, rollout: dict, steps: range, teachers: list[tuple[str, TeacherSpec]], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Advance a fused rollout through the trained steps `steps` and return the student's means there.
+
+        The forward that draws x_{j+1} = μ_S(x_j) (+ noise) is the student's trained pass: it runs with grad (through
+        `model`, so DDP / FSDP see it) and μ_S keeps its graph, while x_{j+1} is detached, exactly as the two-pass
+        loop's recomputation at the detached rollout states. A step that no teacher supervises (an expert no teacher
+        has a LoRA for) runs without grad, so that expert gets no gradient. The graphs of all `steps` live until the
+        chunk's backward: activation memory is that of `step_batch_size` steps, as in the two-pass loop.
+
+        Returns:
+            μ_S at `steps`, `(len(steps) * B, ...)` step-major like `_step_rows`, float32.
+        """
+        batch = rollout["x"].shape[0]
+        means, states = [], [rollout["states"]]
+        for j in steps:
+            sigma = rollout["sigmas"][j : j + 1].repeat(batch)
+            supervised = bool(self._expert_coverage(teachers, sigma, weights).sum() > 0)
+            with torch.set_grad_enabled(supervised), self.compute_loss_context_manager():
+                x_next, mean, _ = self._rollout_step(rollout, model)
+            means.append(mean)
+            states.append(x_next.unsqueeze(0))
+        rollout["states"] = torch.cat(states)
+        return torch.cat(means)
+
     @torch.no_grad()
     def teacher_means(self, spec: TeacherSpec, task: str, x, t, t_next, cond: Cond, t_guard: float) -> torch.Tensor:
         """Transition means of teacher `spec` at states `x` `(R, ...)` with its own CFG, no grad, float32.
@@ -305,14 +338,18 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         args = self.args
         cond = self.prompt_cache([row["prompt"] for row in rows])
         batch = len(rows)
-        rollout = self.rollout(cond, generator)
         num_steps = args.num_train_timesteps
+        # Fused: the rollout's own forward at each trained step is the student's pass (see `_fused_rollout_step`).
+        fused = backward and args.fused_rollout
+        rollout = self._fused_rollout_begin(cond, generator) if fused else self.rollout(cond, generator)
         t_guard = rollout["sigmas"][1].item()
         task_weight = float((args.task_weights or {}).get(task, 1.0))
         teachers, weights = self._routing(task, rows)
         kl_per_step = torch.zeros(num_steps, device=args.device)
         loss_value = 0.0
         for steps in self._chunks(num_steps):
+            if fused:
+                fused_student = self._fused_rollout_step(model, rollout, steps, teachers, weights)
             x, t, t_next = self._step_rows(rollout, steps)
             rows_cond = cond_tile(cond, len(steps))
             row_weights = weights.repeat(len(steps), 1).to(x.device)  # rows are step-major, like x
@@ -330,7 +367,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             with self.compute_loss_context_manager():
                 kl = torch.zeros(x.shape[0], device=x.device)
                 objective = torch.zeros(x.shape[0], device=x.device)
-                if len(active) == x.shape[0]:
+                if fused:
+                    student = fused_student
+                elif len(active) == x.shape[0]:
                     negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
                     student = self._mean(
                         model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard, args.guidance_scale_2
