@@ -114,3 +114,70 @@ def test_evaluation_uses_the_no_grad_rollout_either_way(tmp_path, teachers):
         trainer.args.fused_rollout = fused
         kl[fused] = trainer.compute_teacher_kl(PROMPTS)
     assert kl[True] == kl[False] and all(v > 0 for v in kl[True].values())
+
+
+def test_choose_step_batch_size_fits_the_activations_in_free_memory():
+    from trl_diffusion_opd.trainer.base_trainer import choose_step_batch_size
+
+    gib = 2**30
+    # 3 prompts x 2 GiB = 6 GiB per step; 80% of 40 GiB = 32 GiB holds 5 steps
+    size, reason = choose_step_batch_size(9, 3, 2 * gib, 40 * gib)
+    assert size == 5 and reason.startswith("5 of 9 trained steps per call") and "40 GiB free" in reason
+    assert choose_step_batch_size(9, 3, 2 * gib, 1000 * gib)[0] == 9  # everything fits: all steps in one call
+    size, reason = choose_step_batch_size(9, 3, 2 * gib, 4 * gib)  # not even one step: 1, and says so
+    assert size == 1 and "may not fit" in reason
+    assert choose_step_batch_size(9, 3, 2 * gib, 7.5 * gib, fraction=1.0)[0] == 1
+    assert choose_step_batch_size(9, 3, 2 * gib, 12 * gib, fraction=1.0)[0] == 2
+
+
+def test_auto_step_batch_size_measures_one_pass_and_chunks_the_round(tmp_path, teachers, monkeypatch):
+    from trl_diffusion_opd.trainer import opd_trainer
+
+    trainer = _trainer(tmp_path, teachers, step_batch_size="auto", timestep_fraction=0.8)  # T = 4
+    per_prompt = trainer._saved_bytes_per_prompt()
+    assert per_prompt > 0
+    # Free memory for 2.5 steps of 2 prompts at 80%: chunks of 2 steps.
+    monkeypatch.setattr(opd_trainer, "free_memory_bytes", lambda device: 2.5 * 2 * per_prompt / 0.8)
+    lines = []
+    monkeypatch.setattr(opd_trainer.logger, "warning", lines.append)
+    assert trainer._chunks(4) == [range(0, 2), range(2, 4)]
+    assert trainer._chunks(4) == [range(0, 2), range(2, 4)] and len(lines) == 1  # chosen once
+    assert lines[0].startswith("step_batch_size='auto': 2 of 4 trained steps per call")
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("3", 3), (2, 2), (None, None)])
+def test_step_batch_size_accepts_auto_and_integers(tmp_path, value, expected):
+    assert DiffusionOPDConfig(str(tmp_path), step_batch_size=value).step_batch_size == expected
+
+
+@pytest.mark.parametrize("value", ["many", 0, "0"])
+def test_step_batch_size_rejects_other_values(tmp_path, value):
+    with pytest.raises(ValueError, match="step_batch_size"):
+        DiffusionOPDConfig(str(tmp_path), step_batch_size=value)
+
+
+def test_a_round_reads_back_from_the_device_once_per_task(tmp_path, teachers):
+    """The read-backs (`.item()`, `.tolist()`, `bool()`, `nonzero()`, ...) the package makes in a training round, by
+    function: on a GPU only the task's loss (`task_loss` item, once per task) and the metrics at logging (`log`
+    tolist) read device tensors; the others read host tensors (the sigma schedule, the routing weights)."""
+    from benchmarks.host_syncs import count_host_syncs
+
+    trainer = _trainer(tmp_path, teachers, noise_level=0.7, timestep_fraction=0.8, step_batch_size=3)  # T=4: 3 + 1
+    with count_host_syncs() as counts:
+        trainer.train()
+    ours = {}
+    for key, calls in counts.items():
+        if key.startswith("trl_diffusion_opd/"):
+            name = f"{key.split('(')[1].split(')')[0]} {key.split()[-1]}"
+            ours[name] = ours.get(name, 0) + calls
+    tasks, chunks, steps, teachers_per_chunk = 2, 2, 4, 1
+    assert ours == {
+        "_rollout_begin tolist": tasks,  # host: the schedule as floats
+        "_rollout_begin item": tasks,  # host: t_guard
+        "task_loss item": 2 * tasks,  # host: t_guard; device: the task's loss (and its finiteness)
+        "task_loss nonzero": (teachers_per_chunk + 1) * chunks * tasks,  # host: routing subsets
+        "_fused_rollout_step __bool__": steps * tasks,  # host: whether a step is supervised
+        "log tolist": 1,  # device: all metrics at once, at logging
+    }

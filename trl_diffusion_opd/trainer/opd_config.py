@@ -98,9 +98,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             Weight of each task's loss; missing tasks weigh 1.
         ppo_clip_range (`float` or `None`, *optional*, defaults to `None`):
             PPO clipping range of the importance ratio with `loss_type="ppo"`.
-        step_batch_size (`int` or `None`, *optional*, defaults to `None`):
+        step_batch_size (`int`, `"auto"` or `None`, *optional*, defaults to `None`):
             Trained steps evaluated together in one teacher / student call (rows = steps × prompts). `None`
-            batches all trained steps; lower it to bound activation memory.
+            batches all trained steps; lower it to bound activation memory. `"auto"`: the largest number whose saved
+            activations (measured once, by one student pass of one prompt) fit in 80% of the free device memory
+            (RAM on a CPU), chosen at the first round and logged in one line.
         fused_rollout (`bool`, *optional*, defaults to `True`):
             At the trained steps, the rollout's own student forward (with grad) is the student's pass of the loss:
             x_{j+1} is drawn from the detached mean μ_S(x_j), so the gradient equals the two-pass loop's (a no-grad
@@ -173,6 +175,10 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         default=None, metadata={"help": "Weight of each task's loss, a dict (or JSON string)."}
     )
     ppo_clip_range: float | None = field(default=None, metadata={"help": "PPO clip range with loss_type='ppo'."})
+    step_batch_size: int | str | None = field(
+        default=None,
+        metadata={"help": "Trained steps per model call; None batches all of them; 'auto' fits them to free memory."},
+    )
     fused_rollout: bool = field(
         default=True,
         metadata={"help": "Train on the rollout's own student forward at trained steps (no second student pass)."},
@@ -189,7 +195,20 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                     if not value.strip().startswith("{"):
                         raise ValueError(f"`{name}` must be a number or {{task: number}}, got {value!r}.") from None
                     setattr(self, name, _as_dict(value, name))
+        # "auto" is resolved by the trainer (`_chunks`); the shared checks see an integer or None.
+        if isinstance(self.step_batch_size, str) and self.step_batch_size.strip().lower() != "auto":
+            try:
+                self.step_batch_size = int(self.step_batch_size)
+            except ValueError:
+                raise ValueError(
+                    f"`step_batch_size` must be a positive integer, 'auto' or None, got {self.step_batch_size!r}."
+                ) from None
+        auto = isinstance(self.step_batch_size, str)
+        if auto:
+            self.step_batch_size = None
         super().__post_init__()
+        if auto:
+            self.step_batch_size = "auto"
 
         check_bool("teacher_offload", self.teacher_offload)
         check_bool("fused_rollout", self.fused_rollout)
