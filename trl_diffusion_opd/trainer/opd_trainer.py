@@ -41,7 +41,8 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
 
     Each optimizer step is a *round* over the tasks. For every task: the student rolls out its own trajectory with no
     grad; at each trained state x_tj the task's teacher gives its transition mean μ_T; the student's mean μ_S is
-    recomputed with grad at the same detached state; the loss is the closed-form per-step reverse KL
+    recomputed with grad at the same detached state (with `fused_rollout`, the default, the rollout's own forward at
+    the trained steps is that pass, so it is not run twice); the loss is the closed-form per-step reverse KL
     ‖μ_S − μ_T‖² / (2σ̄_j²) (½‖μ_S − μ_T‖² for the ODE sampler). Task losses are weighted and accumulated; one
     optimizer step follows.
 
