@@ -49,7 +49,8 @@ PRESETS = {
     "small": {"model": "small", "resolution": 256, "steps": 10, "prompts_per_task": 3, "seq": 8, "rounds": 2},
     "sd35m": {"model": "sd35m", "resolution": 512, "steps": 10, "prompts_per_task": 3, "seq": 128, "rounds": 3},
 }
-CASES = ("released", "trainer", "trainer_step1")
+# trainer cases: `_step1` sets step_batch_size=1 (None otherwise), `_two_pass` turns the fused on-policy pass off
+CASES = ("released", "trainer", "trainer_step1", "trainer_two_pass", "trainer_step1_two_pass")
 VAE_CONFIGS = {  # SD3's VAE (16 latent channels, 8x) and a narrow one of the same shape for the CPU presets
     "sd35m": {"block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32},
     "small": {"block_out_channels": (32, 32, 32, 32), "norm_num_groups": 8},
@@ -345,7 +346,8 @@ def run_case(case: str, preset: str, device: torch.device, rounds: int | None = 
                 max_sequence_length=settings["seq"],
                 guidance_scale=4.5,
                 teacher_guidance_scale=TEACHER_GUIDANCE,
-                step_batch_size=1 if case == "trainer_step1" else None,
+                step_batch_size=1 if "_step1" in case else None,
+                fused_rollout="_two_pass" not in case,
                 gradient_checkpointing=cuda and settings["model"] == "sd35m",
                 use_cpu=not cuda,
                 learning_rate=3e-4,
@@ -441,6 +443,13 @@ def summarize(results: list[dict]) -> dict:
     return {"clock": clock, "cases": rows}
 
 
+def _label(case: str) -> str:
+    if case == "released":
+        return "released loop (re-creation)"
+    sizes = "step_batch_size=1" if "_step1" in case else "step_batch_size=None"
+    return f"DiffusionOPDTrainer ({sizes}, {'two-pass' if '_two_pass' in case else 'fused'})"
+
+
 def markdown(results: list[dict], summary: dict) -> str:
     from .common import markdown_table
 
@@ -451,10 +460,7 @@ def markdown(results: list[dict], summary: dict) -> str:
         s = summary["cases"][r["case"]]
         rows.append(
             [
-                {
-                    "released": "released loop (re-creation)",
-                    "trainer": "DiffusionOPDTrainer (step_batch_size=None)",
-                }.get(r["case"], "DiffusionOPDTrainer (step_batch_size=1)"),
+                _label(r["case"]),
                 r["dtype"],
                 s["round_s"],
                 s["rounds_per_s"],
@@ -511,7 +517,7 @@ def main(argv=None) -> dict:
     if not (ns.no_write or ns.quick):
         name = "released_loop" if device == "cpu" else f"released_loop_{preset}_{device}"
         config = {"preset": preset, **PRESETS[preset], "device": device, "tasks": len(TASKS), "cfg": 4.5}
-        title = f"Released DiffusionOPD loop vs DiffusionOPDTrainer ({preset}, {device}; issue #20 item 2)"
+        title = f"Released DiffusionOPD loop vs DiffusionOPDTrainer ({preset}, {device}; issue #20 items 2-3)"
         write_results(name, title, config, {"results": results, "summary": summary}, markdown(results, summary))
     return {"results": results, "summary": summary}
 

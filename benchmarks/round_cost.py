@@ -243,10 +243,12 @@ class _RoundClock(TrainerCallback):
 
 def expected_passes(trainer, tasks: list[str]) -> dict[str, int]:
     """Transformer calls and rows one round needs: per task N rollout calls of B rows, one teacher call per chunk of
-    trained steps and teacher, one student call per chunk (rows x2 where CFG batches the unconditional branch)."""
+    trained steps and teacher, one student call per chunk (rows x2 where CFG batches the unconditional branch). With
+    the fused on-policy pass (`fused_rollout`) the rollout's T calls at the trained steps are the student's pass and
+    the N - T later steps are not run: T calls of B rows, no separate student call."""
     args = trainer.args
     batch, trained = args.per_device_train_batch_size, args.num_train_timesteps
-    size = args.step_batch_size or trained
+    size = args.step_batch_size if isinstance(args.step_batch_size, int) else trained
     chunks = -(-trained // size)
     embedded = trainer.family.uses_guidance_embedding
 
@@ -255,10 +257,14 @@ def expected_passes(trainer, tasks: list[str]) -> dict[str, int]:
 
     calls = rows = 0
     for task in tasks:
-        calls += args.num_inference_steps + chunks
-        rows += args.num_inference_steps * batch * cfg(args.guidance_scale) + trained * batch * cfg(
-            args.guidance_scale
-        )
+        if args.fused_rollout:
+            calls += trained
+            rows += trained * batch * cfg(args.guidance_scale)
+        else:
+            calls += args.num_inference_steps + chunks
+            rows += args.num_inference_steps * batch * cfg(args.guidance_scale) + trained * batch * cfg(
+                args.guidance_scale
+            )
         for spec in trainer.teacher_specs[task]:
             scale = spec.guidance_scale if spec.guidance_scale is not None else args.teacher_guidance_for(task)
             calls += chunks

@@ -144,8 +144,9 @@ def test_released_loop_and_trainer_run_the_same_problem():
         "vae_calls": tasks,
         "text_encoder_calls": 2 * tasks,
     }
-    # the trainer: N rollout calls, one teacher and one student call over the T trained steps; no VAE
-    assert trainer["calls_per_round"] == {"transformer_calls": tasks * (steps + 2), "vae_calls": 0}
+    # the trainer (fused on-policy pass): T rollout calls that are the student's trained pass, one teacher call over
+    # the T trained steps; no VAE
+    assert trainer["calls_per_round"] == {"transformer_calls": tasks * (trained + 1), "vae_calls": 0}
     for result in (released, trainer):
         assert len(result["cpu_s"]) == 1 and result["cpu_s"][0] > 0 and result["images_per_round"] == tasks
     summary = released_loop.summarize([released, trainer])

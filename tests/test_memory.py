@@ -111,9 +111,10 @@ def test_gradient_checkpointing_is_active_and_exact(teacher, tmp_path):
 
     assert not plain.gradient_checkpointing
     assert ckpt.gradient_checkpointing
-    # Only the student's grad-enabled forward is checkpointed, one call per block (rollouts and teachers run without
-    # grad): the default config batches all trained steps into one student call.
-    assert calls == ["JointTransformerBlock"] * len(ckpt.transformer_blocks)
+    # Only the student's grad-enabled forwards are checkpointed, one call per block and forward (teachers run without
+    # grad): with the fused on-policy pass (the default) the rollout's forward at each of the T trained steps.
+    steps = trainer.args.num_train_timesteps
+    assert calls == ["JointTransformerBlock"] * len(ckpt.transformer_blocks) * steps
 
     assert loss > 0 and math.isclose(loss, ckpt_loss, rel_tol=1e-5)
     torch.testing.assert_close(kl, ckpt_kl, rtol=1e-5, atol=0)
@@ -126,7 +127,7 @@ def test_gradient_checkpointing_is_active_and_exact(teacher, tmp_path):
     # It stays on through `train()`: every round's student forward is checkpointed.
     calls.clear()
     trainer.train()
-    assert calls == ["JointTransformerBlock"] * len(ckpt.transformer_blocks) * trainer.args.max_steps
+    assert calls == ["JointTransformerBlock"] * len(ckpt.transformer_blocks) * steps * trainer.args.max_steps
 
 
 def test_activation_checkpointing_name_enables_it_too(teacher, tmp_path):
@@ -139,7 +140,8 @@ def test_activation_checkpointing_name_enables_it_too(teacher, tmp_path):
     original = pipe.transformer._gradient_checkpointing_func
     pipe.transformer._gradient_checkpointing_func = lambda block, *args: calls.append(block) or original(block, *args)
     trainer.train()
-    assert len(calls) == len(pipe.transformer.transformer_blocks)
+    # one checkpointed call per block and grad-enabled forward: the fused rollout's forward at each trained step
+    assert len(calls) == len(pipe.transformer.transformer_blocks) * trainer.args.num_train_timesteps
 
 
 # ---------------------------------------------------------------------- bf16 base

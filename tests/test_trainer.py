@@ -380,9 +380,10 @@ _DDP_SCRIPT = textwrap.dedent(
 
     out, teacher_a, teacher_b = sys.argv[1:4]
     seen = []
-    args = DiffusionOPDConfig(output_dir=out, max_steps=2, resolution=32, num_inference_steps=2,
+    args = DiffusionOPDConfig(output_dir=out, max_steps=2, resolution=32, num_inference_steps=3,
                               per_device_train_batch_size=1, max_sequence_length=1, save_strategy="no", ema=False,
                               report_to="none", disable_tqdm=True)
+    # N = 3: T = 2 fused student forwards through DDP before each backward
     prompts = {"a": [f"prompt a {i}" for i in range(8)], "b": [f"prompt b {i}" for i in range(8)]}
     trainer = DiffusionOPDTrainer(get_tiny_sd3_pipeline(with_t5=False), {"a": teacher_a, "b": teacher_b}, args=args,
                                   train_dataset=prompts,

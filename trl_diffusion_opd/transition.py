@@ -53,9 +53,12 @@ def _as_tensor(value, device=None) -> torch.Tensor:
 def _expand(t, like: torch.Tensor) -> torch.Tensor:
     """Reshape a float, scalar tensor or ``(B,)`` tensor to ``(B, 1, 1, ...)`` so it broadcasts against ``like``.
 
-    Returns a float32 tensor on ``like``'s device.
+    Returns a float32 tensor on ``like``'s device, except that a Python number or a 0-dim CPU tensor stays a host
+    scalar: torch applies a 0-dim CPU tensor to tensors on any device as a plain scalar, whereas creating or copying
+    it on an accelerator is a blocking host-to-device copy (two to four per sampler step).
     """
-    t = _as_tensor(t, like.device)
+    host = isinstance(t, (int, float)) or (isinstance(t, torch.Tensor) and t.dim() == 0 and t.device.type == "cpu")
+    t = _as_tensor(t, None if host else like.device)
     if t.dim() == 0:
         return t
     if t.dim() != 1:
@@ -222,7 +225,9 @@ def sample_step(
         ``x_next = mean`` exactly and ``std = 0``.
     """
     mean = step_mean(x, v, t, t_next, noise_level, sampler, t_guard)
-    std = step_std(t, t_next, noise_level, sampler, t_guard).to(mean.device)
+    std = step_std(t, t_next, noise_level, sampler, t_guard)
+    if std.dim():  # a 0-dim std (float sigmas) stays a host scalar, which needs no copy to the device
+        std = std.to(mean.device)
     if float(noise_level) == 0.0:
         return mean.clone(), mean, std
     if noise is None:

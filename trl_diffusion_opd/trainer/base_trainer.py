@@ -109,6 +109,57 @@ def resolve_student_adapter(
     return parsed
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`. A host tensor bound for a CUDA device is copied from pinned memory without blocking, so
+    the host keeps queueing work (a plain `.to` from pageable memory waits for the device); other moves are `.to`."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Bytes that new tensors on `device` can still take: on CUDA the driver's free memory plus what PyTorch's caching
+    allocator holds unused; on a CPU the available RAM (`psutil`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    import psutil  # a dependency of accelerate
+
+    return psutil.virtual_memory().available
+
+
+def choose_step_batch_size(
+    num_steps: int, prompts: int, bytes_per_prompt: float, free_bytes: float, fraction: float = 0.8
+) -> tuple[int, str]:
+    """The largest number of trained steps per call whose saved activations fit in `fraction` of the free memory.
+
+    Args:
+        num_steps: Trained steps T of a task.
+        prompts: Prompts per task and call (B): a chunk of k steps keeps k * B prompts' activations.
+        bytes_per_prompt: Bytes autograd saves for one prompt's student pass at one step (CFG rows included).
+        free_bytes: Free memory on the device, in bytes (`free_memory_bytes`).
+        fraction: Share of the free memory the activations may take (the rest: the teachers' passes, the
+            allocator's fragmentation, the optimizer state created at the first step).
+
+    Returns:
+        `(size, reason)`: `size` in `[1, num_steps]` (1 when even one step does not fit), and one sentence saying why.
+    """
+    per_step = prompts * bytes_per_prompt
+    fit = int(fraction * free_bytes // per_step) if per_step > 0 else num_steps
+    size = max(1, min(num_steps, fit))
+    gib = 2.0**30
+    reason = (
+        f"{size} of {num_steps} trained steps per call: saved activations ~{per_step / gib:.3g} GiB per step "
+        f"({prompts} prompts x {bytes_per_prompt / gib:.3g} GiB), {fraction:.0%} of {free_bytes / gib:.3g} GiB free "
+        f"holds {fit}"
+    )
+    if fit < 1:
+        reason += "; one step at a time may not fit (lower the batch or enable gradient checkpointing)"
+    return size, reason
+
+
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` whole: a sharded DTensor (FSDP2) gathered from every rank, any other tensor as it is."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -431,21 +482,11 @@ class DiffusionLoRATrainer(Trainer):
             `log_probs` `(N, B)` of the sampled transitions and their `means` `(N, B, ...)`.
         """
         args = self.args
-        guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
-        batch = next(iter(cond.values())).shape[0]
-        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
-        x = self.family.init_latents(batch, args.resolution, generator).to(args.device)
-        negative = self._negative(batch) if guidance_scale > 1 else None
-        states, log_probs, means = [x], [], []
+        state = self._rollout_begin(cond, generator, guidance_scale)
+        states, log_probs, means = [state["x"]], [], []
         transformer = self.accelerator.unwrap_model(self.model)
-        t_guard = sigmas[1].item()
-        for j in range(args.num_inference_steps):
-            sigma = sigmas[j].expand(batch).to(args.device)
-            v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
-            noise = torch.randn(x.shape, generator=generator).to(x.device) if args.noise_level > 0 else None
-            x, mean, std = transition.sample_step(
-                x, v, sigmas[j].item(), sigmas[j + 1].item(), args.noise_level, args.sde_type, t_guard, noise=noise
-            )
+        for _ in range(args.num_inference_steps):
+            x, mean, std = self._rollout_step(state, transformer)
             if args.noise_level > 0:
                 if cps_log_prob is None:
                     log_probs.append(transition.gaussian_log_prob(x, mean, std, log_prob_reduction))
@@ -453,11 +494,53 @@ class DiffusionLoRATrainer(Trainer):
                     log_probs.append(transition.step_log_prob(x, mean, std, args.sde_type, cps_log_prob))
                 means.append(mean)
             states.append(x)
-        out = {"states": torch.stack(states), "sigmas": sigmas}
+        out = {"states": torch.stack(states), "sigmas": state["sigmas"]}
         if log_probs:
             out["log_probs"] = torch.stack(log_probs)
             out["means"] = torch.stack(means)
         return out
+
+    def _rollout_begin(self, cond: Cond, generator: torch.Generator, guidance_scale: float | None = None) -> dict:
+        """A rollout before its first step: initial latents `x` `(B, ...)` (drawn from `generator`), the schedule
+        `sigmas` `(N + 1,)`, its `t_guard`, the CFG scale and negative conditioning, and the step index `j = 0`.
+        `_rollout_step` advances it; `rollout` runs it to the end with no grad."""
+        args = self.args
+        guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
+        batch = next(iter(cond.values())).shape[0]
+        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
+        return {
+            "x": self.family.init_latents(batch, args.resolution, generator).to(args.device),
+            "j": 0,
+            "sigmas": sigmas,
+            # one copy to the device and one to Python per rollout, not one per step
+            "sigmas_device": to_device(sigmas, args.device),
+            "sigma_floats": sigmas.tolist(),
+            "t_guard": sigmas[1].item(),
+            "cond": cond,
+            "guidance_scale": guidance_scale,
+            "negative": self._negative(batch) if guidance_scale > 1 else None,
+            "generator": generator,
+        }
+
+    def _rollout_step(self, state: dict, transformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sampler step of the rollout `state` (from `_rollout_begin`) with `transformer`, under the caller's grad
+        mode: returns `(x_next, mean, std)` like `transition.sample_step`; `mean` keeps the graph when grad is on,
+        `x_next` (also stored as `state["x"]`) never does, so the next step starts from a detached state."""
+        args = self.args
+        x, j, sigmas = state["x"], state["j"], state["sigma_floats"]
+        sigma = state["sigmas_device"][j].expand(x.shape[0])
+        v = self._velocity(
+            transformer, x, sigma, state["cond"], state["guidance_scale"], state["negative"], args.guidance_scale_2
+        )
+        noise = (
+            to_device(torch.randn(x.shape, generator=state["generator"]), x.device) if args.noise_level > 0 else None
+        )
+        x_next, mean, std = transition.sample_step(
+            x, v, sigmas[j], sigmas[j + 1], args.noise_level, args.sde_type, state["t_guard"], noise=noise
+        )
+        x_next = x_next.detach()
+        state["x"], state["j"] = x_next, j + 1
+        return x_next, mean, std
 
     def _step_rows(self, rollout: dict[str, torch.Tensor], steps: range):
         """Rows for a chunk of trained steps: states, sigma, next sigma, all `(len(steps) * B, ...)`."""
@@ -468,6 +551,33 @@ class DiffusionLoRATrainer(Trainer):
         t = sigmas[steps.start : steps.stop].repeat_interleave(batch)
         t_next = sigmas[steps.start + 1 : steps.stop + 1].repeat_interleave(batch)
         return x, t, t_next
+
+    def _saved_bytes_per_prompt(self) -> int:
+        """Bytes autograd saves for one prompt's student pass at the first sampler step (CFG rows included), measured
+        by one forward with grad on this device: each saved storage counted once, the model's weights not at all."""
+        args = self.args
+        transformer = self.accelerator.unwrap_model(self.model)
+        cond = self._negative(1)  # any prompt: the embeddings' shapes do not depend on the text
+        x = self.family.init_latents(1, args.resolution, self._generator("saved-bytes")).to(args.device)
+        sigma = self.family.sigmas(args.num_inference_steps, args.resolution)[:1].to(args.device)
+        negative = self._negative(1) if args.guidance_scale > 1 else None
+        weights = {t.untyped_storage().data_ptr() for t in [*transformer.parameters(), *transformer.buffers()]}
+        seen: set[int] = set()
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+            return tensor
+
+        with torch.enable_grad(), self.compute_loss_context_manager():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                v = self._velocity(transformer, x, sigma, cond, args.guidance_scale, negative, args.guidance_scale_2)
+        del v
+        return total
 
     def _chunks(self, num_steps: int):
         size = self.args.step_batch_size or num_steps
@@ -539,7 +649,13 @@ class DiffusionLoRATrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_eval = any(key.startswith("eval") for key in logs)
         if not is_eval and self._metrics:
-            logs = {**logs, **{key: sum(values) / len(values) for key, values in self._metrics.items() if values}}
+            means = {key: sum(values) / len(values) for key, values in self._metrics.items() if values}
+            # Metrics accumulate as device tensors (no host sync per round); one read-back here for all of them.
+            tensors = [key for key, value in means.items() if isinstance(value, torch.Tensor)]
+            if tensors:
+                values = torch.stack([means[key].detach().float().reshape(()) for key in tensors]).tolist()
+                means.update(zip(tensors, values))
+            logs = {**logs, **means}
             self._metrics.clear()
         super().log(logs, start_time)
 

@@ -104,9 +104,18 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             "Tasks that share prompts"). Sample the student with the same template; the model card lists it.
         ppo_clip_range (`float` or `None`, *optional*, defaults to `None`):
             PPO clipping range of the importance ratio with `loss_type="ppo"`.
-        step_batch_size (`int` or `None`, *optional*, defaults to `None`):
+        step_batch_size (`int`, `"auto"` or `None`, *optional*, defaults to `None`):
             Trained steps evaluated together in one teacher / student call (rows = steps × prompts). `None`
-            batches all trained steps; lower it to bound activation memory.
+            batches all trained steps; lower it to bound activation memory. `"auto"`: the largest number whose saved
+            activations (measured once, by one student pass of one prompt) fit in 80% of the free device memory
+            (RAM on a CPU), chosen at the first round and logged in one line.
+        fused_rollout (`bool`, *optional*, defaults to `True`):
+            At the trained steps, the rollout's own student forward (with grad) is the student's pass of the loss:
+            x_{j+1} is drawn from the detached mean μ_S(x_j), so the gradient equals the two-pass loop's (a no-grad
+            rollout, then the student recomputed at the stored states), at T fewer student forwards per task; the
+            steps after the last trained one, which the loss never reads, are not sampled. The student then runs B
+            rows per call instead of `step_batch_size` × B; activation memory is unchanged (the graphs of one chunk
+            of `step_batch_size` steps live until its backward). Evaluation always uses the no-grad rollout.
 
         > Parameters that control the optimisation
 
@@ -180,6 +189,14 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         },
     )
     ppo_clip_range: float | None = field(default=None, metadata={"help": "PPO clip range with loss_type='ppo'."})
+    step_batch_size: int | str | None = field(
+        default=None,
+        metadata={"help": "Trained steps per model call; None batches all of them; 'auto' fits them to free memory."},
+    )
+    fused_rollout: bool = field(
+        default=True,
+        metadata={"help": "Train on the rollout's own student forward at trained steps (no second student pass)."},
+    )
 
     def __post_init__(self):
         self.task_weights = _as_dict(self.task_weights, "task_weights")
@@ -193,9 +210,23 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                     if not value.strip().startswith("{"):
                         raise ValueError(f"`{name}` must be a number or {{task: number}}, got {value!r}.") from None
                     setattr(self, name, _as_dict(value, name))
+        # "auto" is resolved by the trainer (`_chunks`); the shared checks see an integer or None.
+        if isinstance(self.step_batch_size, str) and self.step_batch_size.strip().lower() != "auto":
+            try:
+                self.step_batch_size = int(self.step_batch_size)
+            except ValueError:
+                raise ValueError(
+                    f"`step_batch_size` must be a positive integer, 'auto' or None, got {self.step_batch_size!r}."
+                ) from None
+        auto = isinstance(self.step_batch_size, str)
+        if auto:
+            self.step_batch_size = None
         super().__post_init__()
+        if auto:
+            self.step_batch_size = "auto"
 
         check_bool("teacher_offload", self.teacher_offload)
+        check_bool("fused_rollout", self.fused_rollout)
         check_choice("loss_type", self.loss_type, ("kl", "ppo"))
         check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
         if self.loss_type == "ppo" and self.noise_level == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from .. import transition
 from ..data import prompts_by_task
@@ -26,8 +28,11 @@ from ..teachers import (
     parse_teachers,
     resolve_teacher,
 )
-from .base_trainer import DiffusionLoRATrainer
+from .base_trainer import DiffusionLoRATrainer, choose_step_batch_size, free_memory_bytes, to_device
 from .opd_config import DiffusionOPDConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 class DiffusionOPDTrainer(DiffusionLoRATrainer):
@@ -36,7 +41,8 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
 
     Each optimizer step is a *round* over the tasks. For every task: the student rolls out its own trajectory with no
     grad; at each trained state x_tj the task's teacher gives its transition mean μ_T; the student's mean μ_S is
-    recomputed with grad at the same detached state; the loss is the closed-form per-step reverse KL
+    recomputed with grad at the same detached state (with `fused_rollout`, the default, the rollout's own forward at
+    the trained steps is that pass, so it is not run twice); the loss is the closed-form per-step reverse KL
     ‖μ_S − μ_T‖² / (2σ̄_j²) (½‖μ_S − μ_T‖² for the ODE sampler). Task losses are weighted and accumulated; one
     optimizer step follows.
 
@@ -153,6 +159,10 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         for module in self.full_teachers.values():
             # With offload, full teachers wait on the CPU and visit the accelerator one at a time.
             module.to("cpu" if self.args.teacher_offload else device)
+            if self.args.teacher_offload and torch.device(device).type == "cuda":
+                # in pinned memory, so that each visit is an asynchronous copy (`to_device`)
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    tensor.data = tensor.data.pin_memory()
 
     def _default_guidance(self, adapter: str | None) -> float:
         task = next((t for t, specs in self.teacher_specs.items() for s in specs if s.name == adapter), None)
@@ -247,6 +257,39 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         v = self._velocity(transformer, x, t, cond, guidance_scale, negative, guidance_2)
         return transition.step_mean(x, v, t, t_next, self.args.noise_level, self.args.sde_type, t_guard)
 
+    def _fused_rollout_begin(self, cond: Cond, generator: torch.Generator) -> dict:
+        """A rollout for the fused on-policy pass: `_rollout_begin`'s state plus `states` `(1, B, ...)` (x_{t_0}),
+        which `_fused_rollout_step` extends chunk by chunk."""
+        rollout = self._rollout_begin(cond, generator)
+        rollout["states"] = rollout["x"].unsqueeze(0)
+        return rollout
+
+    def _fused_rollout_step(
+        self, model, rollout: dict, steps: range, teachers: list[tuple[str, TeacherSpec]], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Advance a fused rollout through the trained steps `steps` and return the student's means there.
+
+        The forward that draws x_{j+1} = μ_S(x_j) (+ noise) is the student's trained pass: it runs with grad (through
+        `model`, so DDP / FSDP see it) and μ_S keeps its graph, while x_{j+1} is detached, exactly as the two-pass
+        loop's recomputation at the detached rollout states. A step that no teacher supervises (an expert no teacher
+        has a LoRA for) runs without grad, so that expert gets no gradient. The graphs of all `steps` live until the
+        chunk's backward: activation memory is that of `step_batch_size` steps, as in the two-pass loop.
+
+        Returns:
+            μ_S at `steps`, `(len(steps) * B, ...)` step-major like `_step_rows`, float32.
+        """
+        batch = rollout["x"].shape[0]
+        means, states = [], [rollout["states"]]
+        for j in steps:
+            sigma = rollout["sigmas"][j : j + 1].repeat(batch)
+            supervised = bool(self._expert_coverage(teachers, sigma, weights).sum() > 0)
+            with torch.set_grad_enabled(supervised), self.compute_loss_context_manager():
+                x_next, mean, _ = self._rollout_step(rollout, model)
+            means.append(mean)
+            states.append(x_next.unsqueeze(0))
+        rollout["states"] = torch.cat(states)
+        return torch.cat(means)
+
     @torch.no_grad()
     def teacher_means(self, spec: TeacherSpec, task: str, x, t, t_next, cond: Cond, t_guard: float) -> torch.Tensor:
         """Transition means of teacher `spec` at states `x` `(R, ...)` with its own CFG, no grad, float32.
@@ -266,15 +309,22 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module):
-        """Move an offloaded full teacher to the accelerator for one call, and back."""
+        """Lend an offloaded full teacher to the accelerator for one call.
+
+        Its weights are copied from (pinned) host memory without blocking the host; afterwards the module points at
+        its host copies again, which are still exact since a teacher is frozen, so nothing is copied back."""
         if not self.args.teacher_offload:
             yield module
             return
-        module.to(self.args.device)
+        tensors = [*module.parameters(), *module.buffers()]
+        host = [tensor.data for tensor in tensors]
+        for tensor in tensors:
+            tensor.data = to_device(tensor.data, self.args.device)
         try:
             yield module
         finally:
-            module.to("cpu")
+            for tensor, data in zip(tensors, host):
+                tensor.data = data
 
     def _routing(self, task: str, rows: list[dict]) -> tuple[list[tuple[str, TeacherSpec]], torch.Tensor]:
         """Which teachers supervise each row, and with which weight.
@@ -316,33 +366,46 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         student_prompts = self.student_prompts(task, prompts)
         student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts)
         batch = len(rows)
-        rollout = self.rollout(student_cond, generator)
         num_steps = args.num_train_timesteps
+        # Fused: the rollout's own forward at each trained step is the student's pass (see `_fused_rollout_step`).
+        fused = backward and args.fused_rollout
+        # The rollout is the student's: it runs on the student's prompts (`task_prompt_templates`).
+        if fused:
+            rollout = self._fused_rollout_begin(student_cond, generator)
+        else:
+            rollout = self.rollout(student_cond, generator)
         t_guard = rollout["sigmas"][1].item()
         task_weight = float((args.task_weights or {}).get(task, 1.0))
         teachers, weights = self._routing(task, rows)
         kl_per_step = torch.zeros(num_steps, device=args.device)
-        loss_value = 0.0
+        loss_total = torch.zeros((), device=args.device)
         for steps in self._chunks(num_steps):
+            if fused:
+                fused_student = self._fused_rollout_step(model, rollout, steps, teachers, weights)
             x, t, t_next = self._step_rows(rollout, steps)
             rows_cond = cond_tile(cond, len(steps))
             student_rows_cond = rows_cond if student_cond is cond else cond_tile(student_cond, len(steps))
-            row_weights = weights.repeat(len(steps), 1).to(x.device)  # rows are step-major, like x
-            row_weights = self._expert_coverage(teachers, t, row_weights)
-            subsets = [row_weights[:, k].nonzero().squeeze(1) for k in range(len(teachers))]
+            # Routing is worked out on the host (rows are step-major, like x) and copied over without blocking.
+            row_weights = weights.repeat(len(steps), 1)
+            t_host = rollout["sigmas"][steps.start : steps.stop].repeat_interleave(batch)
+            row_weights = self._expert_coverage(teachers, t_host, row_weights)
+            subsets = [to_device(row_weights[:, k].nonzero().squeeze(1), x.device) for k in range(len(teachers))]
+            active = to_device((row_weights.sum(1) > 0).nonzero().squeeze(1), x.device)
+            row_weights = to_device(row_weights, x.device)
             targets = [
                 self.teacher_means(spec, owner, x[idx], t[idx], t_next[idx], cond_select(rows_cond, idx), t_guard)
                 if len(idx)
                 else None
                 for (owner, spec), idx in zip(teachers, subsets)
             ]
-            # Rows no teacher supervises (an expert a teacher has no LoRA for) are left out of the student's pass, so
-            # the expert that would run them gets no gradient (not a zero one, which weight decay would still act on).
-            active = (row_weights.sum(1) > 0).nonzero().squeeze(1)
+            # Rows no teacher supervises (an expert a teacher has no LoRA for, `active` above) are left out of the
+            # student's pass, so that expert gets no gradient (not a zero one, which weight decay would still act on).
             with self.compute_loss_context_manager():
                 kl = torch.zeros(x.shape[0], device=x.device)
                 objective = torch.zeros(x.shape[0], device=x.device)
-                if len(active) == x.shape[0]:
+                if fused:
+                    student = fused_student
+                elif len(active) == x.shape[0]:
                     negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
                     student = self._mean(
                         model,
@@ -387,18 +450,19 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                         kl_k = self._ppo_rows(rollout, steps, idx, student[idx], target, t[idx], t_next[idx], t_guard)
                     objective = objective.index_add(0, idx, row_weights[idx, k] * kl_k)
                     if backward and len(teachers) > 1:  # an ensemble or routed rows: each teacher's share
-                        self._metrics[f"kl/{task}/{spec.name}"].append(kl_k.detach().mean().item())
+                        self._metrics[f"kl/{task}/{spec.name}"].append(kl_k.detach().mean())
                 # mean over (steps, prompts) of the whole task, chunk by chunk
                 loss = task_weight * objective.sum() / (num_steps * batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"Non-finite loss ({loss.item()}) for task '{task}' at optimizer step {self.state.global_step}; "
-                    "training stopped before the update, so the last checkpoint is intact."
-                )
             if backward and loss.requires_grad:
                 self.accelerator.backward(loss / getattr(self, "current_gradient_accumulation_steps", 1))
-            loss_value += loss.item()
+            loss_total = loss_total + loss.detach()
             kl_per_step[steps.start : steps.stop] = kl.detach().view(len(steps), batch).mean(1)
+        loss_value = loss_total.item()  # the task's one read-back, after all its chunks are queued
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"Non-finite loss ({loss_value}) for task '{task}' at optimizer step {self.state.global_step}; "
+                "training stopped before the update, so the last checkpoint is intact."
+            )
         return loss_value, kl_per_step
 
     def _check_guidance_2(self, args: DiffusionOPDConfig) -> None:
@@ -429,6 +493,18 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         row_weights = row_weights * covered
         return row_weights / row_weights.sum(1, keepdim=True).clamp_min(1e-12)
 
+    def _chunks(self, num_steps: int):
+        if self.args.step_batch_size != "auto":
+            return super()._chunks(num_steps)
+        if getattr(self, "_auto_step_batch_size", None) is None:
+            bytes_per_prompt = self._saved_bytes_per_prompt()
+            free = free_memory_bytes(self.args.device)
+            prompts = self.args.per_device_train_batch_size
+            self._auto_step_batch_size, reason = choose_step_batch_size(num_steps, prompts, bytes_per_prompt, free)
+            logger.warning(f"step_batch_size='auto': {reason}.")
+        size = self._auto_step_batch_size
+        return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
+
     def _ppo_rows(self, rollout, steps, idx, student, target, t, t_next, t_guard) -> torch.Tensor:
         args = self.args
         sample = rollout["states"][steps.start + 1 : steps.stop + 1].flatten(0, 1)[idx]
@@ -453,12 +529,12 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                 loss, kl_per_step = self.task_loss(model, task, inputs[task], self._generator(step, rank, task), True)
             total += loss
             kl_steps.append(kl_per_step)
-            self._metrics[f"kl/{task}"].append(kl_per_step.mean().item())
+            self._metrics[f"kl/{task}"].append(kl_per_step.mean())  # a device tensor, read back at logging
             self._metrics[f"loss/{task}"].append(loss)
-        for j, value in enumerate(torch.stack(kl_steps).mean(0).tolist()):
+        for j, value in enumerate(torch.stack(kl_steps).mean(0).unbind()):
             self._metrics[f"kl_step/{j}"].append(value)
         self._metrics["round_time"].append(time.perf_counter() - start)
-        return torch.tensor(total, device=self.args.device)
+        return to_device(torch.tensor(total), self.args.device)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
