@@ -79,8 +79,9 @@ def _round(trainer, task, rows, fused):
         {"noise_level": 0.0},  # ODE, CFG 4.5, all trained steps in one call
         {"noise_level": 0.7, "timestep_fraction": 0.6, "step_batch_size": 2},  # SDE, 3 of 5 steps, chunks 2 + 1
         {"noise_level": 0.5, "sde_type": "cps", "loss_type": "ppo", "step_batch_size": 1},
+        {"noise_level": 0.0, "task_prompt_templates": {"a": "{prompt}, zz"}},  # the student sees other prompts
     ],
-    ids=["ode", "sde-fraction-chunks", "cps-ppo"],
+    ids=["ode", "sde-fraction-chunks", "cps-ppo", "ode-student-template"],
 )
 def test_fused_rollout_gradient_equals_two_pass(tmp_path, teachers, case):
     trainer = _trainer(tmp_path, teachers, guidance_scale=4.5, **case)
