@@ -372,3 +372,120 @@ def test_grpo_and_nft_honour_guidance_scale_2(tmp_path):
         ignored = _reference(nft.pipeline, out["cond"], negative, initial, 5.0, None)
     torch.testing.assert_close(out["x0"], expected, atol=1e-5, rtol=1e-5)
     assert (ignored - expected).abs().max() > 1e-3
+
+
+def _frames(videos) -> np.ndarray:
+    """Videos (lists of PIL frames) as one uint8 array `(videos, frames, H, W, 3)`."""
+    return np.stack([np.stack([np.asarray(frame.convert("RGB")) for frame in video]) for video in videos])
+
+
+def _pipeline_videos(pipe, prompts, seed: int = 0) -> np.ndarray:
+    """`WanPipeline.__call__` (its own UniPC sampler) with the settings of `test_eval_loads_each_expert_lora`."""
+    output = pipe(
+        prompt=prompts,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        height=TINY_WAN_RESOLUTION,
+        width=TINY_WAN_RESOLUTION,
+        num_frames=TINY_WAN_FRAMES,
+        max_sequence_length=16,
+        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
+        output_type="pil",
+    )
+    return _frames(output.frames)
+
+
+def test_eval_loads_each_expert_lora(tmp_path):
+    """`evaluate_models` on Wan 2.2 loads a saved two-expert student into both experts: its videos are exactly those of
+    `WanPipeline` with the LoRAs loaded by diffusers (`load_lora_weights(..., load_into_transformer_2=True)`), and
+    differ from the same folder without its `transformer_2` file. A folder with only the `transformer_2` file adapts
+    only the low-noise expert (the high-noise one runs the base: exactly diffusers with that file alone), and rows
+    after it get their high-noise LoRA back."""
+    import shutil
+
+    from trl_diffusion_opd.evaluation import evaluate_models
+
+    pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    # LoRAs strong enough (std 1) to change the tiny model's 8-bit frames clearly.
+    for expert in ("transformer", "transformer_2"):
+        save_toy_lora(
+            pipe,
+            tmp_path / "t",
+            seed=1 + (expert == "transformer_2"),
+            std=1.0,
+            rank=2,
+            target_modules=TARGETS,
+            expert=expert,
+        )
+    teacher = str(tmp_path / "t")
+    # The student as the trainer saves it (one file per expert): here a copy of that teacher.
+    trainer = DiffusionOPDTrainer(
+        pipe,
+        {"geneval": teacher},
+        args=_args(tmp_path / "out", student_adapter=teacher),
+        train_dataset={"geneval": PROMPTS["geneval"]},
+    )
+    trainer.save_model(str(tmp_path / "student"))
+    high, low = tmp_path / "high", tmp_path / "low"
+    high.mkdir(), low.mkdir()
+    shutil.copy(tmp_path / "student" / "pytorch_lora_weights.safetensors", high)
+    shutil.copy(tmp_path / "student" / LOW_2, low)
+
+    prompts = PROMPTS["geneval"]
+    pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    result = evaluate_models(
+        pipe,
+        prompts={"brightness": prompts},
+        adapters={"low only": str(low), "student": str(tmp_path / "student"), "high only": str(high)},
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        resolution=TINY_WAN_RESOLUTION,
+        num_frames=TINY_WAN_FRAMES,
+        max_sequence_length=16,
+        batch_size=2,
+        progress=False,
+    )
+    videos = {label: _frames(rows[0]) for label, rows in result.samples.items()}
+    assert [m.experts for m in result.models[1:]] == [
+        ("transformer_2",),
+        ("transformer", "transformer_2"),
+        ("transformer",),
+    ]
+    assert not any(".low_only." in n for n, _ in pipe.transformer.named_parameters())
+    assert any(".low_only." in n for n, _ in pipe.transformer_2.named_parameters())
+
+    reference = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    base = _pipeline_videos(reference, prompts)
+    reference.load_lora_weights(str(tmp_path / "student"), adapter_name="s")
+    reference.load_lora_weights(
+        str(tmp_path / "student"), weight_name=LOW_2, adapter_name="s", load_into_transformer_2=True
+    )
+    student = _pipeline_videos(reference, prompts)
+    low_reference = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    low_reference.load_lora_weights(str(low), weight_name=LOW_2, adapter_name="l", load_into_transformer_2=True)
+    low_only = _pipeline_videos(low_reference, prompts)
+
+    np.testing.assert_array_equal(videos["base"], base)
+    np.testing.assert_array_equal(videos["student"], student)
+    np.testing.assert_array_equal(videos["low only"], low_only)
+    diff = lambda a, b: np.abs(a.astype(int) - b.astype(int)).max()  # noqa: E731
+    # Measured: the transformer_2 LoRA moves the student's frames by up to 9 levels of 255, each expert's LoRA alone
+    # moves the base's by 7 (transformer_2) and 12 (transformer).
+    assert diff(videos["student"], videos["high only"]) > 2
+    assert diff(videos["low only"], base) > 2 and diff(videos["high only"], base) > 2
+
+
+def test_eval_refuses_a_transformer_2_lora_on_one_expert_pipelines(tmp_path):
+    """A Wan 2.2 adapter's `transformer_2` file on a Wan 2.1 pipeline (no low-noise expert) is an error, raised before
+    anything loads, not a LoRA silently dropped."""
+    from trl_diffusion_opd.evaluation import load_adapter
+
+    two = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    for expert in ("transformer", "transformer_2"):
+        save_toy_lora(two, tmp_path / "both", seed=1, rank=2, target_modules=TARGETS, expert=expert)
+    one = get_tiny_wan_pipeline(seed=0)
+    with pytest.raises(
+        ValueError, match=r"LoRA for 'transformer_2' \(pytorch_lora_weights_transformer_2.safetensors\)"
+    ):
+        load_adapter(one, "student", str(tmp_path / "both"))
+    assert not hasattr(one.transformer, "peft_config")  # checked before anything loads

@@ -17,7 +17,10 @@ print(result.to_markdown())
 model generates each distinct prompt set once, with the same per-image seeds for every row, and every reward of those
 columns scores them. Adapters are loaded the way users load them (`pipe.load_lora_weights(folder,
 adapter_name=...)`; PEFT-format folders, which `load_lora_weights` silently ignores, through PEFT) and switched with
-`set_adapters` / `disable_lora` for the base row.
+`set_adapters` / `disable_lora` for the base row. On a pipeline with several experts (Wan 2.2 A14B: `transformer` for
+high noise, `transformer_2` for low noise; the family's `experts`), each expert's file of an adapter folder
+(`pytorch_lora_weights.safetensors`, `pytorch_lora_weights_transformer_2.safetensors`) loads into that expert under the
+row's adapter name, and an expert without a file runs its base weights in that row.
 
 The training-time callbacks that sample and score the student (`RewardEvalCallback`) live in
 `trl_diffusion_opd.trainer.callbacks`; the `eval` command's arguments in `trl_diffusion_opd.scripts.eval`.
@@ -38,11 +41,15 @@ import torch
 from PIL import Image
 
 from .data import load_prompt_source
+from .families.base import get_family
 from .registry import load_pipeline
 from .rewards import Reward, as_reward, get_reward, nanmean
 from .teachers import (
     DIFFUSERS_LORA_WEIGHTS,
+    EXPERT_LORA_PATTERN,
     check_teacher_files,
+    expert_weight_name,
+    has_expert_lora,
     load_lora_teacher,
     parse_teacher_spec,
     resolve_teacher,
@@ -329,13 +336,28 @@ def load_base_pipeline(
 
 @dataclass
 class EvalModel:
-    """One row of the table: the base (`adapter_name=None`) or an adapter on it."""
+    """One row of the table: the base (`adapter_name=None`) or an adapter on it.
+
+    `experts` names the pipeline components (the family's `experts`) that carry the adapter's LoRA; the others run
+    their base weights in this row (a Wan 2.2 adapter with a `transformer_2` LoRA only)."""
 
     label: str
     adapter_name: str | None = None
     source: str | None = None
     guidance_scale: float | None = None
     prompt_templates: dict[str, str] | None = None
+    experts: tuple[str, ...] = ("transformer",)
+
+
+def pipeline_experts(pipeline) -> dict[str, torch.nn.Module]:
+    """The transformers of `pipeline` that carry LoRAs, by component name, the default one first: its family's
+    `experts` (Wan 2.2 A14B: `transformer` and `transformer_2`), or `{"transformer": pipeline.transformer}` for a
+    pipeline that no family handles (it is only sampled through its own `__call__` here)."""
+    try:
+        family = get_family(pipeline)
+    except ValueError:  # no registered family for this pipeline class
+        return {"transformer": pipeline.transformer}
+    return family.experts
 
 
 def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, token=None) -> EvalModel:
@@ -350,8 +372,16 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     (`adapter_config.json` + `adapter_model.safetensors`, e.g. the released DiffusionOPD teachers), which
     `load_lora_weights` would silently skip, through PEFT with their own rank and alpha.
 
+    With several experts (`pipeline_experts`; Wan 2.2 A14B), the LoRA of each further expert is its own file
+    (`teachers.expert_weight_name`: `pytorch_lora_weights_transformer_2.safetensors`, as the trainers save it) and
+    loads as diffusers documents it, `pipeline.load_lora_weights(folder, weight_name=...,
+    load_into_transformer_2=True)`, under the same adapter name. A folder may hold files for some experts only; the
+    others then run their base weights in this row (`EvalModel.experts`).
+
     Raises:
-        ValueError: the adapter cannot be found or loads no weight into the transformer.
+        ValueError: the adapter cannot be found, holds a LoRA for a component the pipeline does not run as an
+            expert (a Wan 2.2 `transformer_2` file on a Wan 2.1 pipeline), or loads no weight into an expert it has
+            a file for.
     """
     name = _adapter_name(label)
     templates = None
@@ -366,25 +396,55 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     if spec.full_weight:
         raise ValueError(f"Adapter '{label}' ({spec.display}) is a full model, not a LoRA: evaluate it as the base.")
     check_teacher_files(spec, owner=f"Adapter '{label}'")
+    experts = pipeline_experts(pipeline)
+    first = next(iter(experts))
+    components = getattr(pipeline, "components", {})
+    for path in sorted(folder.glob(EXPERT_LORA_PATTERN)):
+        component = path.name.removeprefix("pytorch_lora_weights_").removesuffix(".safetensors")
+        if component in components and component not in experts:  # silently ignoring it would evaluate another model
+            raise ValueError(
+                f"Adapter '{label}' ({spec.display}) holds a LoRA for '{component}' ({path.name}), which this "
+                f"{type(pipeline).__name__} does not run (its experts: {', '.join(experts)})."
+            )
+    found = [e for e in experts if has_expert_lora(folder, e, spec.weight_name)]
+    if not found:
+        files = [expert_weight_name(e, spec.weight_name) or DIFFUSERS_LORA_WEIGHTS for e in experts]
+        raise ValueError(f"Adapter '{label}' ({spec.display}) has none of the expert LoRAs {files}.")
     weight_name = spec.weight_name or DIFFUSERS_LORA_WEIGHTS
     with several_adapters():
-        if (folder / weight_name).is_file() and not (folder / "adapter_config.json").is_file():
-            if _transformer_only(folder / weight_name) and hasattr(pipeline.transformer, "load_lora_adapter"):
-                pipeline.transformer.load_lora_adapter(
-                    str(folder), weight_name=weight_name, prefix="transformer", adapter_name=name, _pipeline=pipeline
+        for expert in found:
+            if expert != first:
+                # diffusers' loader for a further expert (Wan 2.2: `load_into_transformer_2=True`), as the model card
+                # tells users to load it; it converts LoRAs of other trainers' key layouts as for the first expert.
+                pipeline.load_lora_weights(
+                    str(folder),
+                    weight_name=expert_weight_name(expert, spec.weight_name),
+                    adapter_name=name,
+                    **{f"load_into_{expert}": True},
                 )
+            elif (folder / weight_name).is_file() and not (folder / "adapter_config.json").is_file():
+                if _transformer_only(folder / weight_name) and hasattr(experts[expert], "load_lora_adapter"):
+                    experts[expert].load_lora_adapter(
+                        str(folder),
+                        weight_name=weight_name,
+                        prefix="transformer",
+                        adapter_name=name,
+                        _pipeline=pipeline,
+                    )
+                else:
+                    pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
             else:
-                pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
-        else:
-            load_lora_teacher(pipeline.transformer, spec, folder, owner=f"Adapter '{label}'")
-    if not any(f".{name}." in key for key, _ in pipeline.transformer.named_parameters()):
-        raise ValueError(f"Adapter '{label}' ({spec.display}) loaded no LoRA weight into the transformer.")
+                load_lora_teacher(experts[expert], spec, folder, owner=f"Adapter '{label}'")
+    for expert in found:
+        if not any(f".{name}." in key for key, _ in experts[expert].named_parameters()):
+            raise ValueError(f"Adapter '{label}' ({spec.display}) loaded no LoRA weight into the {expert}.")
     return EvalModel(
         label=label,
         adapter_name=name,
         source=spec.display,
         guidance_scale=spec.guidance_scale,
         prompt_templates=templates,
+        experts=tuple(found),
     )
 
 
@@ -409,13 +469,20 @@ def _transformer_only(path: Path) -> bool:
     return bool(keys) and all(key.startswith("transformer.") for key in keys)
 
 
-def _activate(pipeline, model: EvalModel, has_adapters: bool) -> None:
+def _activate(pipeline, model: EvalModel, has_adapters: bool, experts: Sequence[str] = ("transformer",)) -> None:
+    """Run `model`'s row: its adapter alone on every expert of `experts` (component names) that carries it, the base
+    weights on the others; the base row: every LoRA off."""
     if model.adapter_name is None:
         if has_adapters:
             pipeline.disable_lora()
         return
     pipeline.enable_lora()
     pipeline.set_adapters(model.adapter_name)
+    # An expert without this row's LoRA (a Wan 2.2 adapter for `transformer_2` only) runs its base weights: diffusers'
+    # `set_adapters` would leave it with an active adapter name that it does not have.
+    for component in experts:
+        if component not in model.experts:
+            getattr(pipeline, component).disable_lora()
 
 
 def generate_images(
@@ -685,6 +752,7 @@ def evaluate_models(
     models = [EvalModel(label=base_label)] if include_base else []
     for label, spec in (adapters or {}).items():
         models.append(load_adapter(pipeline, label, spec, cache_dir=cache_dir, token=token))
+    experts = list(pipeline_experts(pipeline)) if adapters else []
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels) or len({_file_name(label) for label in labels}) != len(labels):
         raise ValueError(f"Model labels must be distinct (also as file names): {labels}.")
@@ -700,7 +768,7 @@ def evaluate_models(
     bar = tqdm(total=total, disable=not progress, desc="evaluating", unit="image")
     try:
         for model in models:
-            _activate(pipeline, model, has_adapters)
+            _activate(pipeline, model, has_adapters, experts)
             scale = model.guidance_scale if model.guidance_scale is not None else guidance_scale
             grid_rows = []
             for rows, set_columns in sets:

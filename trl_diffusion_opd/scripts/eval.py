@@ -56,7 +56,10 @@ class DiffusionOPDEvalArguments:
         adapters (`dict[str, Any]` or `None`, *optional*):
             `{label: adapter}`, one table row each: a local folder, a Hub id `owner/repo[/sub/folder][@revision]`,
             a dict with `path` and optional `subfolder`, `revision`, `weight_name`, `guidance_scale`, or
-            `toy:<seed>` (a random LoRA for the tiny models).
+            `toy:<seed>` (a random LoRA for the tiny models). On a two-expert pipeline (Wan 2.2 A14B) a folder's
+            `pytorch_lora_weights.safetensors` loads into `transformer` and its
+            `pytorch_lora_weights_transformer_2.safetensors` into `transformer_2`, under the same adapter; an expert
+            without a file runs the base in that row.
         prompts (`dict[str, Any]`):
             `{column: prompt source}`: a column is a reward name (`ocr`, `pickscore`, ...) or `reward@label`; a
             source is a `.txt`/`.jsonl`/`.csv`/`.json`/`.parquet` file, a dataset folder or id, or a list.
