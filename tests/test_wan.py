@@ -399,8 +399,8 @@ def test_eval_loads_each_expert_lora(tmp_path):
     """`evaluate_models` on Wan 2.2 loads a saved two-expert student into both experts: its videos are exactly those of
     `WanPipeline` with the LoRAs loaded by diffusers (`load_lora_weights(..., load_into_transformer_2=True)`), and
     differ from the same folder without its `transformer_2` file. A folder with only the `transformer_2` file adapts
-    only the low-noise expert (the high-noise one runs the base: exactly diffusers with that file alone), and rows
-    after it get their high-noise LoRA back."""
+    only the low-noise expert (the high-noise one runs the base: exactly diffusers with that file alone), likewise a
+    folder with only the `transformer` file, whatever rows ran before."""
     import shutil
 
     from trl_diffusion_opd.evaluation import evaluate_models
@@ -464,10 +464,14 @@ def test_eval_loads_each_expert_lora(tmp_path):
     low_reference = get_tiny_wan_pipeline(seed=0, two_experts=True)
     low_reference.load_lora_weights(str(low), weight_name=LOW_2, adapter_name="l", load_into_transformer_2=True)
     low_only = _pipeline_videos(low_reference, prompts)
+    high_reference = get_tiny_wan_pipeline(seed=0, two_experts=True)
+    high_reference.load_lora_weights(str(high), adapter_name="h")
+    high_only = _pipeline_videos(high_reference, prompts)
 
     np.testing.assert_array_equal(videos["base"], base)
     np.testing.assert_array_equal(videos["student"], student)
     np.testing.assert_array_equal(videos["low only"], low_only)
+    np.testing.assert_array_equal(videos["high only"], high_only)  # transformer_2 ran the base, not the student
     diff = lambda a, b: np.abs(a.astype(int) - b.astype(int)).max()  # noqa: E731
     # Measured: the transformer_2 LoRA moves the student's frames by up to 9 levels of 255, each expert's LoRA alone
     # moves the base's by 7 (transformer_2) and 12 (transformer).

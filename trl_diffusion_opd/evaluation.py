@@ -478,8 +478,9 @@ def _activate(pipeline, model: EvalModel, has_adapters: bool, experts: Sequence[
         return
     pipeline.enable_lora()
     pipeline.set_adapters(model.adapter_name)
-    # An expert without this row's LoRA (a Wan 2.2 adapter for `transformer_2` only) runs its base weights: diffusers'
-    # `set_adapters` would leave it with an active adapter name that it does not have.
+    # An expert without this row's LoRA (a Wan 2.2 adapter for `transformer_2` only) runs its base weights. diffusers'
+    # `set_adapters` makes the missing name active there, which PEFT's layers skip; switching the expert's LoRAs off
+    # says so without relying on that.
     for component in experts:
         if component not in model.experts:
             getattr(pipeline, component).disable_lora()
