@@ -159,8 +159,8 @@ def save_bar_chart(
         v + e for _, vs, es in series for v, e in zip(vs, es)
     ]
     if y_range is None:
-        ticks = _nice_ticks(min(values) - 0.02, max(values) + 0.01)
-        y_low, y_high = ticks[0], max(ticks[-1], max(values) + 0.01)
+        y_low, y_high = max(0.0, min(values) - 0.02), max(values) + 0.01
+        ticks = _nice_ticks(y_low, y_high)
     else:
         y_low, y_high = y_range
         ticks = _nice_ticks(y_low, y_high)
@@ -178,7 +178,7 @@ def save_bar_chart(
         for s, (_, vs, es) in enumerate(series):
             color = PALETTE[s % len(PALETTE)]
             x0 = x_start + s * bar_width
-            draw.rectangle([x0, py(vs[g]), x0 + bar_width - 2, bottom], fill=color)
+            draw.rectangle([x0, min(py(vs[g]), bottom), x0 + bar_width - 2, bottom], fill=color)
             if es[g] > 0:
                 cx = x0 + bar_width / 2 - 1
                 draw.line([(cx, py(vs[g] - es[g])), (cx, py(vs[g] + es[g]))], fill="black", width=1)

@@ -168,3 +168,20 @@ def test_wan_memory_counts_tokens_lora_and_checkpointed_activations():
     assert full["lora_params_m"] * 1e6 == 30 * (8 * 32 * (1536 + 1536) + 2 * 32 * (1536 + 8960))
     assert 0 < kept["total_gib"] < full["total_gib"] / 5
     assert model_sizes("wan2.1-1.3B")["transformer_params_b"] == pytest.approx(1.42, abs=0.01)
+
+
+def test_world_ablation_records_rewards_and_ode_kl(tmp_path):
+    from benchmarks import world_ablation
+
+    settings = world_ablation.AblationSettings.quick()
+    result = world_ablation.run_method("PPO-style a=0.7", settings, str(tmp_path / "ppo"))
+    records = result["records"]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["kl"] > 0 and 0 <= r["average"] <= 1 for r in records)
+    assert set(records[0]["rewards"]) == set(world_ablation.TASKS)
+    # The evaluator measures the student, not the base: the ODE KL moves once the student is trained.
+    assert records[2]["kl"] != records[0]["kl"]
+    rising = [{"round": r, "v": v} for r, v in [(0, 0.0), (10, 0.5), (20, 1.0)]]
+    assert world_ablation.rounds_to(rising, "v") == 18.0  # 90 % of the rise, interpolated
+    png = world_ablation.plot([result], tmp_path / "curves.png")
+    assert png.stat().st_size > 1000
