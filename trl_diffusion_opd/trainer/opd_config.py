@@ -96,6 +96,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             (Eq. 11 of the paper).
         task_weights (`dict[str, float]` or `None`, *optional*):
             Weight of each task's loss; missing tasks weigh 1.
+        task_timestep_fraction (`dict[str, float]` or `None`, *optional*):
+            Per-task `timestep_fraction`: a task's rows are supervised on its first ⌊N·fraction⌋ sampler steps only
+            (missing tasks use `timestep_fraction`). Give a teacher the steps it was trained on: an RL teacher
+            trained on the high-noise steps only (e.g. `timestep_fraction=0.5`) changes the low-noise steps too,
+            untrained, and distilling those steps pulls the student where no reward asked it to go.
         task_prompt_templates (`dict[str, str]` or `None`, *optional*):
             The prompt the *student* sees for a task's rows, as a template with `{prompt}` (e.g.
             `{"aesthetic": "{prompt}, pretty"}`); the task's teachers always see the prompt as written. Tasks whose
@@ -151,6 +156,7 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         "teacher_guidance_scale_2",
         "task_weights",
         "task_prompt_templates",
+        "task_timestep_fraction",
     ]
 
     # Parameters whose default values are overridden from DiffusionTrainingConfig
@@ -181,6 +187,10 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     task_weights: dict | str | None = field(
         default=None, metadata={"help": "Weight of each task's loss, a dict (or JSON string)."}
     )
+    task_timestep_fraction: dict | str | None = field(
+        default=None,
+        metadata={"help": "Per-task timestep_fraction, a dict (or JSON string) task -> fraction in (0, 1]."},
+    )
     task_prompt_templates: dict | str | None = field(
         default=None,
         metadata={
@@ -201,6 +211,7 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     def __post_init__(self):
         self.task_weights = _as_dict(self.task_weights, "task_weights")
         self.task_prompt_templates = _as_dict(self.task_prompt_templates, "task_prompt_templates")
+        self.task_timestep_fraction = _as_dict(self.task_timestep_fraction, "task_timestep_fraction")
         for name in ("teacher_guidance_scale", "teacher_guidance_scale_2"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -244,6 +255,8 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         # Missing tasks weigh 1; that some task keeps a weight > 0 is checked by the trainer, which knows the tasks.
         for task, weight in (self.task_weights or {}).items():
             check_number(f"task_weights['{task}']", weight, 0)
+        for task, fraction in (self.task_timestep_fraction or {}).items():
+            check_number(f"task_timestep_fraction['{task}']", fraction, 0, 1, low_open=True)
         for task, template in (self.task_prompt_templates or {}).items():
             if not isinstance(template, str) or "{prompt}" not in template:
                 raise ValueError(
@@ -256,6 +269,13 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                     f"`task_prompt_templates['{task}']` ({template!r}) has a placeholder other than '{{prompt}}' "
                     f"({error!r}); double braces write a literal brace."
                 ) from None
+
+    def train_timesteps_for(self, task: str) -> int:
+        """Trained sampler steps T of `task`'s rows: ⌊N·fraction⌋ (at least 1) with its `task_timestep_fraction`."""
+        fraction = (self.task_timestep_fraction or {}).get(task)
+        if fraction is None:
+            return self.num_train_timesteps
+        return max(1, int(self.num_inference_steps * fraction))
 
     def student_prompt(self, task: str, prompt: str) -> str:
         """The prompt the student sees for a row of `task` (`task_prompt_templates`; unchanged without one)."""

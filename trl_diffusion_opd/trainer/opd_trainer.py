@@ -104,9 +104,10 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             self.check_eval_tasks(self.eval_prompts, self.teacher_specs)
             self._check_routing(self.eval_prompts)
         self.check_task_weights(args.task_weights, self.teacher_specs)
-        unknown = [task for task in args.task_prompt_templates or {} if task not in self.teacher_specs]
-        if unknown:
-            raise ValueError(f"`task_prompt_templates` names task(s) {unknown}, which have no teacher.")
+        for name in ("task_prompt_templates", "task_timestep_fraction"):
+            unknown = [task for task in getattr(args, name) or {} if task not in self.teacher_specs]
+            if unknown:
+                raise ValueError(f"`{name}` names task(s) {unknown}, which have no teacher.")
         # The teachers' files are read (headers only) before the base model is loaded or anything computed.
         for specs in self.teacher_specs.values():
             for spec in specs:
@@ -366,7 +367,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         student_prompts = self.student_prompts(task, prompts)
         student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts)
         batch = len(rows)
-        num_steps = args.num_train_timesteps
+        num_steps = args.train_timesteps_for(task)
         # Fused: the rollout's own forward at each trained step is the student's pass (see `_fused_rollout_step`).
         fused = backward and args.fused_rollout
         # The rollout is the student's: it runs on the student's prompts (`task_prompt_templates`).
@@ -531,7 +532,10 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             kl_steps.append(kl_per_step)
             self._metrics[f"kl/{task}"].append(kl_per_step.mean())  # a device tensor, read back at logging
             self._metrics[f"loss/{task}"].append(loss)
-        for j, value in enumerate(torch.stack(kl_steps).mean(0).unbind()):
+        # Tasks may train different step counts (`task_timestep_fraction`): a step's KL averages the tasks that train it.
+        longest = max(len(kl) for kl in kl_steps)
+        padded = [torch.nn.functional.pad(kl, (0, longest - len(kl)), value=float("nan")) for kl in kl_steps]
+        for j, value in enumerate(torch.stack(padded).nanmean(0).unbind()):
             self._metrics[f"kl_step/{j}"].append(value)
         self._metrics["round_time"].append(time.perf_counter() - start)
         return to_device(torch.tensor(total), self.args.device)

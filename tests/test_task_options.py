@@ -1,7 +1,9 @@
-"""`task_prompt_templates`: the student sees a task's prompt through a template, its teachers see it as written."""
+"""Per-task options of DiffusionOPD: `task_prompt_templates` (the student sees a task's prompt through a template,
+its teachers see it as written) and `task_timestep_fraction` (a task is supervised on its first steps only)."""
 
 import numpy as np
 import pytest
+import torch
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
@@ -125,3 +127,37 @@ def test_evaluation_samples_a_row_through_its_template(teacher):
     assert prompts_seen == {0: PROMPTS, 1: PROMPTS, 2: [f"{p}, zz" for p in PROMPTS]}
     assert result.per_image["identity"]["bright"] == result.per_image["plain"]["bright"]
     assert result.per_image["tagged"]["bright"] != result.per_image["plain"]["bright"]
+
+
+def test_task_timestep_fraction_trains_only_the_first_steps_of_that_task(tmp_path, teacher):
+    trainer = DiffusionOPDTrainer(
+        get_tiny_sd3_pipeline(with_t5=False),
+        {"early": teacher, "all": teacher},
+        args=_args(tmp_path, task_timestep_fraction='{"early": 0.5}', max_steps=1, logging_steps=1),
+        train_dataset={"early": PROMPTS, "all": PROMPTS},
+    )
+    assert trainer.args.train_timesteps_for("early") == 2 and trainer.args.train_timesteps_for("all") == 3
+    calls = []
+    velocity = trainer.family.velocity
+
+    def counted(transformer, x, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return velocity(transformer, x, *args, **kwargs)
+
+    trainer.family.velocity = counted
+    try:
+        _, kl = trainer.task_loss(trainer.model, "early", [{"prompt": p} for p in PROMPTS], torch.Generator(), True)
+    finally:
+        trainer.family.velocity = velocity
+    assert kl.shape == (2,) and bool((kl > 0).all())
+    assert calls.count(True) == 2  # the fused rollout trains steps 0 and 1 and samples nothing after them
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "kl_step/2" in h)
+    # step 2 is trained by the "all" task alone: its KL is that task's, not diluted by the "early" task's absence
+    assert logged["kl_step/2"] > 0 and all(f"kl_step/{j}" in logged for j in range(3))
+
+
+@pytest.mark.parametrize("fraction", [0, 1.5, "half"])
+def test_bad_task_timestep_fraction_fails_in_the_config(tmp_path, fraction):
+    with pytest.raises(ValueError, match=r"task_timestep_fraction\['a'\]"):
+        _args(tmp_path, task_timestep_fraction={"a": fraction})
