@@ -12,7 +12,8 @@ Rows (each trained on the shipped world base, evaluated on the same held-out sce
   aesthetic; the first stage is the shipped composition teacher, counted at its recorded cost).
 - `off-policy distillation`: a fresh student LoRA fine-tuned by flow matching on the teachers' own samples (each
   task's training prompts sampled by its teacher).
-- `DiffusionOPD`: the student of `world.demo` (the full-size settings), distilled from the three shipped teachers.
+- `DiffusionOPD`: the student of `world.demo` (the full-size settings), distilled from the three shipped teachers,
+  each task supervised on the steps its teacher was trained on (`task_timestep_fraction`).
 
 Columns: each task's reward on its held-out scenes, the average, and the wall-clock / CPU seconds of the row's
 training (`+ teachers` adds the Stage-1 cost for the rows that need the teachers). Rows with several seeds report
@@ -47,6 +48,13 @@ from .common import BENCH_DIR, RESULTS_DIR, machine_info, markdown_table, setup,
 TASKS = ("composition", "letters", "aesthetic")
 
 
+def teacher_step_fractions() -> dict[str, float]:
+    """`{task: timestep_fraction}` the shipped world teachers were trained with (`world.teachers.RECIPES`)."""
+    from trl_diffusion_opd.world.teachers import RECIPES
+
+    return {task: RECIPES[task].timestep_fraction for task in TASKS}
+
+
 @dataclass
 class TableSettings:
     """Sizes of the table's runs (`quick()` shrinks every one to a smoke test of its code path).
@@ -58,7 +66,9 @@ class TableSettings:
             of the rewards is ~0.19 / 0.15 / 0.10 (composition / letters / aesthetic), so the default's standard
             error of a mean is ~0.02; below 0.005 needs ~1500 scenes per task (~25 CPU-min per model).
         opd_rounds, opd_prompts, opd_learning_rate, opd_rank: The DiffusionOPD student (`world.demo`'s full size).
-        opd_extra: More `DiffusionOPDConfig` fields of the student.
+        opd_extra: More `DiffusionOPDConfig` fields of the student. The default supervises each task on the steps
+            its teacher was trained on (`task_timestep_fraction` from the teachers' recipes; see the README's
+            "Several teachers, one student").
         multitask_steps: Optimizer steps of each multi-task RL baseline (40 steps of 24 images: the rollouts of one
             teacher's 60 steps of 16).
         cascade_steps: Steps of each cascade stage after the first (`None`: the teacher recipes').
@@ -74,7 +84,7 @@ class TableSettings:
     opd_prompts: int = 4
     opd_learning_rate: float = 1e-3
     opd_rank: int = 16
-    opd_extra: dict[str, Any] = field(default_factory=dict)
+    opd_extra: dict[str, Any] = field(default_factory=lambda: {"task_timestep_fraction": teacher_step_fractions()})
     multitask_steps: int = 40
     cascade_steps: int | None = None
     offpolicy_samples: int = 128

@@ -105,8 +105,9 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             The prompt the *student* sees for a task's rows, as a template with `{prompt}` (e.g.
             `{"aesthetic": "{prompt}, pretty"}`); the task's teachers always see the prompt as written. Tasks whose
             prompt sets overlap but whose teachers want different images need it: on a prompt shared by two tasks
-            the student otherwise receives both teachers' targets and learns their weighted mean (see the README's
-            "Tasks that share prompts"). Sample the student with the same template; the model card lists it.
+            the student otherwise receives both teachers' targets and learns their weighted mean. Sample the student with
+            the same template; the model card lists it. (On the world, tagging a task this way did not help: see the
+            README's "Several teachers, one student".)
         ppo_clip_range (`float` or `None`, *optional*, defaults to `None`):
             PPO clipping range of the importance ratio with `loss_type="ppo"`.
         step_batch_size (`int`, `"auto"` or `None`, *optional*, defaults to `None`):
