@@ -371,6 +371,7 @@ def test_world_config_trains_on_the_shipped_base_and_teachers(tmp_path):
     assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
     card = (output_dir / "README.md").read_text()
     assert "`world:base`" in card and "`world:letters`" in card
+    assert "steps supervised for composition" in card and "the first 5 of 10" in card  # task_timestep_fraction 0.5
 
 
 # (YAML, Hub id, resolution multiple (VAE x 2x2 patch), guidance_scale, guidance_scale_2)

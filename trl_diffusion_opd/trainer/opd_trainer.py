@@ -200,6 +200,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         }
         for task, template in (args.task_prompt_templates or {}).items():
             settings[f"student prompt for {task}"] = f"`{template}`"
+        for task in args.task_timestep_fraction or {}:
+            steps = args.train_timesteps_for(task)
+            settings[f"steps supervised for {task}"] = f"the first {steps} of {args.num_inference_steps}"
         return {
             "summary": summary,
             "teachers": teachers,

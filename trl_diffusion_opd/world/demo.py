@@ -75,6 +75,10 @@ class DemoConfig:
         seed: Seed of the student's initialisation and of the rollouts.
         num_threads: Torch threads (`None` leaves torch's default).
         progress: Progress bars (one per phase).
+        task_timestep_fraction: `{task: fraction}` of the sampler steps each task is supervised on; `None` gives
+            each task the steps its teacher's recipe trained (`world.teachers.RECIPES`: the composition teacher was
+            trained on the first half only, and distilling its untrained low-noise steps costs the aesthetic task
+            a third of its gain; README "Several teachers, one student"); `{}` supervises every task on every step.
         extra: More `DiffusionOPDConfig` fields of the student's training; they override the demo's own.
     """
 
@@ -94,6 +98,7 @@ class DemoConfig:
     seed: int = 0
     num_threads: int | None = None
     progress: bool = True
+    task_timestep_fraction: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -136,6 +141,16 @@ def distil(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path)
     return trainer
 
 
+def teacher_step_fractions(teachers: dict[str, str], fractions: dict[str, float] | None = None) -> dict | None:
+    """`task_timestep_fraction` of the student: `fractions`, or (when `None`) the `timestep_fraction` each world
+    task's teacher recipe trained with (the shipped and re-trained teachers follow the recipes)."""
+    if fractions is None:
+        from .teachers import RECIPES
+
+        fractions = {task: RECIPES[task].timestep_fraction for task in teachers if task in RECIPES}
+    return dict(fractions) or None
+
+
 def student_trainer(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path):
     """The `DiffusionOPDTrainer` of `distil`, not yet trained (add callbacks to it, then `train()`)."""
     from peft import LoraConfig
@@ -161,6 +176,7 @@ def student_trainer(teachers: dict[str, str], config: DemoConfig, output_dir: st
         "disable_tqdm": not config.progress,
         "seed": config.seed,
         "use_cpu": not torch.cuda.is_available(),
+        "task_timestep_fraction": teacher_step_fractions(teachers, config.task_timestep_fraction),
     }
     args = DiffusionOPDConfig(**{**settings, **config.extra})  # `extra` may override any of them
     pipe = load_world_pipeline()
