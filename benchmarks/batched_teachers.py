@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,25 +23,14 @@ def measure(preset: str = "small", teachers: int = 3, steps: int = 9, repeats: i
     """Process CPU seconds (median of `repeats`) of `teachers` separate teacher calls vs one call over all rows."""
     from peft import LoraConfig
 
-    from .common import make_trainer, median
-    from .released_loop import PRESETS, STUDENT_TARGETS, TASKS, _prompts, build
+    from .common import median
+    from .released_loop import PRESETS, STUDENT_TARGETS, TASKS, _prompts, build, preset_trainer
 
     settings = PRESETS[preset]
     pipe, paths, folder = build(preset, torch.device("cpu"), torch.float32)
     try:
-        trainer = make_trainer(
-            pipe,
-            paths,
-            str(Path(folder) / "out"),
-            peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=STUDENT_TARGETS),
-            eval_prompts={},
-            train_prompts=_prompts(preset),
-            resolution=settings["resolution"],
-            num_inference_steps=settings["steps"],
-            per_device_train_batch_size=settings["prompts_per_task"],
-            max_sequence_length=settings["seq"],
-            guidance_scale=4.5,
-            use_cpu=True,
+        trainer = preset_trainer(
+            preset, pipe, paths, folder, LoraConfig(r=8, lora_alpha=16, target_modules=STUDENT_TARGETS)
         )
         names = TASKS[:teachers]
         prompts = settings["prompts_per_task"]

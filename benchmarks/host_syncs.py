@@ -103,8 +103,7 @@ def run(preset: str = "tiny", rounds: int = 2) -> dict:
 
     from peft import LoraConfig
 
-    from .common import make_trainer
-    from .released_loop import PRESETS, STUDENT_TARGETS, _prompts, build
+    from .released_loop import PRESETS, STUDENT_TARGETS, build, preset_trainer
 
     settings = PRESETS[preset]
     results = {}
@@ -112,21 +111,14 @@ def run(preset: str = "tiny", rounds: int = 2) -> dict:
         for step_batch_size in (None, 1):
             pipe, teachers, folder = build(preset, torch.device("cpu"), torch.float32)
             try:
-                trainer = make_trainer(
+                trainer = preset_trainer(
+                    preset,
                     pipe,
                     teachers,
-                    str(Path(folder) / "out"),
-                    peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=STUDENT_TARGETS),
-                    eval_prompts={},
-                    train_prompts=_prompts(preset),
-                    resolution=settings["resolution"],
-                    num_inference_steps=settings["steps"],
-                    per_device_train_batch_size=settings["prompts_per_task"],
-                    max_sequence_length=settings["seq"],
-                    guidance_scale=4.5,
+                    folder,
+                    LoraConfig(r=8, lora_alpha=16, target_modules=STUDENT_TARGETS),
                     step_batch_size=step_batch_size,
                     fused_rollout=fused,
-                    use_cpu=True,
                     max_steps=rounds + 1,
                     logging_steps=1,
                 )

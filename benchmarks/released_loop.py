@@ -109,6 +109,26 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     return pipe, teachers, folder
 
 
+def preset_trainer(preset: str, pipe, teachers, folder, peft_config, **kwargs):
+    """`make_trainer` on `preset`'s problem (its resolution, steps, prompts, sequence length; CFG 4.5), no evaluation
+    prompts, on the CPU unless `use_cpu` says otherwise; `kwargs` are more config fields."""
+    from .common import make_trainer
+
+    settings = PRESETS[preset]
+    defaults = {
+        "peft_config": peft_config,
+        "eval_prompts": {},
+        "train_prompts": _prompts(preset),
+        "resolution": settings["resolution"],
+        "num_inference_steps": settings["steps"],
+        "per_device_train_batch_size": settings["prompts_per_task"],
+        "max_sequence_length": settings["seq"],
+        "guidance_scale": 4.5,
+        "use_cpu": True,
+    }
+    return make_trainer(pipe, teachers, str(Path(folder) / "out"), **{**defaults, **kwargs})
+
+
 def _prompts(preset: str) -> dict[str, list[str]]:
     from .gpu_round import PROMPTS
 
@@ -330,21 +350,13 @@ def run_case(case: str, preset: str, device: torch.device, rounds: int | None = 
         else:
             from peft import LoraConfig
 
-            from .common import make_trainer
-
             lora = LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=STUDENT_TARGETS)
-            trainer = make_trainer(
+            trainer = preset_trainer(
+                preset,
                 pipe,
                 teachers,
-                str(Path(folder) / "out"),
-                peft_config=lora,
-                eval_prompts={},
-                train_prompts=_prompts(preset),
-                resolution=settings["resolution"],
-                num_inference_steps=settings["steps"],
-                per_device_train_batch_size=settings["prompts_per_task"],
-                max_sequence_length=settings["seq"],
-                guidance_scale=4.5,
+                folder,
+                lora,
                 teacher_guidance_scale=TEACHER_GUIDANCE,
                 step_batch_size=1 if "_step1" in case else None,
                 fused_rollout="_two_pass" not in case,
