@@ -18,6 +18,8 @@ import argparse
 
 import torch
 
+from .memory import add_student_lora
+
 
 GIB = 2.0**30
 
@@ -93,21 +95,11 @@ def saved_activations_per_row(
     Returns:
         `{"total_gib", "attention_probs_gib", "without_attention_probs_gib", "tokens"}`.
     """
-    from peft import LoraConfig
-
     from trl_diffusion_opd.families.flux2 import Flux2KleinFamily
 
     dtype = torch.bfloat16
     transformer = _transformer(variant, dtype)
-    transformer.requires_grad_(False)
-    targets = Flux2KleinFamily.default_lora_targets
-    transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets), "student")
-    for name, param in transformer.named_parameters():
-        if ".student." in name:
-            param.data = param.data.float()
-            param.requires_grad_(True)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()  # per block, whenever grad is enabled (train or eval mode)
+    add_student_lora(transformer, Flux2KleinFamily.default_lora_targets, lora_rank, checkpointing)
     side = resolution // 16  # VAE x8, then 2x2 patches
     image_tokens = side * side
     tokens = image_tokens + text_tokens

@@ -13,6 +13,21 @@ from __future__ import annotations
 import torch
 
 
+def add_student_lora(transformer, targets, lora_rank: int, checkpointing: bool = False) -> None:
+    """Freeze `transformer` and add the student LoRA (r`lora_rank`, alpha 2r, on `targets`) with float32 weights that
+    require grad, as the trainer does; `checkpointing` enables the model's gradient checkpointing (per block)."""
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets), "student")
+    for name, param in transformer.named_parameters():
+        if ".student." in name:
+            param.data = param.data.float()
+            param.requires_grad_(True)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+
 def saved_activations_per_row(
     config: dict,
     resolution: int = 512,
@@ -28,21 +43,12 @@ def saved_activations_per_row(
         `{"total_gib", "attention_probs_gib", "without_attention_probs_gib", "tokens"}`.
     """
     from diffusers import SD3Transformer2DModel
-    from peft import LoraConfig
 
     from trl_diffusion_opd.families.sd3 import SD3Family
 
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**config).to(dtype)
-    transformer.requires_grad_(False)
-    lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets or SD3Family.default_lora_targets)
-    transformer.add_adapter(lora, adapter_name="student")
-    for name, param in transformer.named_parameters():
-        if ".student." in name:
-            param.data = param.data.float()
-            param.requires_grad_(True)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
+    add_student_lora(transformer, targets or SD3Family.default_lora_targets, lora_rank, checkpointing)
     side = resolution // 8
     image_tokens = (side // config["patch_size"]) ** 2
     tokens = image_tokens + text_tokens

@@ -20,6 +20,8 @@ import argparse
 
 import torch
 
+from .memory import add_student_lora
+
 
 GIB = 2.0**30
 
@@ -101,8 +103,6 @@ def saved_activations_per_row(
         `{"total_gib", "attention_probs_gib", "without_attention_probs_gib", "tokens", "lora_params_m"}` (`tokens`:
         video tokens; `lora_params_m`: the student LoRA's parameters on one transformer, millions).
     """
-    from peft import LoraConfig
-
     from trl_diffusion_opd.families.wan import WanFamily
 
     config, _, spatial, default_resolution, default_frames = VARIANTS[variant]
@@ -110,15 +110,7 @@ def saved_activations_per_row(
     num_frames = num_frames or default_frames
     dtype = torch.bfloat16
     transformer = _transformer(variant, dtype)
-    transformer.requires_grad_(False)
-    targets = WanFamily.default_lora_targets
-    transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets), "student")
-    for name, param in transformer.named_parameters():
-        if ".student." in name:
-            param.data = param.data.float()
-            param.requires_grad_(True)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
+    add_student_lora(transformer, WanFamily.default_lora_targets, lora_rank, checkpointing)
     frames = (num_frames - 1) // 4 + 1
     side = resolution // spatial
     tokens = frames * (side // 2) * (side // 2)
