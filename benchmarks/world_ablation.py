@@ -63,7 +63,7 @@ def run_method(name: str, settings: AblationSettings, folder: str) -> dict:
     from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
     from trl_diffusion_opd.families.sd3 import SD3Family
     from trl_diffusion_opd.rewards import get_reward, nanmean
-    from trl_diffusion_opd.world.demo import DemoConfig, student_trainer
+    from trl_diffusion_opd.world.demo import DemoConfig, student_trainer, teacher_step_fractions
     from trl_diffusion_opd.world.pipeline import MAX_SEQUENCE_LENGTH, load_world_pipeline
     from trl_diffusion_opd.world.scenes import IMAGE_SIZE, task_prompts
     from trl_diffusion_opd.world.teachers import EVAL_SEED, TASK_REWARDS
@@ -90,6 +90,8 @@ def run_method(name: str, settings: AblationSettings, folder: str) -> dict:
             disable_tqdm=True,
             use_cpu=True,
             task_prompt_templates=templates or None,
+            # the KL on the steps each task is trained on (the demo's default: its teacher's trained steps)
+            task_timestep_fraction=teacher_step_fractions(teachers, settings.extra.get("task_timestep_fraction")),
         ),
         train_dataset=kl_rows,
         peft_config=LoraConfig(
