@@ -1,6 +1,6 @@
 """One training job of `tests/test_sharded.py`, run alone (`python`) or under `torchrun --nproc_per_node 2`.
 
-`python _sharded_job.py MODE OUT TEACHER_A TEACHER_B` with MODE `single`, `ddp` or `fsdp2`: trains 3 rounds (checkpoint
+`python _sharded_job.py MODE OUT TEACHER_A TEACHER_B [CONFIG_JSON]` with MODE `single`, `ddp` or `fsdp2`: trains 3 rounds (checkpoint
 at round 2), then resumes a second trainer from checkpoint-2 to round 3, and writes `OUT/result-rank<r>.json` (losses,
 the student before and after, resumed student) and the exported adapter `OUT/final`.
 
@@ -134,9 +134,10 @@ def student(trainer):
 
 def main():
     mode, out, teacher_a, teacher_b = sys.argv[1:5]
+    extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}  # more config fields (e.g. teacher_offload)
     teachers = {"a": teacher_a, "b": teacher_b}
     torch.manual_seed(0)
-    trainer = build(mode, out, teachers, 3)
+    trainer = build(mode, out, teachers, 3, **extra)
     initial = student(trainer)
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -146,7 +147,10 @@ def main():
 
     switch = switch_costs(trainer) if mode == "fsdp2" else None
 
-    resumed_trainer = build(mode, out, teachers, 3)
+    full_teachers = {
+        task: sorted({type(p).__name__ for p in m.parameters()}) for task, m in trainer.full_teachers.items()
+    }
+    resumed_trainer = build(mode, out, teachers, 3, **extra)
     resumed_trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     resumed = student(resumed_trainer)
     rank = trainer.accelerator.process_index
@@ -158,6 +162,7 @@ def main():
         "resumed": resumed,
         "parameter_types": sharded,
         "switch": switch,
+        "full_teachers": full_teachers,
     }
     Path(out, f"result-rank{rank}.json").write_text(json.dumps(result))
     if torch.distributed.is_initialized():

@@ -63,14 +63,18 @@ def toy_teachers(tmp_path_factory):
     ]
 
 
-def _run_job(mode: str, out: Path, teachers: list[str], port: int) -> list[dict]:
+def _run_job(mode: str, out: Path, teachers: list[str], port: int, extra: dict | None = None) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(JOB.parent.parent)}
     if mode == "single":
         command = [sys.executable]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     result = subprocess.run(
-        [*command, str(JOB), mode, str(out), *teachers], env=env, capture_output=True, text=True, timeout=600
+        [*command, str(JOB), mode, str(out), *teachers, json.dumps(extra or {})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(path.read_text()) for path in sorted(out.glob("result-rank*.json"))]
@@ -113,3 +117,29 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_equal_one_process(tmp_path, toy_teac
             assert switch["forward_a"] == switch["forward_student"] > 0  # a forward gathers each unit once
         else:
             assert ranks[0]["parameter_types"] == ["Parameter"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp2_with_a_full_weight_teacher_equals_one_process(tmp_path, toy_teachers, offload):
+    """Task b's teacher is a full transformer (toy teacher a, in diffusers format, fused into the base); task a keeps
+    the PEFT-format LoRA teacher. Under FSDP2 the student's base is
+    sharded while the full teacher stays a whole, unsharded copy on each rank (or, with `teacher_offload`, on the CPU
+    between its calls): losses and the updated student equal the single-process run."""
+    pipe = get_tiny_sd3_pipeline(with_t5=False)
+    pipe.load_lora_weights(toy_teachers[0])
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.transformer.save_pretrained(tmp_path / "full" / "transformer")
+    teachers = [toy_teachers[1], str(tmp_path / "full")]
+    extra = {"teacher_offload": offload}
+    (single,) = _run_job("single", tmp_path / "single", teachers, 0, extra)
+    assert single["full_teachers"] == {"b": ["Parameter"]}
+    assert _max_diff(single["final"], single["initial"]) > 1e-3
+    ranks = _run_job("fsdp2", tmp_path / "fsdp2", teachers, 29643 + offload, extra)
+    for rank in ranks:
+        assert rank["parameter_types"] == ["DTensor"]  # the student is sharded ...
+        assert rank["full_teachers"] == {"b": ["Parameter"]}  # ... the full teacher is not
+        torch.testing.assert_close(rank["losses"], single["losses"], rtol=1e-5, atol=0)
+        for key in ("final", "resumed"):
+            assert _max_diff(rank[key], single[key]) <= 1e-6, key
