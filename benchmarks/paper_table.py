@@ -23,7 +23,7 @@ Every row is one job run in a worker process with one torch thread; finished job
 (`<job>/result.json`), so an interrupted run resumes where it stopped.
 
 ```bash
-python -m benchmarks.paper_table                 # the full table (about 45 minutes on a 2-core CPU, 2 workers)
+python -m benchmarks.paper_table                 # the full table (about an hour on 2 idle cores, 2 workers)
 python -m benchmarks.paper_table --quick         # every row's code path in about a minute, nothing written
 ```
 """
