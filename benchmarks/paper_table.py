@@ -24,7 +24,7 @@ Every row is one job run in a worker process with one torch thread; finished job
 
 ```bash
 python -m benchmarks.paper_table                 # the full table (about an hour on 2 idle cores, 2 workers)
-python -m benchmarks.paper_table --quick         # every row's code path in about a minute, nothing written
+python -m benchmarks.paper_table --quick         # every row's code path in about two minutes, nothing written
 ```
 """
 
