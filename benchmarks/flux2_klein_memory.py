@@ -18,10 +18,9 @@ import argparse
 
 import torch
 
-from .memory import add_student_lora
+from .memory import GIB, add_student_lora, count_parameters, weight_sizes
 
 
-GIB = 2.0**30
 
 # Flux2Transformer2DModel configs of the klein variants (base and step-distilled share them).
 TRANSFORMER_CONFIGS = {
@@ -67,20 +66,10 @@ def _text_encoder(variant: str):
         return Qwen3ForCausalLM(Qwen3Config(**_TEXT_COMMON, **TEXT_ENCODER_CONFIGS[variant]))
 
 
-def _count(module: torch.nn.Module) -> int:
-    # `parameters()` yields a tied weight once.
-    return sum(p.numel() for p in module.parameters())
-
-
 def model_sizes(variant: str = "klein-4B") -> dict[str, float]:
     """Parameters (billions) and bf16 weight size (GiB) of the transformer and the text encoder of `variant`."""
-    transformer, text_encoder = _count(_transformer(variant)), _count(_text_encoder(variant))
-    return {
-        "transformer_params_b": transformer / 1e9,
-        "transformer_bf16_gib": 2 * transformer / GIB,
-        "text_encoder_params_b": text_encoder / 1e9,
-        "text_encoder_bf16_gib": 2 * text_encoder / GIB,
-    }
+    transformer, text_encoder = count_parameters(_transformer(variant)), count_parameters(_text_encoder(variant))
+    return weight_sizes(transformer, text_encoder)
 
 
 def saved_activations_per_row(

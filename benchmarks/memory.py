@@ -13,6 +13,24 @@ from __future__ import annotations
 import torch
 
 
+GIB = 2**30
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Parameters of `module` (`parameters()` yields a tied weight once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def weight_sizes(transformer: int, text_encoder: int) -> dict[str, float]:
+    """Parameters (billions) and bf16 weight sizes (GiB) from parameter counts."""
+    return {
+        "transformer_params_b": transformer / 1e9,
+        "transformer_bf16_gib": 2 * transformer / GIB,
+        "text_encoder_params_b": text_encoder / 1e9,
+        "text_encoder_bf16_gib": 2 * text_encoder / GIB,
+    }
+
+
 def add_student_lora(transformer, targets, lora_rank: int, checkpointing: bool = False) -> None:
     """Freeze `transformer` and add the student LoRA (r`lora_rank`, alpha 2r, on `targets`) with float32 weights that
     require grad, as the trainer does; `checkpointing` enables the model's gradient checkpointing (per block)."""

@@ -20,10 +20,9 @@ import argparse
 
 import torch
 
-from .memory import add_student_lora
+from .memory import GIB, add_student_lora, count_parameters, weight_sizes
 
 
-GIB = 2.0**30
 
 _COMMON = {
     "patch_size": (1, 2, 2),
@@ -74,20 +73,11 @@ def _text_encoder():
         return UMT5EncoderModel(config)
 
 
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def model_sizes(variant: str) -> dict[str, float]:
     """Parameters (billions) and bf16 weight size (GiB) of the transformer(s) and of the UMT5-XXL encoder."""
     experts = VARIANTS[variant][1]
-    transformer, text_encoder = experts * _count(_transformer(variant)), _count(_text_encoder())
-    return {
-        "transformer_params_b": transformer / 1e9,
-        "transformer_bf16_gib": 2 * transformer / GIB,
-        "text_encoder_params_b": text_encoder / 1e9,
-        "text_encoder_bf16_gib": 2 * text_encoder / GIB,
-    }
+    transformer, text_encoder = experts * count_parameters(_transformer(variant)), count_parameters(_text_encoder())
+    return weight_sizes(transformer, text_encoder)
 
 
 def saved_activations_per_row(
