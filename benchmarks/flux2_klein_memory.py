@@ -21,7 +21,6 @@ import torch
 from .memory import GIB, add_student_lora, count_parameters, weight_sizes
 
 
-
 # Flux2Transformer2DModel configs of the klein variants (base and step-distilled share them).
 TRANSFORMER_CONFIGS = {
     "klein-4B": {"num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24, "joint_attention_dim": 7680},

@@ -23,7 +23,6 @@ import torch
 from .memory import GIB, add_student_lora, count_parameters, weight_sizes
 
 
-
 _COMMON = {
     "patch_size": (1, 2, 2),
     "attention_head_dim": 128,
