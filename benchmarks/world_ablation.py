@@ -55,7 +55,6 @@ class AblationSettings:
 def run_method(name: str, settings: AblationSettings, folder: str) -> dict:
     """Train one method with checkpoints; returns `{"records": [{round, seconds, rewards, average, kl}], ...}`."""
     setup(1)
-    import torch
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
     from transformers import TrainerCallback
@@ -150,7 +149,6 @@ def run_method(name: str, settings: AblationSettings, folder: str) -> dict:
         extra={**settings.extra, **METHODS[name]},
     )
     callback = Checkpoints()
-    torch.manual_seed(1000 + settings.seed)
     callback.trainer = student_trainer(teachers, config, Path(folder) / "student")
     callback.trainer.add_callback(callback)
     callback.trainer.train()

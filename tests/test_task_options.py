@@ -153,8 +153,8 @@ def test_task_timestep_fraction_trains_only_the_first_steps_of_that_task(tmp_pat
     assert calls.count(True) == 2  # the fused rollout trains steps 0 and 1 and samples nothing after them
     trainer.train()
     logged = next(h for h in trainer.state.log_history if "kl_step/2" in h)
-    # step 2 is trained by the "all" task alone: its KL is that task's, not diluted by the "early" task's absence
-    assert logged["kl_step/2"] > 0 and all(f"kl_step/{j}" in logged for j in range(3))
+    # step 2 is trained by the "all" task alone: the round still logs a (positive, finite) KL for it
+    assert 0 < logged["kl_step/2"] < float("inf") and all(f"kl_step/{j}" in logged for j in range(3))
 
 
 @pytest.mark.parametrize("fraction", [0, 1.5, "half"])
