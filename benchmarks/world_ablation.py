@@ -5,10 +5,16 @@ Each method distils the three shipped world teachers into a student from the sam
 optimiser (`world.demo`'s quick settings). Every `every` rounds the student is measured on held-out scenes: its
 three rewards (sampled with the ODE, as the table samples every model) and its KL to each task's teacher on
 ODE rollouts (an evaluator trainer with `noise_level=0` that receives the student's weights), so every method is
-scored on the same scale whatever its own sampler. The table reports the final rewards and the rounds each method
-needs to reach 90 % of its final reward gain and of its final KL reduction.
+scored on the same scale whatever its own sampler. The table reports, as mean ± std over seeds, the final rewards,
+the rounds each method needs to reach 90 % of its own final reward gain and of its own KL reduction, and the rounds
+it needs to reach a common target: 90 % of the largest mean final gain of any method (the same bar for every method,
+so a method that gains less is not rewarded for reaching its own smaller gain sooner).
 
-    python -m benchmarks.world_ablation [--quick] [--rounds 30] [--every 5] [--eval_images 32] [--workers 2]
+A method may carry its own learning rate (the PPO-style surrogate diverges at the closed form's). Each (method, seed)
+run is cached under `--cache_dir` with the settings it depends on, so more seeds or methods add runs without
+redoing the finished ones.
+
+    python -m benchmarks.world_ablation [--quick] [--seeds 0 1] [--methods ...] [--rounds 30] [--workers 2]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ METHODS = {
     "SDE a=0.3 (closed form)": {"noise_level": 0.3, "loss_type": "kl"},
     "SDE a=0.7 (closed form)": {"noise_level": 0.7, "loss_type": "kl"},
     "PPO-style a=0.7": {"noise_level": 0.7, "loss_type": "ppo"},
+    "PPO-style a=0.7, lr 2e-4": {"noise_level": 0.7, "loss_type": "ppo", "learning_rate": 2e-4},
 }
 
 
@@ -52,9 +59,13 @@ class AblationSettings:
         return cls(rounds=2, every=1, prompts_per_task=1, eval_images=2, kl_prompts=1, num_inference_steps=3)
 
 
-def run_method(name: str, settings: AblationSettings, folder: str) -> dict:
-    """Train one method with checkpoints; returns `{"records": [{round, seconds, rewards, average, kl}], ...}`."""
+def run_method(name: str, settings: AblationSettings, folder: str, seed: int | None = None) -> dict:
+    """Train one method (`seed`: else `settings.seed`) with checkpoints; returns `{"method", "seed", "records":
+    [{round, seconds, rewards, average, kl}], "train_cpu_s"}`."""
     setup(1)
+    seed = settings.seed if seed is None else seed
+    method = dict(METHODS[name])
+    learning_rate = method.pop("learning_rate", settings.learning_rate)
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
     from transformers import TrainerCallback
@@ -142,17 +153,17 @@ def run_method(name: str, settings: AblationSettings, folder: str) -> dict:
         output_dir=folder,
         rounds=settings.rounds,
         prompts_per_task=settings.prompts_per_task,
-        learning_rate=settings.learning_rate,
+        learning_rate=learning_rate,
         num_inference_steps=settings.num_inference_steps,
-        seed=settings.seed,
+        seed=seed,
         progress=False,
-        extra={**settings.extra, **METHODS[name]},
+        extra={**settings.extra, **method},
     )
     callback = Checkpoints()
     callback.trainer = student_trainer(teachers, config, Path(folder) / "student")
     callback.trainer.add_callback(callback)
     callback.trainer.train()
-    return {"method": name, "records": callback.records, "train_cpu_s": callback.seconds}
+    return {"method": name, "seed": seed, "records": callback.records, "train_cpu_s": callback.seconds}
 
 
 def rounds_to(records: list[dict], key: str, fraction: float = 0.9, rising: bool = True) -> float | None:
@@ -166,51 +177,142 @@ def rounds_to(records: list[dict], key: str, fraction: float = 0.9, rising: bool
     return None
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def run_cached(name: str, seed: int, settings: AblationSettings, cache_dir: str) -> dict:
+    """`run_method` unless `<cache_dir>/<method>-seed<seed>/result.json` holds a run with the same settings."""
+    folder = Path(cache_dir) / f"{_slug(name)}-seed{seed}"
+    cached = folder / "result.json"
+    wanted = json.loads(json.dumps({**asdict(settings), "seed": seed, "method": METHODS[name]}))
+    if cached.is_file():
+        result = json.loads(cached.read_text())
+        if result.get("settings") == wanted:
+            return result
+    result = {**run_method(name, settings, str(folder), seed), "settings": wanted}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    tmp.replace(cached)  # a stop mid-write leaves no half result
+    return result
+
+
+def rounds_to_value(records: list[dict], key: str, target: float) -> float | None:
+    """First round (linearly interpolated) at which the rising `key` reaches `target`; `None` if it never does."""
+    if records[0][key] >= target:
+        return float(records[0]["round"])
+    for a, b in zip(records, records[1:]):
+        if a[key] < target <= b[key]:
+            return a["round"] + (target - a[key]) / (b[key] - a[key]) * (b["round"] - a["round"])
+    return None
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and std of the values that are not `None`, and how many were `None`."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return None, None, len(values)
+    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else None, len(values) - len(known)
+
+
+def summarize(results: list[dict], fraction: float = 0.9) -> list[dict]:
+    """One row per method: mean / std over seeds of the final rewards, the ODE KL, the rounds to `fraction` of the
+    method's own reward gain and KL drop, and the rounds to the common target (`fraction` of the largest mean final
+    gain of any method, from each seed's shared round-0 average)."""
+    by_method: dict[str, list[dict]] = {}
+    for result in results:
+        by_method.setdefault(result["method"], []).append(result)
+    gain = {
+        name: statistics.fmean(r["records"][-1]["average"] - r["records"][0]["average"] for r in runs)
+        for name, runs in by_method.items()
+    }
+    best_gain = max(gain.values())
+    rows = []
+    for name in [m for m in METHODS if m in by_method]:
+        runs = sorted(by_method[name], key=lambda r: r["seed"])
+        row: dict[str, Any] = {"method": name, "seeds": [r["seed"] for r in runs], "gain": gain[name]}
+        for task in TASKS:
+            row[task] = _mean_std([r["records"][-1]["rewards"][task] for r in runs])
+        row["average"] = _mean_std([r["records"][-1]["average"] for r in runs])
+        row["kl"] = _mean_std([r["records"][-1]["kl"] for r in runs])
+        row["own_reward"] = _mean_std([rounds_to(r["records"], "average", fraction) for r in runs])
+        row["own_kl"] = _mean_std([rounds_to(r["records"], "kl", fraction, rising=False) for r in runs])
+        row["common"] = _mean_std(
+            [rounds_to_value(r["records"], "average", r["records"][0]["average"] + fraction * best_gain) for r in runs]
+        )
+        row["train_cpu_s"] = statistics.fmean(r["train_cpu_s"] for r in runs)
+        rows.append(row)
+    return rows
+
+
+def _cell(stat: tuple[float | None, float | None, int], fmt: str = ".3f") -> str:
+    mean, std, missing = stat
+    if mean is None:
+        return "not reached"
+    text = f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
+    return text + (f" ({missing} not reached)" if missing else "")
+
+
+def to_markdown(rows: list[dict]) -> str:
+    headers = [
+        "method",
+        "seeds",
+        *TASKS,
+        "average",
+        "ODE KL",
+        "rounds to 90 % of own reward gain",
+        "rounds to 90 % of own KL drop",
+        "rounds to the common target",
+        "train CPU s",
+    ]
+    lines = [
+        [
+            row["method"],
+            len(row["seeds"]),
+            *[_cell(row[task]) for task in TASKS],
+            _cell(row["average"]),
+            _cell(row["kl"], ".2e"),
+            _cell(row["own_reward"], ".1f"),
+            _cell(row["own_kl"], ".1f"),
+            _cell(row["common"], ".1f"),
+            f"{row['train_cpu_s']:.0f}",
+        ]
+        for row in rows
+    ]
+    return markdown_table(headers, lines)
+
+
 def run(
-    settings: AblationSettings | None = None, workers: int = 2, write: bool = True, folder: str | None = None
+    settings: AblationSettings | None = None,
+    workers: int = 2,
+    write: bool = True,
+    folder: str | None = None,
+    methods: list[str] | None = None,
+    seeds: tuple[int, ...] | None = None,
 ) -> dict:
+    """Run (or reuse from `folder`) every (method, seed) and summarise. Returns `{"settings", "results", "rows",
+    "markdown"}`; with `write`, also the results file, the RESULTS.md section and the curves PNG."""
     import tempfile
 
     settings = settings or AblationSettings()
     folder = folder or tempfile.mkdtemp(prefix="world_ablation_")
+    methods = methods or list(METHODS)
+    seeds = seeds or (settings.seed,)
+    todo = [(name, seed) for seed in seeds for name in methods]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [
-            pool.submit(run_method, name, settings, str(Path(folder) / str(i))) for i, name in enumerate(METHODS)
-        ]
+        futures = [pool.submit(run_cached, name, seed, settings, folder) for name, seed in todo]
         results = [future.result() for future in futures]
-    rows = []
-    for result in results:
-        records = result["records"]
-        final = records[-1]
-        rows.append(
-            [
-                result["method"],
-                *[f"{final['rewards'][task]:.3f}" for task in TASKS],
-                f"{final['average']:.3f}",
-                f"{final['kl']:.2e}",
-                _fmt(rounds_to(records, "average")),
-                _fmt(rounds_to(records, "kl", rising=False)),
-                f"{result['train_cpu_s']:.0f}",
-            ]
-        )
-    headers = [
-        "method",
-        *TASKS,
-        "average",
-        "ODE KL",
-        "rounds to 90 % of reward gain",
-        "rounds to 90 % of KL drop",
-        "train CPU s",
-    ]
-    markdown = markdown_table(headers, rows)
-    out = {"settings": asdict(settings), "results": results, "markdown": markdown}
+    rows = summarize(results)
+    markdown = to_markdown(rows)
+    out = {"settings": asdict(settings), "results": results, "rows": rows, "markdown": markdown}
     if write:
         png = plot(results, RESULTS_DIR / "world_ablation.png")
         write_results(
             "world_ablation",
             "Sampler and loss ablations on the world's teachers (benchmarks.world_ablation)",
-            asdict(settings),
-            {"results": results},
+            {**asdict(settings), "seeds": list(seeds), "methods": methods},
+            {"rows": rows, "results": results},
             f"{markdown}\n\n![ablation curves]({png.relative_to(RESULTS_DIR.parent).as_posix()})\n",
         )
     return out
@@ -221,14 +323,20 @@ def _fmt(value: float | None) -> str:
 
 
 def plot(results: list[dict], path: Path) -> Path:
+    """Reward and KL curves, one line per method (the mean over its seeds at each checkpoint)."""
     from .plot import Panel, Series, save_line_plot
 
     reward = Panel("Held-out reward (average of the three tasks)", "round", "reward")
     kl = Panel("KL to the teachers (ODE rollouts, held-out prompts)", "round", "KL", log_y=True)
+    by_method: dict[str, list[dict]] = {}
     for result in results:
-        rounds = [r["round"] for r in result["records"]]
-        reward.series.append(Series(result["method"], rounds, [r["average"] for r in result["records"]]))
-        kl.series.append(Series(result["method"], rounds, [r["kl"] for r in result["records"]]))
+        by_method.setdefault(result["method"], []).append(result)
+    for name, runs in by_method.items():
+        rounds = [r["round"] for r in runs[0]["records"]]
+        label = name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds)"
+        for panel, key in ((reward, "average"), (kl, "kl")):
+            values = [statistics.fmean(run["records"][i][key] for run in runs) for i in range(len(rounds))]
+            panel.series.append(Series(label, rounds, values))
     save_line_plot([reward, kl], path, title="DiffusionOPD on the world: sampler and loss ablations")
     return Path(path)
 
@@ -240,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--every", type=int, default=None)
     parser.add_argument("--eval_images", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds of every method (default: 0).")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="Only these methods.")
+    parser.add_argument("--cache_dir", default=None, help="Finished runs are kept here (default: results folder).")
     parser.add_argument("--extra", default=None, help="JSON dict of DiffusionOPDConfig fields for every method.")
     args = parser.parse_args(argv)
     settings = AblationSettings.quick() if args.quick else AblationSettings()
@@ -248,7 +359,9 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(settings, name, getattr(args, name))
     if args.extra:
         settings.extra = json.loads(args.extra)
-    out = run(settings, workers=args.workers, write=not args.quick)
+    folder = args.cache_dir or (None if args.quick else str(RESULTS_DIR / "world_ablation_runs"))
+    seeds = tuple(args.seeds) if args.seeds else None
+    out = run(settings, workers=args.workers, write=not args.quick, folder=folder, methods=args.methods, seeds=seeds)
     print(out["markdown"])
     return out
 
