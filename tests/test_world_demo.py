@@ -101,7 +101,22 @@ def test_default_demo_is_the_quick_run_and_full_is_the_readme_table():
     }
 
 
-def test_multitask_baseline_trains_on_every_task(tmp_path):
+def test_progress_false_prints_nothing_and_progress_true_shows_one_bar(tmp_path):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from trl_diffusion_opd.world.demo import student_trainer
+    from trl_diffusion_opd.world.progress import PhaseProgress
+
+    teachers = {task: f"world:{task}" for task in TASKS}
+    for progress in (False, True):
+        config = DemoConfig(output_dir=str(tmp_path / str(progress)), rounds=1, progress=progress)
+        trainer = student_trainer(teachers, config, tmp_path / str(progress) / "student")
+        kinds = [type(callback) for callback in trainer.callback_handler.callbacks]
+        assert PrinterCallback not in kinds  # with `disable_tqdm` the Trainer would print every logged dict
+        assert kinds.count(PhaseProgress) == int(progress) and ProgressCallback not in kinds
+
+
+def test_multitask_baseline_trains_on_every_task(tmp_path, capsys):
     from trl_diffusion_opd.world.teachers import build_teacher_trainer, recipe_for, train_multitask_world_baseline
 
     trainer = build_teacher_trainer("multitask", tmp_path / "probe", recipe_for("multitask", num_generations=2))
@@ -109,6 +124,7 @@ def test_multitask_baseline_trains_on_every_task(tmp_path):
     assert [reward.name for reward in trainer.reward_funcs] == ["world_task"]
 
     folder = train_multitask_world_baseline(tmp_path / "multitask", max_steps=1, num_generations=2, progress=False)
+    assert "train_runtime" not in capsys.readouterr().out  # `progress=False` is silent, no metrics dicts printed
     pipe = load_world_pipeline()
     pipe.load_lora_weights(str(folder))
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())

@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.trainer_callback import ProgressCallback
 
 from .pipeline import MAX_SEQUENCE_LENGTH, load_world_pipeline
-from .progress import PhaseProgress
+from .progress import PhaseProgress, set_progress
 from .rewards import WORLD_TASK_REWARDS
 from .scenes import IMAGE_SIZE, task_prompts
 
@@ -185,9 +184,7 @@ def student_trainer(teachers: dict[str, str], config: DemoConfig, output_dir: st
         r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=_targets()
     )
     trainer = DiffusionOPDTrainer(pipe, teachers, args=args, train_dataset=rows, peft_config=peft_config)
-    if config.progress:  # one bar with the KL to each teacher, not a dict printed every `logging_steps`
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(PhaseProgress("DiffusionOPD"))
+    set_progress(trainer, config.progress, PhaseProgress("DiffusionOPD"))  # one bar with the KL to each teacher
     return trainer
 
 

@@ -32,3 +32,15 @@ class PhaseProgress(ProgressCallback):
             shown = {k.split("/", 1)[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith(self.keys)}
             if shown:
                 self.training_bar.set_postfix(shown, refresh=False)
+
+
+def set_progress(trainer, progress: bool, bar: PhaseProgress) -> None:
+    """Show `bar` instead of transformers' per-log lines, or (`progress=False`) nothing at all: with `disable_tqdm`
+    the Trainer prints every logged dict instead (`PrinterCallback`); the metrics stay in `state.log_history`."""
+    from transformers.trainer_callback import PrinterCallback
+
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(bar)
+    else:
+        trainer.remove_callback(PrinterCallback)

@@ -279,13 +279,10 @@ def train_world_teacher(
     recipe = recipe_for(task, **overrides)
     output_dir = Path(output_dir)
     trainer = build_teacher_trainer(task, output_dir, recipe, seed=seed, progress=progress, save_steps=save_steps)
-    if progress:  # one bar per teacher with its reward, not a metrics dict printed every `logging_steps`
-        from transformers.trainer_callback import ProgressCallback
+    from .progress import PhaseProgress, set_progress
 
-        from .progress import PhaseProgress
-
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(PhaseProgress(f"teacher: {task}", keys=("reward",), unit="step"))
+    # one bar per teacher with its reward, not a metrics dict printed every `logging_steps`
+    set_progress(trainer, progress, PhaseProgress(f"teacher: {task}", keys=("reward",), unit="step"))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
