@@ -4,7 +4,10 @@ TORCH_SPEC ?= torch==2.13.0
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# Two test processes of one torch thread each (tests/conftest.py); a file's tests stay in one process, so its
+# module-scoped fixtures are built once. `make test PYTEST_WORKERS=0` runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: install test demo bench lint format clean
 
