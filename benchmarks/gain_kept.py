@@ -29,6 +29,11 @@ VARIANTS = {
     "aesthetic_prompt_tag": {"tasks": TASKS, "extra": {"task_prompt_templates": {"aesthetic": "{prompt}, pretty"}}},
     "steps_trained": {"tasks": TASKS, "extra": {"task_timestep_fraction": {"composition": 0.5}}},
     "letters_aesthetic": {"tasks": ("letters", "aesthetic")},
+    # composition's KL on its trained (high-noise) steps is a fraction of the others': weigh its share of the update up
+    "steps_trained_composition_x3": {
+        "tasks": TASKS,
+        "extra": {"task_timestep_fraction": {"composition": 0.5}, "task_weights": {"composition": 3.0}},
+    },
 }
 
 
