@@ -318,10 +318,6 @@ def run(
     return out
 
 
-def _fmt(value: float | None) -> str:
-    return "not reached" if value is None else f"{value:.1f}"
-
-
 def plot(results: list[dict], path: Path) -> Path:
     """Reward and KL curves, one line per method (the mean over its seeds at each checkpoint)."""
     from .plot import Panel, Series, save_line_plot
