@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # Two test processes of one torch thread each (tests/conftest.py); a file's tests stay in one process, so its
 # module-scoped fixtures are built once. `make test PYTEST_WORKERS=0` runs in one process.
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS ?= $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+PYTEST_ARGS ?=
 
 .PHONY: install test demo bench lint format clean
 
@@ -22,7 +23,7 @@ install: $(VENV)/.installed
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 demo: install
 	$(PY) examples/demo.py --output_dir demo_output
