@@ -16,8 +16,8 @@ Rows (each trained on the shipped world base, evaluated on the same held-out sce
   each task supervised on the steps its teacher was trained on (`task_timestep_fraction`).
 
 Columns: each task's reward on its held-out scenes, the average, and the CPU seconds of the row's training (one
-torch thread per job, so other jobs on the machine do not inflate it; the wall-clock is in the JSON; `+ teachers`
-adds the Stage-1 cost for the rows that need the teachers). Rows with several seeds report
+torch thread per job: far less inflated than the wall-clock by other jobs on the machine, though not immune, ~20 %;
+the wall-clock is in the JSON; `+ teachers` adds the Stage-1 cost for the rows that need the teachers). Rows with several seeds report
 mean ± std over seeds; `sem` is the standard error of one seed's mean over the held-out scenes.
 
 Every row is one job run in a worker process with one torch thread; finished jobs are cached under `--cache_dir`
@@ -370,8 +370,8 @@ def summarize(results: list[dict]) -> list[dict]:
             row[task] = statistics.fmean(values)
             row[f"{task}_std"] = statistics.stdev(values) if len(values) > 1 else None
         row["sem"] = max(_sem(m["per_image"][task]) for m in members for task in TASKS)
-        # CPU seconds of the job's one-thread process: what the row costs whatever else shares the machine (the
-        # teachers' recorded times are one-thread runs on an idle machine, where wall and CPU time agree)
+        # CPU seconds of the job's one-thread process: the wall-clock counts the other jobs sharing the machine (the
+        # teachers' recorded times are one-thread runs on a quiet machine, where wall and CPU time agree)
         train = [m["cost"].get("train_cpu_s", m["cost"].get("train_s")) for m in members if m["cost"]]
         wall = [m["cost"]["train_s"] for m in members if m["cost"]]
         row["train_s"] = statistics.fmean(train) if train else 0.0
