@@ -329,7 +329,8 @@ def plot(results: list[dict], path: Path) -> Path:
         by_method.setdefault(result["method"], []).append(result)
     for name, runs in by_method.items():
         rounds = [r["round"] for r in runs[0]["records"]]
-        label = name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds)"
+        # short enough for the legend inside the panel
+        label = name.replace(" (closed form)", "") + (f", mean of {len(runs)} seeds" if len(runs) > 1 else "")
         for panel, key in ((reward, "average"), (kl, "kl")):
             values = [statistics.fmean(run["records"][i][key] for run in runs) for i in range(len(rounds))]
             panel.series.append(Series(label, rounds, values))
