@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tqdm.auto import tqdm
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 
 class PhaseProgress(ProgressCallback):
@@ -37,8 +37,6 @@ class PhaseProgress(ProgressCallback):
 def set_progress(trainer, progress: bool, bar: PhaseProgress) -> None:
     """Show `bar` instead of transformers' per-log lines, or (`progress=False`) nothing at all: with `disable_tqdm`
     the Trainer prints every logged dict instead (`PrinterCallback`); the metrics stay in `state.log_history`."""
-    from transformers.trainer_callback import PrinterCallback
-
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(bar)
