@@ -130,8 +130,8 @@ def cond_to(cond: Cond, device: torch.device | str) -> Cond:
 class FlowMatchingFamily(abc.ABC):
     """A rectified-flow text-to-image (or text-to-video) model family, wrapping one diffusers pipeline.
 
-    Latents `x` follow the family's own layout (e.g. `(B, C, h, w)` for SD3; FLUX packs them into tokens inside
-    `velocity`); the trainer treats them as opaque `(B, ...)` tensors. Sigmas are floats in [0, 1], 1 being pure noise.
+    Latents `x` follow the family's own layout, ending in the latent grid (e.g. `(B, C, h, w)`; FLUX packs them into
+    tokens in `velocity`), opaque `(B, ...)` tensors to the trainer. Sigmas are floats in [0, 1], 1 pure noise.
 
     Args:
         pipeline: The diffusers pipeline (its transformer may carry PEFT adapters).
@@ -217,7 +217,6 @@ class FlowMatchingFamily(abc.ABC):
         multiple, sides = self.resolution_multiple, image_size(resolution)
         if any(side % multiple for side in sides):
             nearest = [max(multiple, round(side / multiple) * multiple) for side in sides]
-            # "33; e.g. 32" for a square, "50x80; e.g. 48x80" (the command-line form) otherwise
             got, fix = ("x".join(map(str, s)) if sides[0] != sides[1] else str(s[0]) for s in (sides, nearest))
             raise ValueError(
                 f"`{name}` must be a multiple of {multiple} for this {self.name} pipeline (VAE scale factor "
@@ -252,11 +251,9 @@ class FlowMatchingFamily(abc.ABC):
         """
 
     @abc.abstractmethod
-    def init_latents(
-        self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Standard-normal initial latents x_{t_0}, float32, for images of `resolution` (a square's side or
-        `(height, width)`, see `trl_diffusion_opd.sizes`). Their shape must tell `velocity` the image's grid."""
+    def init_latents(self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None):
+        """Standard-normal float32 initial latents x_{t_0} for images of `resolution` (a side, or `(height, width)`:
+        `trl_diffusion_opd.sizes`); their last two dimensions are the latent grid's, which is all `velocity` sees."""
 
     @abc.abstractmethod
     def velocity(
@@ -289,8 +286,7 @@ class FlowMatchingFamily(abc.ABC):
     @abc.abstractmethod
     @torch.no_grad()
     def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
-        """Decode final latents x_{t_N} to a list of PIL images of `resolution` (video families: a list of PIL
-        frames per sample)."""
+        """Decode final latents x_{t_N} to PIL images of `resolution` (video families: a list of frames per sample)."""
 
     def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
         """The keyword arguments that make the pipeline's `__call__` sample with the guidance `velocity` applies for
