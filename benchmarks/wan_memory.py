@@ -11,7 +11,8 @@ targets, as `benchmarks/flux2_klein_memory.py` counts them: on the meta device a
 saves the L x L attention probabilities that flash / memory-efficient kernels on a GPU do not keep; they are reported
 apart. On Wan 2.2 A14B a row runs one expert (the one of its step), so the per-row figure is that of one 14B expert.
 
-    python -m benchmarks.wan_memory                    # every variant at the example YAMLs' resolution and frames
+    python -m benchmarks.wan_memory                    # every variant at the example YAMLs' 480 x 832, 49 frames
+    python -m benchmarks.wan_memory --resolution 480x832 --num_frames 81
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+
+from trl_diffusion_opd.sizes import Resolution, ResolutionLike, image_size, parse_resolution
 
 from .memory import GIB, add_student_lora, count_parameters, weight_sizes
 
@@ -32,18 +35,14 @@ _COMMON = {
     "cross_attn_norm": True,
     "eps": 1e-6,
 }
-# name: (transformer config, experts, VAE spatial / temporal compression, resolution, frames of the example YAML)
+# The example YAMLs' size: Wan's native 480 x 832 (height x width), 49 frames.
+EXAMPLE_RESOLUTION, EXAMPLE_FRAMES = (480, 832), 49
+# name: (transformer config, experts, VAE spatial compression)
 VARIANTS = {
-    "wan2.1-1.3B": ({"num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960, "in_channels": 16}, 1, 8, 512, 49),
-    "wan2.1-14B": ({"num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824, "in_channels": 16}, 1, 8, 512, 49),
-    "wan2.2-TI2V-5B": (
-        {"num_attention_heads": 24, "num_layers": 30, "ffn_dim": 14336, "in_channels": 48},
-        1,
-        16,
-        512,
-        49,
-    ),
-    "wan2.2-A14B": ({"num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824, "in_channels": 16}, 2, 8, 512, 49),
+    "wan2.1-1.3B": ({"num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960, "in_channels": 16}, 1, 8),
+    "wan2.1-14B": ({"num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824, "in_channels": 16}, 1, 8),
+    "wan2.2-TI2V-5B": ({"num_attention_heads": 24, "num_layers": 30, "ffn_dim": 14336, "in_channels": 48}, 1, 16),
+    "wan2.2-A14B": ({"num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824, "in_channels": 16}, 2, 8),
 }
 TEXT_TOKENS = 512  # WanPipeline pads the UMT5 embeddings to max_sequence_length (512 by default)
 
@@ -81,12 +80,13 @@ def model_sizes(variant: str) -> dict[str, float]:
 
 def saved_activations_per_row(
     variant: str,
-    resolution: int | None = None,
+    resolution: Resolution | ResolutionLike | None = None,
     num_frames: int | None = None,
     lora_rank: int = 32,
     checkpointing: bool = False,
 ) -> dict[str, float]:
-    """GiB saved for backward by one student row (bf16 base, float32 LoRA r`lora_rank` on the default targets).
+    """GiB saved for backward by one student row (bf16 base, float32 LoRA r`lora_rank` on the default targets) at
+    `resolution` (a side or `(height, width)`; default the example YAMLs' 480 x 832) and `num_frames` (default 49).
 
     Returns:
         `{"total_gib", "attention_probs_gib", "without_attention_probs_gib", "tokens", "lora_params_m"}` (`tokens`:
@@ -94,15 +94,14 @@ def saved_activations_per_row(
     """
     from trl_diffusion_opd.families.wan import WanFamily
 
-    config, _, spatial, default_resolution, default_frames = VARIANTS[variant]
-    resolution = resolution or default_resolution
-    num_frames = num_frames or default_frames
+    config, _, spatial = VARIANTS[variant]
+    height, width = (side // spatial for side in image_size(resolution or EXAMPLE_RESOLUTION))
+    num_frames = num_frames or EXAMPLE_FRAMES
     dtype = torch.bfloat16
     transformer = _transformer(variant, dtype)
     add_student_lora(transformer, WanFamily.default_lora_targets, lora_rank, checkpointing)
     frames = (num_frames - 1) // 4 + 1
-    side = resolution // spatial
-    tokens = frames * (side // 2) * (side // 2)
+    tokens = frames * (height // 2) * (width // 2)
     totals = {"all": 0, "probs": 0}
 
     def pack(tensor):
@@ -114,7 +113,7 @@ def saved_activations_per_row(
 
     with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         transformer(
-            hidden_states=torch.randn(1, config["in_channels"], frames, side, side, dtype=dtype),
+            hidden_states=torch.randn(1, config["in_channels"], frames, height, width, dtype=dtype),
             timestep=torch.full((1,), 500.0),
             encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 4096, dtype=dtype),
             return_dict=False,
@@ -131,7 +130,7 @@ def saved_activations_per_row(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--resolution", type=int, default=None, help="Default: the example YAML's (512).")
+    parser.add_argument("--resolution", type=parse_resolution, default=None, help="Default: 480x832 (the YAMLs').")
     parser.add_argument("--num_frames", type=int, default=None, help="Default: the example YAML's (49).")
     args = parser.parse_args()
     for variant in args.variants:

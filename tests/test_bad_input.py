@@ -39,6 +39,9 @@ CONFIGS = ROOT / "examples" / "configs"
 YAML = {"train": CONFIGS / "tiny.yaml", "grpo": CONFIGS / "tiny_grpo.yaml", "nft": CONFIGS / "tiny_nft.yaml"}
 CONFIG_CLASS = {"train": DiffusionOPDConfig, "grpo": FlowGRPOConfig, "nft": DiffusionNFTConfig}
 REWARDS_PREFIX = "available rewards: "
+RESOLUTION_ERROR = (
+    "`resolution` must be an integer >= 1 or a [height, width] pair of them (480x832 on the command line), got {}."
+)
 
 
 def _forbidden(*args, **kwargs):
@@ -199,7 +202,8 @@ CONFIG_CASES = [
         "`guidance_scale` must be a finite number >= 0, got -1.0.",
     ),
     Case("train", None, {"negative_prompt": 3}, "`negative_prompt` must be a string, got 3."),
-    Case("train", ["--resolution", "0"], {"resolution": 0}, "`resolution` must be an integer >= 1, got 0."),
+    Case("train", ["--resolution", "0"], {"resolution": 0}, RESOLUTION_ERROR.format("0")),
+    Case("train", ["--resolution", "48x0"], {"resolution": [48, 0]}, RESOLUTION_ERROR.format("[48, 0]")),
     Case(
         "train",
         ["--timestep_fraction", "0"],
@@ -531,10 +535,10 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, no_model):
 
 def test_yaml_value_of_the_wrong_type(tmp_path, capsys, no_model):
     config = tmp_path / "bad.yaml"
-    config.write_text(YAML["train"].read_text().replace("resolution: 32", "resolution: [32, 32]"))
+    config.write_text(YAML["train"].read_text().replace("resolution: 32", "resolution: [32, 32, 32]"))
     code, err = _cli("train", ["--config", str(config), "--output_dir", str(tmp_path / "out")], capsys)
     assert code == 2
-    _assert_one_line(err, "trl-diffusion-opd train", "`resolution` must be an integer >= 1, got [32, 32].", True)
+    _assert_one_line(err, "trl-diffusion-opd train", RESOLUTION_ERROR.format("[32, 32, 32]"), True)
     config.write_text("teachers: {a: [unclosed\n")
     code, err = _cli("train", ["--config", str(config)], capsys)
     assert code == 2
@@ -543,7 +547,7 @@ def test_yaml_value_of_the_wrong_type(tmp_path, capsys, no_model):
 
 # ---------------------------------------------------------------------------------------------- eval arguments
 EVAL_CASES = [
-    (["--resolution", "0"], {"resolution": 0}, "`resolution` must be an integer >= 1, got 0."),
+    (["--resolution", "0"], {"resolution": 0}, RESOLUTION_ERROR.format("0")),
     (["--max_prompts", "0"], {"max_prompts": 0}, "`max_prompts` must be an integer >= 1 or None, got 0."),
     (["--seed", "-3"], {"seed": -3}, "`seed` must be an integer >= 0, got -3."),
     (
@@ -880,14 +884,16 @@ def tiny_teachers(tmp_path):
     return pipeline, {"a": str(save_toy_lora(pipeline, tmp_path / "teacher_a", seed=1, rank=2))}
 
 
-def test_resolution_off_the_latent_grid(tmp_path, capsys, tiny_teachers):
+@pytest.mark.parametrize(
+    "text, resolution, got", [("33", 33, "33; e.g. 32"), ("32x50", [32, 50], "32x50; e.g. 32x48")]
+)
+def test_resolution_off_the_latent_grid(tmp_path, capsys, tiny_teachers, text, resolution, got):
     message = (
-        "`resolution` must be a multiple of 4 for this sd3 pipeline (VAE scale factor 2 x latent patch 2), got 33; "
-        "e.g. 32."
+        f"`resolution` must be a multiple of 4 for this sd3 pipeline (VAE scale factor 2 x latent patch 2), got {got}."
     )
     output_dir = tmp_path / "out"
     code, err = _cli(
-        "train", ["--config", str(YAML["train"]), "--output_dir", str(output_dir), "--resolution", "33"], capsys
+        "train", ["--config", str(YAML["train"]), "--output_dir", str(output_dir), "--resolution", text], capsys
     )
     assert code == 2
     _assert_one_line(err, "trl-diffusion-opd train", message, exact=True)
@@ -898,7 +904,7 @@ def test_resolution_off_the_latent_grid(tmp_path, capsys, tiny_teachers):
         DiffusionOPDTrainer(
             pipeline,
             teachers=teachers,
-            args=DiffusionOPDConfig(output_dir=str(output_dir), resolution=33, report_to="none"),
+            args=DiffusionOPDConfig(output_dir=str(output_dir), resolution=resolution, report_to="none"),
             train_dataset={"a": ["a red circle"]},
         )
     _assert_message(error.value, message, exact=True)

@@ -165,6 +165,8 @@ def test_wan_memory_counts_tokens_lora_and_checkpointed_activations():
     full = saved_activations_per_row("wan2.1-1.3B", resolution=64, num_frames=5)
     kept = saved_activations_per_row("wan2.1-1.3B", resolution=64, num_frames=5, checkpointing=True)
     assert full["tokens"] == kept["tokens"] == 2 * 4 * 4  # (5 - 1) / 4 + 1 frames x (64 / 8 / 2)^2
+    wide = saved_activations_per_row("wan2.1-1.3B", resolution=(64, 96), num_frames=5, checkpointing=True)
+    assert wide["tokens"] == 2 * 4 * 6 and wide["total_gib"] > kept["total_gib"]  # height x width: 64 / 16, 96 / 16
     # r32 on 8 attention projections (1536 x 1536) and the FFN (1536 <-> 8960) of each of the 30 blocks
     assert full["lora_params_m"] * 1e6 == 30 * (8 * 32 * (1536 + 1536) + 2 * 32 * (1536 + 8960))
     assert 0 < kept["total_gib"] < full["total_gib"] / 5

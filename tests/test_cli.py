@@ -16,6 +16,7 @@ from trl_diffusion_opd import DiffusionModelConfig, cli
 from trl_diffusion_opd.scripts import train as train_script
 from trl_diffusion_opd.scripts import utils as script_utils
 from trl_diffusion_opd.scripts.train import DiffusionOPDScriptArguments
+from trl_diffusion_opd.sizes import image_size
 from trl_diffusion_opd.trainer.model_config import get_student_lora_config
 
 
@@ -396,7 +397,9 @@ def test_wan_example_configs_parse_to_their_recipe(tmp_path, name, model_id, mul
     )
     assert config_rest == [] and cli_rest == []
     assert model_args.model_name_or_path == model_id and training_args.torch_dtype == "bfloat16"
-    assert training_args.resolution % multiple == 0 and (training_args.num_frames - 1) % 4 == 0
+    assert training_args.resolution == (480, 832)  # Wan's native 480p, height x width
+    assert all(side % multiple == 0 for side in image_size(training_args.resolution))
+    assert (training_args.num_frames - 1) % 4 == 0
     assert (training_args.guidance_scale, training_args.guidance_scale_2) == (guidance, guidance_2)
     teacher_2 = dict.fromkeys(script_args.teachers, guidance_2) if guidance_2 is not None else None
     assert training_args.teacher_guidance_scale_2 == teacher_2

@@ -112,19 +112,20 @@ def test_rollout_reproduces_flux_pipeline_sampler(distilled):
     cond = trainer.prompt_cache(["a yellow star", "the word dog"])
     rollout = trainer.rollout(cond, torch.Generator().manual_seed(0))
     states = rollout["states"]
-    assert states.shape == (5, 2, 64, 16)  # (N + 1, B, (32 / 2 / 2)^2 packed tokens, 4 channels x 2 x 2)
+    assert states.shape == (5, 2, 4, 16, 16)  # (N + 1, B, 4 channels, 32 / 2, 32 / 2); packed in `velocity`
     with torch.no_grad():  # the pipeline runs the student adapter, which is the active one
         expected = pipe(
             prompt_embeds=cond["prompt_embeds"],
             pooled_prompt_embeds=cond["pooled_prompt_embeds"],
-            latents=states[0],
+            latents=trainer.family.pack_latents(states[0]),
             num_inference_steps=4,
             guidance_scale=GUIDANCE,
             height=32,
             width=32,
             output_type="latent",
         ).images
-    torch.testing.assert_close(states[-1], expected, atol=1e-5, rtol=1e-5)
+    assert expected.shape == (2, 64, 16)  # (B, (32 / 2 / 2)^2 packed tokens, 4 channels x 2 x 2)
+    torch.testing.assert_close(trainer.family.pack_latents(states[-1]), expected, atol=1e-5, rtol=1e-5)
     assert (states[-1] - states[0]).abs().max() > 0.1
     images = trainer.family.decode(states[-1], 32)
     assert len(images) == 2 and images[0].size == (32, 32)
@@ -139,7 +140,7 @@ def test_saved_flux_student_reloads_with_load_lora_weights(distilled, tmp_path):
     family = get_family(fresh, max_sequence_length=32)
     generator = torch.Generator().manual_seed(1)
     cond = trainer.prompt_cache(["a yellow star", "the word dog", "one dog"])
-    x = torch.randn((3, 64, 16), generator=generator)
+    x = torch.randn((3, 4, 16, 16), generator=generator)
     sigma = torch.tensor([0.9, 0.5, 0.2])
     with torch.no_grad():
         base = family.velocity(fresh.transformer, x, sigma, cond, GUIDANCE)
@@ -162,7 +163,7 @@ def test_teacher_guidance_reaches_the_guidance_embedding(distilled):
     spec = trainer.teacher_specs["geneval"][0]
     generator = torch.Generator().manual_seed(2)
     cond = trainer.prompt_cache(["a yellow star", "one dog"])
-    x = torch.randn((2, 64, 16), generator=generator)
+    x = torch.randn((2, 4, 16, 16), generator=generator)
     t = torch.tensor([0.9, 0.6])
     t_next = torch.tensor([0.7, 0.4])
 
@@ -185,7 +186,7 @@ def test_teacher_guidance_reaches_the_guidance_embedding(distilled):
     # The mean is the ODE Euler step of the teacher's velocity at that guidance (teacher adapter active).
     with torch.no_grad(), trainer.adapters.use(spec.name):
         v = trainer.family.velocity(transformer, x, t, cond, 5.0)
-    expected = x + (t_next - t).view(-1, 1, 1) * v
+    expected = x + (t_next - t).view(-1, 1, 1, 1) * v
     torch.testing.assert_close(means[5.0], expected, atol=1e-6, rtol=1e-6)
 
     # A dict spec's guidance_scale is parsed onto the spec the trainer uses.
@@ -216,7 +217,7 @@ def test_schnell_style_flux_trains_with_true_cfg(tmp_path):
             negative_prompt_embeds=negative["prompt_embeds"],
             negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"],
             true_cfg_scale=1.5,
-            latents=x,
+            latents=trainer.family.pack_latents(x),
             num_inference_steps=4,
             height=32,
             width=32,
@@ -226,7 +227,7 @@ def test_schnell_style_flux_trains_with_true_cfg(tmp_path):
         for j in range(4):
             v = trainer.family.velocity(pipe.transformer, x, sigmas[j].expand(1), cond, 1.5, negative)
             x = x + (sigmas[j + 1] - sigmas[j]) * v
-    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trainer.family.pack_latents(x), expected, atol=1e-5, rtol=1e-5)
 
     before = _snapshot(pipe.transformer)
     output = trainer.train()

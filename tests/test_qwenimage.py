@@ -126,17 +126,25 @@ def test_rollout_reproduces_qwenimage_pipeline_sampler(distilled):
     def pipeline_latents(x0, **kwargs):
         with torch.no_grad():  # the pipeline runs the student adapter, which is the active one
             return pipe(
-                prompts, latents=x0, num_inference_steps=4, height=32, width=32, output_type="latent", **kwargs
+                prompts,
+                latents=trainer.family.pack_latents(x0),
+                num_inference_steps=4,
+                height=32,
+                width=32,
+                output_type="latent",
+                **kwargs,
             ).images
 
     rollout = trainer.rollout(cond, torch.Generator().manual_seed(0))
     states = rollout["states"]
-    assert states.shape == (5, 2, 16, 16)  # (N + 1, B, (32 / 4 / 2)^2 packed tokens, 4 channels x 2 x 2)
+    assert states.shape == (5, 2, 4, 8, 8)  # (N + 1, B, 4 channels, 32 / 4, 32 / 4); packed in `velocity`
+    pack = trainer.family.pack_latents
     # What the model card's quick start passes: true_cfg_scale and the negative prompt.
     guidance = trainer.family.pipeline_guidance_kwargs(TRUE_CFG, NEGATIVE)
     assert guidance == {"true_cfg_scale": TRUE_CFG, "negative_prompt": NEGATIVE}
     expected = pipeline_latents(states[0], max_sequence_length=MAX_LENGTH, **guidance)
-    torch.testing.assert_close(states[-1], expected, atol=1e-5, rtol=1e-5)
+    assert expected.shape == (2, 16, 16)  # (B, (32 / 4 / 2)^2 packed tokens, 4 channels x 2 x 2)
+    torch.testing.assert_close(pack(states[-1]), expected, atol=1e-5, rtol=1e-5)
     assert (states[-1] - states[0]).abs().max() > 0.1
 
     # Plain CFG without the rescale would be another sampler: the rescale is what the pipeline does.
@@ -150,13 +158,13 @@ def test_rollout_reproduces_qwenimage_pipeline_sampler(distilled):
                 lambda *a: family.velocity(pipe.transformer, *a), x, sigma, cond, negative, TRUE_CFG
             )
             x = x + (sigmas[j + 1] - sigmas[j]) * v
-    assert (x - expected).abs().max() > 1e-2
+    assert (pack(x) - expected).abs().max() > 1e-2
 
     # guidance_scale 1 is the pipeline called without a negative prompt (its true CFG is then off, even at 4.0).
     plain = trainer.rollout(cond, torch.Generator().manual_seed(0), guidance_scale=1.0)["states"]
     torch.testing.assert_close(plain[0], states[0])
     expected = pipeline_latents(states[0], true_cfg_scale=TRUE_CFG, max_sequence_length=MAX_LENGTH)
-    torch.testing.assert_close(plain[-1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pack(plain[-1]), expected, atol=1e-5, rtol=1e-5)
 
     images = family.decode(states[-1], 32)
     assert len(images) == 2 and images[0].size == (32, 32)
@@ -178,7 +186,12 @@ def test_padding_does_not_change_the_velocity(distilled):
         alone_short = family.velocity(transformer, x[:1], sigma[:1], short, TRUE_CFG, trainer._negative(1))
         alone_long = family.velocity(transformer, x[1:], sigma[1:], long, TRUE_CFG, trainer._negative(1))
         # The transformer itself, given all 32 columns with the mask, against the prompt's own tokens only.
-        kwargs = {"hidden_states": x[:1], "timestep": sigma[:1], "img_shapes": [[(1, 4, 4)]], "return_dict": False}
+        kwargs = {
+            "hidden_states": family.pack_latents(x[:1]),
+            "timestep": sigma[:1],
+            "img_shapes": [[(1, 4, 4)]],
+            "return_dict": False,
+        }
         padded = transformer(
             encoder_hidden_states=short["prompt_embeds"],
             encoder_hidden_states_mask=short["prompt_embeds_mask"],
@@ -218,7 +231,7 @@ def test_saved_qwenimage_student_reloads_with_load_lora_weights(distilled, tmp_p
     family = get_family(fresh, max_sequence_length=MAX_LENGTH)
     cond = trainer.prompt_cache(["a yellow star", "the word dog", "one dog"])
     negative = trainer._negative(3)
-    x = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(1))
+    x = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.9, 0.5, 0.2])
     with torch.no_grad():
         base = family.velocity(fresh.transformer, x, sigma, cond, TRUE_CFG, negative)

@@ -44,6 +44,7 @@ from .data import load_prompt_source
 from .families.base import get_family
 from .registry import load_pipeline
 from .rewards import Reward, as_reward, get_reward, nanmean
+from .sizes import Resolution, format_resolution, image_size
 from .teachers import (
     DIFFUSERS_LORA_WEIGHTS,
     EXPERT_LORA_PATTERN,
@@ -492,7 +493,7 @@ def generate_images(
     seeds: list[int],
     num_inference_steps: int = 40,
     guidance_scale: float = 4.5,
-    resolution: int = 512,
+    resolution: Resolution = 512,
     max_sequence_length: int | None = None,
     num_frames: int | None = None,
     guidance_scale_2: float | None = None,
@@ -511,8 +512,8 @@ def generate_images(
         "prompt": prompts,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
-        "height": resolution,
-        "width": resolution,
+        "height": image_size(resolution)[0],
+        "width": image_size(resolution)[1],
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         "output_type": "pil",
     }
@@ -614,7 +615,7 @@ class EvaluationResult:
             )
             + ".",
             f"Sampling: {s.get('num_inference_steps')} steps ({sampler_name(s)}), guidance {s.get('guidance_scale')}, "
-            f"{s.get('resolution')} px"
+            + (format_resolution(s["resolution"]) if s.get("resolution") else "? px")
             + (f", {s['num_frames']} frames" if s.get("num_frames") else "")
             + (f", low-noise guidance {s['guidance_scale_2']}" if s.get("guidance_scale_2") is not None else "")
             + f", seed {s.get('seed')} (+ image index); prompts per column: "
@@ -670,7 +671,7 @@ def evaluate_models(
     base_label: str = "base",
     num_inference_steps: int = 40,
     guidance_scale: float = 4.5,
-    resolution: int = 512,
+    resolution: Resolution = 512,
     seed: int = 0,
     batch_size: int = 4,
     max_prompts: int | None = None,

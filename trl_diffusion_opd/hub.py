@@ -29,6 +29,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from . import registry
 from .evaluation import sampler_name
+from .sizes import format_resolution, image_size
 from .teachers import expert_weight_name
 
 
@@ -359,7 +360,8 @@ def _evaluation_section(results: Any, trainer: DiffusionLoRATrainer) -> dict[str
         f"one image per prompt ({counts or 'prompt counts not recorded'} prompts). Every model is sampled with the same "
         f"initial noise (seed {settings.get('seed', 'not recorded')} + image index), "
         f"{settings.get('num_inference_steps', '?')} {sampler_name(settings)} steps, guidance "
-        f"{settings.get('guidance_scale', '?')} (unless a row says otherwise), {settings.get('resolution', '?')} px"
+        f"{settings.get('guidance_scale', '?')} (unless a row says otherwise), "
+        + (format_resolution(settings["resolution"]) if settings.get("resolution") else "? px")
         + (f", {settings['num_frames']} frames" if settings.get("num_frames") else "")
         + "."
     )
@@ -502,7 +504,7 @@ def create_model_card(
         "sampler steps (trained steps)": f"{args.num_inference_steps} ({args.num_train_timesteps})",
         "noise level": args.noise_level,
         "student CFG scale": args.guidance_scale,
-        "resolution": f"{args.resolution} px",
+        "resolution": format_resolution(args.resolution),
         **details.get("settings", {}),
         "LoRA rank / alpha": f"{peft_config.r} / {peft_config.lora_alpha}",
         "LoRA targets": ", ".join(targets),
@@ -545,7 +547,8 @@ def create_model_card(
         },
         example_prompt=repr(_example_prompt(trainer)),
         num_inference_steps=args.num_inference_steps,
-        resolution=args.resolution,
+        height=image_size(args.resolution)[0],
+        width=image_size(args.resolution)[1],
         max_sequence_length=args.max_sequence_length,
         extra_experts=[
             {"component": name, "weight_name": expert_weight_name(name)} for name in list(trainer.family.experts)[1:]

@@ -55,6 +55,8 @@ from typing import ClassVar
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
+from ..sizes import Resolution, image_size
+
 
 Cond = dict[str, torch.Tensor]
 
@@ -128,8 +130,8 @@ def cond_to(cond: Cond, device: torch.device | str) -> Cond:
 class FlowMatchingFamily(abc.ABC):
     """A rectified-flow text-to-image (or text-to-video) model family, wrapping one diffusers pipeline.
 
-    Latents `x` follow the family's own layout (e.g. `(B, C, h, w)` for SD3, packed `(B, h*w/4, 4C)` for FLUX);
-    the trainer treats them as opaque `(B, ...)` tensors. Sigmas are floats in [0, 1], 1 being pure noise.
+    Latents `x` follow the family's own layout, ending in the latent grid (e.g. `(B, C, h, w)`; FLUX packs them into
+    tokens in `velocity`), opaque `(B, ...)` tensors to the trainer. Sigmas are floats in [0, 1], 1 pure noise.
 
     Args:
         pipeline: The diffusers pipeline (its transformer may carry PEFT adapters).
@@ -209,16 +211,16 @@ class FlowMatchingFamily(abc.ABC):
             patch_size = patch_size[-1]
         return self.vae_scale_factor * int(patch_size)
 
-    def check_resolution(self, resolution: int, name: str = "resolution") -> None:
-        """Raise a one-line `ValueError` naming `name` when `resolution` does not fit the latent layout (the latents
-        would silently cover a smaller image than asked for)."""
-        multiple = self.resolution_multiple
-        if resolution % multiple:
-            nearest = max(multiple, round(resolution / multiple) * multiple)
+    def check_resolution(self, resolution: Resolution, name: str = "resolution") -> None:
+        """Raise a one-line `ValueError` naming `name` when a side of `resolution` (a side or `(height, width)`) does
+        not fit the latent layout (the latents would silently cover a smaller image than asked for)."""
+        multiple, sides = self.resolution_multiple, image_size(resolution)
+        if any(side % multiple for side in sides):
+            nearest = [max(multiple, round(side / multiple) * multiple) for side in sides]
+            got, fix = ("x".join(map(str, s)) if sides[0] != sides[1] else str(s[0]) for s in (sides, nearest))
             raise ValueError(
                 f"`{name}` must be a multiple of {multiple} for this {self.name} pipeline (VAE scale factor "
-                f"{self.vae_scale_factor} x latent patch {multiple // self.vae_scale_factor}), got {resolution}; "
-                f"e.g. {nearest}."
+                f"{self.vae_scale_factor} x latent patch {multiple // self.vae_scale_factor}), got {got}; e.g. {fix}."
             )
 
     @property
@@ -241,16 +243,17 @@ class FlowMatchingFamily(abc.ABC):
         """
 
     @abc.abstractmethod
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
-        """The sampler's sigma schedule.
+    def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
+        """The sampler's sigma schedule (FLUX, Qwen-Image, Z-Image shift it by the image's token count).
 
         Returns:
             float32 tensor of shape `(num_steps + 1,)`, decreasing from about 1 to exactly 0.
         """
 
     @abc.abstractmethod
-    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard-normal initial latents x_{t_0} for square images of side `resolution` pixels, float32."""
+    def init_latents(self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None):
+        """Standard-normal float32 initial latents x_{t_0} for images of `resolution` (a side, or `(height, width)`:
+        `trl_diffusion_opd.sizes`); their last two dimensions are the latent grid's, which is all `velocity` sees."""
 
     @abc.abstractmethod
     def velocity(
@@ -282,8 +285,8 @@ class FlowMatchingFamily(abc.ABC):
 
     @abc.abstractmethod
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, resolution: int) -> list:
-        """Decode final latents x_{t_N} to a list of PIL images (video families: a list of PIL frames per sample)."""
+    def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
+        """Decode final latents x_{t_N} to PIL images of `resolution` (video families: a list of frames per sample)."""
 
     def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
         """The keyword arguments that make the pipeline's `__call__` sample with the guidance `velocity` applies for

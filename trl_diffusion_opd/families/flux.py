@@ -8,13 +8,15 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..sizes import Resolution, image_size
 from .base import Cond, FlowMatchingFamily, register_family
 
 
 @register_family
 class FluxFamily(FlowMatchingFamily):
-    """FLUX.1: packed latents `(B, h·w/4, 4C)` with image ids, dynamic shift from the image sequence length,
-    timestep = sigma.
+    """FLUX.1: latents `(B, C, H/8, W/8)`, packed by `velocity` into the transformer's `(B, h·w/4, 4C)` tokens with
+    their image ids (so that the latents' shape carries the image's height and width), dynamic shift from the image
+    sequence length, timestep = sigma. `pack_latents` gives the layout of the pipeline's `latents`.
 
     Guidance: a guidance-distilled model (`transformer.config.guidance_embeds`, FLUX.1-dev) receives
     `guidance_scale` through its guidance embedding and needs no CFG batch; a model without it (FLUX.1-schnell)
@@ -48,9 +50,14 @@ class FluxFamily(FlowMatchingFamily):
         # The transformer's patch size is 1, but its latents are packed into 2x2 patches.
         return self.vae_scale_factor * 2
 
-    def _latent_side(self, resolution: int) -> int:
-        # VAE downsampling, then 2x2 packing: the latent side must be even.
-        return 2 * (resolution // (self.vae_scale_factor * 2))
+    def _latent_size(self, resolution: Resolution) -> tuple[int, int]:
+        # VAE downsampling, then 2x2 packing: each latent side must be even (as `prepare_latents`).
+        height, width = (2 * (side // (self.vae_scale_factor * 2)) for side in image_size(resolution))
+        return height, width
+
+    def pack_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents `(B, C, h, w)` -> the pipeline's packed `(B, h·w/4, 4C)` (its `latents` and `"latent"` output)."""
+        return self.pipeline._pack_latents(x, *x.shape)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -62,12 +69,12 @@ class FluxFamily(FlowMatchingFamily):
         )
         return {"prompt_embeds": prompt_embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
         scheduler = self.new_scheduler()
-        side = self._latent_side(resolution)
+        height, width = self._latent_size(resolution)
         config = scheduler.config
         mu = calculate_shift(
-            (side // 2) ** 2,
+            (height // 2) * (width // 2),
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
@@ -76,16 +83,14 @@ class FluxFamily(FlowMatchingFamily):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return scheduler.sigmas.float()
 
-    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None):
-        side = self._latent_side(resolution)
-        channels = self.transformer.config.in_channels // 4
-        latents = randn_tensor((batch_size, channels, side, side), generator=generator, device=self.device)
-        return self.pipeline._pack_latents(latents.float(), batch_size, channels, side, side)
+    def init_latents(self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None):
+        shape = (batch_size, self.transformer.config.in_channels // 4, *self._latent_size(resolution))
+        return randn_tensor(shape, generator=generator, device=self.device).float()
 
     def velocity(self, transformer, x, sigma, cond, guidance_scale=1.0, negative_cond=None):
         dtype = self.dtype
-        side = int(round((x.shape[1]) ** 0.5))
-        img_ids = self.pipeline._prepare_latent_image_ids(x.shape[0], side, side, x.device, dtype)
+        height, width = x.shape[-2:]
+        img_ids = self.pipeline._prepare_latent_image_ids(x.shape[0], height // 2, width // 2, x.device, dtype)
         txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x.device, dtype=dtype)
         embed_guidance = self.uses_guidance_embedding
 
@@ -102,15 +107,17 @@ class FluxFamily(FlowMatchingFamily):
                 return_dict=False,
             )[0]
 
+        tokens = self.pack_latents(x)
         if embed_guidance:
-            return call(x, sigma, cond).float()
-        return self.cfg_velocity(call, x, sigma, cond, negative_cond, guidance_scale)
+            v = call(tokens, sigma, cond).float()
+        else:
+            v = self.cfg_velocity(call, tokens, sigma, cond, negative_cond, guidance_scale)
+        scale = self.vae_scale_factor
+        return self.pipeline._unpack_latents(v, height * scale, width * scale, scale)
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, resolution: int) -> list:
+    def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
         vae = self.pipeline.vae
-        side = self._latent_side(resolution) * self.vae_scale_factor
-        latents = self.pipeline._unpack_latents(x, side, side, self.vae_scale_factor)
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        latents = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]
         return self.pipeline.image_processor.postprocess(image, output_type="pil")

@@ -10,6 +10,7 @@ from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..sizes import Resolution, image_size
 from .base import Cond, FlowMatchingFamily, register_family
 
 
@@ -79,9 +80,10 @@ class Flux2KleinFamily(FlowMatchingFamily):
         self.is_distilled = bool(pipeline.config.get("is_distilled", False))
         self._warned_distilled = False
 
-    def _latent_side(self, resolution: int) -> int:
+    def _latent_size(self, resolution: Resolution) -> tuple[int, int]:
         # Pixels -> VAE latents (x vae_scale_factor) -> 2x2 patches, as `prepare_latents` rounds it.
-        return resolution // (self.vae_scale_factor * 2)
+        height, width = (side // (self.vae_scale_factor * 2) for side in image_size(resolution))
+        return height, width
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -94,18 +96,18 @@ class Flux2KleinFamily(FlowMatchingFamily):
         )
         return {"prompt_embeds": prompt_embeds.to(self.dtype)}
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
         scheduler = self.new_scheduler()
-        mu = compute_empirical_mu(image_seq_len=self._latent_side(resolution) ** 2, num_steps=num_steps)
+        height, width = self._latent_size(resolution)
+        mu = compute_empirical_mu(image_seq_len=height * width, num_steps=num_steps)
         if scheduler.config.get("use_flow_sigmas", False):
             scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
         else:
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", mu=mu)
         return scheduler.sigmas.float()
 
-    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None):
-        side = self._latent_side(resolution)
-        shape = (batch_size, self.transformer.config.in_channels, side, side)
+    def init_latents(self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None):
+        shape = (batch_size, self.transformer.config.in_channels, *self._latent_size(resolution))
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def velocity(self, transformer, x, sigma, cond, guidance_scale=1.0, negative_cond=None):
@@ -146,7 +148,7 @@ class Flux2KleinFamily(FlowMatchingFamily):
         return self.pipeline._unpatchify_latents(x * std + mean)
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, resolution: int) -> list:
+    def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
         vae = self.pipeline.vae
         image = vae.decode(self.vae_latents(x).to(vae.dtype), return_dict=False)[0]
         return self.pipeline.image_processor.postprocess(image, output_type="pil")

@@ -9,6 +9,7 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..sizes import Resolution, image_size
 from .base import Cond, FlowMatchingFamily, cond_cat, register_family
 
 
@@ -18,8 +19,9 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
 @register_family
 class QwenImageFamily(FlowMatchingFamily):
-    """Qwen-Image: packed latents `(B, h·w/4, 4C)` of a single-frame 3D VAE, dynamic (exponential) shift from the
-    image sequence length, timestep = sigma (the transformer embeds 1000·sigma itself), output not negated.
+    """Qwen-Image: latents `(B, C, H/8, W/8)` of a single-frame 3D VAE, packed by `velocity` into the transformer's
+    `(B, h·w/4, 4C)` tokens (`pack_latents`: the pipeline's layout), dynamic (exponential) shift from the image
+    sequence length, timestep = sigma (the transformer embeds 1000·sigma itself), output not negated.
 
     Prompts are encoded by the pipeline's own `encode_prompt` (Qwen2.5-VL, its chat template, the last hidden
     state with the template's 34 prefix tokens dropped). The pipeline pads a batch to its longest prompt; so that
@@ -67,9 +69,14 @@ class QwenImageFamily(FlowMatchingFamily):
                 "and zero_cond_t must be False)."
             )
 
-    def _latent_side(self, resolution: int) -> int:
-        # VAE downsampling, then 2x2 packing: the latent side must be even (as `prepare_latents`).
-        return 2 * (resolution // (self.vae_scale_factor * 2))
+    def _latent_size(self, resolution: Resolution) -> tuple[int, int]:
+        # VAE downsampling, then 2x2 packing: each latent side must be even (as `prepare_latents`).
+        height, width = (2 * (side // (self.vae_scale_factor * 2)) for side in image_size(resolution))
+        return height, width
+
+    def pack_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents `(B, C, h, w)` -> the pipeline's packed `(B, h·w/4, 4C)` (its `latents` and `"latent"` output)."""
+        return self.pipeline._pack_latents(x, *x.shape)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -99,11 +106,12 @@ class QwenImageFamily(FlowMatchingFamily):
         mask = mask[:, :longest]
         return embeds[:, :longest], (None if shortest == longest else mask)
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
         scheduler = self.new_scheduler()
         config = scheduler.config
+        height, width = self._latent_size(resolution)
         mu = calculate_shift(
-            (self._latent_side(resolution) // 2) ** 2,  # the packed image sequence length
+            (height // 2) * (width // 2),  # the packed image sequence length
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
@@ -112,16 +120,16 @@ class QwenImageFamily(FlowMatchingFamily):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return scheduler.sigmas.float()
 
-    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None):
-        side = self._latent_side(resolution)
+    def init_latents(self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None):
+        height, width = self._latent_size(resolution)
         channels = self.transformer.config.in_channels // 4
-        # One latent frame, drawn in the pipeline's `(B, 1, C, h, w)` layout, then packed like `prepare_latents`.
-        latents = randn_tensor((batch_size, 1, channels, side, side), generator=generator, device=self.device)
-        return self.pipeline._pack_latents(latents.float(), batch_size, channels, side, side)
+        # One latent frame, drawn in the pipeline's `(B, 1, C, h, w)` layout (the same numbers as `(B, C, h, w)`).
+        latents = randn_tensor((batch_size, 1, channels, height, width), generator=generator, device=self.device)
+        return latents.float().squeeze(1)
 
     def velocity(self, transformer, x, sigma, cond, guidance_scale=1.0, negative_cond=None):
         dtype = self.dtype
-        side = int(round(x.shape[1] ** 0.5))
+        height, width = x.shape[-2:]
 
         def call(x, sigma, cond):
             embeds, mask = self.trim_padding(cond)
@@ -130,11 +138,14 @@ class QwenImageFamily(FlowMatchingFamily):
                 timestep=sigma.to(dtype),  # the pipeline passes t / 1000 = sigma; the model embeds 1000·sigma
                 encoder_hidden_states=embeds,
                 encoder_hidden_states_mask=mask,
-                img_shapes=[[(1, side, side)]] * x.shape[0],
+                img_shapes=[[(1, height // 2, width // 2)]] * x.shape[0],
                 return_dict=False,
             )[0]
 
-        return self.true_cfg_velocity(call, x, sigma, cond, negative_cond, guidance_scale)
+        # CFG on the tokens: the rescale's norms are per token.
+        v = self.true_cfg_velocity(call, self.pack_latents(x), sigma, cond, negative_cond, guidance_scale)
+        scale = self.vae_scale_factor
+        return self.pipeline._unpack_latents(v, height * scale, width * scale, scale)[:, :, 0]
 
     @staticmethod
     def true_cfg_velocity(
@@ -163,10 +174,9 @@ class QwenImageFamily(FlowMatchingFamily):
         return {"true_cfg_scale": guidance_scale, "negative_prompt": negative_prompt}
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, resolution: int) -> list:
+    def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
         vae = self.pipeline.vae
-        side = self._latent_side(resolution) * self.vae_scale_factor
-        latents = self.pipeline._unpack_latents(x, side, side, self.vae_scale_factor).to(vae.dtype)
+        latents = x.unsqueeze(2).to(vae.dtype)  # (B, C, 1, h, w): one frame
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)

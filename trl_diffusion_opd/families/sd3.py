@@ -6,6 +6,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..sizes import Resolution, image_size
 from .base import Cond, FlowMatchingFamily, register_family
 
 
@@ -47,14 +48,14 @@ class SD3Family(FlowMatchingFamily):
         )
         return {"prompt_embeds": prompt_embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(num_steps, device="cpu")
         return scheduler.sigmas.float()
 
-    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None):
-        side = resolution // self.vae_scale_factor
-        shape = (batch_size, self.transformer.config.in_channels, side, side)
+    def init_latents(self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None):
+        height, width = (side // self.vae_scale_factor for side in image_size(resolution))
+        shape = (batch_size, self.transformer.config.in_channels, height, width)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def velocity(self, transformer, x, sigma, cond, guidance_scale=1.0, negative_cond=None):
@@ -72,7 +73,7 @@ class SD3Family(FlowMatchingFamily):
         return self.cfg_velocity(call, x, sigma, cond, negative_cond, guidance_scale)
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, resolution: int) -> list:
+    def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
         vae = self.pipeline.vae
         x = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(x, return_dict=False)[0]

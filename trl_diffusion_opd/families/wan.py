@@ -33,6 +33,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..sizes import Resolution, image_size
 from .base import Cond, FlowMatchingFamily, cond_cat, register_family
 
 
@@ -111,8 +112,8 @@ class WanFamily(FlowMatchingFamily):
     """Wan 2.1 (`transformer`) and 2.2 (A14B: `transformer` + `transformer_2`; TI2V-5B: one transformer with
     per-token timesteps). See the module docstring for the pipeline details and the Euler-vs-UniPC choice.
 
-    Video side: frames are `num_frames` (default 81), the resolution is square (`resolution` pixels), latents are
-    `(B, C, F, H/s, W/s)`.
+    Video side: `num_frames` frames (default 81) of `resolution` pixels (a side, or height x width such as Wan's
+    native 480 x 832), latents `(B, C, F, H/s, W/s)`.
     """
 
     pipeline_class = WanPipeline
@@ -202,14 +203,14 @@ class WanFamily(FlowMatchingFamily):
         )
         return {"prompt_embeds": prompt_embeds.to(self.dtype)}
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(num_steps, device="cpu")
         return scheduler.sigmas.float()
 
-    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None):
-        side = resolution // self.vae_scale_factor
-        shape = (batch_size, self.transformer.config.in_channels, self.latent_frames(), side, side)
+    def init_latents(self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None):
+        height, width = (side // self.vae_scale_factor for side in image_size(resolution))
+        shape = (batch_size, self.transformer.config.in_channels, self.latent_frames(), height, width)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def velocity(self, transformer, x, sigma, cond, guidance_scale=1.0, negative_cond=None, guidance_scale_2=None):
@@ -242,7 +243,7 @@ class WanFamily(FlowMatchingFamily):
         return v_uncond + scale * (v_cond - v_uncond)
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, resolution: int) -> list:
+    def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
         """Latents `(B, C, F, h, w)` to one list of `num_frames` PIL frames per sample, as `WanPipeline` decodes."""
         vae = self.pipeline.vae
         shape = (1, vae.config.z_dim, 1, 1, 1)

@@ -9,6 +9,7 @@ from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..sizes import Resolution, image_size
 from .base import Cond, FlowMatchingFamily, register_family
 
 
@@ -81,9 +82,10 @@ class ZImageFamily(FlowMatchingFamily):
         self._cfg_normalization_arg = cfg_normalization
         self.cfg_normalization = float(cfg_normalization or 0.0)
 
-    def _latent_side(self, resolution: int) -> int:
-        # `ZImagePipeline.prepare_latents`: the transformer patchifies 2x2, so the latent side is even.
-        return 2 * (resolution // (self.vae_scale_factor * 2))
+    def _latent_size(self, resolution: Resolution) -> tuple[int, int]:
+        # `ZImagePipeline.prepare_latents`: the transformer patchifies 2x2, so each latent side is even.
+        height, width = (2 * (side // (self.vae_scale_factor * 2)) for side in image_size(resolution))
+        return height, width
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -99,14 +101,14 @@ class ZImageFamily(FlowMatchingFamily):
             mask[i, : e.shape[0]] = True
         return {"prompt_embeds": padded, "prompt_mask": mask}
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
         # As `ZImagePipeline.__call__`: sigmas linspace(1, 1/N, N), then the scheduler's shift (static for the
         # published checkpoints, where `mu` is computed but unused) and a terminal 0.
         scheduler = self.new_scheduler()
-        side = self._latent_side(resolution)
+        height, width = self._latent_size(resolution)
         config = scheduler.config
         mu = calculate_shift(
-            (side // 2) ** 2,
+            (height // 2) * (width // 2),
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
@@ -115,9 +117,8 @@ class ZImageFamily(FlowMatchingFamily):
         scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(num_steps), mu=mu, device="cpu")
         return scheduler.sigmas.float()
 
-    def init_latents(self, batch_size: int, resolution: int, generator: torch.Generator | None = None):
-        side = self._latent_side(resolution)
-        shape = (batch_size, self.transformer.config.in_channels, side, side)
+    def init_latents(self, batch_size: int, resolution: Resolution, generator: torch.Generator | None = None):
+        shape = (batch_size, self.transformer.config.in_channels, *self._latent_size(resolution))
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def _model_output(self, transformer, x: torch.Tensor, t_model: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -171,7 +172,7 @@ class ZImageFamily(FlowMatchingFamily):
         return kwargs
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, resolution: int) -> list:
+    def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
         vae = self.pipeline.vae
         latents = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]

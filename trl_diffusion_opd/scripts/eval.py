@@ -24,6 +24,7 @@ from ..data import load_prompt_source
 from ..evaluation import EvaluationResult, evaluate_models, load_base_pipeline
 from ..families.base import get_family
 from ..rewards import RewardServerError
+from ..sizes import ResolutionLike, parse_resolution
 from ..teachers import check_teacher_files, parse_teacher_spec, resolve_teacher
 from ..trainer.base_config import (
     TORCH_DTYPES,
@@ -76,9 +77,11 @@ class DiffusionOPDEvalArguments:
             Sampler steps (deterministic Euler ODE).
         guidance_scale (`float`, *optional*, defaults to `4.5`):
             CFG scale (FLUX: the distilled guidance); an adapter's own `guidance_scale` wins.
-        resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
-            times the 2×2 latent patch), checked once the pipeline is loaded.
+        resolution (`int` or `tuple[int, int]`, *optional*, defaults to `512`):
+            Image size in pixels: a side (square images) or a height and width (`[480, 832]` in YAML or JSON,
+            `480x832` on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 and
+            FLUX: the VAE's 8× times the 2×2 latent patch), checked once the pipeline is loaded. Stored as an `int`
+            for a square, else as a `(height, width)` tuple.
         seed (`int`, *optional*, defaults to `0`):
             Image i of a prompt set is drawn with seed `seed + i`, for every model.
         batch_size (`int`, *optional*, defaults to `4`):
@@ -118,7 +121,9 @@ class DiffusionOPDEvalArguments:
     base_label: str = field(default="base", metadata={"help": "Label of the base row."})
     num_inference_steps: int = field(default=40, metadata={"help": "Sampler steps (Euler ODE)."})
     guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale."})
-    resolution: int = field(default=512, metadata={"help": "Image side in pixels."})
+    resolution: ResolutionLike = field(
+        default=512, metadata={"help": "Image size in pixels: a side (512) or height x width (480x832)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of image 0 of each prompt set (image i: seed + i)."})
     batch_size: int = field(default=4, metadata={"help": "Images per pipeline call."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first prompts of each set."})
@@ -157,7 +162,8 @@ class DiffusionOPDEvalArguments:
             raise ValueError("`model_name_or_path` is required: a Hub id, a local folder, or tiny:sd3 / tiny:flux.")
         if not self.prompts:
             raise ValueError('`prompts` is required: {reward: prompt source}, e.g. {"ocr": "ocr_test.txt"}.')
-        for name in ("num_inference_steps", "resolution", "batch_size", "grid_size", "fps"):
+        self.resolution = parse_resolution(self.resolution)
+        for name in ("num_inference_steps", "batch_size", "grid_size", "fps"):
             check_int(name, getattr(self, name), 1)
         check_int("num_frames", self.num_frames, 1, optional=True)
         check_number("guidance_scale_2", self.guidance_scale_2, 0, optional=True)

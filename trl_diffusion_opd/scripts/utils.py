@@ -24,6 +24,7 @@ from ..data import load_prompt_dataset
 from ..families.base import get_family
 from ..registry import load_pipeline
 from ..rewards import get_reward
+from ..sizes import ResolutionLike
 from ..trainer.base_config import check_reward_names
 from ..trainer.base_trainer import prompt_rows, resolve_student_adapter
 from ..trainer.model_config import DiffusionModelConfig, get_student_lora_config
@@ -67,9 +68,14 @@ class DiffusionParser(TrlParser):
         dict_fields = {
             f.name for cls in self.dataclass_types for f in dataclasses.fields(cls) if _mentions_dict(hints[f.name])
         }
+        # Sizes (`resolution`) reach the dataclass as the text ("480x832"), which it parses; HfArgumentParser would
+        # pick one member of the union (a tuple) and call it on the text.
+        size_fields = {name for name, hint in hints.items() if hint == ResolutionLike}
         for action in self._actions:
             if action.dest in dict_fields:
                 action.type = _json_value
+            elif action.dest in size_fields:
+                action.type = str
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from ..objectives import SCALE_REWARDS
+from ..sizes import ResolutionLike, parse_resolution
 from ..transition import SAMPLERS
 
 
@@ -257,9 +258,11 @@ class DiffusionTrainingConfig(TrainingArguments):
             `WanPipeline`'s `guidance_scale_2`; `None` uses `guidance_scale`.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
-        resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
-            times the 2×2 latent patch), checked once the pipeline is loaded.
+        resolution (`int` or `tuple[int, int]`, *optional*, defaults to `512`):
+            Image size in pixels: a side (square images) or a height and width (`[480, 832]` in YAML or JSON,
+            `480x832` on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 and
+            FLUX: the VAE's 8× times the 2×2 latent patch), checked once the pipeline is loaded. Stored as an `int`
+            for a square, else as a `(height, width)` tuple.
         num_frames (`int` or `None`, *optional*):
             Video families only: frames per video (Wan: 1 + a multiple of 4); `None` uses the family's default.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
@@ -334,7 +337,9 @@ class DiffusionTrainingConfig(TrainingArguments):
         metadata={"help": "Two-expert pipelines (Wan 2.2): student CFG scale of the low-noise expert; None: same."},
     )
     negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
-    resolution: int = field(default=512, metadata={"help": "Image side in pixels."})
+    resolution: ResolutionLike = field(
+        default=512, metadata={"help": "Image size in pixels: a side (512) or height x width (480x832)."}
+    )
     num_frames: int | None = field(
         default=None, metadata={"help": "Video families: frames per video; None uses the family's default."}
     )
@@ -384,7 +389,7 @@ class DiffusionTrainingConfig(TrainingArguments):
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"`negative_prompt` must be a string, got {self.negative_prompt!r}.")
         # The family's latent layout (a multiple of 16 for SD3 and FLUX) is checked by the trainer once it knows it.
-        check_int("resolution", self.resolution, 1)
+        self.resolution = parse_resolution(self.resolution)
         check_int("num_frames", self.num_frames, 1, optional=True)
         check_number("timestep_fraction", self.timestep_fraction, 0, 1, low_open=True)
         check_int("step_batch_size", self.step_batch_size, 1, optional=True)

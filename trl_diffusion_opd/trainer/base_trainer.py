@@ -612,8 +612,8 @@ class DiffusionLoRATrainer(Trainer):
         adapter (its name) or the base (`adapter=None`).
 
         Returns:
-            One PIL image per prompt, `resolution` pixels square. The same seed gives the same initial noise for
-            every adapter, so images are comparable side by side.
+            One PIL image per prompt, of `resolution` (height x width) pixels. The same seed gives the same initial
+            noise for every adapter, so images are comparable side by side.
         """
         args = self.args
         steps = num_inference_steps or args.num_inference_steps

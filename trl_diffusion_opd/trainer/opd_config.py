@@ -79,9 +79,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             `guidance_scale`, as `WanPipeline` does.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional CFG branch.
-        resolution (`int`, *optional*, defaults to `512`):
-            Image side in pixels, a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8×
-            times the 2×2 latent patch), checked once the pipeline is loaded.
+        resolution (`int` or `tuple[int, int]`, *optional*, defaults to `512`):
+            Image size in pixels: a side (square images) or a height and width (`[480, 832]` in YAML or JSON,
+            `480x832` on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 and
+            FLUX: the VAE's 8× times the 2×2 latent patch), checked once the pipeline is loaded. Stored as an `int`
+            for a square, else as a `(height, width)` tuple.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             Train the first ⌊N·timestep_fraction⌋ steps; the default skips the near-deterministic last step.
 
