@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import types
 import typing
 from collections.abc import Callable
@@ -27,9 +26,9 @@ from ..rewards import get_reward
 from ..trainer.base_config import check_reward_names
 from ..trainer.base_trainer import prompt_rows, resolve_student_adapter
 from ..trainer.model_config import DiffusionModelConfig, get_student_lora_config
+from . import PROG, fail, one_line  # noqa: F401  (the commands import them from here)
 
 
-PROG = "trl-diffusion-opd"
 TOY_PREFIX = "toy:"
 TOY_TEACHERS_DIR = "_toy_teachers"
 # Stands for a toy adapter while the other specs are checked, before the base exists (a Hub id never resolved).
@@ -91,17 +90,6 @@ def _json_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text  # a plain string; the dataclass validates it
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (or its type when it has none)."""
-    return re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
-
-
-def fail(prog: str, message: str) -> int:
-    """Print `prog: error: message` to stderr and return the usage-error exit code 2."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def config_path(argv: list[str]) -> str | None:
