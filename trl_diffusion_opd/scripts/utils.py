@@ -144,6 +144,39 @@ def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
     return ["--config_file", path, *launch_args[:index], *launch_args[index + 2 :]]
 
 
+# accelerate's flags that choose how processes are started; without one of them (or a config file that sets a
+# distributed type) `accelerate launch --num_processes N` starts a single process.
+_DISTRIBUTED_FLAGS = ("multi_gpu", "use_fsdp", "use_deepspeed", "use_megatron_lm", "tpu")
+
+
+def complete_launch_args(launch_args: list[str]) -> list[str]:
+    """`launch_args` that start the processes they ask for: `--num_processes N` (N > 1) alone gets `--multi_gpu`
+    (data parallel: one process per GPU, or N gloo processes on a CPU), unless a config file (given, or accelerate's
+    default one) or a flag already says how to distribute.
+
+    Raises:
+        ValueError: `--cpu` with `--num_processes N` (N > 1), which accelerate runs as one process.
+    """
+    if not launch_args:
+        return launch_args
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    namespace = launch_command_parser().parse_args([*launch_args, "--module", "_"])
+    if (namespace.num_processes or 1) < 2 or any(getattr(namespace, flag) for flag in _DISTRIBUTED_FLAGS):
+        return launch_args
+    if namespace.cpu:
+        raise ValueError(
+            f"`--cpu` with `--num_processes {namespace.num_processes}` runs one process in accelerate; leave out "
+            "`--cpu` (a machine without GPUs then trains in that many CPU processes) or add `--accelerate_config "
+            "multi_gpu`."
+        )
+    config_file = namespace.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    if config_file is not None and load_config_from_file(config_file).distributed_type != "NO":
+        return launch_args
+    return ["--multi_gpu", *launch_args]
+
+
 def _without(args: list[str], removed: list[str]) -> list[str]:
     """`args` without the tokens of `removed`, an ordered subsequence of it."""
     result, position = [], 0
@@ -375,7 +408,7 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
         unknown = _unknown_options(cli_rest, allowed) or [s for s in cli_rest[:1] if not s.startswith("--")]
         if unknown:
             return fail(prog, f"unrecognized arguments: {' '.join(unknown)}.")
-        launch_args = resolve_accelerate_config(config_rest + cli_rest)
+        launch_args = complete_launch_args(resolve_accelerate_config(config_rest + cli_rest))
     except yaml.YAMLError as error:
         return fail(prog, f"{path} is not valid YAML: {one_line(error)}")
     except (ValueError, TypeError, OSError) as error:
