@@ -17,25 +17,23 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 
-# public name -> the submodule that defines it
-_LAZY = {
-    name: ".trainer"
-    for name in (
-        "DiffusionLoRATrainer",
-        "DiffusionModelConfig",
-        "DiffusionNFTConfig",
-        "DiffusionNFTTrainer",
-        "DiffusionOPDConfig",
-        "DiffusionOPDTrainer",
-        "DiffusionRLConfig",
-        "DiffusionTrainingConfig",
-        "FlowGRPOConfig",
-        "FlowGRPOTrainer",
-        "RewardEvalCallback",
-    )
-}
+__all__ = [
+    "DiffusionLoRATrainer",
+    "DiffusionModelConfig",
+    "DiffusionNFTConfig",
+    "DiffusionNFTTrainer",
+    "DiffusionOPDConfig",
+    "DiffusionOPDTrainer",
+    "DiffusionRLConfig",
+    "DiffusionTrainingConfig",
+    "FlowGRPOConfig",
+    "FlowGRPOTrainer",
+    "RewardEvalCallback",
+    "__version__",
+]
 
-__all__ = [*_LAZY, "__version__"]
+# public name -> the submodule that defines it
+_LAZY = dict.fromkeys(__all__[:-1], ".trainer")
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .trainer import (

@@ -37,6 +37,9 @@ def _accelerator() -> str:
 def main(argv: list[str] | None = None) -> int:
     """`trl-diffusion-opd env`: print the environment for bug reports."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["-h"], ["--help"]):
+        print(f"usage: {PROG} env\n\n{__doc__.splitlines()[0]}")
+        return 0
     if argv:
         return fail(f"{PROG} env", f"unrecognized arguments: {' '.join(argv)}")
     lines = [f"- {name}: {value}" for name, value in environment().items()]
