@@ -5,12 +5,13 @@ from __future__ import annotations
 import platform
 import sys
 
-from ..hub import package_versions
-from .utils import PROG, fail
+from . import PROG, fail
 
 
 def environment() -> dict[str, str]:
     """Platform, Python, torch and accelerator, and the versions of the libraries a run depends on."""
+    from ..hub import package_versions  # here, so that `env --help` imports no torch
+
     info = {"platform": platform.platform(), "python": platform.python_version()}
     versions = package_versions()
     versions.pop("python")
