@@ -367,9 +367,9 @@ def test_bare_train_points_at_config_and_unknown_flag_gets_a_suggestion(capsys):
     assert "`trl-diffusion-opd train --config FILE.yaml` (try examples/configs/tiny.yaml" in err
     assert cli.main(["nft"]) == 2
     assert "examples/configs/tiny_nft.yaml" in capsys.readouterr().err
-    assert cli.main(["train", "--config", str(TINY), "--learning_rat", "1e-4"]) == 2
+    assert cli.main(["train", "--config", str(TINY), "--learning_rte", "1e-4"]) == 2
     assert capsys.readouterr().err == (
-        "trl-diffusion-opd train: error: unrecognized arguments: --learning_rat (did you mean --learning_rate?).\n"
+        "trl-diffusion-opd train: error: unrecognized arguments: --learning_rte (did you mean --learning_rate?).\n"
     )
 
 
