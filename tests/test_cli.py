@@ -87,6 +87,12 @@ def test_train_tiny_yaml_with_overrides_writes_loadable_adapter(tmp_path):
     # 2 blocks x 8 SD3 attention projections, less `to_add_out` of the last (context-pre-only) block
     assert len(lora_layers) == len([k for k in saved if "lora_A" in k]) == 15
     assert not torch.allclose(base, adapted)
+    # The end of training says where the adapter and its card are and how to load them.
+    assert (
+        f"Saved the student adapter to {output_dir / 'pytorch_lora_weights.safetensors'} and its model card to "
+        in (result.stdout)
+    )
+    assert f'    pipe = get_tiny_sd3_pipeline(seed=0)\n    pipe.load_lora_weights("{output_dir}")' in result.stdout
 
 
 def test_unknown_yaml_key_is_one_line_error(tmp_path, capsys):
@@ -95,7 +101,10 @@ def test_unknown_yaml_key_is_one_line_error(tmp_path, capsys):
     assert cli.main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err == f"trl-diffusion-opd train: error: unknown key(s) in {config}: not_a_field, learning_rat.\n"
+    assert err == (
+        f"trl-diffusion-opd train: error: unknown key(s) in {config}: not_a_field, learning_rat "
+        "(did you mean learning_rate?).\n"
+    )
 
 
 def test_unknown_yaml_key_in_the_console_script(tmp_path):
@@ -244,6 +253,31 @@ def test_accelerate_options_in_yaml_and_config_file(captured_launch, tmp_path):
     assert namespace.training_script_args == ["--config", str(config)]
 
 
+def test_num_processes_alone_launches_that_many_processes(captured_launch, capsys):
+    """`--num_processes 2` alone would run one process in accelerate (no GPUs, no config file): `--multi_gpu` is
+    added, which starts 2 processes (gloo on a CPU)."""
+    assert cli.main(["train", "--config", str(TINY), "--num_processes", "2"]) == 0
+    (namespace,) = captured_launch
+    assert namespace.multi_gpu is True and namespace.num_processes == 2 and namespace.config_file is None
+    assert script_utils.complete_launch_args(["--num_processes", "1"]) == ["--num_processes", "1"]
+    preset = ["--accelerate_config", "fsdp2", "--num_processes", "2"]
+    assert "--multi_gpu" not in script_utils.complete_launch_args(script_utils.resolve_accelerate_config(preset))
+    assert cli.main(["train", "--config", str(TINY), "--num_processes", "2", "--cpu"]) == 2
+    assert "`--cpu` with `--num_processes 2` runs one process in accelerate" in capsys.readouterr().err
+    assert len(captured_launch) == 1
+
+
+def test_saved_message_names_the_files_and_the_loading_lines(tmp_path):
+    message = script_utils.saved_message(tmp_path, "org/base")
+    assert message.splitlines() == [
+        f"Saved the student adapter to {tmp_path.resolve() / 'pytorch_lora_weights.safetensors'} and its model card "
+        f"to {tmp_path.resolve() / 'README.md'}. Load it with:",
+        "    from diffusers import DiffusionPipeline",
+        '    pipe = DiffusionPipeline.from_pretrained("org/base")',
+        f'    pipe.load_lora_weights("{tmp_path.resolve()}")',
+    ]
+
+
 def test_unknown_accelerate_preset(captured_launch, capsys):
     assert cli.main(["train", "--config", str(TINY), "--accelerate_config", "nope"]) == 2
     err = capsys.readouterr().err
@@ -273,14 +307,138 @@ def test_env_lists_versions(tmp_path):
 
 
 def test_help_and_unknown_command(capsys):
-    assert cli.main([]) == 0
+    assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "train" in out and "env" in out
+    assert "train" in out and "env" in out and "--help --all" in out
+    assert cli.main(["--help", "--all"]) == 0
+    assert "\n  world   The tiny text-to-image world" in capsys.readouterr().out  # a plug-in's command
+    assert cli.main([]) == 2  # a bare command is a usage error, as in argparse
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "trl-diffusion-opd: error: a command is required (choose from train, grpo, nft, eval, env; "
+        "`trl-diffusion-opd --help` lists them)"
+    )
     assert cli.main(["serve"]) == 2
     assert (
         capsys.readouterr().err
         == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, grpo, nft, eval, env, world)\n"
     )
+    assert cli.main(["trian"]) == 2
+    assert capsys.readouterr().err.endswith("; did you mean 'train'?\n")
+
+
+def test_env_help(capsys):
+    assert cli.main(["env", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: trl-diffusion-opd env\n")
+
+
+def test_import_help_and_version_import_no_torch_and_print_nothing_on_stderr(tmp_path):
+    """`import trl_diffusion_opd`, `--help`, `--version` and `env --help` load no torch, diffusers or transformers
+    (the public names load on first use) and print no library noise."""
+    code = (
+        "import sys, trl_diffusion_opd\n"
+        "from trl_diffusion_opd import cli\n"
+        "assert cli.main(['--help']) == cli.main(['--version']) == cli.main(['env', '--help']) == 0\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert result.stderr == ""
+    console = subprocess.run(_console_script() + ["--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert console.stdout == f"trl-diffusion-opd {version('trl-diffusion-opd')}\n" and console.stderr == ""
+
+    import trl_diffusion_opd
+    from trl_diffusion_opd import DiffusionOPDTrainer
+    from trl_diffusion_opd.trainer import opd_trainer
+
+    assert DiffusionOPDTrainer is opd_trainer.DiffusionOPDTrainer
+    assert all(getattr(trl_diffusion_opd, name) is not None for name in trl_diffusion_opd.__all__)
+    assert set(trl_diffusion_opd.__all__) <= set(dir(trl_diffusion_opd))
+    with pytest.raises(AttributeError, match="has no attribute 'NotAName'"):
+        trl_diffusion_opd.NotAName  # noqa: B018
+
+
+def test_bare_train_points_at_config_and_unknown_flag_gets_a_suggestion(capsys):
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("trl-diffusion-opd train: error: `teachers` is required. Give a configuration: ")
+    assert "`trl-diffusion-opd train --config FILE.yaml` (try examples/configs/tiny.yaml" in err
+    assert cli.main(["nft"]) == 2
+    assert "examples/configs/tiny_nft.yaml" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(TINY), "--learning_rte", "1e-4"]) == 2
+    assert capsys.readouterr().err == (
+        "trl-diffusion-opd train: error: unrecognized arguments: --learning_rte (did you mean --learning_rate?).\n"
+    )
+
+
+def test_train_help_lists_the_package_options_first_in_groups():
+    text = train_script.make_parser().format_help()
+    titles = ["model:", "teachers:", "prompts:", "rollout:", "loss:", "optimisation:", "evaluation:", "output:"]
+    titles += ["launch:", "transformers' TrainingArguments:"]
+    positions = [text.index(f"\n{title}\n") for title in titles]
+    assert positions == sorted(positions)
+    assert "more options of trl-diffusion-opd" not in text  # every own option is in a named group
+    # Every option of the package comes before transformers' own ones.
+    transformers_part = text[positions[-1] :]
+    for flag in ("--teachers", "--prompts", "--lora_r", "--kl_normalization", "--offload_text_encoders", "--ema"):
+        assert flag + " " in text[: positions[-1]] and flag + " " not in transformers_part
+    assert "--adam_beta1" in transformers_part and "--max_steps" not in transformers_part
+    assert text.startswith("usage: trl-diffusion-opd train [--config FILE.yaml] [OPTIONS] [--accelerate_config")
+    flat = " ".join(text.split())
+    assert "`toy:<seed>`" in flat and "owner/repo[/sub/folder][@revision]" in flat  # the teacher spec forms
+    assert "is a round: a rollout on every task's prompts and one optimizer step" in flat
+    assert "`--num_processes N` alone starts N data-parallel processes" in flat and "multi_gpu" in flat
+    assert "`output_dir` is relative to the working directory" in flat
+
+
+def test_yaml_relative_paths_resolve_from_the_yaml_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    (folder / "teachers" / "shapes").mkdir(parents=True)
+    (folder / "prompts.txt").write_text("a red circle\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cwd_prompts.txt").write_text("a blue square\n")
+    config = folder / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "tiny:sd3",
+                "teachers": {"shapes": "teachers/shapes", "text": [{"path": "toy:1"}, "org/repo"]},
+                "prompts": {"shapes": "prompts.txt", "text": "cwd_prompts.txt", "inline": ["prompts.txt"]},
+                "output_dir": "out",
+            }
+        )
+    )
+    script_args, training_args, _ = train_script.make_parser().parse_args_and_config(["--config", str(config)])
+    assert script_args.teachers == {"shapes": str(folder / "teachers/shapes"), "text": [{"path": "toy:1"}, "org/repo"]}
+    # Next to the YAML file first; a path found only from the working directory and inline prompts stay as written.
+    assert script_args.prompts == {
+        "shapes": str(folder / "prompts.txt"),
+        "text": "cwd_prompts.txt",
+        "inline": ["prompts.txt"],
+    }
+    assert training_args.output_dir == "out"  # relative to the working directory, as in transformers
+    # The command line is not a file: its relative paths stay relative to the working directory.
+    script_args, _, _ = train_script.make_parser().parse_args_and_config(
+        ["--config", str(config), "--prompts", '{"shapes": "prompts.txt"}']
+    )
+    assert script_args.prompts == {"shapes": "prompts.txt"}
+
+
+def test_unsupported_prompt_file_extension_is_named(tmp_path):
+    from trl_diffusion_opd.data import load_prompt_source
+
+    (tmp_path / "prompts.text").write_text("a cat\n")
+    accepted = "accepted: .txt, .jsonl, .csv, .json, .parquet (or a dataset folder, a Hub dataset id"
+    with pytest.raises(ValueError, match=r"prompt file '.*prompts.text' has an unsupported extension '.text'; ") as e:
+        load_prompt_source(str(tmp_path / "prompts.text"))
+    assert accepted in str(e.value)
+    with pytest.raises(
+        ValueError, match=r"'prompts.text' has an unsupported extension '.text' \(and does not exist\)"
+    ):
+        load_prompt_source("prompts.text")
 
 
 def test_recipe_config_parses_to_the_paper_settings(tmp_path):

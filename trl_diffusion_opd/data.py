@@ -109,9 +109,26 @@ def _load_path(source: str, name: str) -> list[PromptRow]:
         return rows
     if extension in _BUILDERS:
         return load_prompt_source(load_prompt_dataset(_BUILDERS[extension], data_files=source, name=name), name)
+    if extension and _looks_like_file(source):
+        # Not a Hub dataset id: say so now rather than after a Hub look-up (which waits for the network offline).
+        accepted = ", ".join([".txt", ".jsonl", *_BUILDERS])
+        what = "" if os.path.isfile(source) else " (and does not exist)"
+        raise ValueError(
+            f"{name}: prompt file '{source}' has an unsupported extension '{extension}'{what}; accepted: {accepted} "
+            "(or a dataset folder, a Hub dataset id, a registered name)."
+        )
     # `id:split` picks a split; a local path is taken whole (it may itself contain ':').
     path, _, split = source.partition(":") if not os.path.exists(source) else (source, "", "")
     return load_prompt_source(load_prompt_dataset(path, split=split or "train", name=name), name)
+
+
+def _looks_like_file(source: str) -> bool:
+    """A file (not a folder), or a name that cannot be a Hub dataset id (`owner/name`): no `/`, explicitly relative
+    or absolute, or in an existing local folder."""
+    if os.path.isdir(source):
+        return False
+    explicit = "/" not in source or source.startswith(("./", "../", "/", "~"))
+    return os.path.isfile(source) or explicit or os.path.isdir(os.path.dirname(source))
 
 
 def _lines(source: str, name: str):

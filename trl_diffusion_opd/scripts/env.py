@@ -5,12 +5,13 @@ from __future__ import annotations
 import platform
 import sys
 
-from ..hub import package_versions
-from .utils import PROG, fail
+from . import PROG, fail
 
 
 def environment() -> dict[str, str]:
     """Platform, Python, torch and accelerator, and the versions of the libraries a run depends on."""
+    from ..hub import package_versions  # here, so that `env --help` imports no torch
+
     info = {"platform": platform.platform(), "python": platform.python_version()}
     versions = package_versions()
     versions.pop("python")
@@ -37,6 +38,9 @@ def _accelerator() -> str:
 def main(argv: list[str] | None = None) -> int:
     """`trl-diffusion-opd env`: print the environment for bug reports."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["-h"], ["--help"]):
+        print(f"usage: {PROG} env\n\n{__doc__.splitlines()[0]}")
+        return 0
     if argv:
         return fail(f"{PROG} env", f"unrecognized arguments: {' '.join(argv)}")
     lines = [f"- {name}: {value}" for name, value in environment().items()]

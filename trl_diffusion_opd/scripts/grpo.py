@@ -21,7 +21,9 @@ def make_parser(prog: str | None = None) -> DiffusionParser:
     """The parser of `grpo`: `(DiffusionRLScriptArguments, FlowGRPOConfig, DiffusionModelConfig)`, with
     `--config file.yaml`."""
     return DiffusionParser(
-        (DiffusionRLScriptArguments, FlowGRPOConfig, DiffusionModelConfig), prog=prog or f"{PROG} grpo"
+        (DiffusionRLScriptArguments, FlowGRPOConfig, DiffusionModelConfig),
+        prog=prog or f"{PROG} grpo",
+        example="tiny_grpo.yaml",
     )
 
 

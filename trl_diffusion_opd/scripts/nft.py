@@ -21,7 +21,9 @@ def make_parser(prog: str | None = None) -> DiffusionParser:
     """The parser of `nft`: `(DiffusionRLScriptArguments, DiffusionNFTConfig, DiffusionModelConfig)`, with
     `--config file.yaml`."""
     return DiffusionParser(
-        (DiffusionRLScriptArguments, DiffusionNFTConfig, DiffusionModelConfig), prog=prog or f"{PROG} nft"
+        (DiffusionRLScriptArguments, DiffusionNFTConfig, DiffusionModelConfig),
+        prog=prog or f"{PROG} nft",
+        example="tiny_nft.yaml",
     )
 
 

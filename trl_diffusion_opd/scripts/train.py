@@ -108,7 +108,9 @@ def make_parser(prog: str | None = None) -> DiffusionParser:
     """The parser of `train`: `(DiffusionOPDScriptArguments, DiffusionOPDConfig, DiffusionModelConfig)`, with
     `--config file.yaml`."""
     return DiffusionParser(
-        (DiffusionOPDScriptArguments, DiffusionOPDConfig, DiffusionModelConfig), prog=prog or f"{PROG} train"
+        (DiffusionOPDScriptArguments, DiffusionOPDConfig, DiffusionModelConfig),
+        prog=prog or f"{PROG} train",
+        example="tiny.yaml",
     )
 
 

@@ -4,6 +4,7 @@ loading the base pipeline and the prompts, `toy:<seed>` adapters, and the train-
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -22,15 +23,15 @@ from trl import TrlParser
 
 from ..data import load_prompt_dataset
 from ..families.base import get_family
-from ..registry import load_pipeline
+from ..registry import get_pipeline, load_pipeline
 from ..rewards import get_reward
 from ..sizes import ResolutionLike
 from ..trainer.base_config import check_reward_names
 from ..trainer.base_trainer import prompt_rows, resolve_student_adapter
 from ..trainer.model_config import DiffusionModelConfig, get_student_lora_config
+from . import PROG, fail, one_line  # noqa: F401  (the commands import them from here)
 
 
-PROG = "trl-diffusion-opd"
 TOY_PREFIX = "toy:"
 TOY_TEACHERS_DIR = "_toy_teachers"
 # Stands for a toy adapter while the other specs are checked, before the base exists (a Hub id never resolved).
@@ -58,12 +59,95 @@ def json_dict(value: Any, name: str, required: bool = False) -> dict | None:
     return value
 
 
-class DiffusionParser(TrlParser):
-    """`TrlParser` whose errors are one line (not a usage dump of every flag), and whose dict- and `Any`-typed fields
-    read JSON on the command line (HfArgumentParser would call `dict(text)` or `Any(text)` on them)."""
+# `--help` groups: (title, description, fields). The package's own fields that no group names land in "more options";
+# transformers' TrainingArguments fields that no group names come last. A step is a round everywhere.
+HELP_GROUPS = (
+    (
+        "model",
+        "The base pipeline and the student LoRA.",
+        "model_name_or_path revision cache_dir torch_dtype max_sequence_length family_kwargs offload_text_encoders "
+        "prompt_cache_size student_adapter lora_r lora_alpha lora_dropout lora_target_modules lora_init use_rslora",
+    ),
+    (
+        "teachers",
+        "`teachers` maps each task to a spec: a local folder (relative paths in a YAML file are looked up next to the "
+        "file first), a Hub id `owner/repo[/sub/folder][@revision]`, a registered name (`world:letters`), "
+        "`toy:<seed>` (a random LoRA for the tiny models), a mapping with `path` and optional `subfolder`, "
+        "`revision`, `guidance_scale`, `weight`, `weight_name`, or a list of those (a weighted ensemble). "
+        'YAML: `teachers: {ocr: owner/repo/OCRTeacher/lora}`; command line: `--teachers \'{"ocr": "owner/repo"}\'`.',
+        "teachers teacher_guidance_scale teacher_guidance_scale_2 teacher_offload",
+    ),
+    (
+        "prompts",
+        "A prompt source is a .txt (one prompt per line), .jsonl (a `prompt` field), .csv, .json or .parquet file, a "
+        "dataset folder, a Hub dataset id (`id:split`), a registered name or an inline list.",
+        "prompts dataset_name dataset_config dataset_train_split dataset_test_split eval_prompts "
+        "task_prompt_templates negative_prompt",
+    ),
+    ("rewards", None, "reward_funcs reward_kwargs reward_weights scale_rewards"),
+    (
+        "rollout",
+        "How the student samples the trajectories it is trained on.",
+        "num_inference_steps noise_level sde_type sampler guidance_scale guidance_scale_2 resolution num_frames "
+        "timestep_fraction task_timestep_fraction step_batch_size fused_rollout num_generations generation_batch_size",
+    ),
+    (
+        "loss",
+        None,
+        "loss_type kl_normalization task_weights ppo_clip_range num_iterations beta clip_range adv_clip_max "
+        "ratio_normalization grpo_guard_bias cps_log_prob drop_zero_std_groups nft_beta old_policy_decay_rate "
+        "old_policy_max_decay",
+    ),
+    (
+        "optimisation",
+        "A step (`max_steps`, `save_steps`, `eval_steps`, `logging_steps`) is a round: a rollout on every task's "
+        "prompts and one optimizer step.",
+        "max_steps learning_rate per_device_train_batch_size gradient_accumulation_steps lr_scheduler_type "
+        "warmup_steps weight_decay max_grad_norm seed gradient_checkpointing ema ema_decay ema_update_interval",
+    ),
+    ("evaluation", None, "eval_rewards eval_strategy eval_steps per_device_eval_batch_size"),
+    (
+        "output",
+        "`output_dir` is relative to the working directory (as in transformers), also in a YAML file.",
+        "output_dir save_strategy save_steps save_total_limit logging_steps report_to run_name resume_from_checkpoint "
+        "push_to_hub hub_model_id hub_token",
+    ),
+)
 
-    def __init__(self, dataclass_types, prog: str):
-        super().__init__(dataclass_types, prog=prog)
+LAUNCH_HELP = (
+    "`--accelerate_config PRESET_OR_FILE` (a preset: {presets}; or an accelerate config file) and any `accelerate "
+    "launch` option (`--num_processes N`, `--mixed_precision bf16`, `--main_process_port`, ...), on the command line "
+    "or as YAML keys, relaunch the job through `accelerate launch`. `--num_processes N` alone starts N data-parallel "
+    "processes (one per GPU, or N CPU processes)."
+)
+
+DESCRIPTION = (
+    "Options come from `--config FILE.yaml` (keys are the option names below) and from the command line, which "
+    "overrides the file; relative paths of prompt files, teacher folders and `student_adapter` in a YAML file are "
+    "looked up next to the file first, then in the working directory. Mappings are YAML mappings in the file and "
+    "JSON objects on the command line. Start from examples/configs/{example} (offline, CPU)."
+)
+
+# Fields that hold local paths (or a source that may be one), resolved from a YAML file's folder.
+PATH_FIELDS = ("prompts", "eval_prompts", "dataset_name", "teachers", "student_adapter", "model_name_or_path")
+
+
+class DiffusionParser(TrlParser):
+    """`TrlParser` whose errors are one line (not a usage dump of every flag), whose dict- and `Any`-typed fields
+    read JSON on the command line (HfArgumentParser would call `dict(text)` or `Any(text)` on them), whose `--help`
+    lists the package's options first, grouped, and which resolves relative paths of a YAML file from its folder."""
+
+    def __init__(self, dataclass_types, prog: str, example: str | None = None):
+        # `example`: the tiny config of a training command (which also takes launch options), under examples/configs.
+        launch = " [--accelerate_config PRESET] [ACCELERATE LAUNCH OPTIONS]" if example else ""
+        super().__init__(
+            dataclass_types,
+            prog=prog,
+            usage=f"{prog} [--config FILE.yaml] [OPTIONS]{launch}",
+            description=DESCRIPTION.format(example=example) if example else None,
+        )
+        self._config_dir: Path | None = None
+        self.example = example
         hints = {name: hint for cls in self.dataclass_types for name, hint in typing.get_type_hints(cls).items()}
         dict_fields = {
             f.name for cls in self.dataclass_types for f in dataclasses.fields(cls) if _mentions_dict(hints[f.name])
@@ -76,9 +160,88 @@ class DiffusionParser(TrlParser):
                 action.type = _json_value
             elif action.dest in size_fields:
                 action.type = str
+        self._group_help()
+
+    def _group_help(self) -> None:
+        """Move the options into the `HELP_GROUPS` (help text only: parsing does not depend on groups)."""
+        from transformers import TrainingArguments
+
+        inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+        own = [f.name for cls in self.dataclass_types for f in dataclasses.fields(cls) if f.name not in inherited]
+        actions: dict[str, list] = {}  # a bool that defaults to True has two flags, `--x` and `--no_x`
+        for action in self._optionals._group_actions:
+            actions.setdefault(action.dest, []).append(action)
+        groups = []
+        for title, description, names in HELP_GROUPS:
+            group = self.add_argument_group(title, description)
+            for name in names.split():
+                group._group_actions.extend(actions.pop(name, []))
+            groups.append(group)
+        more = self.add_argument_group("more options of trl-diffusion-opd")
+        for name in own:
+            more._group_actions.extend(actions.pop(name, []))
+        if self.example:
+            groups.append(
+                self.add_argument_group("launch", LAUNCH_HELP.format(presets=", ".join(accelerate_presets())))
+            )
+        self._optionals._group_actions[:] = [action for group in actions.values() for action in group]
+        self._optionals.title = "transformers' TrainingArguments"
+        self._action_groups = [*groups, more, self._optionals]
+
+    def option_names(self) -> list[str]:
+        """Every option's name without dashes (for "did you mean")."""
+        return [action.dest for action in self._actions if action.option_strings]
+
+    def parse_args_and_config(self, args=None, *more, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        path = config_path(args)
+        self._config_dir = Path(path).parent if path else None
+        return super().parse_args_and_config(args, *more, **kwargs)
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        if self._config_dir is not None:
+            kwargs = resolve_config_paths(kwargs, self._config_dir)
+        return super().set_defaults_with_config(**kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def resolve_config_paths(config: dict[str, Any], folder: str | os.PathLike) -> dict[str, Any]:
+    """`config` (a YAML file's mapping) with the relative paths of its `PATH_FIELDS` that exist under `folder` (the
+    file's folder) made absolute; other values (Hub ids, registered names, paths that exist only from the working
+    directory, `output_dir`) are unchanged. Prompt sources: a `{task: source}` value or one source, never the items
+    of an inline prompt list; teachers: a spec, a mapping's `path`, or the items of an ensemble list."""
+
+    def path(value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip() or os.path.isabs(os.path.expanduser(value)):
+            return value
+        candidate = Path(folder) / value
+        return str(candidate) if candidate.exists() else value
+
+    def teacher(spec: Any) -> Any:
+        if isinstance(spec, list):
+            return [teacher(item) for item in spec]
+        if isinstance(spec, dict) and "path" in spec:
+            return {**spec, "path": path(spec["path"])}
+        return path(spec)
+
+    resolved = dict(config)
+    for name in PATH_FIELDS:
+        value = resolved.get(name)
+        if name == "teachers" and isinstance(value, dict):
+            resolved[name] = {task: teacher(spec) for task, spec in value.items()}
+        elif name in ("prompts", "eval_prompts") and isinstance(value, dict):
+            resolved[name] = {task: path(source) for task, source in value.items()}
+        elif value is not None:
+            resolved[name] = path(value)
+    return resolved
+
+
+def did_you_mean(names: list[str], known: list[str]) -> str:
+    """` (did you mean a, b?)` for the names that are close to a known one, else an empty string."""
+    close = [match for name in names for match in difflib.get_close_matches(name, known, n=1)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def _mentions_dict(hint: Any) -> bool:
@@ -97,17 +260,6 @@ def _json_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text  # a plain string; the dataclass validates it
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (or its type when it has none)."""
-    return re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
-
-
-def fail(prog: str, message: str) -> int:
-    """Print `prog: error: message` to stderr and return the usage-error exit code 2."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def config_path(argv: list[str]) -> str | None:
@@ -160,6 +312,39 @@ def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
             )
         path = presets[value.removesuffix(".yaml")]
     return ["--config_file", path, *launch_args[:index], *launch_args[index + 2 :]]
+
+
+# accelerate's flags that choose how processes are started; without one of them (or a config file that sets a
+# distributed type) `accelerate launch --num_processes N` starts a single process.
+_DISTRIBUTED_FLAGS = ("multi_gpu", "use_fsdp", "use_deepspeed", "use_megatron_lm", "tpu")
+
+
+def complete_launch_args(launch_args: list[str]) -> list[str]:
+    """`launch_args` that start the processes they ask for: `--num_processes N` (N > 1) alone gets `--multi_gpu`
+    (data parallel: one process per GPU, or N gloo processes on a CPU), unless a config file (given, or accelerate's
+    default one) or a flag already says how to distribute.
+
+    Raises:
+        ValueError: `--cpu` with `--num_processes N` (N > 1), which accelerate runs as one process.
+    """
+    if not launch_args:
+        return launch_args
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    namespace = launch_command_parser().parse_args([*launch_args, "--module", "_"])
+    if (namespace.num_processes or 1) < 2 or any(getattr(namespace, flag) for flag in _DISTRIBUTED_FLAGS):
+        return launch_args
+    if namespace.cpu:
+        raise ValueError(
+            f"`--cpu` with `--num_processes {namespace.num_processes}` runs one process in accelerate; leave out "
+            "`--cpu` (a machine without GPUs then trains in that many CPU processes) or add `--accelerate_config "
+            "multi_gpu`."
+        )
+    config_file = namespace.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    if config_file is not None and load_config_from_file(config_file).distributed_type != "NO":
+        return launch_args
+    return ["--multi_gpu", *launch_args]
 
 
 def _without(args: list[str], removed: list[str]) -> list[str]:
@@ -364,7 +549,7 @@ def run_training(trainer, script_args, training_args):
     """Train `trainer`, save the student adapter and its card, and push them when `push_to_hub`."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Student adapter saved to {training_args.output_dir}.")
+    trainer.accelerator.print(saved_message(training_args.output_dir, getattr(trainer, "base_model_id", None)))
     if training_args.push_to_hub:
         dataset = script_args.dataset_name if script_args.prompts is None else None
         trainer.push_to_hub(dataset_name=dataset)
@@ -372,6 +557,22 @@ def run_training(trainer, script_args, training_args):
     if hasattr(trainer, "end"):  # transformers >= 5.18: close trackers and the process group
         trainer.end()
     return trainer
+
+
+def saved_message(output_dir: str | os.PathLike, base: str | None = None) -> str:
+    """Where the student adapter and its card are, and the lines that load it on `base` (a Hub id, a folder or a
+    registered name, whose quick-start code is used)."""
+    folder = Path(output_dir).resolve()
+    named = get_pipeline(base) if base else None
+    if named is not None and named.quickstart:
+        load = named.quickstart.replace("\n\n", "\n")
+    else:
+        load = f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{base or "BASE"}")'
+    lines = [*load.splitlines(), f'pipe.load_lora_weights("{folder}")']
+    return (
+        f"Saved the student adapter to {folder / 'pytorch_lora_weights.safetensors'} and its model card to "
+        f"{folder / 'README.md'}. Load it with:\n" + "\n".join(f"    {line}" for line in lines)
+    )
 
 
 def training_main(argv: list[str], command: str, parser: DiffusionParser, build: Callable, module: str) -> int:
@@ -385,18 +586,28 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
         allowed = _launch_options() | {"--accelerate_config"}
+        known = parser.option_names() + sorted(option.removeprefix("--") for option in allowed)
         unknown = _unknown_options(config_rest, allowed)
         if unknown:
-            keys = ", ".join(key.removeprefix("--") for key in unknown)
-            return fail(prog, f"unknown key(s) in {path}: {keys}.")
+            keys = [key.removeprefix("--") for key in unknown]
+            return fail(prog, f"unknown key(s) in {path}: {', '.join(keys)}{did_you_mean(keys, known)}.")
         # Left-over flags must be `accelerate launch` options; a leading bare word belongs to none.
         unknown = _unknown_options(cli_rest, allowed) or [s for s in cli_rest[:1] if not s.startswith("--")]
         if unknown:
-            return fail(prog, f"unrecognized arguments: {' '.join(unknown)}.")
-        launch_args = resolve_accelerate_config(config_rest + cli_rest)
+            hint = did_you_mean([flag.removeprefix("--") for flag in unknown], known).replace("mean ", "mean --")
+            return fail(prog, f"unrecognized arguments: {' '.join(unknown)}{hint}.")
+        launch_args = complete_launch_args(resolve_accelerate_config(config_rest + cli_rest))
     except yaml.YAMLError as error:
         return fail(prog, f"{path} is not valid YAML: {one_line(error)}")
     except (ValueError, TypeError, OSError) as error:
+        if path is None and not any(arg.startswith("--") and arg not in ("--help", "-h") for arg in argv):
+            # Nothing given at all: the missing field is not the problem, the missing configuration is.
+            return fail(
+                prog,
+                f"{one_line(error)} Give a configuration: `{prog} --config FILE.yaml` (try "
+                f"examples/configs/{parser.example} of the repository, offline on a CPU); `{prog} --help` lists the "
+                "options.",
+            )
         return fail(prog, one_line(error))
     if launch_args and not os.environ.get(LAUNCHED_ENV):
         return _relaunch(launch_args, _without(argv, cli_rest), module)
