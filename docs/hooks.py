@@ -1,0 +1,80 @@
+"""MkDocs hooks of the documentation site.
+
+The charts of `benchmarks/results/` are published as `assets/<name>` (one copy, where the benchmarks write them).
+`<!-- config-fields: package.module.ClassName -->` in a page becomes a table of the fields that the class declares
+(its own, and the inherited ones whose default it changes), rendered from each field's `metadata["help"]`: the help
+string is the one source of a field's documentation, and `--help` prints the same text."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CHARTS = ("paper_table.png", "world_ablation.png", "convergence.png")
+
+
+MARKER = re.compile(r"<!--\s*config-fields:\s*([\w.]+)\s*-->")
+
+
+def declared_fields(cls) -> list[dataclasses.Field]:
+    """The dataclass fields that `cls` itself declares (new fields and overridden defaults), in declaration order."""
+    own = inspect.get_annotations(cls)
+    return [f for f in dataclasses.fields(cls) if f.name in own]
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return f"`{f.default!r}`"
+    if f.default_factory is not dataclasses.MISSING:
+        return f"`{f.default_factory()!r}`"
+    return "required"
+
+
+def _type(f: dataclasses.Field) -> str:
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return f"`{text}`"
+
+
+def _cell(text: str) -> str:
+    """`text` on one line for a table cell: outside code spans, `[`, `]`, `*` and `<` are literal (help strings are
+    plain text, where `[@revision]` or `<label>` are not markdown links or HTML)."""
+    parts = " ".join(text.split()).split("`")
+    for index in range(0, len(parts), 2):
+        for char, escaped in (("[", "\\["), ("]", "\\]"), ("*", "\\*"), ("<", "&lt;")):
+            parts[index] = parts[index].replace(char, escaped)
+    return "`".join(parts).replace("|", "\\|")
+
+
+def render_fields(path: str) -> str:
+    """The markdown table of the fields declared by the class at `path` (`package.module.ClassName`)."""
+    module, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    rows = ["| field | type | default | description |", "|---|---|---|---|"]
+    for f in declared_fields(cls):
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices:
+            help_text += " Choices: " + ", ".join(f"`{choice}`" for choice in choices) + "."
+        rows.append(f"| `{f.name}` | {_cell(_type(f))} | {_cell(_default(f))} | {_cell(help_text)} |")
+    return "\n".join(rows)
+
+
+def on_page_markdown(markdown: str, **kwargs) -> str:
+    """Replace every `config-fields` marker of a page with its table."""
+    return MARKER.sub(lambda match: render_fields(match.group(1)), markdown)
+
+
+def on_files(files, config, **kwargs):
+    """Add the benchmark charts to the site as `assets/<name>`."""
+    for name in CHARTS:
+        files.append(
+            File.generated(config, f"assets/{name}", abs_src_path=str(ROOT / "benchmarks" / "results" / name))
+        )
+    return files
