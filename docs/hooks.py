@@ -39,7 +39,8 @@ def _default(f: dataclasses.Field) -> str:
 
 def _type(f: dataclasses.Field) -> str:
     text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return f"`{text}`"
+    # A "|" inside a code span of a table cell would show its escaping backslash.
+    return " or ".join(f"`{part.strip()}`" for part in text.split("|"))
 
 
 def _cell(text: str) -> str:
