@@ -1,6 +1,7 @@
 """MkDocs hooks of the documentation site.
 
-The charts of `benchmarks/results/` are published as `assets/<name>` (one copy, where the benchmarks write them).
+`<!-- include: FILE -->` is replaced by that file of the repository (one copy of `CONTRIBUTING.md`). The charts of
+`benchmarks/results/` are published as `assets/<name>` (one copy, where the benchmarks write them).
 `<!-- config-fields: package.module.ClassName -->` in a page becomes a table of the fields that the class declares
 (its own, and the inherited ones whose default it changes), rendered from each field's `metadata["help"]`: the help
 string is the one source of a field's documentation, and `--help` prints the same text."""
@@ -11,6 +12,7 @@ import dataclasses
 import importlib
 import inspect
 import re
+import sys
 from pathlib import Path
 
 
@@ -18,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHARTS = ("paper_table.png", "world_ablation.png")
 
 
-MARKER = re.compile(r"<!--\s*config-fields:\s*([\w.]+)\s*-->")
+# Markers stand on a line of their own (a marker quoted in the text, in backticks, is left alone).
+MARKER = re.compile(r"^<!--\s*config-fields:\s*([\w.]+)\s*-->$", re.M)
+INCLUDE = re.compile(r"^<!--\s*include:\s*([\w./-]+)\s*-->$", re.M)
 
 
 def declared_fields(cls) -> list[dataclasses.Field]:
@@ -53,6 +57,8 @@ def _cell(text: str) -> str:
 
 def render_fields(path: str) -> str:
     """The markdown table of the fields declared by the class at `path` (`package.module.ClassName`)."""
+    if str(ROOT) not in sys.path:  # the checkout's classes, also when another copy of the package is installed
+        sys.path.insert(0, str(ROOT))
     module, name = path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
     rows = ["| field | type | default | description |", "|---|---|---|---|"]
@@ -66,7 +72,9 @@ def render_fields(path: str) -> str:
 
 
 def on_page_markdown(markdown: str, **kwargs) -> str:
-    """Replace every `config-fields` marker of a page with its table."""
+    """Replace every `include` marker of a page with that file of the repository (`CONTRIBUTING.md`), and every
+    `config-fields` marker with its table."""
+    markdown = INCLUDE.sub(lambda match: (ROOT / match.group(1)).read_text(encoding="utf-8"), markdown)
     return MARKER.sub(lambda match: render_fields(match.group(1)), markdown)
 
 
