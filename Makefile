@@ -10,13 +10,13 @@ PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test docs demo bench lint format clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test,tensorboard]"
+	$(PY) -m pip install -q -e ".[test,tensorboard,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +24,11 @@ install: $(VENV)/.installed
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(MAKE) docs
+
+# The documentation site in strict mode: a broken link, anchor or API reference fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 demo: install
 	$(PY) examples/demo.py --output_dir demo_output
@@ -40,4 +45,4 @@ format: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) site demo_output .pytest_cache .ruff_cache *.egg-info

@@ -68,7 +68,7 @@ class TableSettings:
             error of a mean is ~0.02; below 0.005 needs ~1500 scenes per task (~25 CPU-min per model).
         opd_rounds, opd_prompts, opd_learning_rate, opd_rank: The DiffusionOPD student (`world.demo`'s full size).
         opd_extra: More `DiffusionOPDConfig` fields of the student. The default supervises each task on the steps
-            its teacher was trained on (`task_timestep_fraction` from the teachers' recipes; see the README's
+            its teacher was trained on (`task_timestep_fraction` from the teachers' recipes; see docs/world.md,
             "Several teachers, one student").
         multitask_steps: Optimizer steps of each multi-task RL baseline (40 steps of 24 images: the rollouts of one
             teacher's 60 steps of 16).

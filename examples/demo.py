@@ -8,7 +8,7 @@ base, teachers, student; columns: the three rule-based rewards and their average
 the table), `results.md` / `results.json`, `grids/<model>.png` and `demo.json` (settings, timings, training log).
 
     python examples/demo.py --output_dir demo_output        # quick: 30 rounds, 32 held-out scenes per task
-    python examples/demo.py --full                          # the README's full-size table: 60 rounds, 96 scenes
+    python examples/demo.py --full                          # the full-size table (docs/world.md): 60 rounds
     python examples/demo.py --multitask_baseline            # adds the paper's multi-task RL row (~10 more minutes)
     python examples/demo.py --retrain_teachers              # re-trains the teachers first (Stage 1, ~15 minutes)
 """

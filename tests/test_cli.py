@@ -545,7 +545,7 @@ WAN_CONFIGS = [
 @pytest.mark.parametrize("name, model_id, multiple, guidance, guidance_2", WAN_CONFIGS)
 def test_wan_example_configs_parse_to_their_recipe(tmp_path, name, model_id, multiple, guidance, guidance_2):
     """Every Wan example parses through the `train` command's parser with nothing left over, has a resolution and a
-    frame count the pipeline accepts, both guidance scales on Wan 2.2 A14B only, and a row in the README's memory
+    frame count the pipeline accepts, both guidance scales on Wan 2.2 A14B only, and a row in the docs' memory
     table that names it."""
     path = ROOT / "examples" / "configs" / name
     script_args, training_args, model_args, config_rest, cli_rest = train_script.make_parser().parse_args_and_config(
@@ -564,6 +564,7 @@ def test_wan_example_configs_parse_to_their_recipe(tmp_path, name, model_id, mul
     assert training_args.gradient_checkpointing and training_args.kl_normalization == "reference"
     assert training_args.max_sequence_length == 512  # the pipeline's padding, which its cross-attention sees
     assert set(script_args.prompts) == set(script_args.teachers) == set(training_args.eval_rewards)
-    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if f"`{name}`" in line)
+    table = [line for line in (ROOT / "docs" / "families.md").read_text().splitlines() if line.startswith("|")]
+    row = next(line for line in table if f"`{name}`" in line)
     assert row.startswith("| Wan") and "GiB" in row
     assert "Memory path:" in path.read_text()

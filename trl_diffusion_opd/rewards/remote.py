@@ -112,7 +112,7 @@ class RemoteReward(Reward):
                     reason = getattr(error, "reason", error)
                     raise RewardServerError(
                         f"Reward '{self.name}': no reward server answers at {self.url} ({reason}) after "
-                        f"{self.retries + 1} attempt(s). Start it (see the README, 'Rewards and evaluation') or "
+                        f"{self.retries + 1} attempt(s). Start it (docs/rewards_evaluation.md, 'Reward servers') or "
                         "pass its `url`."
                     ) from error
                 time.sleep(delay)

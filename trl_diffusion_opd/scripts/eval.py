@@ -49,101 +49,125 @@ from .utils import (
 @dataclass
 class DiffusionOPDEvalArguments:
     """
-    Arguments of the `trl-diffusion-opd eval` command.
-
-    Args:
-        model_name_or_path (`str`):
-            The base pipeline: a Hub id, a local folder, or a registered name (`tiny:sd3`, `world:base`, ...).
-        adapters (`dict[str, Any]` or `None`, *optional*):
-            `{label: adapter}`, one table row each: a local folder, a Hub id `owner/repo[/sub/folder][@revision]`,
-            a dict with `path` and optional `subfolder`, `revision`, `weight_name`, `guidance_scale`, or
-            `toy:<seed>` (a random LoRA for the tiny models). On a two-expert pipeline (Wan 2.2 A14B) a folder's
-            `pytorch_lora_weights.safetensors` loads into `transformer` and its
-            `pytorch_lora_weights_transformer_2.safetensors` into `transformer_2`, under the same adapter; an expert
-            without a file runs the base in that row.
-        prompts (`dict[str, Any]`):
-            `{column: prompt source}`: a column is a reward name (`ocr`, `pickscore`, ...) or `reward@label`; a
-            source is a `.txt`/`.jsonl`/`.csv`/`.json`/`.parquet` file, a dataset folder or id, or a list.
-        reward_kwargs (`dict[str, dict]` or `None`, *optional*):
-            `{reward or column: keyword arguments}`, e.g. `{"geneval": {"url": "http://host:18085"},
-            "pickscore": {"device": "cuda:1"}}`.
-        normalization (`dict[str, list[float]]` or `None`, *optional*):
-            `{reward or column: [low, high]}` overriding the ranges of the Average column.
-        include_base (`bool`, *optional*, defaults to `True`):
-            Add the base model (no adapter) as the first row.
-        base_label (`str`, *optional*, defaults to `"base"`):
-            Label of the base row.
-        num_inference_steps (`int`, *optional*, defaults to `40`):
-            Sampler steps (deterministic Euler ODE).
-        guidance_scale (`float`, *optional*, defaults to `4.5`):
-            CFG scale (FLUX: the distilled guidance); an adapter's own `guidance_scale` wins.
-        resolution (`int` or `tuple[int, int]`, *optional*, defaults to `512`):
-            Image size in pixels: a side (square images) or a height and width (`[480, 832]` in YAML or JSON,
-            `480x832` on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 and
-            FLUX: the VAE's 8× times the 2×2 latent patch), checked once the pipeline is loaded. Stored as an `int`
-            for a square, else as a `(height, width)` tuple.
-        seed (`int`, *optional*, defaults to `0`):
-            Image i of a prompt set is drawn with seed `seed + i`, for every model.
-        batch_size (`int`, *optional*, defaults to `4`):
-            Images per pipeline call.
-        max_prompts (`int` or `None`, *optional*):
-            Use only the first prompts of each set.
-        max_sequence_length (`int` or `None`, *optional*):
-            T5 prompt length; `None` is the pipeline's default.
-        num_frames (`int` or `None`, *optional*):
-            Frames per video (video pipelines such as Wan: `1 + 4k`); `None` is the pipeline's default.
-        guidance_scale_2 (`float` or `None`, *optional*):
-            CFG scale of Wan 2.2 A14B's low-noise expert; `None` is the pipeline's default (`guidance_scale`).
-        video_format (`str`, *optional*, defaults to `"webp"`):
-            Format of the sample videos of a video pipeline: `webp` or `gif` (Pillow; shown inline on the Hub) or
-            `mp4` (needs the extra `video`: imageio, imageio-ffmpeg).
-        fps (`int`, *optional*, defaults to `16`):
-            Frames per second of the sample videos (Wan 2.1 and 2.2 A14B: 16; TI2V-5B: 24).
-        grid_size (`int`, *optional*, defaults to `8`):
-            Images (videos) per prompt set in each model's grid; a video pipeline's grid is a frame grid, one row of
-            frames per video, and these videos are written to `videos/<label>/`.
-        output_dir (`str`, *optional*, defaults to `"eval"`):
-            Where `results.md`, `results.json` and `grids/<label>.png` are written.
-        torch_dtype (`str`, *optional*, defaults to `"auto"`):
-            dtype of the base pipeline.
-        device (`str` or `None`, *optional*):
-            Device of the pipeline; `None` is CUDA when available.
-        revision, cache_dir, hub_token:
-            Hub revision of the base, Hub cache, and token.
+    Arguments of the `trl-diffusion-opd eval` command; each field is documented by its `help`. In Python,
+    `evaluate_models` takes the same settings.
     """
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Base pipeline: Hub id, folder, tiny:sd3."})
-    adapters: dict | str | None = field(default=None, metadata={"help": "Adapters per row label, a mapping (JSON)."})
-    prompts: dict | str | None = field(default=None, metadata={"help": "Prompt source per reward column (JSON)."})
-    reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Arguments per reward (JSON)."})
-    normalization: dict | str | None = field(default=None, metadata={"help": "[low, high] per reward (JSON)."})
-    include_base: bool = field(default=True, metadata={"help": "Add the base model as the first row."})
-    base_label: str = field(default="base", metadata={"help": "Label of the base row."})
-    num_inference_steps: int = field(default=40, metadata={"help": "Sampler steps (Euler ODE)."})
-    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The base pipeline: a Hub id, a local folder, or a registered name (tiny:sd3, world:base, ...)."
+        },
+    )
+    adapters: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Adapters by row label, a mapping (JSON on the command line) {label: adapter}, one table row "
+            "each: a local folder, a Hub id owner/repo[/sub/folder][@revision], a dict with `path` and optional "
+            "`subfolder`, `revision`, `weight_name`, `guidance_scale`, or toy:<seed> (a random LoRA for the tiny "
+            "models). On a two-expert pipeline (Wan 2.2 A14B) a folder's pytorch_lora_weights.safetensors loads "
+            "into `transformer` and its pytorch_lora_weights_transformer_2.safetensors into `transformer_2`; an "
+            "expert without a file runs the base in that row."
+        },
+    )
+    prompts: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt source per column, a mapping (JSON on the command line) {column: source}: a column is a "
+            "reward name (ocr, pickscore, ...) or reward@label; a source is a .txt/.jsonl/.csv/.json/.parquet file, "
+            "a dataset folder or id, or a list."
+        },
+    )
+    reward_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments per reward or column, a mapping (JSON on the command line), e.g. "
+            '{"geneval": {"url": "http://host:18085"}, "pickscore": {"device": "cuda:1"}}.'
+        },
+    )
+    normalization: dict | str | None = field(
+        default=None,
+        metadata={"help": "Range [low, high] per reward or column that overrides the ranges of the Average column."},
+    )
+    include_base: bool = field(default=True, metadata={"help": "Add the base model (no adapter) as the first row."})
+    base_label: str = field(default="base", metadata={"help": "Label of the base model's row in the table."})
+    num_inference_steps: int = field(
+        default=40, metadata={"help": "Sampler steps of the pipeline's own deterministic sampler (Euler ODE)."}
+    )
+    guidance_scale: float = field(
+        default=4.5,
+        metadata={"help": "CFG scale (FLUX: the distilled guidance); an adapter's own `guidance_scale` wins."},
+    )
     resolution: ResolutionLike = field(
-        default=512, metadata={"help": "Image size in pixels: a side (512) or height x width (480x832)."}
+        default=512,
+        metadata={
+            "help": "Image size in pixels: a side (512: square images) or a height and width ([480, 832] in YAML or "
+            "JSON, 480x832 on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 "
+            "and FLUX: the VAE's 8x times the 2x2 latent patch), checked once the pipeline is loaded."
+        },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of image 0 of each prompt set (image i: seed + i)."})
-    batch_size: int = field(default=4, metadata={"help": "Images per pipeline call."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first prompts of each set."})
-    max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt length."})
-    num_frames: int | None = field(default=None, metadata={"help": "Frames per video (video pipelines)."})
-    guidance_scale_2: float | None = field(default=None, metadata={"help": "CFG scale of Wan 2.2's low-noise expert."})
+    seed: int = field(
+        default=0, metadata={"help": "Image i of a prompt set is drawn with seed `seed + i`, for every model."}
+    )
+    batch_size: int = field(default=4, metadata={"help": "Images generated per pipeline call."})
+    max_prompts: int | None = field(
+        default=None, metadata={"help": "Use only the first this many prompts of each set; None uses them all."}
+    )
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "Length of the T5 prompt embeddings; None is the pipeline's default."}
+    )
+    num_frames: int | None = field(
+        default=None,
+        metadata={"help": "Frames per video of a video pipeline (Wan: 1 + 4k); None is the pipeline's default."},
+    )
+    guidance_scale_2: float | None = field(
+        default=None,
+        metadata={
+            "help": "CFG scale of Wan 2.2 A14B's low-noise expert; None is the pipeline's default (`guidance_scale`)."
+        },
+    )
     video_format: str = field(
-        default="webp", metadata={"help": "Format of the sample videos.", "choices": ["webp", "gif", "mp4"]}
+        default="webp",
+        metadata={
+            "help": "Format of a video pipeline's sample videos: webp or gif (Pillow; shown inline on the Hub) or "
+            "mp4 (needs the extra `video`: imageio, imageio-ffmpeg).",
+            "choices": ["webp", "gif", "mp4"],
+        },
     )
-    fps: int = field(default=16, metadata={"help": "Frames per second of the sample videos."})
-    grid_size: int = field(default=8, metadata={"help": "Images per prompt set in each grid."})
-    output_dir: str = field(default="eval", metadata={"help": "Output folder."})
+    fps: int = field(
+        default=16,
+        metadata={"help": "Frames per second of the sample videos (Wan 2.1 and 2.2 A14B: 16; TI2V-5B: 24)."},
+    )
+    grid_size: int = field(
+        default=8,
+        metadata={
+            "help": "Images (videos) per prompt set in each model's grid; a video pipeline's grid is a frame grid, "
+            "and these videos are written to videos/<label>/."
+        },
+    )
+    output_dir: str = field(
+        default="eval",
+        metadata={"help": "Folder where results.md, results.json and grids/<label>.png are written."},
+    )
     torch_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype of the base pipeline.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+        metadata={
+            "help": "dtype of the base pipeline when loaded from a path or the Hub.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
     )
-    device: str | None = field(default=None, metadata={"help": "Device; default CUDA when available."})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache."})
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token."})
+    device: str | None = field(
+        default=None, metadata={"help": "Device of the pipeline; None is CUDA when available, else the CPU."}
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or commit) of the base model on the Hub."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Hub cache for the base and the adapters; None uses HF_HUB_CACHE."}
+    )
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token for private repos; None uses your login or HF_TOKEN."}
+    )
 
     def __post_init__(self):
         for name in ("adapters", "prompts", "reward_kwargs", "normalization"):

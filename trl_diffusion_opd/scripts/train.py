@@ -50,50 +50,47 @@ from .utils import (
 @dataclass
 class DiffusionOPDScriptArguments:
     """
-    Teachers and prompts of the `train` command.
-
-    Args:
-        teachers (`dict[str, Any]`):
-            `{task: teacher spec}`: a local folder, a Hub id `owner/repo[/sub/folder][@revision]`, a registered name
-            (`world:letters`), a dict with `path` and optional `subfolder`, `revision`, `guidance_scale`, `weight`,
-            `weight_name`, or a list of those (a weighted ensemble). `toy:<seed>` is a random LoRA for the tiny
-            models.
-        prompts (`dict[str, Any]` or `None`, *optional*):
-            `{task: source}`, one prompt source per task: a `.txt` file (one prompt per line), a `.jsonl` file with a
-            `prompt` field (other fields are kept as metadata), a `.csv`/`.json`/`.parquet` file, a local dataset
-            folder, a Hub dataset id (`id:split` picks the split), a registered name or an inline list of prompts.
-        dataset_name (`str` or `None`, *optional*):
-            One prompt source for all tasks, with `prompt` and `task` columns: a Hub dataset id, a local dataset
-            folder or a data file. Ignored when `prompts` is given.
-        dataset_config (`str` or `None`, *optional*):
-            Configuration of `dataset_name`.
-        dataset_train_split (`str`, *optional*, defaults to `"train"`):
-            Training split of `dataset_name`.
-        dataset_test_split (`str` or `None`, *optional*):
-            Split of `dataset_name` whose prompts measure the KL to the teachers in `evaluate()`.
-        eval_prompts (`dict[str, Any]` or `None`, *optional*):
-            Held-out prompts, in the same form as `prompts`.
+    Teachers and prompts of the `train` command; each field is documented by its `help`. In Python, they are the
+    `teachers`, `train_dataset` and `eval_dataset` arguments of `DiffusionOPDTrainer`.
     """
 
     teachers: dict | str | None = field(
         default=None,
-        metadata={"help": "Teacher per task, a mapping (JSON on the command line): {task: spec}."},
+        metadata={
+            "help": "Teacher per task, a mapping (JSON on the command line) {task: spec}: a local folder, a Hub id "
+            "owner/repo[/sub/folder][@revision], a registered name (world:letters), a dict with `path` and optional "
+            "`subfolder`, `revision`, `guidance_scale`, `weight`, `weight_name`, or a list of those (a weighted "
+            "ensemble). toy:<seed> is a random LoRA for the tiny models."
+        },
     )
     prompts: dict | str | None = field(
         default=None,
-        metadata={"help": "Prompt source per task, a mapping (JSON on the command line): {task: source}."},
+        metadata={
+            "help": "Prompt source per task, a mapping (JSON on the command line) {task: source}: a .txt file (one "
+            "prompt per line), a .jsonl file with a `prompt` field (other fields are kept as metadata), a "
+            ".csv/.json/.parquet file, a local dataset folder, a Hub dataset id (id:split picks the split), a "
+            "registered name or an inline list of prompts."
+        },
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "One prompt source with 'prompt' and 'task' columns (Hub id, folder or file)."},
+        metadata={
+            "help": "One prompt source for all tasks, with 'prompt' and 'task' columns: a Hub dataset id, a local "
+            "dataset folder or a data file. Ignored when `prompts` is given."
+        },
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Configuration of `dataset_name`."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Training split of `dataset_name`."})
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) name of the `dataset_name` dataset."}
+    )
+    dataset_train_split: str = field(
+        default="train", metadata={"help": "Split of `dataset_name` whose prompts are trained on."}
+    )
     dataset_test_split: str | None = field(
-        default=None, metadata={"help": "Evaluation split of `dataset_name` (KL to the teachers)."}
+        default=None,
+        metadata={"help": "Split of `dataset_name` whose prompts measure the KL to the teachers in `evaluate()`."},
     )
     eval_prompts: dict | str | None = field(
-        default=None, metadata={"help": "Held-out prompts per task, a mapping like `prompts`."}
+        default=None, metadata={"help": "Held-out prompts per task, a mapping in the same form as `prompts`."}
     )
 
     def __post_init__(self):

@@ -374,43 +374,47 @@ def _relaunch(launch_args: list[str], script_argv: list[str], module: str) -> in
 @dataclass
 class DiffusionRLScriptArguments:
     """
-    Rewards and prompts of the `grpo` and `nft` commands.
-
-    Args:
-        reward_funcs (`list[str]`):
-            Registry names of the rewards (`ocr`, `pickscore`, `geneval`, `brightness`, ...); several are summed with
-            `reward_weights` (the paper's multi-task baselines).
-        reward_kwargs (`dict[str, dict]` or `None`, *optional*):
-            `{reward name: kwargs of get_reward}` (a device, a server `url`, model ids, ...).
-        prompts (`Any`, *optional*):
-            One prompt source (a `.txt` / `.jsonl` / data file, a dataset folder or id, an inline list, a registered
-            name), or `{task: source}`; `.jsonl` metadata reaches the rewards.
-        dataset_name (`str` or `None`, *optional*):
-            A prompt dataset (Hub id, folder or file) with a `prompt` column; ignored when `prompts` is given.
-        dataset_config (`str` or `None`, *optional*):
-            Configuration of `dataset_name`.
-        dataset_train_split (`str`, *optional*, defaults to `"train"`):
-            Training split of `dataset_name`.
-        dataset_test_split (`str` or `None`, *optional*):
-            Held-out split of `dataset_name`, sampled by the reward grids.
-        eval_prompts (`Any`, *optional*):
-            Held-out prompts, in the same forms as `prompts`.
+    Rewards and prompts of the `grpo` and `nft` commands; each field is documented by its `help`.
     """
 
     reward_funcs: list[str] | None = field(
-        default=None, metadata={"help": "Reward names from the registry (e.g. ocr pickscore brightness)."}
+        default=None,
+        metadata={
+            "help": "Registry names of the rewards (ocr, pickscore, geneval, brightness, ...); several are summed "
+            "with `reward_weights` (the paper's multi-task baselines)."
+        },
     )
     reward_kwargs: dict | str | None = field(
-        default=None, metadata={"help": "{reward name: kwargs of get_reward}, a mapping (JSON on the command line)."}
+        default=None,
+        metadata={
+            "help": "Keyword arguments of `get_reward` per reward, a mapping (JSON on the command line) {reward "
+            "name: kwargs}: a device, a server `url`, model ids, ..."
+        },
     )
-    prompts: Any = field(default=None, metadata={"help": "A prompt source, or {task: source} (JSON or YAML)."})
+    prompts: Any = field(
+        default=None,
+        metadata={
+            "help": "One prompt source (a .txt / .jsonl / data file, a dataset folder or id, an inline list, a "
+            "registered name), or {task: source} (JSON or YAML); .jsonl metadata reaches the rewards."
+        },
+    )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "One prompt source with a 'prompt' column (Hub id, folder or file)."}
+        default=None,
+        metadata={
+            "help": "A prompt dataset (Hub id, folder or file) with a 'prompt' column; ignored when `prompts` is "
+            "given."
+        },
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Configuration of `dataset_name`."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Training split of `dataset_name`."})
-    dataset_test_split: str | None = field(default=None, metadata={"help": "Held-out split of `dataset_name`."})
-    eval_prompts: Any = field(default=None, metadata={"help": "Held-out prompts, like `prompts`."})
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) name of the `dataset_name` dataset."}
+    )
+    dataset_train_split: str = field(
+        default="train", metadata={"help": "Split of `dataset_name` whose prompts are trained on."}
+    )
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Held-out split of `dataset_name`, sampled by the reward grids."}
+    )
+    eval_prompts: Any = field(default=None, metadata={"help": "Held-out prompts, in the same forms as `prompts`."})
 
     def __post_init__(self):
         if isinstance(self.reward_funcs, str):

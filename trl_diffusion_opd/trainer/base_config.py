@@ -213,156 +213,184 @@ class DiffusionTrainingConfig(TrainingArguments):
     r"""
     Arguments shared by every trainer of the package: a LoRA student on a frozen flow-matching pipeline.
 
-    Subclasses (`DiffusionOPDConfig`, `FlowGRPOConfig`, `DiffusionNFTConfig`) document these parameters again with
-    their own defaults; see [`~transformers.TrainingArguments`] for the rest.
-
     The optimisation defaults are those every released SD3.5-Medium script shares (DiffusionOPD's
     `train_sd3_opd.py`, Flow-GRPO's `train_sd3.py`, DiffusionNFT's `train_nft_sd3.py`): AdamW (β = 0.9, 0.999,
     ε = 1e-8) with lr 3e-4, weight decay 1e-4, gradient clipping 1.0, a *constant* learning rate (the scripts build no
     scheduler, so `lr_scheduler_type` is `"constant"` here, not transformers' `"linear"`), no warm-up, seed 42, T5
     prompts of 128 tokens, 10 sampler steps at 512 px, and an EMA of decay 0.9.
 
-    Parameters:
-        > Parameters that control the model
-
-        torch_dtype (`str`, *optional*, defaults to `"auto"`):
-            dtype of the pipeline when `model` is a Hub id or path.
-        max_sequence_length (`int` or `None`, *optional*, defaults to `128`):
-            Length of the T5 prompt embeddings (the released scripts' 128); `None` uses the pipeline's default (256
-            for SD3, 512 for FLUX).
-        revision (`str` or `None`, *optional*):
-            Revision of the base model when `model` is a Hub id.
-        student_adapter (`str` or `None`, *optional*):
-            Existing LoRA (local folder or Hub spec, diffusers or PEFT format) to continue from instead of a fresh one.
-        offload_text_encoders (`bool`, *optional*, defaults to `True`):
-            Embed every prompt up front and move the text encoders to the CPU when they all fit in the cache.
-        prompt_cache_size (`int`, *optional*, defaults to `1024`):
-            Prompt embeddings kept on the device (LRU).
-        family_kwargs (`dict` or `None`, *optional*):
-            Options of the model family (its `FlowMatchingFamily.options()`), e.g. `{"cfg_truncation": 0.9,
-            "cfg_normalization": true}` for Z-Image; a JSON string on the command line. The family checks them when
-            the pipeline is loaded: an option it does not have is an error.
-
-        > Parameters that control sampling
-
-        num_inference_steps (`int`, *optional*, defaults to `10`):
-            Number of sampler steps N.
-        noise_level (`float`, *optional*, defaults to `0.0`):
-            Noise level a of the SDE sampler; `0.0` is the deterministic ODE sampler.
-        sde_type (`str`, *optional*, defaults to `"sde"`):
-            Stochastic sampler when `noise_level > 0`: `"sde"` (Flow-GRPO) or `"cps"` (coefficient-preserving).
-        guidance_scale (`float`, *optional*, defaults to `4.5`):
-            Student CFG scale.
-        guidance_scale_2 (`float` or `None`, *optional*):
-            Two-expert pipelines (Wan 2.2 A14B) only: the student's CFG scale at the low-noise expert's steps, as
-            `WanPipeline`'s `guidance_scale_2`; `None` uses `guidance_scale`.
-        negative_prompt (`str`, *optional*, defaults to `""`):
-            Prompt of the unconditional CFG branch.
-        resolution (`int` or `tuple[int, int]`, *optional*, defaults to `512`):
-            Image size in pixels: a side (square images) or a height and width (`[480, 832]` in YAML or JSON,
-            `480x832` on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 and
-            FLUX: the VAE's 8× times the 2×2 latent patch), checked once the pipeline is loaded. Stored as an `int`
-            for a square, else as a `(height, width)` tuple.
-        num_frames (`int` or `None`, *optional*):
-            Video families only: frames per video (Wan: 1 + a multiple of 4); `None` uses the family's default.
-        timestep_fraction (`float`, *optional*, defaults to `0.99`):
-            Train the first ⌊N·timestep_fraction⌋ steps.
-        step_batch_size (`int` or `None`, *optional*, defaults to `None`):
-            Trained steps evaluated together in one model call; `None` batches all of them.
-
-        > Parameters that control evaluation
-
-        eval_rewards (`dict[str, list[str]]`, `str` or `None`, *optional*):
-            Rewards of the student's samples every `eval_steps` (`RewardEvalCallback`); `None` disables it.
-
-        > Parameters that control the EMA of the student
-
-        ema (`bool`, *optional*, defaults to `True`):
-            Keep an exponential moving average of the student LoRA; saved adapters and evaluations use it.
-        ema_decay (`float`, *optional*, defaults to `0.9`):
-            EMA decay.
-        ema_update_interval (`int`, *optional*, defaults to `8`):
-            Update the EMA every this many optimizer steps.
+    Each field is documented once, by its `help` (what `--help` prints and the API reference renders), in groups:
+    the model, sampling, evaluation and the EMA of the student. Subclasses (`DiffusionOPDConfig`,
+    `FlowGRPOConfig`, `DiffusionNFTConfig`) document only the defaults they change; see
+    [`~transformers.TrainingArguments`] for the rest.
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["eval_rewards", "family_kwargs"]
 
     # Parameters whose default values are overridden from TrainingArguments
-    learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
+    learning_rate: float = field(
+        default=3e-4,
+        metadata={"help": "Initial learning rate of AdamW; 3e-4 is the released SD3.5-Medium scripts' value."},
+    )
     lr_scheduler_type: SchedulerType | str = field(
         default="constant",
-        metadata={"help": "The scheduler type to use (the released recipes keep the learning rate constant)."},
+        metadata={
+            "help": "Learning-rate schedule; the released scripts build no scheduler, so the default keeps the rate "
+            "constant (transformers' default is 'linear')."
+        },
     )
-    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of AdamW."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient norm clipping at each optimizer step."})
+    weight_decay: float = field(
+        default=1e-4, metadata={"help": "Weight decay of AdamW; the released scripts use 1e-4."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient-norm clipping at each optimizer step; the released scripts use 1.0."}
+    )
     per_device_train_batch_size: int = field(
-        default=3, metadata={"help": "Prompts per task, per device and per optimizer step."}
+        default=3,
+        metadata={"help": "Prompts per task, per device and per optimizer step (not images: a prompt's rows follow)."},
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    logging_steps: float = field(default=1, metadata={"help": "Log the metrics every this many optimizer steps."})
     remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep every dataset column (prompt metadata is passed through)."}
+        default=False,
+        metadata={"help": "Keep every dataset column, so that a prompt's metadata reaches the rewards and routing."},
     )
 
     # Parameters that control the model
     torch_dtype: str = field(
         default="auto",
         metadata={
-            "help": "dtype of the pipeline when loaded from a path.",
+            "help": "dtype of the pipeline when `model` is a Hub id or a path; the student LoRA parameters are "
+            "always kept in float32.",
             "choices": ["auto", "bfloat16", "float16", "float32"],
         },
     )
     max_sequence_length: int | None = field(
-        default=128, metadata={"help": "Length of the T5 prompt embeddings; None uses the pipeline's default."}
+        default=128,
+        metadata={
+            "help": "Length of the T5 prompt embeddings (the released scripts' 128); None uses the pipeline's "
+            "default (256 for SD3, 512 for FLUX)."
+        },
     )
-    revision: str | None = field(default=None, metadata={"help": "Revision of the base model on the Hub."})
+    revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or commit) of the base model when it is a Hub id."}
+    )
     student_adapter: str | None = field(
-        default=None, metadata={"help": "Existing LoRA to continue training from (local folder or Hub spec)."}
+        default=None,
+        metadata={
+            "help": "Existing LoRA to continue from instead of a fresh one: a local folder or a Hub spec, in "
+            "diffusers or PEFT format."
+        },
     )
     offload_text_encoders: bool = field(
-        default=True, metadata={"help": "Embed all prompts up front and move the text encoders to the CPU."}
+        default=True,
+        metadata={
+            "help": "When every training and evaluation prompt fits in the prompt cache, embed them all before "
+            "training and move the text encoders to the CPU (SD3.5's T5-XXL alone is ~9 GB in bf16)."
+        },
     )
-    prompt_cache_size: int = field(default=1024, metadata={"help": "Prompt embeddings kept on the device (LRU)."})
+    prompt_cache_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Number of prompt embeddings kept on the device, least recently used evicted, so that the text "
+            "encoders run once per prompt."
+        },
+    )
     family_kwargs: dict | str | None = field(
         default=None,
-        metadata={"help": "Options of the model family, a dict (or JSON string), e.g. Z-Image's cfg_truncation."},
+        metadata={
+            "help": 'Options of the model family (its `FlowMatchingFamily.options()`), e.g. {"cfg_truncation": '
+            '0.9, "cfg_normalization": true} for Z-Image; a JSON string on the command line. The family checks '
+            "them when the pipeline is loaded: an option it does not have is an error."
+        },
     )
 
     # Parameters that control sampling
-    num_inference_steps: int = field(default=10, metadata={"help": "Number of sampler steps of the rollout."})
-    noise_level: float = field(default=0.0, metadata={"help": "SDE noise level a; 0 uses the ODE sampler."})
-    sde_type: str = field(default="sde", metadata={"help": "Stochastic sampler.", "choices": list(SAMPLERS)})
-    guidance_scale: float = field(default=4.5, metadata={"help": "Student CFG scale (rollout and loss)."})
+    num_inference_steps: int = field(
+        default=10, metadata={"help": "Number of sampler steps N of the rollout (the released recipes use 10)."}
+    )
+    noise_level: float = field(
+        default=0.0,
+        metadata={"help": "Noise level a of the SDE sampler; 0.0 uses the deterministic ODE sampler."},
+    )
+    sde_type: str = field(
+        default="sde",
+        metadata={
+            "help": "Stochastic sampler when noise_level > 0: 'sde' (Flow-GRPO's Euler-Maruyama step) or 'cps' "
+            "(coefficient-preserving).",
+            "choices": list(SAMPLERS),
+        },
+    )
+    guidance_scale: float = field(
+        default=4.5,
+        metadata={
+            "help": "Student CFG scale, used in the rollout and in the loss (the gradient flows through both CFG "
+            "branches); the SD3.5-Medium recipes use 4.5."
+        },
+    )
     guidance_scale_2: float | None = field(
         default=None,
-        metadata={"help": "Two-expert pipelines (Wan 2.2): student CFG scale of the low-noise expert; None: same."},
+        metadata={
+            "help": "Two-expert pipelines (Wan 2.2 A14B) only: the student's CFG scale at the low-noise expert's "
+            "steps, as `WanPipeline`'s `guidance_scale_2`; None uses `guidance_scale`."
+        },
     )
     negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
     resolution: ResolutionLike = field(
-        default=512, metadata={"help": "Image size in pixels: a side (512) or height x width (480x832)."}
+        default=512,
+        metadata={
+            "help": "Image size in pixels: a side (512: square images) or a height and width ([480, 832] in YAML or "
+            "JSON, 480x832 on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 "
+            "and FLUX: the VAE's 8x times the 2x2 latent patch), checked once the pipeline is loaded."
+        },
     )
     num_frames: int | None = field(
-        default=None, metadata={"help": "Video families: frames per video; None uses the family's default."}
+        default=None,
+        metadata={
+            "help": "Video families only: frames per video (Wan: 1 + a multiple of 4); None uses the family's default."
+        },
     )
     timestep_fraction: float = field(
-        default=0.99, metadata={"help": "Train the first floor(N * timestep_fraction) sampler steps."}
+        default=0.99,
+        metadata={
+            "help": "Train the first floor(N * timestep_fraction) sampler steps; the default 0.99 (the released "
+            "recipes') skips the near-deterministic last step."
+        },
     )
     step_batch_size: int | None = field(
-        default=None, metadata={"help": "Trained steps per model call; None batches all of them."}
+        default=None,
+        metadata={
+            "help": "Trained steps evaluated together in one model call (rows = steps x prompts); None batches all "
+            "of them, a lower value bounds activation memory."
+        },
     )
 
     # Parameters that control evaluation
     eval_rewards: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Rewards of the student's samples every eval_steps: {task: [reward, ...]}, 'a,b' for every "
-            "task, or '' for grids only."
+            "help": "Rewards of the student's samples every `eval_steps` (`RewardEvalCallback`), logged as "
+            "rewards/{task}/{reward} with an image grid: {task: [reward, ...]}, 'a,b' for every task, or '' for "
+            "grids only. None disables it."
         },
     )
 
     # Parameters that control the EMA
-    ema: bool = field(default=True, metadata={"help": "Keep an EMA of the student LoRA."})
-    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay."})
-    ema_update_interval: int = field(default=8, metadata={"help": "Update the EMA every this many steps."})
+    ema: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep an exponential moving average of the student LoRA; saved adapters and evaluations use it."
+        },
+    )
+    ema_decay: float = field(
+        default=0.9,
+        metadata={
+            "help": "Decay of the EMA, from the first update (the released scripts use 0.9 after a warm-up of "
+            "min((1 + k) / (10 + k), 0.9), which matters only for the first ~80 updates)."
+        },
+    )
+    ema_update_interval: int = field(
+        default=8, metadata={"help": "Update the EMA every this many optimizer steps (the released recipe: 8)."}
+    )
 
     def __post_init__(self):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
@@ -430,45 +458,53 @@ class DiffusionTrainingConfig(TrainingArguments):
 @dataclass
 class DiffusionRLConfig(DiffusionTrainingConfig):
     r"""
-    Arguments shared by the reward-driven trainers (`FlowGRPOConfig`, `DiffusionNFTConfig`).
-
-    Parameters:
-        num_generations (`int`, *optional*, defaults to `8`):
-            Images sampled per prompt (the group whose rewards are normalised together).
-        generation_batch_size (`int` or `None`, *optional*, defaults to `None`):
-            Images sampled per model call during generation; `None` samples the whole batch at once.
-        num_iterations (`int`, *optional*, defaults to `1`):
-            Optimizer steps taken on each generated batch (TRL's μ): the batch is reused, so from the second step on
-            the policy has moved away from the one that sampled it.
-        reward_weights (`list[float]` or `None`, *optional*):
-            Weight of each reward function; `None` weighs them all 1. A reward that returns `nan` for an image (e.g.
-            OCR on a prompt without text) contributes 0 to that image's total.
-        scale_rewards (`str`, *optional*, defaults to `"batch"`):
-            Standard deviation that divides the advantages (the mean is always the prompt's group's): `"batch"` (over
-            the whole batch: `global_std=True`, which Flow-GRPO's and DiffusionNFT's SD3.5 recipes use), `"group"`
-            (the prompt's own group) or `"none"`.
-        adv_clip_max (`float`, *optional*, defaults to `5.0`):
-            Advantages are clipped to [−adv_clip_max, adv_clip_max].
-        beta (`float`, *optional*, defaults to `0.0`):
-            Coefficient of the KL to the base model (the adapter disabled); `0.0` skips the reference calls.
+    Arguments shared by the reward-driven trainers (`FlowGRPOConfig`, `DiffusionNFTConfig`): the groups of images,
+    the rewards and the advantages. Each field is documented by its `help`; the rest is [`DiffusionTrainingConfig`].
     """
 
     _VALID_DICT_FIELDS = DiffusionTrainingConfig._VALID_DICT_FIELDS + ["reward_weights"]
 
-    num_generations: int = field(default=8, metadata={"help": "Images sampled per prompt (one group)."})
-    generation_batch_size: int | None = field(
-        default=None, metadata={"help": "Images per model call while sampling; None samples all at once."}
+    num_generations: int = field(
+        default=8,
+        metadata={"help": "Images sampled per prompt: the group whose rewards are normalised together (at least 2)."},
     )
-    num_iterations: int = field(default=1, metadata={"help": "Optimizer steps per generated batch."})
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Images sampled per model call during generation; None samples the whole batch at once."},
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "Optimizer steps taken on each generated batch (TRL's mu): the batch is reused, so from the "
+            "second step on the policy has moved away from the one that sampled it."
+        },
+    )
     reward_weights: list[float] | str | None = field(
-        default=None, metadata={"help": "Weight of each reward function (a list, or a JSON list string)."}
+        default=None,
+        metadata={
+            "help": "Weight of each reward function (a list, or a JSON list string); None weighs them all 1. A "
+            "reward that returns nan for an image (e.g. OCR on a prompt without text) contributes 0 to its total."
+        },
     )
     scale_rewards: str = field(
         default="batch",
-        metadata={"help": "Std that divides the advantages.", "choices": list(SCALE_REWARDS)},
+        metadata={
+            "help": "Standard deviation that divides the advantages (the mean is always the prompt's group's): "
+            "'batch' (over the whole batch: `global_std=True`, which Flow-GRPO's and DiffusionNFT's SD3.5 recipes "
+            "use), 'group' (the prompt's own group) or 'none'.",
+            "choices": list(SCALE_REWARDS),
+        },
     )
-    adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-max, max]."})
-    beta: float = field(default=0.0, metadata={"help": "Coefficient of the KL to the base model."})
+    adv_clip_max: float = field(
+        default=5.0,
+        metadata={"help": "Advantages are clipped to [-adv_clip_max, adv_clip_max] (the released recipes use 5)."},
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "Coefficient of the KL to the base model (the adapter disabled); 0.0 skips the reference calls."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.reward_weights, str):

@@ -261,7 +261,7 @@ class DiffusionLoRATrainer(Trainer):
     """Base of the package's trainers: a LoRA student on a frozen flow-matching pipeline (see the module docstring).
 
     Args:
-        model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` (SD3/SD3.5, FLUX.1).
+        model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` of a supported model family.
         args: A `DiffusionTrainingConfig` (or a subclass).
         peft_config: The student adapter; `None` uses `default_lora_config`. Ignored when `args.student_adapter`
             names an adapter to continue from.

@@ -25,41 +25,41 @@ def _lora_inits() -> list[str]:
 @dataclass
 class DiffusionModelConfig:
     """
-    Base model and student adapter of the training commands.
-
-    Args:
-        model_name_or_path (`str`):
-            The base pipeline: a Hub id (`stabilityai/stable-diffusion-3.5-medium`), a local folder, or a registered
-            name (`tiny:sd3`, `tiny:flux`, `world:base`, ...: `trl_diffusion_opd.registry`). Its revision and dtype
-            are the training config's `revision` and `torch_dtype`.
-        cache_dir (`str` or `None`, *optional*):
-            Hub cache for the base and the teachers; `None` uses `HF_HUB_CACHE`.
-        lora_r (`int`, *optional*, defaults to `32`):
-            Rank of the student LoRA.
-        lora_alpha (`int`, *optional*, defaults to `64`):
-            Alpha of the student LoRA.
-        lora_dropout (`float`, *optional*, defaults to `0.0`):
-            Dropout of the student LoRA.
-        lora_target_modules (`list[str]` or `None`, *optional*):
-            Modules the student adapts; `None` uses the family's attention projections.
-        lora_init (`str`, *optional*, defaults to `"gaussian"`):
-            `init_lora_weights` of PEFT: `"gaussian"`, `"true"` (Kaiming A, zero B), `"pissa"`, ...
-        use_rslora (`bool`, *optional*, defaults to `False`):
-            Rank-stabilised scaling alpha/sqrt(r).
+    Base model and student adapter of the training commands (TRL's `ModelConfig` for diffusion pipelines). Each field
+    is documented by its `help`; in Python, the trainer takes the pipeline (or its id) and a `peft.LoraConfig`
+    instead.
     """
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Base pipeline: Hub id, local folder, or a registered name (tiny:sd3, ...)."}
+        default=None,
+        metadata={
+            "help": "The base pipeline: a Hub id (stabilityai/stable-diffusion-3.5-medium), a local folder, or a "
+            "registered name (tiny:sd3, tiny:flux, world:base, ...). Its revision and dtype are the training "
+            "config's `revision` and `torch_dtype`."
+        },
     )
-    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache for the base and the teachers."})
-    lora_r: int = field(default=32, metadata={"help": "Rank of the student LoRA."})
-    lora_alpha: int = field(default=64, metadata={"help": "Alpha of the student LoRA."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout of the student LoRA."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Hub cache for the base and the teachers; None uses HF_HUB_CACHE."}
+    )
+    lora_r: int = field(default=32, metadata={"help": "Rank of the student LoRA (the released recipe: 32)."})
+    lora_alpha: int = field(default=64, metadata={"help": "Alpha of the student LoRA (the released recipe: 64)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability of the student LoRA."})
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules the student adapts; default: the family's attention projections."}
+        default=None,
+        metadata={
+            "help": "Modules the student adapts; None uses the family's default targets (its attention "
+            "projections, and more for some families)."
+        },
     )
-    lora_init: str = field(default="gaussian", metadata={"help": "PEFT's init_lora_weights."})
-    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
+    lora_init: str = field(
+        default="gaussian",
+        metadata={
+            "help": "PEFT's `init_lora_weights`: 'gaussian' (the default), 'true' (Kaiming A, zero B), 'pissa', ..."
+        },
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Use the rank-stabilised LoRA scaling alpha / sqrt(r) instead of alpha / r."}
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:

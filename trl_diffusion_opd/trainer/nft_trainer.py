@@ -63,7 +63,7 @@ class DiffusionNFTTrainer(DiffusionRLTrainer):
     No likelihoods, no SDE: any deterministic sampler and CFG-free training work.
 
     Args:
-        model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` (SD3/SD3.5, FLUX.1).
+        model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` of a supported model family.
         reward_funcs: Reward names from `trl_diffusion_opd.rewards`, `Reward`s or functions
             `fn(images, prompts, metadata) -> scores`; several are summed with `args.reward_weights`.
         args: The `DiffusionNFTConfig`.

@@ -13,12 +13,15 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     r"""
     Configuration class for the [`DiffusionOPDTrainer`].
 
-    This class includes only the parameters that are specific to DiffusionOPD training. For a full list of training
-    arguments, please refer to the [`~transformers.TrainingArguments`] documentation. Defaults follow the paper's
-    released recipe for SD3.5-Medium (`config/opd.py::mopd` and `scripts/train_sd3_opd.py` of the DiffusionOPD
-    release) and may differ from those of [`~transformers.TrainingArguments`]: AdamW at a constant lr 3e-4 (weight
-    decay 1e-4, clipping 1.0), T5 prompts of 128 tokens, the 10-step ODE rollout (noise level 0) at 512 px with
-    student CFG 4.5, the first ⌊0.99·N⌋ steps trained, 3 prompts per task and round, EMA 0.9 every 8 rounds, seed 42.
+    This class includes only the parameters that are specific to DiffusionOPD training; the shared ones are
+    [`DiffusionTrainingConfig`]'s and the rest [`~transformers.TrainingArguments`]'. Each field is documented by its
+    `help` (what `--help` prints and the API reference renders), in groups: the model, the rollout, the loss.
+
+    Defaults follow the paper's released recipe for SD3.5-Medium (`config/opd.py::mopd` and `scripts/train_sd3_opd.py`
+    of the DiffusionOPD release) and may differ from those of [`~transformers.TrainingArguments`]: AdamW at a constant
+    lr 3e-4 (weight decay 1e-4, clipping 1.0), T5 prompts of 128 tokens, the 10-step ODE rollout (noise level 0) at
+    512 px with student CFG 4.5, the first ⌊0.99·N⌋ steps trained, 3 prompts per task and round, EMA 0.9 every 8
+    rounds, seed 42.
 
     Deliberate deviations from the released script:
 
@@ -34,124 +37,6 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
     One optimizer step is one *round*: every task is visited once, in a fixed order, with
     `per_device_train_batch_size` prompts per task and device; the per-task losses are accumulated and a single
     optimizer step is taken.
-
-    Parameters:
-        > Parameters that control the model
-
-        torch_dtype (`str`, *optional*, defaults to `"auto"`):
-            dtype of the pipeline when `model` is a Hub id or path: `"auto"`, `"bfloat16"`, `"float16"` or
-            `"float32"`. The student LoRA parameters are always kept in float32.
-        max_sequence_length (`int` or `None`, *optional*, defaults to `128`):
-            Length of the T5 prompt embeddings (the released script's 128); `None` uses the pipeline's default (256
-            for SD3, 512 for FLUX).
-        revision (`str` or `None`, *optional*):
-            Revision of the base model when `model` is a Hub id.
-        student_adapter (`str` or `None`, *optional*):
-            Existing LoRA (local folder or Hub spec, diffusers or PEFT format) to continue from instead of a fresh one.
-        offload_text_encoders (`bool`, *optional*, defaults to `True`):
-            When every training and evaluation prompt fits in the prompt cache, embed them all before training and
-            move the text encoders to the CPU (SD3.5's T5-XXL alone is ~9 GB in bf16).
-        teacher_offload (`bool`, *optional*, defaults to `False`):
-            Keep full-weight teachers on the CPU between their calls, so that M full teachers cost one resident copy
-            at a time on the accelerator (LoRA teachers share the base and need no offload).
-        prompt_cache_size (`int`, *optional*, defaults to `1024`):
-            Number of prompt embeddings kept on the device, least recently used evicted, so that text encoders run
-            once per prompt.
-
-        > Parameters that control the rollout
-
-        num_inference_steps (`int`, *optional*, defaults to `10`):
-            Number of sampler steps N of the student rollout.
-        noise_level (`float`, *optional*, defaults to `0.0`):
-            Noise level a of the SDE sampler; `0.0` uses the deterministic ODE sampler, which converges fastest.
-        sde_type (`str`, *optional*, defaults to `"sde"`):
-            Stochastic sampler when `noise_level > 0`: `"sde"` (Flow-GRPO's Euler–Maruyama) or `"cps"`
-            (coefficient-preserving).
-        guidance_scale (`float`, *optional*, defaults to `4.5`):
-            Student CFG scale, used in the rollout and in the loss (the gradient flows through both CFG branches).
-        teacher_guidance_scale (`float`, `dict[str, float]` or `None`, *optional*):
-            Teacher CFG scale, one value or one per task (e.g. `{"geneval": 1.0, "ocr": 4.5}`); a teacher spec's own
-            `guidance_scale` wins. `None` uses `guidance_scale`.
-        teacher_guidance_scale_2 (`float`, `dict[str, float]` or `None`, *optional*):
-            Two-expert pipelines (Wan 2.2 A14B) only: the teachers' CFG scale at the low-noise expert's steps, one
-            value or one per task; a spec's `guidance_scale_2` wins. `None` uses `guidance_scale_2` (like
-            `teacher_guidance_scale` falls back to `guidance_scale`), and when that is `None` too, the teacher's own
-            `guidance_scale`, as `WanPipeline` does.
-        negative_prompt (`str`, *optional*, defaults to `""`):
-            Prompt of the unconditional CFG branch.
-        resolution (`int` or `tuple[int, int]`, *optional*, defaults to `512`):
-            Image size in pixels: a side (square images) or a height and width (`[480, 832]` in YAML or JSON,
-            `480x832` on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 and
-            FLUX: the VAE's 8× times the 2×2 latent patch), checked once the pipeline is loaded. Stored as an `int`
-            for a square, else as a `(height, width)` tuple.
-        timestep_fraction (`float`, *optional*, defaults to `0.99`):
-            Train the first ⌊N·timestep_fraction⌋ steps; the default skips the near-deterministic last step.
-
-        > Parameters that control the loss
-
-        loss_type (`str`, *optional*, defaults to `"kl"`):
-            `"kl"`: the closed-form per-step reverse KL. `"ppo"`: the paper's PPO-style ablation (needs
-            `noise_level > 0`).
-        kl_normalization (`str`, *optional*, defaults to `"reference"`):
-            `"reference"`: per-dimension mean divided by σ_t² (the released code's convention, so published
-            hyper-parameters transfer). `"paper"`: summed over dimensions and divided by the transition variance
-            (Eq. 11 of the paper).
-        task_weights (`dict[str, float]` or `None`, *optional*):
-            Weight of each task's loss; missing tasks weigh 1.
-        task_timestep_fraction (`dict[str, float]` or `None`, *optional*):
-            Per-task `timestep_fraction`: a task's rows are supervised on its first ⌊N·fraction⌋ sampler steps only
-            (missing tasks use `timestep_fraction`). Give a teacher the steps it was trained on: an RL teacher
-            trained on the high-noise steps only (e.g. `timestep_fraction=0.5`) changes the low-noise steps too,
-            untrained, and distilling those steps pulls the student where no reward asked it to go.
-        task_prompt_templates (`dict[str, str]` or `None`, *optional*):
-            The prompt the *student* sees for a task's rows, as a template with `{prompt}` (e.g.
-            `{"aesthetic": "{prompt}, pretty"}`); the task's teachers always see the prompt as written. Tasks whose
-            prompt sets overlap but whose teachers want different images need it: on a prompt shared by two tasks
-            the student otherwise receives both teachers' targets and learns their weighted mean. Sample the student with
-            the same template; the model card lists it. (On the world, tagging a task this way did not help: see the
-            README's "Several teachers, one student".)
-        ppo_clip_range (`float` or `None`, *optional*, defaults to `None`):
-            PPO clipping range of the importance ratio with `loss_type="ppo"`.
-        step_batch_size (`int`, `"auto"` or `None`, *optional*, defaults to `None`):
-            Trained steps evaluated together in one teacher / student call (rows = steps × prompts). `None`
-            batches all trained steps; lower it to bound activation memory. `"auto"`: the largest number whose saved
-            activations (measured once, by one student pass of one prompt) fit in 80% of the free device memory
-            (RAM on a CPU), chosen at the first round and logged in one line.
-        fused_rollout (`bool`, *optional*, defaults to `True`):
-            At the trained steps, the rollout's own student forward (with grad) is the student's pass of the loss:
-            x_{j+1} is drawn from the detached mean μ_S(x_j), so the gradient equals the two-pass loop's (a no-grad
-            rollout, then the student recomputed at the stored states), at T fewer student forwards per task; the
-            steps after the last trained one, which the loss never reads, are not sampled. The student then runs B
-            rows per call instead of `step_batch_size` × B; activation memory is unchanged (the graphs of one chunk
-            of `step_batch_size` steps live until its backward). Evaluation always uses the no-grad rollout.
-
-        > Parameters that control the optimisation
-
-        learning_rate (`float`, *optional*, defaults to `3e-4`):
-            AdamW learning rate.
-        lr_scheduler_type (`str`, *optional*, defaults to `"constant"`):
-            Learning-rate schedule; the released script keeps it constant (transformers' default is `"linear"`).
-        weight_decay (`float`, *optional*, defaults to `1e-4`):
-            AdamW weight decay.
-        max_grad_norm (`float`, *optional*, defaults to `1.0`):
-            Gradient-norm clipping of each round's step.
-        per_device_train_batch_size (`int`, *optional*, defaults to `3`):
-            Prompts per task, device and round.
-
-        > Parameters that control evaluation
-
-        eval_rewards (`dict[str, list[str]]`, `str` or `None`, *optional*):
-            Rewards of the student's samples every `eval_steps`, logged as `rewards/{task}/{reward}` with an image
-            grid: `{task: [reward, ...]}`, `"a,b"` for every task, or `""` for grids only. `None` disables it.
-
-        > Parameters that control the EMA of the student
-
-        ema (`bool`, *optional*, defaults to `True`):
-            Keep an exponential moving average of the student LoRA; saved adapters and evaluations use it.
-        ema_decay (`float`, *optional*, defaults to `0.9`):
-            EMA decay.
-        ema_update_interval (`int`, *optional*, defaults to `8`):
-            Update the EMA every this many optimizer steps.
     """
 
     _VALID_DICT_FIELDS = DiffusionTrainingConfig._VALID_DICT_FIELDS + [
@@ -164,51 +49,101 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
 
     # Parameters whose default values are overridden from DiffusionTrainingConfig
     per_device_train_batch_size: int = field(
-        default=3, metadata={"help": "Prompts per task, per device and per round."}
+        default=3, metadata={"help": "Prompts per task, per device and per round (the released recipe: 3)."}
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log every X rounds."})
+    logging_steps: float = field(default=1, metadata={"help": "Log the metrics every this many rounds."})
 
     # Parameters that control the model
     teacher_offload: bool = field(
-        default=False, metadata={"help": "Keep full-weight teachers on the CPU between their calls."}
+        default=False,
+        metadata={
+            "help": "Keep full-weight teachers on the CPU between their calls, so that M full teachers cost one "
+            "resident copy at a time on the accelerator (LoRA teachers share the base and need no offload)."
+        },
     )
 
     # Parameters that control the rollout
     teacher_guidance_scale: dict | str | float | None = field(
-        default=None, metadata={"help": "Teacher CFG scale: one value or a dict (or JSON string) task -> scale."}
+        default=None,
+        metadata={
+            "help": "Teacher CFG scale, one value or one per task (a dict, or a JSON string on the command line, "
+            'e.g. {"geneval": 1.0, "ocr": 4.5}); a teacher spec\'s own `guidance_scale` wins. None uses '
+            "`guidance_scale`."
+        },
     )
     teacher_guidance_scale_2: dict | str | float | None = field(
         default=None,
-        metadata={"help": "Two-expert pipelines (Wan 2.2): teacher CFG scale of the low-noise expert, as above."},
+        metadata={
+            "help": "Two-expert pipelines (Wan 2.2 A14B) only: the teachers' CFG scale at the low-noise expert's "
+            "steps, one value or one per task; a spec's `guidance_scale_2` wins. None uses `guidance_scale_2`, and "
+            "when that is None too, the teacher's own `guidance_scale`, as `WanPipeline` does."
+        },
     )
 
     # Parameters that control the loss
-    loss_type: str = field(default="kl", metadata={"help": "Loss.", "choices": ["kl", "ppo"]})
+    loss_type: str = field(
+        default="kl",
+        metadata={
+            "help": "Training objective: 'kl', the closed-form per-step reverse KL to the teacher, or 'ppo', the "
+            "paper's PPO-style ablation (needs noise_level > 0).",
+            "choices": ["kl", "ppo"],
+        },
+    )
     kl_normalization: str = field(
-        default="reference", metadata={"help": "KL normalisation.", "choices": list(KL_NORMALIZATIONS)}
+        default="reference",
+        metadata={
+            "help": "Normalisation of the per-step KL: 'reference', the per-element mean divided by sigma_t^2 (the "
+            "released code's convention, so that published hyper-parameters transfer), or 'paper', the sum over "
+            "elements divided by the transition variance (Eq. 11 of the paper).",
+            "choices": list(KL_NORMALIZATIONS),
+        },
     )
     task_weights: dict | str | None = field(
-        default=None, metadata={"help": "Weight of each task's loss, a dict (or JSON string)."}
+        default=None,
+        metadata={
+            "help": "Weight of each task's loss, a dict (or JSON string) task -> weight; missing tasks weigh 1."
+        },
     )
     task_timestep_fraction: dict | str | None = field(
         default=None,
-        metadata={"help": "Per-task timestep_fraction, a dict (or JSON string) task -> fraction in (0, 1]."},
+        metadata={
+            "help": "Per-task `timestep_fraction`, a dict (or JSON string) task -> fraction in (0, 1]: a task's rows "
+            "are supervised on its first floor(N * fraction) sampler steps only (missing tasks use "
+            "`timestep_fraction`). Give a teacher the steps it was trained on: an RL teacher trained on the "
+            "high-noise steps only (e.g. timestep_fraction=0.5) changes the low-noise steps too, untrained, and "
+            "distilling those steps pulls the student where no reward asked it to go."
+        },
     )
     task_prompt_templates: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Prompt the student sees per task, a dict (or JSON string) task -> template with '{prompt}'; "
-            "teachers see the prompt as written."
+            "help": "The prompt the student sees for a task's rows, a dict (or JSON string) task -> template with "
+            '\'{prompt}\' (e.g. {"aesthetic": "{prompt}, pretty"}); the task\'s teachers always see the prompt as '
+            "written. On a prompt shared by two tasks the student otherwise learns the teachers' weighted mean. "
+            "Sample the student with the same template; the model card lists it."
         },
     )
-    ppo_clip_range: float | None = field(default=None, metadata={"help": "PPO clip range with loss_type='ppo'."})
+    ppo_clip_range: float | None = field(
+        default=None,
+        metadata={"help": "PPO clipping range of the importance ratio with loss_type='ppo'; None does not clip."},
+    )
     step_batch_size: int | str | None = field(
         default=None,
-        metadata={"help": "Trained steps per model call; None batches all of them; 'auto' fits them to free memory."},
+        metadata={
+            "help": "Trained steps evaluated together in one teacher / student call (rows = steps x prompts). None "
+            "batches all trained steps; lower it to bound activation memory. 'auto': the largest number whose saved "
+            "activations (measured once, by one student pass of one prompt) fit in 80 percent of the free device "
+            "memory (RAM on a CPU), chosen at the first round and logged in one line."
+        },
     )
     fused_rollout: bool = field(
         default=True,
-        metadata={"help": "Train on the rollout's own student forward at trained steps (no second student pass)."},
+        metadata={
+            "help": "At the trained steps, the rollout's own student forward (with grad) is the student's pass of the "
+            "loss: the next state is drawn from the detached mean, so the gradient equals the two-pass loop's at T "
+            "fewer student forwards per task, and the steps after the last trained one are not sampled. Activation "
+            "memory is unchanged; evaluation always uses the no-grad rollout."
+        },
     )
 
     def __post_init__(self):

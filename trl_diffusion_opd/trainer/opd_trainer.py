@@ -47,7 +47,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
     optimizer step follows.
 
     Args:
-        model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` (SD3/SD3.5, FLUX.1).
+        model: The base pipeline: a Hub id, a local path, or a `DiffusionPipeline` of a supported model family.
         teachers: `{task: spec}`; a spec is a local folder, a Hub id (`owner/repo[/sub/folder][@revision]`), a
             dict with `path` and optional `subfolder`, `revision`, `guidance_scale`, `weight`, `name`, or a list of
             those (a weighted ensemble of teachers for that task; `name` sets the adapter name). LoRA teachers are loaded as adapters on the base.

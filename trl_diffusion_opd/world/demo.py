@@ -10,7 +10,7 @@ prompts (`trl_diffusion_opd.evaluation.comparison_figure`) above the table; the 
 student's grids (`write_student_card`).
 
 The default is a quick run (30 rounds of 2 prompts per task, 32 held-out scenes per task); `DemoConfig(full=True)`
-(`examples/demo.py --full`) gives the full-size table of the README (60 rounds of 4 prompts, 96 scenes per task).
+(`examples/demo.py --full`) gives the full-size table of docs/world.md (60 rounds of 4 prompts, 96 scenes per task).
 
 ```python
 from trl_diffusion_opd.world.demo import DemoConfig, run_demo
@@ -45,13 +45,13 @@ TASKS = tuple(WORLD_TASK_REWARDS)
 TRAIN_SEED, EVAL_SEED = 0, 1
 
 
-# The full-size run of the README's table (`full=True`), and the quick default.
+# The full-size run of docs/world.md's table (`full=True`), and the quick default.
 FULL_SIZE = {"rounds": 60, "prompts_per_task": 4, "learning_rate": 1e-3, "eval_images": 96}
 
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo (defaults: a quick run, about 5 minutes of one CPU core; see the README).
+    """Settings of the demo (defaults: a quick run, about 5 minutes of one CPU core; see docs/world.md).
 
     Attributes:
         output_dir: Where the student adapter, `results.md` / `results.json`, `grids/*.png`, `comparison.png` and
@@ -77,7 +77,8 @@ class DemoConfig:
         task_timestep_fraction: `{task: fraction}` of the sampler steps each task is supervised on; `None` gives
             each task the steps its teacher's recipe trained (`world.teachers.RECIPES`: the composition teacher was
             trained on the first half only, and distilling its untrained low-noise steps costs the aesthetic task
-            a third of its gain; README "Several teachers, one student"); `{}` supervises every task on every step.
+            a third of its gain; docs/world.md, "Several teachers, one student"); `{}` supervises every task on
+            every step.
         extra: More `DiffusionOPDConfig` fields of the student's training; they override the demo's own.
     """
 
