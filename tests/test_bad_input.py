@@ -933,6 +933,15 @@ def test_resolution_off_the_latent_grid(tmp_path, capsys, tiny_teachers):
     _assert_message(error.value, message, exact=True)
     assert not any(".a." in name for name, _ in pipeline.transformer.named_parameters())  # no teacher was added
     assert not output_dir.exists()
+    with pytest.raises(ValueError) as error:  # a toy teacher is written only once the resolution is known to fit
+        DiffusionOPDTrainer(
+            "tiny:sd3",
+            teachers={"a": "toy:1"},
+            args=DiffusionOPDConfig(output_dir=str(output_dir), resolution=33, report_to="none"),
+            train_dataset={"a": ["a red circle"]},
+        )
+    _assert_message(error.value, message, exact=True)
+    assert not output_dir.exists()
 
 
 def test_resume_true_without_checkpoint_and_corrupt_checkpoint_through_train(tmp_path, tiny_teachers):

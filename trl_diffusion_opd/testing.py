@@ -884,8 +884,32 @@ TINY_PIPELINES = {
 }
 
 
+# The LoRA of a `toy:<seed>` teacher (the `train` command's too): teachers that share part of their update
+# (`shared_seed`), as teachers RL-tuned from one base do.
+TOY_TEACHER_LORA = {"rank": 2, "std": 0.1, "shared_seed": 0, "specific_scale": 0.5}
+
+
+def toy_teacher(name: str):
+    """The registered resolver of the teachers `toy:<seed>`: a function `build(pipeline, folder)` that writes a
+    random LoRA for the base `pipeline` into `folder` (`save_toy_lora` with `TOY_TEACHER_LORA`)."""
+    seed = name.partition(":")[2]
+    if not seed.isdigit():
+        raise ValueError(f"'{name}' must be 'toy:<integer seed>'.")
+    return functools.partial(_write_toy_teacher, seed=int(seed))
+
+
+def _write_toy_teacher(pipeline, folder: str | os.PathLike, seed: int) -> Path:
+    return save_toy_lora(pipeline, folder, seed=seed, **TOY_TEACHER_LORA)
+
+
 def register() -> None:
-    """Register every tiny pipeline as `tiny:<name>` (`trl_diffusion_opd.registry`), seed 0."""
+    """Register every tiny pipeline as `tiny:<name>` (`trl_diffusion_opd.registry`), seed 0, and the teachers
+    `toy:<seed>` (`toy_teacher`)."""
+    registry.register_teacher(
+        "toy",
+        toy_teacher,
+        description="a random LoRA for the base, written by `trl_diffusion_opd.testing.save_toy_lora`",
+    )
     for name, build in TINY_PIPELINES.items():
         function = getattr(build, "func", build)  # a `functools.partial` fixes keyword arguments
         arguments = ", ".join(["seed=0", *(f"{k}={v!r}" for k, v in getattr(build, "keywords", {}).items())])

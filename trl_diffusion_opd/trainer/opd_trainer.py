@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,8 +19,10 @@ from ..data import prompts_by_task
 from ..families.base import Cond, cond_select, cond_tile
 from ..hub import teacher_reference
 from ..teachers import (
+    BUILT_TEACHERS_DIR,
     STUDENT,
     TeacherSpec,
+    build_teacher,
     check_teacher_files,
     expert_weight_name,
     has_expert_lora,
@@ -114,11 +117,13 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             self.check_eval_tasks(self.eval_prompts, self.teacher_specs)
             self._check_routing(self.eval_prompts)
         self.check_task_fields(args, self.teacher_specs)
-        # The teachers' files are read (headers only) before the base model is loaded or anything computed.
+        # The teachers' files are read (headers only) before the base model is loaded or anything computed; those
+        # made for the base (`toy:<seed>`) are written once it is loaded (`_load_extra_models`).
         for specs in self.teacher_specs.values():
             for spec in specs:
-                resolve_teacher(spec, token=args.hub_token)
-                check_teacher_files(spec)
+                if not spec.needs_base:
+                    resolve_teacher(spec, token=args.hub_token)
+                    check_teacher_files(spec)
 
         self.full_teachers: dict[str, torch.nn.Module] = {}
         super().__init__(model, args, peft_config=peft_config, callbacks=callbacks)
@@ -137,6 +142,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         experts = self.family.experts
         for specs in self.teacher_specs.values():
             for spec in specs:
+                if spec.needs_base:  # the resolution was checked against the base first: a failed start writes nothing
+                    with args.main_process_first(desc="writing the teachers made for the base"):
+                        build_teacher(spec, self.pipeline, Path(args.output_dir) / BUILT_TEACHERS_DIR)
                 if spec.full_weight and len(experts) > 1:
                     raise ValueError(
                         f"Teacher '{spec.name}': full-weight teachers of multi-expert pipelines are not supported; "
