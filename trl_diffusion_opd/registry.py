@@ -174,6 +174,21 @@ def load_named_prompts(name: str) -> list[dict[str, Any]] | None:
     return None if loader is None else loader(name)
 
 
+# Attribute of a pipeline built in memory that records how (`record_built_pipeline`).
+_BUILT_BY = "_trl_diffusion_opd_built_by"
+
+
+def record_built_pipeline(pipeline: Any, description: str, quickstart: str | None = None) -> None:
+    """Record how `pipeline`, built in memory (it has no Hub id or folder), was made, for model cards: `description`
+    in a few words and `quickstart`, code that defines `pipe` the same way."""
+    setattr(pipeline, _BUILT_BY, (description, quickstart))
+
+
+def built_pipeline(pipeline: Any) -> tuple[str, str | None] | None:
+    """`(description, quickstart)` recorded by `record_built_pipeline`, or `None`."""
+    return getattr(pipeline, _BUILT_BY, None)
+
+
 def commands() -> dict[str, NamedCommand]:
     """The registered CLI sub-commands."""
     load_plugins()
