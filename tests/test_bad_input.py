@@ -816,9 +816,38 @@ def test_task_weights_that_train_nothing_or_name_unknown_tasks(tmp_path, capsys,
         "`task_weights` gives every task weight 0 ({'shapes': 0, 'text': 0}): nothing would be trained.",
         exact=True,
     )
-    code, err = _cli("train", [*flags, "--task_weights", '{"shapez": 1}'], capsys)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("task_weights", {"shapez": 1.0}),
+        ("task_timestep_fraction", {"shapez": 0.5}),
+        ("task_prompt_templates", {"shapez": "{prompt}, pretty"}),
+        ("teacher_guidance_scale", {"shapez": 1.0}),
+        ("teacher_guidance_scale_2", {"shapez": 1.0}),
+        ("eval_rewards", {"shapez": ["brightness"]}),
+    ],
+)
+def test_per_task_field_naming_a_task_without_teacher(name, value, tmp_path, capsys, no_model):
+    """A `{task: value}` entry for a task that has no teacher would be ignored without a word (a typo)."""
+    message = f"`{name}` names task(s) ['shapez'], which have no teacher; teachers are given for ['shapes', 'text']."
+    output_dir = tmp_path / "out"
+    flags = ["--config", str(YAML["train"]), "--output_dir", str(output_dir), f"--{name}", json.dumps(value)]
+    code, err = _cli("train", flags, capsys)
     assert code == 2
-    _assert_one_line(err, "trl-diffusion-opd train", "`task_weights` names task 'shapez', which has no teacher.", True)
+    _assert_one_line(err, "trl-diffusion-opd train", message, exact=True)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    with pytest.raises(ValueError) as error:
+        DiffusionOPDTrainer(
+            "some/base-model",
+            teachers={"shapes": str(teacher), "text": str(teacher)},
+            args=DiffusionOPDConfig(output_dir=str(output_dir), report_to="none", **{name: value}),
+            train_dataset={"shapes": ["a"], "text": ["b"]},
+        )
+    _assert_message(error.value, message, exact=True)
+    assert not output_dir.exists()
 
 
 def _checkpoint(folder: Path, kind: str) -> tuple[Path, str]:
@@ -909,6 +938,15 @@ def test_resolution_off_the_latent_grid(tmp_path, capsys, tiny_teachers, text, r
         )
     _assert_message(error.value, message, exact=True)
     assert not any(".a." in name for name, _ in pipeline.transformer.named_parameters())  # no teacher was added
+    assert not output_dir.exists()
+    with pytest.raises(ValueError) as error:  # a toy teacher is written only once the resolution is known to fit
+        DiffusionOPDTrainer(
+            "tiny:sd3",
+            teachers={"a": "toy:1"},
+            args=DiffusionOPDConfig(output_dir=str(output_dir), resolution=33, report_to="none"),
+            train_dataset={"a": ["a red circle"]},
+        )
+    _assert_message(error.value, message, exact=True)
     assert not output_dir.exists()
 
 

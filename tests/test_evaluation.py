@@ -346,3 +346,37 @@ def test_eval_rewards_config_field_adds_the_callback(tmp_path, adapters):
         "step-000001.png",
         "step-000002.png",
     ]
+
+
+def test_adapter_of_another_model_is_refused_before_scoring(tmp_path, capsys):
+    """PEFT and diffusers only warn about LoRA weights that fit no module of the base and load the rest: a FLUX LoRA on
+    an SD3 base would give a table row (partly the base). `eval` refuses it in one line naming an example key."""
+    from trl_diffusion_opd.evaluation import load_adapter
+    from trl_diffusion_opd.testing import get_tiny_flux_pipeline
+
+    save_toy_lora(get_tiny_flux_pipeline(seed=0), tmp_path / "flux", seed=1)
+    argv = ["eval", "--model_name_or_path", "tiny:sd3", "--adapters", json.dumps({"flux": str(tmp_path / "flux")})]
+    argv += ["--prompts", '{"brightness": ["a"]}', "--num_inference_steps", "1", "--resolution", "32"]
+    argv += ["--max_sequence_length", "4", "--output_dir", str(tmp_path / "e")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"trl-diffusion-opd eval: error: Adapter 'flux' ({tmp_path / 'flux'}) does not fit this base: 3 of the 7 "
+        "modules it adapts are not in its transformer, e.g. "
+        "'transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight'. Is it a LoRA for another model?"
+    )
+    assert "Traceback" not in err and not (tmp_path / "e" / "results.json").exists()
+
+    # Same module names, other sizes (an SD3 LoRA of a wider SD3), in both formats.
+    wide = get_tiny_sd3_pipeline(seed=0, attention_head_dim=16)
+    base = get_tiny_sd3_pipeline(seed=0)
+    for format, key in [("diffusers", "transformer.transformer_blocks"), ("peft", "transformer_blocks")]:
+        folder = save_toy_lora(wide, tmp_path / format, seed=1, format=format)
+        with pytest.raises(ValueError) as error:
+            load_adapter(base, "wide", str(folder))
+        assert str(error.value) == (
+            f"Adapter 'wide' ({folder}) does not fit this base: 8 of the 8 modules it adapts have other sizes in its "
+            f"transformer, e.g. '{key}.0.attn.to_k.lora_A.weight' has 64 input features where the base has 32. Is "
+            "it a LoRA for another model?"
+        )
+    assert not [name for name, _ in base.transformer.named_modules() if "lora" in name]  # refused before loading

@@ -362,3 +362,64 @@ def test_quick_start_of_a_tiny_base_runs(tmp_path, offline):
     exec(code.replace('load_lora_weights("out")', f'load_lora_weights("{tmp_path / "out"}")'), namespace)
     assert namespace["image"].size == (32, 32)
     assert namespace["pipe"].get_list_adapters() == {"transformer": ["default_0"]}
+
+
+def test_card_of_a_pipeline_built_in_memory_says_how_and_its_quick_start_runs(tmp_path, offline, monkeypatch):
+    """A base passed as a pipeline object with no `name_or_path` is named by its class and how it was built (never
+    `unknown`); the quick start loads the adapter by the Hub id once there is one, else by the output folder as it
+    was given (relative to the folder training ran in), and runs from there."""
+    from diffusers import StableDiffusion3Pipeline
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    teacher = save_toy_lora(get_tiny_sd3_pipeline(seed=0), tmp_path / "teacher", seed=1, std=0.3)
+    built = get_tiny_sd3_pipeline(seed=1, with_t5=False)
+    trainer = DiffusionOPDTrainer(
+        built, {"geneval": str(teacher)}, args=_args("runs/out"), train_dataset={"geneval": ["a cat"]}
+    )
+    trainer.save_model()
+    card = (tmp_path / "runs" / "out" / "README.md").read_text()
+    call = "get_tiny_sd3_pipeline(seed=1, with_t5=False)"
+    assert "This is a LoRA adapter for `StableDiffusion3Pipeline`," in card
+    assert (
+        f"The base, `StableDiffusion3Pipeline`, is randomly initialised, built by `trl_diffusion_opd.testing.{call}`."
+        in card
+    )
+    assert "unknown" not in card and str(tmp_path) not in card
+    code = _quick_start(card)
+    assert f"pipe = {call}\n" in code
+    assert (
+        "# Not pushed to the Hub: the folder of this card, relative to the folder training ran in.\n"
+        'pipe.load_lora_weights("runs/out")\n'
+    ) in code
+    namespace = {}
+    exec(code, namespace)  # as written, from the folder training ran in
+    assert namespace["image"].size == (32, 32)
+    assert namespace["pipe"].get_list_adapters() == {"transformer": ["default_0"]}
+
+    # The default tiny pipeline is `tiny:sd3`, as `load_pipeline("tiny:sd3")` names it.
+    assert get_tiny_sd3_pipeline(seed=0).name_or_path == "tiny:sd3" and built.name_or_path is None
+
+    # A pipeline assembled by hand records nothing: its class, and a quick start that says what to fill in.
+    bare = StableDiffusion3Pipeline(**get_tiny_sd3_pipeline(seed=0).components)
+    trainer = DiffusionOPDTrainer(
+        bare,
+        {"geneval": str(teacher)},
+        args=_args(tmp_path / "bare", hub_model_id="org/my-adapter"),
+        train_dataset={"geneval": ["a cat"]},
+    )
+    trainer.create_model_card()
+    card = (tmp_path / "bare" / "README.md").read_text()
+    assert (
+        "The base, `StableDiffusion3Pipeline`, is a pipeline built in memory; no Hub id or folder was recorded."
+        in card
+    )
+    code = _quick_start(card)
+    compile(code, "quick_start", "exec")
+    assert "unknown" not in card and "Not pushed" not in code
+    assert (
+        "# The base was a StableDiffusion3Pipeline built in memory, with no Hub id or folder recorded: load the same "
+        "weights.\n"
+        'pipe = StableDiffusion3Pipeline.from_pretrained("<the base model>", torch_dtype=torch.bfloat16).to(device)\n'
+        'pipe.load_lora_weights("org/my-adapter")\n'
+    ) in code

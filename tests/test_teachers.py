@@ -590,3 +590,65 @@ def test_saved_lora_files_do_not_depend_on_string_hashing(tmp_path):
         assert other_tensors.keys() == tensors.keys() and all(
             torch.equal(other_tensors[k], tensors[k]) for k in tensors
         )
+
+
+def test_teacher_of_another_model_is_refused_with_an_example_key(tmp_path):
+    """A LoRA for another model (a FLUX teacher on an SD3 base), or one of other sizes, is refused before anything is
+    loaded, with the same one line as `eval` (`check_lora_fits`)."""
+    from trl_diffusion_opd.testing import get_tiny_flux_pipeline
+
+    base = get_tiny_sd3_pipeline(with_t5=False)
+    cases = [
+        (
+            save_toy_lora(get_tiny_flux_pipeline(seed=0), tmp_path / "flux", seed=1),
+            "3 of the 7 modules it adapts are not in its transformer, e.g. "
+            "'single_transformer_blocks.0.attn.to_k.lora_A.weight'",
+        ),
+        (
+            save_toy_lora(get_tiny_sd3_pipeline(with_t5=False, attention_head_dim=16), tmp_path / "wide", seed=1),
+            "8 of the 8 modules it adapts have other sizes in its transformer, e.g. "
+            "'transformer_blocks.0.attn.to_k.lora_A.weight' has 64 input features where the base has 32",
+        ),
+    ]
+    for folder, problem in cases:
+        spec = parse_teacher_spec("ocr", str(folder))
+        with pytest.raises(ValueError) as error:
+            load_lora_teacher(base.transformer, spec, folder)
+        assert str(error.value) == (
+            f"Teacher 'ocr' ({folder}) does not fit this base: {problem}. Is it a LoRA for another model?"
+        )
+    assert not [name for name, _ in base.transformer.named_modules() if "lora" in name]
+
+
+def test_toy_teachers_from_python_are_the_train_commands(tmp_path):
+    """`teachers={"a": "toy:1"}` works in Python as on the command line: the registered `toy` scheme writes a random
+    LoRA for the base once it is loaded, into `output_dir/_toy_teachers/<teacher>`, with the same weights as the
+    `train` command's toy teachers; the card names the teacher `toy:1`."""
+    from trl_diffusion_opd.scripts.train import build_trainer
+    from trl_diffusion_opd.trainer.model_config import DiffusionModelConfig
+
+    prompts = {"a": ["a red circle", "two cats"], "b": ["the word hello"]}
+    teachers = {"a": "toy:1", "b": "toy:2"}
+    python = DiffusionOPDTrainer("tiny:sd3", teachers, args=_args(tmp_path / "py"), train_dataset=prompts)
+    assert (tmp_path / "py" / "_toy_teachers" / "a" / "pytorch_lora_weights.safetensors").is_file()
+    command = build_trainer(
+        DiffusionOPDScriptArguments(teachers=json.dumps(teachers), prompts=json.dumps(prompts)),
+        _args(tmp_path / "cli"),
+        DiffusionModelConfig(model_name_or_path="tiny:sd3"),
+    )
+    ours = {k: v for k, v in python.model.state_dict().items() if ".a." in k or ".b." in k}
+    theirs = {k: v for k, v in command.model.state_dict().items() if ".a." in k or ".b." in k}
+    assert len(ours) == 32 and ours.keys() == theirs.keys()  # 4 attention projections x 2 blocks x (A, B) x 2
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(
+        ours["transformer_blocks.0.attn.to_q.lora_B.a.weight"], ours["transformer_blocks.0.attn.to_q.lora_B.b.weight"]
+    )
+    python.create_model_card()
+    card = (tmp_path / "py" / "README.md").read_text()
+    assert (
+        "| a | `toy:1` | 4.5 | 1.0 | a random LoRA for the base, written by `trl_diffusion_opd.testing.save_toy_lora` |"
+        in card
+    )
+    with pytest.raises(ValueError) as error:
+        DiffusionOPDTrainer("tiny:sd3", {"a": "toy:one"}, args=_args(tmp_path / "bad"), train_dataset={"a": ["x"]})
+    assert str(error.value) == "Teacher 'a': 'toy:one' must be 'toy:<integer seed>'."

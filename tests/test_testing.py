@@ -97,3 +97,25 @@ def test_unknown_hub_id_fails_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(Exception):
         DiffusionPipeline.from_pretrained("tiny-org/does-not-exist")
+
+
+def test_offline_python_quick_start_runs(tmp_path, monkeypatch):
+    """`examples/tiny_quickstart.py`, the README's offline Python route (`tiny:sd3` with `toy:<seed>` teachers, then
+    the same with `get_tiny_sd3_pipeline` and `save_toy_lora`), runs as written, with 2 rounds instead of 60."""
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    code = (Path(__file__).resolve().parents[1] / "examples" / "tiny_quickstart.py").read_text()
+    assert code.count("max_steps=60") == 1
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code.replace("max_steps=60", "max_steps=2"), "tiny_quickstart.py", "exec"), namespace)
+    trainer, from_objects = namespace["trainer"], namespace["trainer_from_objects"]
+    assert trainer.state.global_step == 2 and len(trainer.state.log_history) > 0
+    assert (tmp_path / "tiny-diffusion-opd" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "tiny-diffusion-opd" / "_toy_teachers" / "text" / "pytorch_lora_weights.safetensors").is_file()
+    assert "This is a LoRA adapter for `tiny:sd3`," in (tmp_path / "tiny-diffusion-opd" / "README.md").read_text()
+    assert [spec.local_dir.resolve() for specs in from_objects.teacher_specs.values() for spec in specs] == [
+        tmp_path / "teachers" / "shapes",
+        tmp_path / "teachers" / "text",
+    ]

@@ -48,10 +48,12 @@ from .sizes import Resolution, format_resolution, image_size
 from .teachers import (
     DIFFUSERS_LORA_WEIGHTS,
     EXPERT_LORA_PATTERN,
+    check_lora_fits,
     check_teacher_files,
     expert_weight_name,
     has_expert_lora,
     load_lora_teacher,
+    lora_file_shapes,
     parse_teacher_spec,
     resolve_teacher,
     several_adapters,
@@ -412,6 +414,13 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
         files = [expert_weight_name(e, spec.weight_name) or DIFFUSERS_LORA_WEIGHTS for e in experts]
         raise ValueError(f"Adapter '{label}' ({spec.display}) has none of the expert LoRAs {files}.")
     weight_name = spec.weight_name or DIFFUSERS_LORA_WEIGHTS
+    peft_format = (folder / "adapter_config.json").is_file()
+    for expert in found:  # PEFT-format folders are checked by `load_lora_teacher`, as teachers are
+        if expert != first or not peft_format:
+            path = folder / (weight_name if expert == first else expert_weight_name(expert, spec.weight_name))
+            if path.is_file():
+                owner = f"Adapter '{label}' ({spec.display})"
+                check_lora_fits(experts[expert], lora_file_shapes(path), owner, expert)
     with several_adapters():
         for expert in found:
             if expert != first:

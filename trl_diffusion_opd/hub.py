@@ -170,7 +170,8 @@ class ModelReference:
             (`world:base`, `world:<task>`, `tiny:sd3`: `trl_diffusion_opd.registry`), a local folder's name, or
             `"unknown"`.
         kind: `"hub"` (a Hub id), `"hub-cache"` (a folder of the local Hub cache: a copy of a Hub repo),
-            `"registered"` (a name a plug-in registered), `"local"` (another local folder) or `"unknown"`.
+            `"registered"` (a name a plug-in registered), `"local"` (another local folder), `"memory"` (a pipeline
+            built in memory: `name` is its class, `pipeline_reference`) or `"unknown"`.
         hub_id: `owner/name` for `"hub"` and `"hub-cache"`, else `None`.
         note: A plain statement of where the model came from when it was not a Hub repo (empty for Hub ids).
     """
@@ -228,6 +229,15 @@ def model_reference(
     return ModelReference(
         name + (f"/{subfolder.strip('/')}" if subfolder else ""), "local", note="a local folder, not on the Hub"
     )
+
+
+def pipeline_reference(pipeline: Any) -> ModelReference:
+    """The card's name of a base passed as a pipeline that records no Hub id or folder (`name_or_path`): its class,
+    with how it was built when that was recorded (`registry.record_built_pipeline`, as the tiny pipelines of
+    `trl_diffusion_opd.testing` do)."""
+    built = registry.built_pipeline(pipeline)
+    note = built[0] if built else "a pipeline built in memory; no Hub id or folder was recorded"
+    return ModelReference(type(pipeline).__name__, "memory", note=note)
 
 
 def teacher_reference(spec: TeacherSpec) -> ModelReference:
@@ -296,7 +306,7 @@ def _spec_reference(spec: Any) -> ModelReference:
         return model_reference(spec.get("path") if isinstance(spec, dict) else spec)
 
 
-def _base_loader(ref: ModelReference) -> str:
+def _base_loader(ref: ModelReference, pipeline: Any = None) -> str:
     """The quick start's lines that load the base as `pipe` (on `device`), imports first."""
     named = registry.get_pipeline(ref.name) if ref.kind == "registered" else None
     if named is not None and named.quickstart:
@@ -304,6 +314,16 @@ def _base_loader(ref: ModelReference) -> str:
             f"{named.quickstart}\n\n"
             'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
             f"pipe = pipe.to(device)  # `{ref.name}`: {named.description or _REGISTERED_NOTE}"
+        )
+    if ref.kind == "memory":
+        built = registry.built_pipeline(pipeline) if pipeline is not None else None
+        if built is not None and built[1]:
+            return f'{built[1]}\n\ndevice = "cuda" if torch.cuda.is_available() else "cpu"\npipe = pipe.to(device)'
+        return (
+            f"from diffusers import {ref.name}\n\n"
+            'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+            f"# The base was a {ref.name} built in memory, with no Hub id or folder recorded: load the same weights.\n"
+            f'pipe = {ref.name}.from_pretrained("<the base model>", torch_dtype=torch.bfloat16).to(device)'
         )
     name, comment = ref.hub_id or ref.name, ""
     if ref.kind == "local":
@@ -313,6 +333,20 @@ def _base_loader(ref: ModelReference) -> str:
         'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
         f'{comment}pipe = DiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.bfloat16).to(device)'
     )
+
+
+def _adapter_location(output_dir: str | os.PathLike, hub_id: str | None) -> tuple[str, str]:
+    """Where the quick start loads the adapter from, and a comment line for it: the Hub id once there is one (the
+    card is written again when it is pushed); before, the output folder as it was given when that is a relative path
+    inside the folder training ran in, else only its name (the card never shows a path of the machine)."""
+    if hub_id:
+        return hub_id, ""
+    given = Path(output_dir)
+    name = given.name or Path(output_dir).resolve().name
+    if not given.is_absolute() and ".." not in given.parts and not str(output_dir).startswith("~"):
+        folder = given.as_posix()
+        return folder, "# Not pushed to the Hub: the folder of this card, relative to the folder training ran in."
+    return name, f"# Not pushed to the Hub: give the path of the folder of this card, `{name}`."
 
 
 def _cell(value: Any, digits: int = 4) -> str:
@@ -477,8 +511,14 @@ def create_model_card(
             `evaluate()` are added from the log history either way.
     """
     args = trainer.args
-    base = model_reference(trainer.base_model_id)
-    repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or Path(args.output_dir).name
+    pipeline = getattr(trainer, "pipeline", None)
+    if trainer.base_model_id is None and pipeline is not None:
+        base = pipeline_reference(pipeline)
+    else:
+        base = model_reference(trainer.base_model_id)
+    hub_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id
+    repo_id = hub_id or Path(args.output_dir).name
+    adapter, adapter_comment = _adapter_location(args.output_dir, hub_id)
     details = trainer._model_card_details()
     extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
     all_tags = list(dict.fromkeys([*trainer._tag_names, trainer.family.tag, *details.get("tags", []), *extra_tags]))
@@ -529,9 +569,10 @@ def create_model_card(
         card_data,
         template_path=str(TEMPLATE),
         model_name=model_name or repo_id.split("/")[-1],
-        repo_id=repo_id,
+        adapter=adapter,
+        adapter_comment=adapter_comment,
         base=base,
-        base_loader=_base_loader(base),
+        base_loader=_base_loader(base, pipeline),
         algorithm=trainer._name,
         summary=details.get("summary", f"trained with **{trainer._name}**."),
         papers=papers,

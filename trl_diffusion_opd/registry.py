@@ -9,6 +9,8 @@ from trl_diffusion_opd import registry
 
 registry.register_pipeline("mylab:base", load_my_base, quickstart="from mylab import load_my_base\npipe = load_my_base()")
 registry.register_teacher("mylab", lambda name: f"/shared/teachers/{name.split(':', 1)[1]}")  # mylab:<task>
+# a teacher made for the base it supervises: `build(pipeline, folder)` writes it (as `toy:<seed>` does)
+registry.register_teacher("mylab-rand", lambda name: lambda pipeline, folder: save_random_lora(pipeline, folder))
 registry.register_prompt_source("mylab", lambda name: [{"prompt": "a cat"}, {"prompt": "a dog"}])
 ```
 
@@ -62,7 +64,10 @@ class NamedCommand:
 
 
 _PIPELINES: dict[str, NamedPipeline] = {}
-_TEACHERS: dict[str, Callable[[str], str | os.PathLike]] = {}
+# A teacher resolver returns a folder, or a function `build(pipeline, folder) -> folder` that writes the teacher for
+# the base it will supervise (`toy:<seed>`: a random LoRA shaped for that base).
+TeacherBuilder = Callable[[Any, os.PathLike], str | os.PathLike]
+_TEACHERS: dict[str, Callable[[str], str | os.PathLike | TeacherBuilder]] = {}
 _TEACHER_DESCRIPTIONS: dict[str, str] = {}
 _PROMPT_SOURCES: dict[str, Callable[[str], list[dict[str, Any]]]] = {}
 _COMMANDS: dict[str, NamedCommand] = {}
@@ -85,11 +90,13 @@ def register_pipeline(
 
 
 def register_teacher(
-    scheme: str, resolver: Callable[[str], str | os.PathLike], description: str | None = None
+    scheme: str, resolver: Callable[[str], str | os.PathLike | TeacherBuilder], description: str | None = None
 ) -> None:
     """Register the teachers `scheme:<rest>`: `resolver(name)` returns the local folder of the adapter (or of a
-    full-weight transformer); raise `ValueError` for an unknown name. `description` (model cards print it) says in a
-    few words where these teachers come from."""
+    full-weight transformer), or, for a teacher made for the base it supervises, a function `build(pipeline,
+    folder)` that writes it into `folder` and returns that folder (the trainer calls it once the base is loaded,
+    with `output_dir/_toy_teachers/<teacher>`); raise `ValueError` for an unknown name. `description` (model cards
+    print it) says in a few words where these teachers come from."""
     _TEACHERS[_check_scheme(scheme)] = resolver
     if description:
         _TEACHER_DESCRIPTIONS[scheme] = description
@@ -145,11 +152,15 @@ def pipeline_names() -> list[str]:
     return sorted(_PIPELINES)
 
 
-def resolve_teacher_name(name: str) -> str | None:
-    """The local folder of the registered teacher `name` (`scheme:rest`), or `None` when its scheme is not
-    registered. Raises `ValueError` when the scheme is registered but the name is unknown."""
+def resolve_teacher_name(name: str) -> str | TeacherBuilder | None:
+    """The local folder of the registered teacher `name` (`scheme:rest`), its `build(pipeline, folder)` function
+    when it is made for the base (`register_teacher`), or `None` when its scheme is not registered. Raises
+    `ValueError` when the scheme is registered but the name is unknown."""
     resolver = _lookup(_TEACHERS, _scheme(name))
-    return None if resolver is None else os.fspath(resolver(name))
+    if resolver is None:
+        return None
+    found = resolver(name)
+    return found if callable(found) else os.fspath(found)
 
 
 def teacher_description(name: str) -> str | None:
@@ -161,6 +172,21 @@ def load_named_prompts(name: str) -> list[dict[str, Any]] | None:
     """The rows of the registered prompt source `name`, or `None` when its scheme is not registered."""
     loader = _lookup(_PROMPT_SOURCES, _scheme(name))
     return None if loader is None else loader(name)
+
+
+# Attribute of a pipeline built in memory that records how (`record_built_pipeline`).
+_BUILT_BY = "_trl_diffusion_opd_built_by"
+
+
+def record_built_pipeline(pipeline: Any, description: str, quickstart: str | None = None) -> None:
+    """Record how `pipeline`, built in memory (it has no Hub id or folder), was made, for model cards: `description`
+    in a few words and `quickstart`, code that defines `pipe` the same way."""
+    setattr(pipeline, _BUILT_BY, (description, quickstart))
+
+
+def built_pipeline(pipeline: Any) -> tuple[str, str | None] | None:
+    """`(description, quickstart)` recorded by `record_built_pipeline`, or `None`."""
+    return getattr(pipeline, _BUILT_BY, None)
 
 
 def commands() -> dict[str, NamedCommand]:

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ STUDENT = "student"
 DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+# Folder of `output_dir` where teachers made for the base (`toy:<seed>`) are written; the `train` command writes its
+# toy teachers there too, and files starting with `_` are never pushed to the Hub.
+BUILT_TEACHERS_DIR = "_toy_teachers"
 
 SPEC_FORMS = (
     "'./local/folder' (or '/abs/folder', '~/folder'), 'owner/repo', 'owner/repo@revision', 'owner/repo/sub/folder', "
@@ -96,6 +100,14 @@ class TeacherSpec:
     alias: str | None = None
     # Experts (pipeline component names) this LoRA teacher has weights for, set when it is loaded.
     experts: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    # `build(pipeline, folder)` of a registered teacher made for the base it supervises (`toy:<seed>`): the trainer
+    # writes it with `build_teacher` once the base is loaded.
+    build: Callable[[Any, Path], Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the teacher is made for the base and not yet written (`build_teacher`)."""
+        return self.build is not None and self.local_dir is None
 
     @property
     def is_local(self) -> bool:
@@ -202,6 +214,8 @@ def parse_teacher_spec(name: str, spec: str | dict[str, Any] | TeacherSpec) -> T
         named = resolve_teacher_name(spec)
     except ValueError as error:
         raise ValueError(f"Teacher '{name}': {error}") from error
+    if callable(named):  # made for the base, written once the trainer has loaded it (`build_teacher`)
+        return TeacherSpec(name=name, path=spec, alias=spec, build=named)
     if named is not None:  # a registered name (`trl_diffusion_opd.registry`): shown as written, loaded from its folder
         return TeacherSpec(name=name, path=named, alias=spec)
     match = _HUB_SPEC.match(spec)
@@ -229,6 +243,11 @@ def resolve_teacher(spec: TeacherSpec, cache_dir: str | None = None, token: str 
     """
     if spec.local_dir is not None or spec.module is not None:
         return spec.local_dir
+    if spec.needs_base:
+        raise ValueError(
+            f"Teacher '{spec.name}': '{spec.display}' is made for the base model, so it is written once the base is "
+            "loaded: give it to a trainer (or write it with `build_teacher`)."
+        )
     if spec.is_local:
         folder = Path(spec.path)
     else:
@@ -270,6 +289,20 @@ def resolve_teacher(spec: TeacherSpec, cache_dir: str | None = None, token: str 
                 spec.path, revision=spec.revision, allow_patterns=[f"{prefix}{sub}*"], cache_dir=cache_dir, token=token
             )
     spec.local_dir = folder
+    return folder
+
+
+def build_teacher(spec: TeacherSpec, pipeline: Any, folder: str | os.PathLike) -> Path:
+    """Write a teacher that is made for the base (`spec.needs_base`: a registered builder such as `toy:<seed>`) for
+    `pipeline` into `folder/<teacher name>`, then resolve and check it there like a local folder. The spec keeps its
+    registered name for display (model cards).
+
+    Returns:
+        The teacher's folder.
+    """
+    spec.path, spec.build = os.fspath(spec.build(pipeline, Path(folder) / spec.name)), None
+    folder = resolve_teacher(spec)
+    check_teacher_files(spec)
     return folder
 
 
@@ -451,17 +484,81 @@ def read_lora_folder(
     except Exception as error:  # a file that changed or whose data is cut short after its header
         raise ValueError(f"{prefix}{path} is not a valid safetensors file ({_first_line(error)}).") from error
     config = _lora_config(folder, path, metadata, prefix)
-    prefixes = ("base_model.model.", "transformer.")
     cleaned = {}
     for key, value in state_dict.items():
-        for prefix_ in prefixes:
-            key = key.removeprefix(prefix_)
-        if key.startswith(("text_encoder.", "text_encoder_2.")):
-            continue  # text-encoder LoRAs do not touch the transformer this trainer distils
-        cleaned[key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")] = value
+        key = _transformer_key(key)
+        if key is not None:  # text-encoder LoRAs do not touch the transformer this trainer distils
+            cleaned[key] = value
     if not any(".lora_B." in key for key in cleaned):
         raise ValueError(f"{prefix}{path} holds no LoRA weights for the transformer (only text-encoder ones).")
     return cleaned, config
+
+
+def _transformer_key(key: str) -> str | None:
+    """A LoRA file's `key` relative to the transformer in PEFT's naming (`transformer_blocks.0.attn.to_q.lora_A.weight`),
+    or `None` for a text encoder's weight."""
+    for prefix in ("base_model.model.", "transformer."):
+        key = key.removeprefix(prefix)
+    if key.startswith(("text_encoder.", "text_encoder_2.")):
+        return None
+    return key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+
+
+def lora_file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a safetensors file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def check_lora_fits(
+    model: torch.nn.Module, shapes: dict[str, Any], owner: str, component: str = "transformer"
+) -> None:
+    """Refuse a LoRA that does not fit `model` (the base's `component`) before it is loaded: a module it adapts is
+    not there, or has other sizes. PEFT and diffusers only warn about such weights and load the rest, so a LoRA of
+    another model would run as a partial adapter, or as the base.
+
+    Args:
+        model: The transformer the LoRA would load into.
+        shapes: `{key: shape}` of the LoRA's weights as its file names them (`lora_file_shapes`, or a state dict's
+            shapes); keys in diffusers' or PEFT's naming (`...to_q.lora_A.weight`) are checked, others (e.g.
+            kohya-style keys, which diffusers converts when it loads them) are left to the loader.
+        owner: Start of the message, e.g. `"Adapter 'flux' (./flux-lora)"`.
+        component: The pipeline component `model` is, for the message.
+
+    Raises:
+        ValueError: one line naming `owner`, how many adapted modules do not fit, and an example key.
+    """
+    modules = dict(model.named_modules())
+    adapted, absent, resized = set(), {}, {}
+    for key, shape in shapes.items():
+        name = _transformer_key(key)
+        if name is None or not re.search(r"\.lora_[AB]\.", name):
+            continue
+        module_name, _, rest = name.partition(".lora_")
+        adapted.add(module_name)
+        module = modules.get(module_name)
+        if module is None:
+            absent.setdefault(module_name, key)
+            continue
+        layer = getattr(module, "base_layer", module)  # already wrapped by another adapter
+        if isinstance(layer, torch.nn.Linear) and len(shape) == 2:
+            is_a = rest.startswith("A.")
+            found, expected = (shape[1], layer.in_features) if is_a else (shape[0], layer.out_features)
+            if found != expected:
+                side = "input" if is_a else "output"
+                resized.setdefault(module_name, f"'{key}' has {found} {side} features where the base has {expected}")
+    if absent:
+        raise ValueError(
+            f"{owner} does not fit this base: {len(absent)} of the {len(adapted)} modules it adapts are not in its "
+            f"{component}, e.g. '{next(iter(absent.values()))}'. Is it a LoRA for another model?"
+        )
+    if resized:
+        raise ValueError(
+            f"{owner} does not fit this base: {len(resized)} of the {len(adapted)} modules it adapts have other "
+            f"sizes in its {component}, e.g. {next(iter(resized.values()))}. Is it a LoRA for another model?"
+        )
 
 
 def lora_module_names(state_dict: dict[str, torch.Tensor]) -> set[str]:
@@ -535,13 +632,7 @@ def load_lora_teacher(
     """
     owner = owner or f"Teacher '{spec.name}'"
     state_dict, config = read_lora_folder(folder, weight_name or spec.weight_name, owner)
-    modules = dict(transformer.named_modules())
-    missing = sorted(m for m in lora_module_names(state_dict) if m not in modules)
-    if missing:
-        raise ValueError(
-            f"{owner} ({spec.display}) adapts {len(missing)} module(s) that the base transformer does "
-            f"not have, e.g. {missing[:3]}: is it a LoRA for another model?"
-        )
+    check_lora_fits(transformer, {key: value.shape for key, value in state_dict.items()}, f"{owner} ({spec.display})")
     lora_config = lora_config_for(state_dict, config)
     add_adapter(transformer, lora_config, spec.name)
     try:

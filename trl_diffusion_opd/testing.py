@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import shutil
 import string
@@ -89,6 +90,33 @@ __all__ = [
     "save_toy_lora",
     "save_to_hub_cache",
 ]
+
+
+def _records_its_call(build):
+    """Make a tiny-pipeline builder record on its pipeline how it was built, for model cards: the call of a
+    registered name (`tiny:sd3` is `get_tiny_sd3_pipeline(seed=0)`) names the pipeline so, as `registry.load_pipeline`
+    does; another call is recorded with `registry.record_built_pipeline`."""
+    signature = inspect.signature(build)
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        pipeline = build(*args, **kwargs)
+        given = signature.bind(*args, **kwargs).arguments
+        changed = {k: v for k, v in given.items() if v != signature.parameters[k].default}
+        for name, registered in TINY_PIPELINES.items():
+            if getattr(registered, "func", registered) is wrapper and changed == getattr(registered, "keywords", {}):
+                pipeline.register_to_config(_name_or_path=f"tiny:{name}")
+                return pipeline
+        call = f"{build.__name__}({', '.join(f'{k}={v!r}' for k, v in given.items())})"
+        registry.record_built_pipeline(
+            pipeline,
+            f"randomly initialised, built by `trl_diffusion_opd.testing.{call}`",
+            quickstart=f"from trl_diffusion_opd.testing import {build.__name__}\n\npipe = {call}",
+        )
+        return pipeline
+
+    return wrapper
+
 
 # Image side (pixels) the tiny pipelines are meant to run at: 2x VAE downsampling -> 16x16 latents.
 TINY_RESOLUTION = 32
@@ -247,6 +275,7 @@ def _seeded(seed: int, offset: int):
     torch.manual_seed(seed * 1000 + offset)
 
 
+@_records_its_call
 def get_tiny_sd3_pipeline(
     seed: int = 0,
     with_t5: bool = True,
@@ -316,6 +345,7 @@ def get_tiny_sd3_pipeline(
     return _to_eval(pipe)
 
 
+@_records_its_call
 def get_tiny_flux_pipeline(
     seed: int = 0,
     guidance_embeds: bool = True,
@@ -379,6 +409,7 @@ def get_tiny_flux_pipeline(
     return _to_eval(pipe)
 
 
+@_records_its_call
 def get_tiny_zimage_pipeline(
     seed: int = 0,
     n_layers: int = 2,
@@ -440,6 +471,7 @@ def get_tiny_zimage_pipeline(
     return _to_eval(pipe)
 
 
+@_records_its_call
 def get_tiny_flux2_klein_pipeline(
     seed: int = 0,
     is_distilled: bool = False,
@@ -531,6 +563,7 @@ def get_tiny_flux2_klein_pipeline(
     return _to_eval(pipe)
 
 
+@_records_its_call
 def get_tiny_qwenimage_pipeline(
     seed: int = 0, num_layers: int = 2, num_attention_heads: int = 2, attention_head_dim: int = 16
 ) -> QwenImagePipeline:
@@ -622,6 +655,7 @@ TINY_WAN_FRAMES = 5
 TINY_WAN_TI2V_RESOLUTION = 64
 
 
+@_records_its_call
 def get_tiny_wan_pipeline(
     seed: int = 0,
     two_experts: bool = False,
@@ -884,8 +918,32 @@ TINY_PIPELINES = {
 }
 
 
+# The LoRA of a `toy:<seed>` teacher (the `train` command's too): teachers that share part of their update
+# (`shared_seed`), as teachers RL-tuned from one base do.
+TOY_TEACHER_LORA = {"rank": 2, "std": 0.1, "shared_seed": 0, "specific_scale": 0.5}
+
+
+def toy_teacher(name: str):
+    """The registered resolver of the teachers `toy:<seed>`: a function `build(pipeline, folder)` that writes a
+    random LoRA for the base `pipeline` into `folder` (`save_toy_lora` with `TOY_TEACHER_LORA`)."""
+    seed = name.partition(":")[2]
+    if not seed.isdigit():
+        raise ValueError(f"'{name}' must be 'toy:<integer seed>'.")
+    return functools.partial(_write_toy_teacher, seed=int(seed))
+
+
+def _write_toy_teacher(pipeline, folder: str | os.PathLike, seed: int) -> Path:
+    return save_toy_lora(pipeline, folder, seed=seed, **TOY_TEACHER_LORA)
+
+
 def register() -> None:
-    """Register every tiny pipeline as `tiny:<name>` (`trl_diffusion_opd.registry`), seed 0."""
+    """Register every tiny pipeline as `tiny:<name>` (`trl_diffusion_opd.registry`), seed 0, and the teachers
+    `toy:<seed>` (`toy_teacher`)."""
+    registry.register_teacher(
+        "toy",
+        toy_teacher,
+        description="a random LoRA for the base, written by `trl_diffusion_opd.testing.save_toy_lora`",
+    )
     for name, build in TINY_PIPELINES.items():
         function = getattr(build, "func", build)  # a `functools.partial` fixes keyword arguments
         arguments = ", ".join(["seed=0", *(f"{k}={v!r}" for k, v in getattr(build, "keywords", {}).items())])

@@ -150,7 +150,7 @@ def build_trainer(
     DiffusionOPDTrainer.check_tasks(train_dataset, script_args.teachers)
     if eval_dataset:
         DiffusionOPDTrainer.check_eval_tasks(eval_dataset, script_args.teachers)
-    DiffusionOPDTrainer.check_task_weights(training_args.task_weights, script_args.teachers)
+    DiffusionOPDTrainer.check_task_fields(training_args, script_args.teachers)
     with training_args.main_process_first(desc="resolving the teachers"):
         check_teachers(script_args.teachers, cache_dir=model_args.cache_dir, token=training_args.hub_token)
         resolve_student_adapter(training_args.student_adapter, model_args.cache_dir, training_args.hub_token)

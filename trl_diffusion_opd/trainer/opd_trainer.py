@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,8 +19,10 @@ from ..data import prompts_by_task
 from ..families.base import Cond, cond_select, cond_tile
 from ..hub import teacher_reference
 from ..teachers import (
+    BUILT_TEACHERS_DIR,
     STUDENT,
     TeacherSpec,
+    build_teacher,
     check_teacher_files,
     expert_weight_name,
     has_expert_lora,
@@ -33,6 +36,16 @@ from .opd_config import DiffusionOPDConfig
 
 
 logger = logging.get_logger(__name__)
+
+# The fields of `DiffusionOPDConfig` that may be a `{task: value}` dict.
+TASK_FIELDS = (
+    "task_weights",
+    "task_timestep_fraction",
+    "task_prompt_templates",
+    "teacher_guidance_scale",
+    "teacher_guidance_scale_2",
+    "eval_rewards",
+)
 
 
 class DiffusionOPDTrainer(DiffusionLoRATrainer):
@@ -103,16 +116,14 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         if self.eval_prompts:
             self.check_eval_tasks(self.eval_prompts, self.teacher_specs)
             self._check_routing(self.eval_prompts)
-        self.check_task_weights(args.task_weights, self.teacher_specs)
-        for name in ("task_prompt_templates", "task_timestep_fraction"):
-            unknown = [task for task in getattr(args, name) or {} if task not in self.teacher_specs]
-            if unknown:
-                raise ValueError(f"`{name}` names task(s) {unknown}, which have no teacher.")
-        # The teachers' files are read (headers only) before the base model is loaded or anything computed.
+        self.check_task_fields(args, self.teacher_specs)
+        # The teachers' files are read (headers only) before the base model is loaded or anything computed; those
+        # made for the base (`toy:<seed>`) are written once it is loaded (`_load_extra_models`).
         for specs in self.teacher_specs.values():
             for spec in specs:
-                resolve_teacher(spec, token=args.hub_token)
-                check_teacher_files(spec)
+                if not spec.needs_base:
+                    resolve_teacher(spec, token=args.hub_token)
+                    check_teacher_files(spec)
 
         self.full_teachers: dict[str, torch.nn.Module] = {}
         super().__init__(model, args, peft_config=peft_config, callbacks=callbacks)
@@ -131,6 +142,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         experts = self.family.experts
         for specs in self.teacher_specs.values():
             for spec in specs:
+                if spec.needs_base:  # the resolution was checked against the base first: a failed start writes nothing
+                    with args.main_process_first(desc="writing the teachers made for the base"):
+                        build_teacher(spec, self.pipeline, Path(args.output_dir) / BUILT_TEACHERS_DIR)
                 if spec.full_weight and len(experts) > 1:
                     raise ValueError(
                         f"Teacher '{spec.name}': full-weight teachers of multi-expert pipelines are not supported; "
@@ -233,12 +247,18 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             )
 
     @staticmethod
-    def check_task_weights(task_weights: dict[str, float] | None, teachers: dict[str, Any]) -> None:
-        """`task_weights` names only tasks with a teacher and leaves some task a weight > 0 (missing tasks weigh 1)."""
-        task_weights = task_weights or {}
-        for task in task_weights:
-            if task not in teachers:
-                raise ValueError(f"`task_weights` names task '{task}', which has no teacher.")
+    def check_task_fields(args: DiffusionOPDConfig, teachers: dict[str, Any]) -> None:
+        """Every per-task dict of `args` (`TASK_FIELDS`) names only tasks with a teacher, since an entry for another
+        task would be ignored without a word (a typo), and `task_weights` leaves some task a weight > 0 (missing
+        tasks weigh 1)."""
+        for name in TASK_FIELDS:
+            value = getattr(args, name, None)
+            unknown = [task for task in value if task not in teachers] if isinstance(value, dict) else []
+            if unknown:
+                raise ValueError(
+                    f"`{name}` names task(s) {unknown}, which have no teacher; teachers are given for {list(teachers)}."
+                )
+        task_weights = args.task_weights or {}
         if not any(task_weights.get(task, 1.0) > 0 for task in teachers):
             raise ValueError(f"`task_weights` gives every task weight 0 ({task_weights}): nothing would be trained.")
 
