@@ -943,7 +943,7 @@ def test_resolution_off_the_latent_grid(tmp_path, capsys, tiny_teachers, text, r
         DiffusionOPDTrainer(
             "tiny:sd3",
             teachers={"a": "toy:1"},
-            args=DiffusionOPDConfig(output_dir=str(output_dir), resolution=33, report_to="none"),
+            args=DiffusionOPDConfig(output_dir=str(output_dir), resolution=resolution, report_to="none"),
             train_dataset={"a": ["a red circle"]},
         )
     _assert_message(error.value, message, exact=True)
