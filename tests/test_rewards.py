@@ -529,14 +529,15 @@ def test_server_refuses_bad_requests_with_one_log_line_each_and_keeps_serving(tm
         (json.dumps({"version": 1, "images": ["aGVsbG8="]}).encode(), 400, "images[0] is not a PNG or JPEG image"),
         (json.dumps({"version": 1, "videos": [[png, 3]]}).encode(), 400, "videos[0][1] must be a base64 string"),
         (json.dumps({"version": 1, "images": [png], "prompts": ["a", "b"]}).encode(), 400, "'prompts' has 2 entries"),
-        (pickle.dumps({"images": [b""], "payload": _Exploit(marker)}), 400, "a pickle request, refused"),
+        # what Flow-GRPO's clients send: a pickle, not declared as JSON
+        (pickle.dumps({"images": [b""], "payload": _Exploit(marker)}), 400, "a pickle request, refused", "octet"),
     ]
     server = serve(score, port=0, max_request_bytes=4096)
     port = server.server_address[1]
     try:
         with caplog.at_level(logging.INFO, logger="trl_diffusion_opd.reward_server"):
-            for body, status, message in bad:
-                answer = _raw_post(port, body)
+            for body, status, message, *octet in bad:
+                answer = _raw_post(port, body, "application/octet-stream" if octet else "application/json")
                 assert answer[0] == status, (message, answer)
                 assert answer[1]["error"].startswith(message), answer[1]
                 assert answer[1]["version"] == 1 and answer[1]["supported_versions"] == [1]
@@ -552,7 +553,7 @@ def test_server_refuses_bad_requests_with_one_log_line_each_and_keeps_serving(tm
     lines = [record.getMessage() for record in caplog.records if record.name == "trl_diffusion_opd.reward_server"]
     assert len(lines) == len(bad)  # one log line per refused request, none for the good one
     assert all("\n" not in line for line in lines)
-    assert [line.split()[1] for line in lines] == [str(status) for _, status, _ in bad]
+    assert [line.split()[1] for line in lines] == [str(status) for _, status, *_ in bad]
 
 
 class _AnswerServer(http.server.BaseHTTPRequestHandler):
