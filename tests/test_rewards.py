@@ -491,14 +491,14 @@ def _b64_png(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _raw_post(port, body: bytes | None, content_type="application/json", length: int | None = None):
+def _raw_post(port, body: bytes | None, content_type="application/json"):
     """POST `body` as it is (no client-side checks); returns (status, parsed JSON answer)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         connection.putrequest("POST", "/")
         connection.putheader("Content-Type", content_type)
         if body is not None:
-            connection.putheader("Content-Length", str(len(body) if length is None else length))
+            connection.putheader("Content-Length", str(len(body)))
         connection.endheaders()
         if body is not None:
             connection.send(body)
