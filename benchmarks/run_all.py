@@ -1,6 +1,6 @@
 """Run every benchmark of issues #5 and #7 (`make bench`), each in its own process, and report the wall time.
 
-python -m benchmarks.run_all              # all, about 10-12 minutes on a 2-core CPU
+python -m benchmarks.run_all              # all, about 14-16 minutes on a 2-core CPU
 python -m benchmarks.run_all --quick      # smoke check of every code path, about a minute
 python -m benchmarks.run_all --only round_cost grad_variance
 """
@@ -26,11 +26,13 @@ BENCHMARKS = {
     "gpu_round_tiny": ["-m", "benchmarks.gpu_round", "--tiny"],
     "peak_memory": ["-m", "benchmarks.peak_memory"],
     "released_loop": ["-m", "benchmarks.released_loop"],
+    "long_run": ["-m", "benchmarks.long_run"],
 }
 
 
 TAGS = tuple(
-    f"[{name}]" for name in ("round_cost", "grad_variance", "convergence", "gpu_round", "peak_memory", "released_loop")
+    f"[{name}]"
+    for name in ("round_cost", "grad_variance", "convergence", "gpu_round", "peak_memory", "released_loop", "long_run")
 )
 
 

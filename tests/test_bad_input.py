@@ -979,26 +979,28 @@ def test_resume_true_without_checkpoint_and_corrupt_checkpoint_through_train(tmp
     [
         (
             b"<html>502 Bad Gateway</html>",
-            "Reward 'geneval': the server at http://127.0.0.1:1 answered 28 bytes that do not decode as a pickle (",
+            "Reward 'geneval': the server at http://127.0.0.1:1 answered 28 bytes that are not JSON (JSONDecodeError: ",
         ),
+        ("old", "Reward 'geneval': the server answered protocol version None; this client speaks 1."),
         ("dict", "Reward 'geneval': the server's 'strict_rewards' is a dict, not a list of scores: "),
         ("words", "Reward 'geneval': the server's 'strict_rewards' holds a value that is not a number ("),
         ("short", "Reward 'geneval': the server returned 1 'strict_rewards' for 2 images."),
     ],
-    ids=["not_a_pickle", "dict", "words", "wrong_length"],
+    ids=["not_json", "no_version", "dict", "words", "wrong_length"],
 )
 def test_malformed_reward_server_answer_is_one_line(body, message, monkeypatch):
-    import pickle
+    import json
 
     from PIL import Image
 
     answers = {
-        "dict": {"strict_rewards": {"a": 1}},
-        "words": {"strict_rewards": ["high", "low"]},
-        "short": {"strict_rewards": [1.0]},
+        "old": {"strict_rewards": [1.0, 0.0]},
+        "dict": {"version": 1, "strict_rewards": {"a": 1}},
+        "words": {"version": 1, "strict_rewards": ["high", "low"]},
+        "short": {"version": 1, "strict_rewards": [1.0]},
     }
-    payload = pickle.dumps(answers[body]) if isinstance(body, str) else body
-    monkeypatch.setattr(RemoteReward, "_post", lambda self, data: payload)
+    payload = json.dumps(answers[body]).encode() if isinstance(body, str) else body
+    monkeypatch.setattr(RemoteReward, "_post", lambda self, data, content_type=None: payload)
     from trl_diffusion_opd.rewards import get_reward
 
     reward = get_reward("geneval", url="http://127.0.0.1:1")

@@ -223,3 +223,32 @@ def test_world_ablation_summary_over_seeds():
     assert rows[ode]["own_kl"][0] == pytest.approx(10 + 10 * (0.5 - 0.19) / 0.4)
     table = world_ablation.to_markdown(list(rows.values()))
     assert "20.0 (1 not reached)" in table and "0.650 ± 0.071" in table
+
+
+def test_long_run_probe_and_summary():
+    from benchmarks import long_run
+
+    result = long_run.run_child(rounds=3, mark=2)
+    assert result["rounds"] == 3 and result["wall_s"] > 0 and result["peak_rss_bytes"] > 0
+    assert result["at_start"]["round"] == 0 and result["at_mark"]["round"] == 2 and result["at_end"]["round"] == 3
+    assert [round_ for round_, _ in result["rss_trace"]] == [2]
+    # the tiny config's 10 training and 4 held-out prompts and the empty negative, embedded once (cache of 1024)
+    assert result["max_prompt_cache_entries"] == 15 and result["prompt_cache_size"] == 1024
+    # the EMA tracks the student LoRA: as many tensors at the end as at round 2
+    assert result["at_end"]["ema_tensors"] == result["at_mark"]["ema_tensors"] > 0
+    assert result["at_end"]["metric_keys"] == 0  # the final log cleared `_metrics`
+    assert result["max_metric_values"] > 0
+    assert result["at_end"]["log_history_entries"] == 1  # logging every 10 rounds: only the final summary
+    fake_short = {"peak_rss_bytes": 1000, "cuda_peak_bytes": None, "at_mark": None, "at_end": None}
+    fake_long = {
+        "peak_rss_bytes": 1040,
+        "cuda_peak_bytes": None,
+        "at_mark": {"rss_bytes": 900},
+        "at_end": {"rss_bytes": 990},
+        "rss_trace": [(50, 900), (100, 950), (150, 1000)],
+    }
+    summary = long_run.summarize(fake_short, fake_long)
+    assert summary["peak_rss_ratio"] == pytest.approx(1.04) and summary["cuda_peak_ratio"] is None
+    assert summary["rss_end_over_mark"] == pytest.approx(1.1) and summary["within_target"] is True
+    assert summary["rss_slope_bytes_per_round"] == pytest.approx(1.0)
+    assert long_run.summarize(fake_short, {**fake_long, "peak_rss_bytes": 1060})["within_target"] is False

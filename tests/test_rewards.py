@@ -1,14 +1,21 @@
 """Rewards: the registry, OCR on rendered text, CLIP-based rewards on tiny random models from a local Hub cache, the
 reward-server client against a local server, and the rule-based rewards."""
 
+import base64
+import http.client
+import http.server
 import io
+import json
+import logging
 import math
 import os
+import pickle
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +35,7 @@ from trl_diffusion_opd.rewards import (
     ocr_target,
     text_similarity,
 )
-from trl_diffusion_opd.rewards.server import serve
+from trl_diffusion_opd.rewards.server import make_parser, serve
 from trl_diffusion_opd.testing import get_tiny_clip_tokenizer, save_to_hub_cache
 
 
@@ -327,7 +334,7 @@ def test_remote_reward_round_trip_against_a_local_server():
         images = [Image.new("RGB", (32, 32), (v, v, v)) for v in (0, 64, 128, 200, 255)]
         reward = RemoteReward(url, batch_size=2, name="brightness_server")
         scores = reward(images, ["a", "bb", "ccc", "dddd", "eeeee"], [{"tag": i} for i in range(5)])
-        assert scores == pytest.approx([0, 64 / 255, 128 / 255, 200 / 255, 1.0], abs=0.01)  # JPEG is lossy
+        assert scores == pytest.approx([0, 64 / 255, 128 / 255, 200 / 255, 1.0], abs=1e-6)  # PNG is lossless
         assert requests == [2, 2, 1]
         assert RemoteReward(url, score_key="lengths")(images, ["a", "bb", "ccc", "dddd", "eeeee"]) == [1, 2, 3, 4, 5]
         assert RemoteReward(url, score_key="tags")(images[:2], None, [{"tag": 7}, {"tag": 8}]) == [7.0, 8.0]
@@ -355,11 +362,11 @@ def test_remote_reward_sends_videos_or_their_frames():
         gray = [Image.new("RGB", (16, 16), (v, v, v)) for v in (0, 100, 200)]
         videos = [gray, gray[:2], [gray[2]] * 5]
         as_videos = RemoteReward(url, batch_size=2, send_videos=True)(videos, ["a", "b", "c"])
-        assert as_videos == pytest.approx([0.03, 0.02, 200 / 255 + 0.05], abs=0.01)  # JPEG is lossy
+        assert as_videos == pytest.approx([0.03, 0.02, 200 / 255 + 0.05], abs=1e-6)  # PNG frames, lossless
         assert requests == [[3, 2], [5]]
         requests.clear()
         as_frames = get_reward("hpsv2", url=url, batch_size=4)(videos, ["a", "b", "c"])
-        assert as_frames == pytest.approx([100 / 255, 50 / 255, 200 / 255], abs=0.01)
+        assert as_frames == pytest.approx([100 / 255, 50 / 255, 200 / 255], abs=1e-6)
         assert requests == [["image"] * 4] * 2 + [["image"] * 2]  # 10 frames in batches of 4
         with pytest.raises(ValueError, match="mixes images and videos"):
             RemoteReward(url, send_videos=True)([gray[0], gray])
@@ -368,7 +375,9 @@ def test_remote_reward_sends_videos_or_their_frames():
         server.server_close()
 
 
-def test_geneval_client_speaks_flow_grpo_protocol():
+def test_geneval_client_speaks_json_and_flow_grpo_pickle_when_asked():
+    """JSON against the package's server by default; `protocol="pickle"` against a server started with
+    `allow_pickle` speaks Flow-GRPO's reward-server protocol (JPEG images, `meta_datas`, `only_strict`)."""
     seen = {}
 
     def geneval(images, prompts, metadata):
@@ -381,17 +390,22 @@ def test_geneval_client_speaks_flow_grpo_protocol():
             "group_strict_rewards": {},
         }
 
-    server = serve(geneval, port=0)
+    server = serve(geneval, port=0, allow_pickle=True)
     try:
-        reward = get_reward("geneval", url=f"127.0.0.1:{server.server_address[1]}")
         rows = [
             {"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats"},
             {"tag": "counting", "include": [{"class": "dog", "count": 3}], "prompt": "a photo of three dogs"},
         ]
         images = [Image.new("RGB", (16, 16))] * 2
-        assert reward(images, [r["prompt"] for r in rows], rows) == [1.0, 0.0]  # strict per-image correctness
-        assert seen["metadata"] == rows
-        assert get_reward("geneval", url=reward.url, score_key="scores")(images, None, rows) == [0.5, 0.5]
+        url = f"127.0.0.1:{server.server_address[1]}"
+        for protocol in ("json", "pickle"):
+            seen.clear()
+            reward = get_reward("geneval", url=url, protocol=protocol)
+            assert reward.image_format == ("png" if protocol == "json" else "jpeg")
+            assert reward(images, [r["prompt"] for r in rows], rows) == [1.0, 0.0]  # strict per-image correctness
+            assert seen["metadata"] == rows
+            scores = get_reward("geneval", url=url, score_key="scores", protocol=protocol)(images, None, rows)
+            assert scores == [0.5, 0.5]
     finally:
         server.shutdown()
         server.server_close()
@@ -458,3 +472,164 @@ def test_jpeg_payload_matches_flow_grpo_clients():
     image.save(default, format="JPEG")
     assert jpeg_bytes(image) == default.getvalue()  # Pillow's default quality, as Flow-GRPO's clients send
     assert Image.open(io.BytesIO(jpeg_bytes(image, quality=95))).format == "JPEG"
+
+
+# ---------------------------------------------------------------------------------------------- reward server safety
+class _Exploit:
+    """Unpickling this calls `exec`, which writes `marker`: the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def _b64_png(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _raw_post(port, body: bytes | None, content_type="application/json"):
+    """POST `body` as it is (no client-side checks); returns (status, parsed JSON answer)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest("POST", "/")
+        connection.putheader("Content-Type", content_type)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders()
+        if body is not None:
+            connection.send(body)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_server_refuses_bad_requests_with_one_log_line_each_and_keeps_serving(tmp_path, caplog):
+    calls = []
+
+    def score(images, prompts, metadata):
+        calls.append(len(images))
+        return [float(image.width) for image in images]
+
+    marker = tmp_path / "ran"
+    png = _b64_png(Image.new("RGB", (8, 8)))
+    bad = [
+        (b"x" * 5000, 413, "the request of 5000 bytes exceeds this server's limit of 4096 bytes"),
+        (None, 411, "the request has no Content-Length"),
+        (b"{not json", 400, "the body is not JSON (JSONDecodeError"),
+        (b"[1, 2]", 400, "the body must be a JSON object, got list"),
+        (json.dumps({"version": 2, "images": [png]}).encode(), 400, "unsupported protocol version 2; supported"),
+        (json.dumps({"images": [png]}).encode(), 400, "unsupported protocol version None; supported versions: 1"),
+        (json.dumps({"version": 1}).encode(), 400, "the request needs exactly one of 'images' and 'videos'"),
+        (json.dumps({"version": 1, "images": ["%%%"]}).encode(), 400, "images[0] is not valid base64"),
+        (json.dumps({"version": 1, "images": ["aGVsbG8="]}).encode(), 400, "images[0] is not a PNG or JPEG image"),
+        (json.dumps({"version": 1, "videos": [[png, 3]]}).encode(), 400, "videos[0][1] must be a base64 string"),
+        (json.dumps({"version": 1, "images": [png], "prompts": ["a", "b"]}).encode(), 400, "'prompts' has 2 entries"),
+        # what Flow-GRPO's clients send: a pickle, not declared as JSON
+        (pickle.dumps({"images": [b""], "payload": _Exploit(marker)}), 400, "a pickle request, refused", "octet"),
+    ]
+    server = serve(score, port=0, max_request_bytes=4096)
+    port = server.server_address[1]
+    try:
+        with caplog.at_level(logging.INFO, logger="trl_diffusion_opd.reward_server"):
+            for body, status, message, *octet in bad:
+                answer = _raw_post(port, body, "application/octet-stream" if octet else "application/json")
+                assert answer[0] == status, (message, answer)
+                assert answer[1]["error"].startswith(message), answer[1]
+                assert answer[1]["version"] == 1 and answer[1]["supported_versions"] == [1]
+            # a good request after the bad ones, on the same server
+            good = json.dumps({"version": 1, "images": [png, _b64_png(Image.new("RGB", (5, 3)))]}).encode()
+            status, answer = _raw_post(port, good)
+        assert (status, answer) == (200, {"version": 1, "outputs": [8.0, 5.0], "scores": [8.0, 5.0]})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not marker.exists()  # the pickle was never loaded
+    assert calls == [2]  # the scorer saw only the good request
+    lines = [record.getMessage() for record in caplog.records if record.name == "trl_diffusion_opd.reward_server"]
+    assert len(lines) == len(bad)  # one log line per refused request, none for the good one
+    assert all("\n" not in line for line in lines)
+    assert [line.split()[1] for line in lines] == [str(status) for _, status, *_ in bad]
+
+
+class _AnswerServer(http.server.BaseHTTPRequestHandler):
+    """A fake reward server: answers every POST with the bytes in `self.server.answer`."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(self.server.answer)))
+        self.end_headers()
+        self.wfile.write(self.server.answer)
+
+    def log_message(self, format, *args):
+        pass
+
+
+def test_client_refuses_a_pickled_answer_unless_asked_for_pickle(tmp_path):
+    marker = tmp_path / "ran"
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswerServer)
+    fake.answer = pickle.dumps({"outputs": [1.0], "payload": _Exploit(marker)})
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{fake.server_address[1]}"
+    try:
+        with pytest.raises(RewardServerError, match=r"that are not JSON \(a pickle, refused unread"):
+            RemoteReward(url)([Image.new("RGB", (8, 8))])
+        assert not marker.exists()
+        # the payload is real: the explicit opt-in for Flow-GRPO's servers does unpickle it
+        assert RemoteReward(url, protocol="pickle")([Image.new("RGB", (8, 8))]) == [1.0]
+        assert marker.read_text() == "pwned"
+    finally:
+        fake.shutdown()
+        fake.server_close()
+
+
+def test_pickle_is_opt_in_on_both_sides():
+    assert make_parser().parse_args(["--scorer", "m:f"]).allow_pickle is False
+    assert make_parser().parse_args(["--scorer", "m:f", "--allow-pickle"]).allow_pickle is True
+    assert RemoteReward("127.0.0.1:1").protocol == "json"
+    with pytest.raises(ValueError, match="`protocol` must be 'json' or 'pickle', got 'yaml'"):
+        RemoteReward("127.0.0.1:1", protocol="yaml")
+    with pytest.raises(ValueError, match=r"may not set the protocol's own fields \['version'\]"):
+        RemoteReward("127.0.0.1:1", extra={"version": 2})
+    server = serve(lambda images, prompts, metadata: [1.0] * len(images), port=0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(RewardServerError, match="HTTP 400: a pickle request, refused: this server speaks JSON"):
+            RemoteReward(url, protocol="pickle")([Image.new("RGB", (8, 8))])
+        assert RemoteReward(url)([Image.new("RGB", (8, 8))]) == [1.0]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_client_splits_a_batch_at_max_request_bytes_and_reports_the_servers_limit():
+    batches = []
+
+    def score(images, prompts, metadata):
+        batches.append(len(images))
+        return [float(np.asarray(image)[0, 0, 0]) for image in images]
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    one = len(json.dumps({"version": 1, "images": [_b64_png(images[0])], "prompts": [""], "metadata": [{}]}))
+    server = serve(score, port=0, max_request_bytes=int(2.5 * one))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        expected = [float(np.asarray(image)[0, 0, 0]) for image in images]
+        assert RemoteReward(url, max_request_bytes=int(2.5 * one))(images) == expected
+        assert batches == [2, 2, 1]  # one batch of 5 (batch_size 64) in three requests under the limit
+        with pytest.raises(RewardServerError, match=r"one image makes a request of \d+ bytes, more than"):
+            RemoteReward(url, max_request_bytes=one // 2)(images[:1])
+        # a client allowed more than the server: the server's 413 comes back as one line
+        with pytest.raises(RewardServerError, match=r"HTTP 413: the request of \d+ bytes exceeds this server's limit"):
+            RemoteReward(url)(images)
+        assert batches == [2, 2, 1]
+    finally:
+        server.shutdown()
+        server.server_close()

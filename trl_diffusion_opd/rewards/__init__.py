@@ -15,7 +15,7 @@ scores = pick(images, prompts, metadata)  # one float per image
 | `pickscore` | PickScore, raw logit_scale · cosine | transformers |
 | `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | transformers |
 | `temporal_consistency` | videos: mean cosine of adjacent frames' CLIP ViT-L/14 image embeddings | transformers |
-| `geneval`, `unifiedreward`, `hpsv2`, `imagereward` | clients of a reward server (Flow-GRPO's protocol) | a running server |
+| `geneval`, `unifiedreward`, `hpsv2`, `imagereward` | clients of a reward server (JSON; pickle opt-in) | a running server |
 | `brightness`, `saturation`, `jpeg_compressibility` | rule-based, in [0, 1] | nothing |
 
 Videos (lists of PIL frames, `(F, H, W, C)` arrays, `(F, C, H, W)` tensors) work with every reward: image rewards
