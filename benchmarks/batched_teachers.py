@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
             )
         )
         write_results(
-            "batched_teachers", "Several LoRA teachers in one batched forward (issue #20 item 3)", {}, data, text
+            "batched_teachers", "Several LoRA teachers in one batched forward", {}, data, text
         )
     return data
 

@@ -241,7 +241,7 @@ def run(quick: bool = False, rounds: int | None = None, seeds: int | None = None
     data = {"initial_kl_median": initial, "summary": summary, "curves": curves, "runs": runs, "verdict": verdict}
     if write:
         write_results(
-            "convergence", "Convergence ablation: ODE vs SDE vs PPO-style (issue #7, item 4)", config, data, markdown
+            "convergence", "Convergence ablation: ODE vs SDE vs PPO-style", config, data, markdown
         )
     return data
 

@@ -394,7 +394,7 @@ def main(argv=None) -> dict:
         "phases": phases,
     }
     if not ns.no_write:
-        write_results(name, f"GPU round at {label} (issue #7, item 5)", run_config, data, markdown)
+        write_results(name, f"GPU round at {label}", run_config, data, markdown)
     return data
 
 
