@@ -15,6 +15,7 @@ Variants: AdamW's default `adam_epsilon=1e-8` vs the `1e-12` of the package's te
 (the default: the last sampler step is not trained) vs 1.0, and guidance 1 vs 4.
 
     python -m benchmarks.klein_final_latents                 # 2 families x 5 variants x 3 seeds, ~30 CPU-minutes
+    python -m benchmarks.klein_final_latents --gradients     # first-round gradients of every tiny image family
     python -m benchmarks.klein_final_latents --quick --no-write
 """
 
@@ -194,6 +195,89 @@ def run(family: str, variant: str, seed: int, rounds: int = 80, learning_rate: f
     return result
 
 
+# Text lengths of the tiny pipelines' tests (SD3's CLIP-only tiny pipeline takes any).
+GRADIENT_FAMILIES = {"flux2_klein": 48, "flux": 32, "sd3": 1, "zimage": 64, "qwenimage": 32, "wan": 16}
+
+
+def gradient_scale(name: str, seed: int = 0) -> dict:
+    """|gradient| of the student's LoRA-B entries in the first round (= Adam's bias-corrected sqrt(v) after one
+    step) for the tiny pipeline `name`, with the same kind of teachers, prompts and 4-step ODE as `run`."""
+    from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback
+
+    from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
+    from trl_diffusion_opd.families.base import get_family
+    from trl_diffusion_opd.testing import TINY_PIPELINES, TINY_WAN_FRAMES, save_toy_lora
+
+    folder = Path(tempfile.mkdtemp(prefix="klein_gradients_"))
+    pipe = TINY_PIPELINES[name](seed=seed)
+    targets = get_family(pipe).default_lora_targets
+    teachers = {
+        task: str(
+            save_toy_lora(
+                pipe,
+                folder / task,
+                seed=1 + index + 10 * seed,
+                std=0.1,
+                rank=2,
+                shared_seed=7,
+                specific_scale=0.3,
+                target_modules=targets,
+            )
+        )
+        for index, task in enumerate(TRAIN_PROMPTS)
+    }
+    video = {"num_frames": TINY_WAN_FRAMES} if name == "wan" else {}
+    args = DiffusionOPDConfig(
+        output_dir=str(folder / "out"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-12,
+        ema=False,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=10_000,
+        max_sequence_length=GRADIENT_FAMILIES[name],
+        resolution=RESOLUTION,
+        num_inference_steps=4,
+        **video,
+    )
+    peft_config = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=targets)
+    trainer = DiffusionOPDTrainer(pipe, teachers, args=args, train_dataset=TRAIN_PROMPTS, peft_config=peft_config)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    beta2 = trainer.args.adam_beta2
+    grads = torch.cat(
+        [
+            (trainer.optimizer.state[param]["exp_avg_sq"] / (1 - beta2)).sqrt().flatten()
+            for n, param in trainer.model.named_parameters()
+            if ".lora_B." in n and param in trainer.optimizer.state
+        ]
+    )
+    return {
+        "family": name,
+        "median": grads.median().item(),
+        "p90": grads.quantile(0.9).item(),
+        "share_below_1e-8": (grads < 1e-8).float().mean().item(),
+        "sigmas": trainer.family.sigmas(4, RESOLUTION).tolist(),
+    }
+
+
+def gradients_markdown(rows: list[dict]) -> str:
+    table = [
+        [
+            r["family"],
+            f"{r['median']:.2g}",
+            f"{r['p90']:.2g}",
+            f"{r['share_below_1e-8']:.0%}",
+            " ".join(f"{s:.3f}" for s in r["sigmas"]),
+        ]
+        for r in rows
+    ]
+    return markdown_table(["tiny family", "median abs(g)", "90th pct abs(g)", "share < 1e-8", "sigmas (N=4)"], table)
+
+
 def _mean_std(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.1%} ± {std:.1%}"
@@ -275,12 +359,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=80)
     parser.add_argument("--learning_rate", type=float, default=5e-3)
     parser.add_argument("--workers", type=int, default=2, help="Runs in parallel, one process (one thread) each.")
+    parser.add_argument(
+        "--gradients",
+        action="store_true",
+        help="Instead: first-round |gradient| of the student's LoRA-B on every tiny image family (vs adam_epsilon).",
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds, one seed (smoke check).")
     parser.add_argument("--no-write", action="store_true", help="Print only; do not write results files.")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seeds = 2, args.seeds[:1]
     setup()
+    if args.gradients:
+        rows = [gradient_scale(name) for name in GRADIENT_FAMILIES]
+        markdown = gradients_markdown(rows)
+        print(markdown)
+        if not args.no_write:
+            title = "First-round LoRA-B gradients of the tiny families (benchmarks.klein_final_latents --gradients)"
+            write_results("klein_gradient_scale", title, {"rounds": 1, "seed": 0}, {"results": rows}, markdown)
+        return rows
     jobs = [
         (f, v, s, args.rounds, args.learning_rate) for f in args.families for v in args.variants for s in args.seeds
     ]

@@ -237,4 +237,5 @@ def test_klein_final_latents_records_every_step_and_the_pipeline_latents():
         # ... and the untrained last step holds most of the initial KL (87-92 % over pipeline seeds 0-2).
         assert task["last_step_share_before"] > 0.8
         assert -1 < task["latent_distance_drop"] < 1 and task["latent_distance_drop"] != 0
-    assert 0 < result["adam_sqrt_v"] < 1e-6
+    # The tiny klein's LoRA-B gradients are below AdamW's default eps 1e-8 (median 5.6e-10 in the first round).
+    assert 0 < result["adam_sqrt_v"] < 1e-8
