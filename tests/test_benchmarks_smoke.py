@@ -252,3 +252,21 @@ def test_long_run_probe_and_summary():
     assert summary["rss_end_over_mark"] == pytest.approx(1.1) and summary["within_target"] is True
     assert summary["rss_slope_bytes_per_round"] == pytest.approx(1.0)
     assert long_run.summarize(fake_short, {**fake_long, "peak_rss_bytes": 1060})["within_target"] is False
+
+
+def test_klein_final_latents_records_every_step_and_the_pipeline_latents():
+    from benchmarks import klein_final_latents
+
+    result = klein_final_latents.run("flux2_klein", "eps 1e-12, fraction 0.99", seed=0, rounds=1)
+    # klein's shifted 4-step schedule at 32 px: the last step, 0.70 -> 0, is the one `timestep_fraction=0.99` skips
+    assert result["sigmas"][-2] == pytest.approx(0.7007, abs=1e-4) and result["trained_steps"] == 3
+    for task in result["tasks"].values():
+        before, after = task["kl_step_before"], task["kl_step_after"]
+        assert len(before) == len(after) == 4 and min(before) > 0
+        # The trainer's KL is the mean over the trained steps of the all-steps KL, on the same rollouts.
+        assert task["kl_drop_trained"] == pytest.approx(1 - sum(after[:3]) / sum(before[:3]), rel=1e-4)
+        # ... and the untrained last step holds most of the initial KL (87-92 % over pipeline seeds 0-2).
+        assert task["last_step_share_before"] > 0.8
+        assert -1 < task["latent_distance_drop"] < 1 and task["latent_distance_drop"] != 0
+    # The tiny klein's LoRA-B gradients are below AdamW's default eps 1e-8 (median 5.6e-10 in the first round).
+    assert 0 < result["adam_sqrt_v"] < 1e-8
