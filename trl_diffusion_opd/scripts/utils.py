@@ -25,7 +25,7 @@ from ..families.base import get_family
 from ..registry import load_pipeline
 from ..rewards import get_reward
 from ..trainer.base_config import check_reward_names
-from ..trainer.base_trainer import prompt_rows, resolve_student_adapter
+from ..trainer.base_trainer import check_eval_strategy, prompt_rows, resolve_student_adapter
 from ..trainer.model_config import DiffusionModelConfig, get_student_lora_config
 
 
@@ -334,6 +334,7 @@ def build_rl_trainer(trainer_class: type, script_args: DiffusionRLScriptArgument
     train_dataset, eval_dataset = load_prompts(script_args)
     train_dataset = prompt_rows(train_dataset)
     eval_dataset = prompt_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+    check_eval_strategy(training_args, eval_dataset)
     weights = training_args.reward_weights
     if weights is not None and len(weights) != len(script_args.reward_funcs):
         raise ValueError(

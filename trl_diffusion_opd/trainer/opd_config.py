@@ -138,6 +138,13 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
 
         > Parameters that control evaluation
 
+        eval_strategy, eval_steps, per_device_eval_batch_size, metric_for_best_model, greater_is_better:
+            transformers' periodic evaluation: every `eval_steps` rounds (`"steps"`) or after every epoch, one pass
+            over the largest task's prompts (`"epoch"`), `evaluate()` reports the KL to each teacher on the held-out
+            prompts (`eval_dataset`), in batches of `per_device_eval_batch_size`, as `eval_kl/{task}`, their mean
+            `eval_kl` and the training objective `eval_loss`. `metric_for_best_model` may name any of them
+            (`load_best_model_at_end` restores that checkpoint's student and EMA); `greater_is_better` defaults to
+            `False`.
         eval_rewards (`dict[str, list[str]]`, `str` or `None`, *optional*):
             Rewards of the student's samples every `eval_steps`, logged as `rewards/{task}/{reward}` with an image
             grid: `{task: [reward, ...]}`, `"a,b"` for every task, or `""` for grids only. `None` disables it.
@@ -233,6 +240,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         auto = isinstance(self.step_batch_size, str)
         if auto:
             self.step_batch_size = None
+        # Every metric of `evaluate()` (`kl`, `kl/<task>`, `loss`) is better lower; transformers' default would take
+        # the highest KL as the best model.
+        best = self.metric_for_best_model is not None or self.load_best_model_at_end
+        if self.greater_is_better is None and best:
+            self.greater_is_better = False
         super().__post_init__()
         if auto:
             self.step_batch_size = "auto"
