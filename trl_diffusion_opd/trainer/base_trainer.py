@@ -33,8 +33,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import IntervalStrategy
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import IntervalStrategy
 
 from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_task
