@@ -299,12 +299,17 @@ def materialize_toy_adapters(
 ) -> dict[str, Any]:
     """Replace every `toy:<seed>` spec (alone, as a dict's `path`, or in a list) by a random LoRA for `pipeline`
     (`testing.save_toy_lora(**lora_kwargs)`), saved under `folder/<label>[_<index>]`; other specs are unchanged.
+    With several experts (Wan 2.2 A14B) the LoRA has a file for each, like a teacher trained on that base.
     Toy adapters exist for offline runs on the tiny pipelines."""
     from ..testing import save_toy_lora  # the test helpers are only loaded when a toy adapter is asked for
 
+    experts = list(get_family(pipeline).experts)
+
     def make(label: str, seed: int) -> str:
         name = re.sub(r"[^\w.-]+", "_", label)
-        return str(save_toy_lora(pipeline, Path(folder) / name, seed=seed, **lora_kwargs))
+        for expert in experts:
+            save_toy_lora(pipeline, Path(folder) / name, seed=seed, expert=expert, **lora_kwargs)
+        return str(Path(folder) / name)
 
     return _map_toy_specs(specs, what, make)
 
