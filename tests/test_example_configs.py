@@ -17,7 +17,8 @@ of the same form:
 - sizes: the family's tiny resolution and frame count, 2 sampler steps, at most 8 prompt tokens, 1 prompt per task and
   round, 2 generations per prompt; `max_steps: 2` with periodic evaluation (`eval_strategy: steps`, `eval_steps: 1`)
   whenever the config has an eval set, checkpoints every 2 steps when it saves any, output under a temporary folder;
-  `use_cpu: true` when it trains in bf16/fp16 (transformers refuses mixed precision on a CPU otherwise).
+  `use_cpu: true` when it trains in bf16/fp16 (transformers refuses mixed precision on a CPU otherwise); no push to
+  the Hub, and no `accelerate launch` options (`accelerate_config`, `num_processes`, ...): one process.
 
 Everything else (LoRA shape and targets, EMA, lr schedule, loss and KL normalisation, guidance scales, task weights,
 samplers, trackers, ...) is the config's own. A new YAML is picked up without editing this file; a base of a family not
@@ -91,18 +92,34 @@ def _cases() -> list:
     ]
     for markdown in [ROOT / "README.md", *sorted(ROOT.glob("docs/**/*.md"))]:
         sources += _markdown_yaml_blocks(markdown)
-    cases = []
+    cases, fragments = [], []
     for name, text in sources:
         try:
             config = yaml.safe_load(text)
         except yaml.YAMLError:
             continue  # not YAML of a config (e.g. a sketch with placeholders)
-        # Blocks that are not whole configs of a command (a `teachers:` fragment, a CI file) are not runs.
-        if not isinstance(config, dict) or "model_name_or_path" not in config:
+        if not isinstance(config, dict):
+            continue
+        if "model_name_or_path" not in config:
+            fragments.append((name, config))
             continue
         command = _command(config, text)
         if command is not None:
             cases.append(pytest.param(name, command, config, id=name))
+    # A `teachers:` fragment (other teacher spec forms for a recipe) runs on the example config with the same tasks,
+    # the one sharing most teacher references with it; other fragments (a CI file, a few keys) are no runs.
+    for name, fragment in fragments:
+        tasks = set(fragment.get("teachers") or {})
+        bases = [case for case in cases if case.values[1] == "train" and set(case.values[2]["teachers"]) == tasks]
+        references = set(re.findall(r"[\w.-]+/[\w./-]+", json.dumps(fragment.get("teachers"))))
+        base = max(
+            bases,
+            key=lambda case: len(references & set(json.dumps(case.values[2]["teachers"]).split('"'))),
+            default=None,
+        )
+        if tasks and base is not None:
+            label = f"{name} on {base.values[0]}"
+            cases.append(pytest.param(label, "train", {**base.values[2], **fragment}, id=label))
     return cases
 
 
@@ -113,7 +130,12 @@ def test_every_shipped_example_config_is_a_case():
     names = {case.values[0] for case in CASES}
     for path in ROOT.glob("examples/configs/*.yaml"):
         assert str(path.relative_to(ROOT)) in names
-    assert any(name.startswith("README.md#") for name in names)  # the README's eval.yaml at least
+    # the README's eval.yaml, and its teachers fragment (an ensemble with weights and names) on the paper's recipe
+    assert any(name.startswith("README.md#") and " on " not in name for name in names)
+    assert any(
+        name.startswith("README.md#") and name.endswith(" on examples/configs/sd35m_three_teachers.yaml")
+        for name in names
+    )
 
 
 # ---------------------------------------------------------------------------------------------- shrinking
@@ -245,6 +267,10 @@ def shrink_training(config: dict, command: str, out: Path) -> dict:
         config["use_cpu"] = True
     config["output_dir"] = str(out)
     config["disable_tqdm"] = True
+    config["push_to_hub"] = False  # no Hub here
+    # `accelerate launch` options would relaunch the run on several processes (presets: see tests/test_sharded.py)
+    for key in [*script_utils._launch_options(), "--accelerate_config"]:
+        config.pop(key.removeprefix("--"), None)
     return config
 
 
