@@ -29,7 +29,7 @@ from typing import Any
 from ..data import prompts_by_task
 from ..teachers import STUDENT, check_teacher_files, parse_teachers, resolve_teacher
 from ..trainer import DiffusionModelConfig, DiffusionOPDConfig, DiffusionOPDTrainer
-from ..trainer.base_trainer import resolve_student_adapter
+from ..trainer.base_trainer import check_eval_strategy, resolve_student_adapter
 from ..trainer.model_config import get_student_lora_config
 from .utils import (
     PROG,
@@ -150,6 +150,7 @@ def build_trainer(
     DiffusionOPDTrainer.check_tasks(train_dataset, script_args.teachers)
     if eval_dataset:
         DiffusionOPDTrainer.check_eval_tasks(eval_dataset, script_args.teachers)
+    check_eval_strategy(training_args, eval_dataset)
     DiffusionOPDTrainer.check_task_fields(training_args, script_args.teachers)
     with training_args.main_process_first(desc="resolving the teachers"):
         check_teachers(script_args.teachers, cache_dir=model_args.cache_dir, token=training_args.hub_token)

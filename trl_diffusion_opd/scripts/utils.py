@@ -27,7 +27,7 @@ from ..registry import get_pipeline, load_pipeline
 from ..rewards import get_reward
 from ..sizes import ResolutionLike
 from ..trainer.base_config import check_reward_names
-from ..trainer.base_trainer import prompt_rows, resolve_student_adapter
+from ..trainer.base_trainer import check_eval_strategy, prompt_rows, resolve_student_adapter
 from ..trainer.model_config import DiffusionModelConfig, get_student_lora_config
 from . import PROG, fail, one_line  # noqa: F401  (the commands import them from here)
 
@@ -494,12 +494,17 @@ def materialize_toy_adapters(
 ) -> dict[str, Any]:
     """Replace every `toy:<seed>` spec (alone, as a dict's `path`, or in a list) by a random LoRA for `pipeline`
     (`testing.save_toy_lora(**lora_kwargs)`), saved under `folder/<label>[_<index>]`; other specs are unchanged.
+    With several experts (Wan 2.2 A14B) the LoRA has a file for each, like a teacher trained on that base.
     Toy adapters exist for offline runs on the tiny pipelines."""
     from ..testing import save_toy_lora  # the test helpers are only loaded when a toy adapter is asked for
 
+    experts = list(get_family(pipeline).experts)
+
     def make(label: str, seed: int) -> str:
         name = re.sub(r"[^\w.-]+", "_", label)
-        return str(save_toy_lora(pipeline, Path(folder) / name, seed=seed, **lora_kwargs))
+        for expert in experts:
+            save_toy_lora(pipeline, Path(folder) / name, seed=seed, expert=expert, **lora_kwargs)
+        return str(Path(folder) / name)
 
     return _map_toy_specs(specs, what, make)
 
@@ -529,6 +534,7 @@ def build_rl_trainer(trainer_class: type, script_args: DiffusionRLScriptArgument
     train_dataset, eval_dataset = load_prompts(script_args)
     train_dataset = prompt_rows(train_dataset)
     eval_dataset = prompt_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+    check_eval_strategy(training_args, eval_dataset)
     weights = training_args.reward_weights
     if weights is not None and len(weights) != len(script_args.reward_funcs):
         raise ValueError(

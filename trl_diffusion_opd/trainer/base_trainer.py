@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import IntervalStrategy
 
 from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_task
@@ -107,6 +108,19 @@ def resolve_student_adapter(
         raise ValueError(f"{owner} is a full model, not a LoRA to continue from.")
     check_lora_folder(folder, parsed.weight_name, owner)
     return parsed
+
+
+def check_eval_strategy(args: DiffusionTrainingConfig, eval_prompts: Any) -> None:
+    """A periodic evaluation (`eval_strategy` other than `"no"`) has held-out prompts to run on.
+
+    Raises:
+        ValueError: one line, when `eval_prompts` is empty or `None` and `args.eval_strategy` is not `"no"`.
+    """
+    if args.eval_strategy != IntervalStrategy.NO and not eval_prompts:
+        raise ValueError(
+            f"`eval_strategy='{IntervalStrategy(args.eval_strategy).value}'` needs held-out prompts: pass "
+            "`eval_dataset` (`eval_prompts` or `dataset_test_split` in a config), or set `eval_strategy='no'`."
+        )
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -329,10 +343,13 @@ class DiffusionLoRATrainer(Trainer):
             if hasattr(args, "activation_checkpointing"):
                 args.activation_checkpointing = False
 
+        self._check_evaluation(args)
         super().__init__(
             model=transformer,
             args=args,
             train_dataset=RoundRobinPrompts(self.task_prompts, 1, 1, args.seed),  # replaced in get_train_dataloader
+            # `{task: rows}`: the Trainer only checks that an eval set exists; `evaluate` (a subclass's) reads it.
+            eval_dataset=self.eval_prompts or None,
             callbacks=callbacks,
         )
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -373,6 +390,29 @@ class DiffusionLoRATrainer(Trainer):
                 f"`guidance_scale_2` applies to pipelines with two experts (Wan 2.2 A14B); {type(self.pipeline).__name__}"
                 " has one transformer here."
             )
+
+    def eval_metric_names(self) -> list[str]:
+        """The metrics `evaluate()` reports, without the `eval_` prefix (what `metric_for_best_model` may name)."""
+        return []
+
+    def _check_evaluation(self, args: DiffusionTrainingConfig) -> None:
+        """One-line errors, before any model work, for a periodic evaluation without an eval set and for a
+        `metric_for_best_model` that `evaluate()` does not report (transformers would fail at the first evaluation)."""
+        check_eval_strategy(args, self.eval_prompts)
+        metric = args.metric_for_best_model
+        if metric is None:
+            return
+        names = self.eval_metric_names()
+        if metric.removeprefix("eval_") not in names:
+            raise ValueError(
+                f"`metric_for_best_model` is '{metric}', which {type(self).__name__}.evaluate() does not report; "
+                f"choose one of {names}."
+            )
+
+    def _eval_batches(self, rows: list) -> list[list]:
+        """`rows` in batches of `per_device_eval_batch_size`: an evaluation never samples more at once."""
+        size = max(1, self.args.per_device_eval_batch_size)
+        return [rows[start : start + size] for start in range(0, len(rows), size)]
 
     def _velocity(self, transformer, x, sigma, cond, guidance_scale, negative, guidance_scale_2=None):
         """`family.velocity`, passing the second expert's CFG scale only when one is set (image families take none)."""

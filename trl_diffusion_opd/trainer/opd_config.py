@@ -170,6 +170,11 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         auto = isinstance(self.step_batch_size, str)
         if auto:
             self.step_batch_size = None
+        # Every metric of `evaluate()` (`kl`, `kl/<task>`, `loss`) is better lower; transformers' default would take
+        # the highest KL as the best model.
+        best = self.metric_for_best_model is not None or self.load_best_model_at_end
+        if self.greater_is_better is None and best:
+            self.greater_is_better = False
         super().__post_init__()
         if auto:
             self.step_batch_size = "auto"

@@ -564,7 +564,37 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         return to_device(torch.tensor(total), self.args.device)
 
     # ------------------------------------------------------------------ evaluation
+    def eval_metric_names(self) -> list[str]:
+        tasks = list(self.eval_prompts or self.teacher_specs)
+        return ["loss", "kl", *(f"kl/{task}" for task in tasks)]
+
     @torch.no_grad()
+    def _evaluate_tasks(
+        self, prompts: dict[str, list[str] | list[dict]] | None, seed: int, use_ema: bool
+    ) -> dict[str, tuple[float, float]]:
+        """`{task: (loss, kl)}` on fresh student rollouts of `prompts` (`None`: `eval_dataset`), sampled in batches of
+        `per_device_eval_batch_size` from one generator per task, averaged over the prompts."""
+        prompts = self.eval_prompts if prompts is None else prompts_by_task(prompts)
+        if not prompts:
+            raise ValueError("No evaluation prompts: pass `prompts` or an `eval_dataset`.")
+        model = self.accelerator.unwrap_model(self.model)
+        context = self._ema_weights() if use_ema else contextlib.nullcontext()
+        result = {}
+        with context:
+            for task, rows in prompts.items():
+                if task not in self.teacher_specs:
+                    raise ValueError(f"Evaluation task '{task}' has no teacher.")
+                rows = [{"prompt": r} if isinstance(r, str) else r for r in rows]
+                # One generator for the task's batches: with the ODE sampler the rollouts do not depend on the batching.
+                generator = self._generator("eval", seed, task)
+                loss = kl = 0.0
+                for batch in self._eval_batches(rows):
+                    batch_loss, batch_kl = self.task_loss(model, task, batch, generator, backward=False)
+                    loss += batch_loss * len(batch)
+                    kl += batch_kl.mean().item() * len(batch)
+                result[task] = (loss / len(rows), kl / len(rows))
+        return result
+
     def compute_teacher_kl(
         self, prompts: dict[str, list[str] | list[dict]] | None = None, seed: int = 0, use_ema: bool = True
     ) -> dict[str, float]:
@@ -578,27 +608,20 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         Returns:
             `{task: kl}` with the configured normalisation.
         """
-        prompts = self.eval_prompts if prompts is None else prompts_by_task(prompts)
-        if not prompts:
-            raise ValueError("No evaluation prompts: pass `prompts` or an `eval_dataset`.")
-        model = self.accelerator.unwrap_model(self.model)
-        context = self._ema_weights() if use_ema else contextlib.nullcontext()
-        result = {}
-        with context:
-            for task, rows in prompts.items():
-                if task not in self.teacher_specs:
-                    raise ValueError(f"Evaluation task '{task}' has no teacher.")
-                rows = [{"prompt": r} if isinstance(r, str) else r for r in rows]
-                _, kl = self.task_loss(model, task, rows, self._generator("eval", seed, task), backward=False)
-                result[task] = kl.mean().item()
-        return result
+        return {task: kl for task, (_, kl) in self._evaluate_tasks(prompts, seed, use_ema).items()}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """KL to each teacher on held-out prompts, logged as `{prefix}_kl/{task}`."""
+        """KL to each teacher on held-out prompts (`eval_dataset`), logged as `{prefix}_kl/{task}`, their mean over
+        tasks as `{prefix}_kl`, and the training objective on them (the task-weighted sum of the task losses, as the
+        logged `loss` of a round) as `{prefix}_loss`. The Trainer calls it every `eval_steps` with
+        `eval_strategy="steps"` (every epoch, a pass over the largest task's prompts, with `"epoch"`)."""
         prompts = prompts_by_task(eval_dataset) if eval_dataset is not None else None
-        kl = self.compute_teacher_kl(prompts)
-        metrics = {f"{metric_key_prefix}_kl/{task}": value for task, value in kl.items()}
-        metrics[f"{metric_key_prefix}_kl"] = sum(kl.values()) / len(kl)
+        start = time.perf_counter()
+        results = self._evaluate_tasks(prompts, seed=0, use_ema=True)
+        metrics = {f"{metric_key_prefix}_kl/{task}": kl for task, (_, kl) in results.items()}
+        metrics[f"{metric_key_prefix}_kl"] = sum(kl for _, kl in results.values()) / len(results)
+        metrics[f"{metric_key_prefix}_loss"] = sum(loss for loss, _ in results.values())
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

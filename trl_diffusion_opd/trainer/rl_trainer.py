@@ -163,6 +163,68 @@ class DiffusionRLTrainer(DiffusionLoRATrainer, abc.ABC):
             )
         self.accelerator.backward(loss / getattr(self, "current_gradient_accumulation_steps", 1))
 
+    # ------------------------------------------------------------------ evaluation
+    def eval_metric_names(self) -> list[str]:
+        names = ["reward", *(f"rewards/{reward.name}" for reward in self.reward_funcs)]
+        tasks = list(self.eval_prompts or {})
+        if len(tasks) > 1:
+            names += [f"rewards/{task}/{reward.name}" for task in tasks for reward in self.reward_funcs]
+        return names
+
+    @torch.no_grad()
+    def compute_eval_rewards(self, prompts: Any = None, seed: int = 0, use_ema: bool = True) -> dict[str, float]:
+        """Mean rewards of the student on held-out prompts, one image per prompt from the deterministic (ODE) sampler
+        at the training resolution, steps and CFG, in batches of `per_device_eval_batch_size`.
+
+        Args:
+            prompts: Prompts in any form of `eval_dataset`; `None` uses `eval_dataset`.
+            seed: Seed of the initial noise (the same seed, the same noise every evaluation).
+            use_ema: Sample with the EMA weights when EMA is on.
+
+        Returns:
+            `reward` (the weighted total of `score`, as logged in training), `rewards/{name}` per reward function
+            (the mean over the images it scores; `nan` scores left out) and, with several tasks,
+            `rewards/{task}/{name}`.
+        """
+        prompts = self.eval_prompts if prompts is None else prompt_rows(prompts, "eval_dataset")
+        if not prompts:
+            raise ValueError("No evaluation prompts: pass `prompts` or an `eval_dataset`.")
+        totals: list[float] = []
+        scores: dict[str, list[float]] = {reward.name: [] for reward in self.reward_funcs}
+        metrics: dict[str, float] = {}
+        index = 0
+        for task, rows in prompts.items():
+            task_scores: dict[str, list[float]] = {reward.name: [] for reward in self.reward_funcs}
+            for batch in self._eval_batches(rows):
+                texts = [row["prompt"] for row in batch]
+                # a seed per batch, so that batches do not share their initial noise
+                images = self.generate(texts, seed=seed * 1_000_003 + index, use_ema=use_ema)
+                index += 1
+                total, batch_scores = self.score(images, batch)
+                totals += total.tolist()
+                for reward, values in zip(self.reward_funcs, batch_scores.tolist()):
+                    task_scores[reward.name] += values
+            for name, values in task_scores.items():
+                scores[name] += values
+                if len(prompts) > 1:
+                    metrics[f"rewards/{task}/{name}"] = nanmean(values)
+        metrics["reward"] = sum(totals) / len(totals)
+        metrics.update({f"rewards/{name}": nanmean(values) for name, values in scores.items()})
+        return metrics
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The student's rewards on held-out prompts (`compute_eval_rewards` on `eval_dataset`), logged as
+        `{prefix}_reward`, `{prefix}_rewards/{name}` (and `{prefix}_rewards/{task}/{name}` with several tasks). The
+        Trainer calls it every `eval_steps` with `eval_strategy="steps"` (every epoch, a pass over the largest task's
+        prompts, with `"epoch"`)."""
+        start = time.perf_counter()
+        values = self.compute_eval_rewards(eval_dataset)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in values.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
