@@ -36,6 +36,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
@@ -77,7 +78,9 @@ __all__ = [
     "TINY_RESOLUTION",
     "get_tiny_clip_tokenizer",
     "get_tiny_flux2_klein_pipeline",
+    "get_tiny_flux_kontext_pipeline",
     "get_tiny_flux_pipeline",
+    "get_tiny_input_image",
     "get_tiny_qwen2_tokenizer",
     "get_tiny_qwen_tokenizer",
     "get_tiny_qwen3_tokenizer",
@@ -377,6 +380,25 @@ def get_tiny_flux_pipeline(
         transformer=transformer,
     )
     return _to_eval(pipe)
+
+
+def get_tiny_flux_kontext_pipeline(seed: int = 0, **kwargs) -> FluxKontextPipeline:
+    """A randomly initialised `FluxKontextPipeline` (FLUX.1 Kontext dev's structure, guidance embedding): the
+    components of `get_tiny_flux_pipeline(seed, **kwargs)`, which Kontext shares with FLUX.1."""
+    return _to_eval(FluxKontextPipeline(**get_tiny_flux_pipeline(seed, **kwargs).components))
+
+
+def get_tiny_input_image(seed: int = 0, height: int = TINY_RESOLUTION, width: int = TINY_RESOLUTION):
+    """A deterministic RGB PIL image of `height` x `width` pixels (smooth colour gradients plus noise), an input image
+    for the tiny editing pipelines."""
+    import PIL.Image
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.linspace(0, 1, height)[:, None, None]
+    cols = torch.linspace(0, 1, width)[None, :, None]
+    phase = torch.rand(3, generator=generator)
+    base = (rows * phase + cols * (1 - phase) + 0.2 * torch.rand(height, width, 3, generator=generator)) % 1.0
+    return PIL.Image.fromarray((base * 255).round().to(torch.uint8).numpy())
 
 
 def get_tiny_zimage_pipeline(
@@ -875,6 +897,7 @@ def save_toy_lora(
 TINY_PIPELINES = {
     "sd3": get_tiny_sd3_pipeline,
     "flux": get_tiny_flux_pipeline,
+    "flux_kontext": get_tiny_flux_kontext_pipeline,
     "flux2_klein": get_tiny_flux2_klein_pipeline,
     "qwenimage": get_tiny_qwenimage_pipeline,
     "zimage": get_tiny_zimage_pipeline,
