@@ -163,7 +163,7 @@ def distilled(tmp_path_factory):
     trainer = DiffusionOPDTrainer(
         pipe,
         teachers,
-        args=_args(tmp / "out", max_steps=60),
+        args=_args(tmp / "out", max_steps=80),
         train_dataset={"edit": EDIT_ROWS, "style": STYLE_ROWS},
         peft_config=_student_config(),
     )
@@ -179,8 +179,11 @@ def test_distillation_lowers_kl_to_each_editing_teacher(distilled):
     for task in kl_before:
         assert kl_before[task] > 1e-7, f"teacher '{task}' equals the base: nothing to distil"
         reduction = 1 - kl_after[task] / kl_before[task]
-        # Measured with student seeds 0, 1, 2 (tests/test_flux_kontext.py's set-up, this machine): see the report.
-        assert reduction >= 0.8, f"KL to '{task}' fell by {reduction:.1%} only ({kl_before[task]:.3g} -> {kl_after[task]:.3g})"
+        # With the student seeded 0, 1, 2 (`seed`) the reductions were 92.7 / 92.6 / 93.4% (edit) and 87.6 / 90.0 /
+        # 88.9% (style), so 80% leaves over 7 points for other seeds and machines.
+        assert reduction >= 0.8, (
+            f"KL to '{task}' fell by {reduction:.1%} only ({kl_before[task]:.3g} -> {kl_after[task]:.3g})"
+        )
 
 
 def test_student_velocity_depends_on_the_input_image(distilled):
@@ -189,8 +192,12 @@ def test_student_velocity_depends_on_the_input_image(distilled):
     x = torch.randn((1, 4, 16, 24), generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.7])
     with torch.no_grad():
-        first = family.velocity(trainer.pipeline.transformer, x, sigma, trainer.prompt_cache(["add a hat"], [[IMAGES[0]]]), GUIDANCE)
-        second = family.velocity(trainer.pipeline.transformer, x, sigma, trainer.prompt_cache(["add a hat"], [[IMAGES[1]]]), GUIDANCE)
+        first = family.velocity(
+            trainer.pipeline.transformer, x, sigma, trainer.prompt_cache(["add a hat"], [[IMAGES[0]]]), GUIDANCE
+        )
+        second = family.velocity(
+            trainer.pipeline.transformer, x, sigma, trainer.prompt_cache(["add a hat"], [[IMAGES[1]]]), GUIDANCE
+        )
     assert (first - second).abs().max() > 1e-3
 
 
@@ -205,7 +212,7 @@ def test_kl_is_zero_when_student_and_teacher_are_the_same_adapter(distilled, tmp
     )
     rows = EVAL_ROWS["edit"]
     _, kl = same.task_loss(same.model, "edit", rows, torch.Generator().manual_seed(0), backward=False)
-    assert kl.shape == (STEPS,)
+    assert kl.shape == (same.args.train_timesteps_for("edit"),) and len(kl) >= 2
     assert kl.abs().max().item() <= 1e-12
     other = trainer.teacher_specs["style"][0].path
     differs = DiffusionOPDTrainer(
