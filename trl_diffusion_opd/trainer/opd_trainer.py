@@ -173,9 +173,11 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
     def _model_card_details(self) -> dict[str, Any]:
         args = self.args
         tasks = list(self.teacher_specs)
+        kinds = self.task_kinds()
         teachers = [
             {
                 "task": task,
+                "kind": kinds[task] if any(kind != "text-to-image" for kind in kinds.values()) else None,
                 "reference": teacher_reference(spec),
                 "guidance_scale": spec.guidance_scale
                 if spec.guidance_scale is not None
@@ -212,6 +214,15 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             "steps_label": "rounds (optimizer steps)",
             "papers": [self._paper],
         }
+
+    def task_kinds(self) -> dict[str, str]:
+        """Each task's kind, from its training rows: `"editing"` (rows with input images), `"text-to-image"`, or
+        `"text-to-image + editing"` when it has both."""
+        kinds = {}
+        for task, rows in self.task_prompts.items():
+            edits = sum(bool(row.get("image")) for row in rows)
+            kinds[task] = "editing" if edits == len(rows) else "text-to-image + editing" if edits else "text-to-image"
+        return kinds
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
