@@ -310,6 +310,11 @@ class FlowMatchingFamily(abc.ABC):
     def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
         """Decode final latents x_{t_N} to PIL images of `resolution` (video families: a list of frames per sample)."""
 
+    def full_latents(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The latents `decode` takes, from the final latents `x` the sampler moved and the rows' conditioning `cond`:
+        `x` itself, unless the family keeps conditioned latents out of the sampler (Wan TI2V's first frame)."""
+        return x
+
     def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
         """The keyword arguments that make the pipeline's `__call__` sample with the guidance `velocity` applies for
         `guidance_scale` and `negative_prompt` (written into the model card's quick start).

@@ -676,7 +676,7 @@ class DiffusionLoRATrainer(Trainer):
                 sigma = sigmas[j].expand(len(prompts)).to(args.device)
                 v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
                 x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
-        return self.decode(x)
+        return self.decode(self.family.full_latents(x, cond))
 
     @contextlib.contextmanager
     def _ema_weights(self):
