@@ -411,11 +411,10 @@ class DiffusionLoRATrainer(Trainer):
             for task, rows in prompts.items():
                 for index, row in enumerate(rows):
                     count = len(row.get("image") or ())
-                    if not count:
-                        continue
                     where = f"Task '{task}' row {index} ({row['prompt']!r})"
-                    if not self._uses_input_images:
+                    if count and not self._uses_input_images:
                         raise ValueError(f"{where} has input images, which the {self._name} trainer does not use.")
+                    # every row: an image-to-video family refuses one without its first frame
                     self.family.check_input_images(count, where)
 
     def _velocity(self, transformer, x, sigma, cond, guidance_scale, negative, guidance_scale_2=None):
