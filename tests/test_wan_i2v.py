@@ -323,3 +323,12 @@ def test_rows_without_a_first_frame_or_with_too_many_are_refused(tmp_path):
             args=_args(tmp_path / "o2", TINY_WAN_TI2V_I2V_SIZE),
             train_dataset={"motion": rows},
         )
+
+
+def test_two_experts_keep_ddp_find_unused_parameters(tmp_path):
+    """A step whose rows all run one expert leaves the other idle: unset, DDP finds unused parameters (the Trainer's
+    default for a non-`PreTrainedModel` module); set to false it is refused in one line."""
+    trainer = _trainer(tmp_path, "wan22")
+    assert trainer._build_accelerator_args()["kwargs_handlers"][0].find_unused_parameters is True
+    with pytest.raises(ValueError, match="^`ddp_find_unused_parameters` cannot be false with two experts"):
+        _trainer(tmp_path / "b", "wan22", args=_args(tmp_path / "o", ddp_find_unused_parameters=False))

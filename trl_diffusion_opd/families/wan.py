@@ -47,8 +47,9 @@ class WanExperts(torch.nn.Module):
     Rows whose timestep is `>= boundary_timestep` run `transformer` (high noise), the others `transformer_2`; a batch
     with both kinds makes one call per expert. The student and the teachers are adapters on both experts, so
     `add_adapter` and `peft_config` cover both (state-dict keys are prefixed `transformer.` / `transformer_2.`).
-    Under DDP, a step whose rows all fall on one side leaves the other expert's LoRA without gradient: launch with
-    `ddp_find_unused_parameters=True`.
+    Under DDP, a step whose rows all fall on one side leaves the other expert's LoRA without gradient: the Trainer's
+    default for this module (not a `PreTrainedModel`) is `find_unused_parameters=True`, and the trainers refuse
+    `ddp_find_unused_parameters=False`.
     """
 
     # What accelerate's FSDP `TRANSFORMER_BASED_WRAP` wraps (it reads the attribute of the module it is given).

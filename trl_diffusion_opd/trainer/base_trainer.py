@@ -398,6 +398,12 @@ class DiffusionLoRATrainer(Trainer):
             self.model.add_model_tags(self._tag_names)
 
     def _check_guidance_2(self, args: DiffusionTrainingConfig) -> None:
+        if len(self.family.experts) > 1 and args.ddp_find_unused_parameters is False:
+            # unset, the Trainer gives DDP `find_unused_parameters=True` for a non-`PreTrainedModel` module
+            raise ValueError(
+                "`ddp_find_unused_parameters` cannot be false with two experts: a step whose rows all run one expert "
+                "leaves the other's LoRA without gradient; leave it unset."
+            )
         if args.guidance_scale_2 is not None and len(self.family.experts) < 2:
             raise ValueError(
                 f"`guidance_scale_2` applies to pipelines with two experts (Wan 2.2 A14B); {type(self.pipeline).__name__}"
