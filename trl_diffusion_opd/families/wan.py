@@ -14,7 +14,7 @@ What is done exactly as `WanPipeline.__call__` (diffusers 0.42.1, `pipelines/wan
 - Wan 2.2 TI2V-5B: text-to-video only (`WanPipeline`): per-token timesteps, 48 latent channels and the Wan 2.2
   VAE (16x spatial compression, so `resolution` is a multiple of 32), pinned by `tests/test_wan.py` on the tiny
   `tiny:wan22_ti2v`. Its image-to-video mode (`WanImageToVideoPipeline`, a first frame kept clean through the
-  timestep mask) is not a family of this package.
+  timestep mask) is the `wan-i2v` family (`families/wan_i2v.py`).
 
 What differs, on purpose: the Hub pipelines sample with `UniPCMultistepScheduler` (a multistep predictor-corrector,
 not a single Gaussian transition, so it has no per-step KL). Like the diffusion-RL frameworks (Flow-GRPO, DanceGRPO,
