@@ -14,10 +14,17 @@ lists). Sources per task:
   the tiny world's training / held-out scenes.
 
 A single dataset with `"prompt"` and `"task"` columns is split by task.
+
+A row may carry input images for editing models in an `"image"` field, as the pipelines' `image=` argument takes
+them: one image or a list (several references), each a PIL image, a local path (relative to the data file's folder,
+else to the working directory) or a `datasets.Image` value. Every path is checked when the source loads, before any
+model does; `row_images` loads a row's images when they are used.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -25,19 +32,29 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
+import PIL.Image
 from torch.utils.data import Dataset as TorchDataset
 
 from .registry import load_named_prompts
 
 
 PromptRow = dict[str, Any]
+# The row field holding a row's input image(s).
+IMAGE_FIELD = "image"
 
 
-def load_prompt_source(source: Any, name: str = "prompts") -> list[PromptRow]:
+def load_prompt_source(source: Any, name: str = "prompts", base_dir: str | None = None) -> list[PromptRow]:
     """Load one task's prompts from any supported source (see the module docstring).
 
+    Args:
+        source: The source.
+        name: What to call it in error messages.
+        base_dir: Folder that relative image paths are resolved against (default: the data file's folder for a
+            file source, else the working directory).
+
     Raises:
-        ValueError: unreadable source, missing `"prompt"` field, or no prompts.
+        ValueError: unreadable source, missing `"prompt"` field, no prompts, or a row's input image that is missing
+            or unreadable.
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
@@ -49,6 +66,8 @@ def load_prompt_source(source: Any, name: str = "prompts") -> list[PromptRow]:
         rows = named
     elif isinstance(source, str):
         rows = _load_path(source, name)
+        if base_dir is None and os.path.exists(source):
+            base_dir = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
     elif isinstance(source, datasets.DatasetDict):
         if "train" not in source:
             raise ValueError(f"{name}: the dataset has no 'train' split (splits: {list(source)}); pick one.")
@@ -71,7 +90,69 @@ def load_prompt_source(source: Any, name: str = "prompts") -> list[PromptRow]:
             raise ValueError(f"{name}: row {index} has no string 'prompt' field: {row!r}")
     if not rows:
         raise ValueError(f"{name}: no prompts.")
+    _resolve_images(rows, name, base_dir or os.getcwd())
     return rows
+
+
+def _resolve_images(rows: list[PromptRow], name: str, base_dir: str) -> None:
+    """Normalise each row's `"image"` in place to `None` or a list of PIL images and absolute paths, checking that
+    every path is a readable image (one line naming the row and the file otherwise)."""
+    for index, row in enumerate(rows):
+        value = row.get(IMAGE_FIELD)
+        if IMAGE_FIELD not in row:
+            continue
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        items = [item for item in items if item is not None and item != ""]
+        if not items:
+            row[IMAGE_FIELD] = None
+            continue
+        where = f"{name}: row {index} ({row['prompt']!r})"
+        resolved = []
+        for item in items:
+            if isinstance(item, Mapping) and (item.get("bytes") or item.get("path")):  # an undecoded datasets.Image
+                item = PIL.Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else item["path"]
+            if isinstance(item, os.PathLike):
+                item = os.fspath(item)
+            if isinstance(item, str):
+                path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(item)))
+                if not os.path.isfile(path):
+                    raise ValueError(f"{where}: input image '{path}' does not exist.")
+                try:
+                    with PIL.Image.open(path) as image:
+                        image.verify()
+                except Exception as error:  # PIL raises many types for broken files
+                    raise ValueError(f"{where}: input image '{path}' is not a readable image ({error}).") from None
+                item = path
+            elif not isinstance(item, PIL.Image.Image):
+                raise ValueError(
+                    f"{where}: 'image' must be a PIL image, a path or a datasets.Image value (or a list of them), "
+                    f"got {type(item).__name__}."
+                )
+            resolved.append(item)
+        row[IMAGE_FIELD] = resolved
+
+
+def row_images(row: Mapping[str, Any]) -> list[PIL.Image.Image] | None:
+    """A row's input images as PIL images (paths loaded as `diffusers.utils.load_image` does: EXIF-rotated, RGB), or
+    `None` for a text-only row."""
+    value = row.get(IMAGE_FIELD)
+    if not value:
+        return None
+    from diffusers.utils import load_image
+
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [load_image(item) if isinstance(item, (str, os.PathLike)) else item for item in items]
+
+
+def image_digest(images: list[PIL.Image.Image] | None) -> str | None:
+    """A hash of the images' pixels, size and mode (not their file names): the cache key of a row's conditioning."""
+    if not images:
+        return None
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 # Local data files that `datasets` reads with a packaged builder.
@@ -107,8 +188,10 @@ def _load_path(source: str, name: str) -> list[PromptRow]:
         if not rows:
             raise ValueError(f"{name}: prompt file '{source}' has no prompts (one JSON object per line).")
         return rows
+    folder = os.path.dirname(os.path.abspath(source))
     if extension in _BUILDERS:
-        return load_prompt_source(load_prompt_dataset(_BUILDERS[extension], data_files=source, name=name), name)
+        dataset = load_prompt_dataset(_BUILDERS[extension], data_files=source, name=name)
+        return load_prompt_source(dataset, name, base_dir=folder)
     if extension and _looks_like_file(source):
         # Not a Hub dataset id: say so now rather than after a Hub look-up (which waits for the network offline).
         accepted = ", ".join([".txt", ".jsonl", *_BUILDERS])
@@ -119,7 +202,8 @@ def _load_path(source: str, name: str) -> list[PromptRow]:
         )
     # `id:split` picks a split; a local path is taken whole (it may itself contain ':').
     path, _, split = source.partition(":") if not os.path.exists(source) else (source, "", "")
-    return load_prompt_source(load_prompt_dataset(path, split=split or "train", name=name), name)
+    base_dir = source if os.path.isdir(source) else None
+    return load_prompt_source(load_prompt_dataset(path, split=split or "train", name=name), name, base_dir=base_dir)
 
 
 def _looks_like_file(source: str) -> bool:

@@ -594,7 +594,7 @@ def create_model_card(
         extra_experts=[
             {"component": name, "weight_name": expert_weight_name(name)} for name in list(trainer.family.experts)[1:]
         ],
-        video=trainer.family.pipeline_tag == "text-to-video",
+        video=trainer.family.pipeline_tag in ("text-to-video", "image-to-video"),
         num_frames=trainer.family.num_frames,
         guidance_scale_2=args.guidance_scale_2,
         settings=settings,

@@ -37,6 +37,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
@@ -44,6 +45,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
     ZImagePipeline,
@@ -52,10 +54,13 @@ from diffusers import (
 from tokenizers import AddedToken
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -78,13 +83,16 @@ __all__ = [
     "TINY_RESOLUTION",
     "get_tiny_clip_tokenizer",
     "get_tiny_flux2_klein_pipeline",
+    "get_tiny_flux_kontext_pipeline",
     "get_tiny_flux_pipeline",
+    "get_tiny_input_image",
     "get_tiny_qwen2_tokenizer",
     "get_tiny_qwen_tokenizer",
     "get_tiny_qwen3_tokenizer",
     "get_tiny_qwenimage_pipeline",
     "get_tiny_sd3_pipeline",
     "get_tiny_t5_tokenizer",
+    "get_tiny_wan_i2v_pipeline",
     "get_tiny_wan_pipeline",
     "get_tiny_zimage_pipeline",
     "save_toy_lora",
@@ -407,6 +415,26 @@ def get_tiny_flux_pipeline(
         transformer=transformer,
     )
     return _to_eval(pipe)
+
+
+@_records_its_call
+def get_tiny_flux_kontext_pipeline(seed: int = 0, **kwargs) -> FluxKontextPipeline:
+    """A randomly initialised `FluxKontextPipeline` (FLUX.1 Kontext dev's structure, guidance embedding): the
+    components of `get_tiny_flux_pipeline(seed, **kwargs)`, which Kontext shares with FLUX.1."""
+    return _to_eval(FluxKontextPipeline(**get_tiny_flux_pipeline(seed, **kwargs).components))
+
+
+def get_tiny_input_image(seed: int = 0, height: int = TINY_RESOLUTION, width: int = TINY_RESOLUTION):
+    """A deterministic RGB PIL image of `height` x `width` pixels (smooth colour gradients plus noise), an input image
+    for the tiny editing pipelines."""
+    import PIL.Image
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.linspace(0, 1, height)[:, None, None]
+    cols = torch.linspace(0, 1, width)[None, :, None]
+    phase = torch.rand(3, generator=generator)
+    base = (rows * phase + cols * (1 - phase) + 0.2 * torch.rand(height, width, 3, generator=generator)) % 1.0
+    return PIL.Image.fromarray((base * 255).round().to(torch.uint8).numpy())
 
 
 @_records_its_call
@@ -766,6 +794,95 @@ def get_tiny_wan_pipeline(
     return _to_eval(pipe)
 
 
+# Non-square size and frames of the tiny image-to-video tests (Wan 2.1 / A14B: 8x VAE -> 4 x 6 latents; TI2V: 16x).
+TINY_WAN_I2V_SIZE = (32, 48)
+TINY_WAN_TI2V_I2V_SIZE = (64, 96)
+
+
+@_records_its_call
+def get_tiny_wan_i2v_pipeline(
+    seed: int = 0,
+    two_experts: bool = False,
+    ti2v: bool = False,
+    boundary_ratio: float = 0.875,
+    flow_shift: float = 3.0,
+    num_layers: int = 2,
+) -> WanImageToVideoPipeline:
+    """A randomly initialised `WanImageToVideoPipeline`: Wan 2.1 I2V's structure (36 input channels = latents + mask
+    + first-frame condition, CLIP image embeddings from a tiny `CLIPVisionModelWithProjection`), Wan 2.2 I2V A14B's
+    (`two_experts`: two 36-channel experts, no image encoder, `boundary_ratio`) or Wan 2.2 TI2V-5B's given a first
+    frame (`ti2v`: 48 channels, the Wan 2.2 VAE, `expand_timesteps`).
+
+    The sizes follow diffusers' `tests/pipelines/wan/test_wan_image_to_video.py` and `test_wan_22_image_to_video.py`
+    (a CLIP of hidden size 4 on 32x32 crops, here with 4x4 patches); the text encoder, tokenizer, VAE and scheduler
+    are `get_tiny_wan_pipeline`'s with the same seed.
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32; run it at `TINY_WAN_I2V_SIZE` (`TINY_WAN_TI2V_I2V_SIZE` with
+        `ti2v`) and `TINY_WAN_FRAMES` frames.
+    """
+    base = get_tiny_wan_pipeline(
+        seed,
+        two_experts=two_experts,
+        boundary_ratio=boundary_ratio,
+        flow_shift=flow_shift,
+        num_layers=num_layers,
+        ti2v=ti2v,
+    )
+    channels = 48 if ti2v else 16
+    clip = not (two_experts or ti2v)
+
+    def transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=channels if ti2v else 2 * channels + 4,
+            out_channels=channels,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+            image_dim=4 if clip else None,
+        )
+
+    _seeded(seed, 11)
+    high = transformer()
+    _seeded(seed, 12)
+    low = transformer() if two_experts else None
+    image_encoder = image_processor = None
+    if clip:
+        _seeded(seed, 13)
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=4,
+                projection_dim=4,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                intermediate_size=16,
+                patch_size=4,
+            )
+        )
+        image_processor = CLIPImageProcessor(crop_size=32, size=32)
+    pipe = WanImageToVideoPipeline(
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        transformer=high,
+        transformer_2=low,
+        boundary_ratio=boundary_ratio if two_experts else None,
+        expand_timesteps=ti2v,
+    )
+    return _to_eval(pipe)
+
+
 def _to_eval(pipe):
     # Models built from a config start in train mode; eval() disables dropout so outputs are deterministic.
     for component in pipe.components.values():
@@ -909,12 +1026,16 @@ def save_toy_lora(
 TINY_PIPELINES = {
     "sd3": get_tiny_sd3_pipeline,
     "flux": get_tiny_flux_pipeline,
+    "flux_kontext": get_tiny_flux_kontext_pipeline,
     "flux2_klein": get_tiny_flux2_klein_pipeline,
     "qwenimage": get_tiny_qwenimage_pipeline,
     "zimage": get_tiny_zimage_pipeline,
     "wan": get_tiny_wan_pipeline,
     "wan22": functools.partial(get_tiny_wan_pipeline, two_experts=True),
     "wan22_ti2v": functools.partial(get_tiny_wan_pipeline, ti2v=True),
+    "wan_i2v": get_tiny_wan_i2v_pipeline,
+    "wan22_i2v": functools.partial(get_tiny_wan_i2v_pipeline, two_experts=True),
+    "wan22_ti2v_i2v": functools.partial(get_tiny_wan_i2v_pipeline, ti2v=True),
 }
 
 

@@ -39,6 +39,14 @@ routes each row to the expert the pipeline would use at its sigma) and `expert_i
 and `velocity(..., guidance_scale_2=...)`, the CFG scale of the second (low-noise) expert, which the trainer passes
 only when the user sets one. `decode` of a video family returns one list of PIL frames per sample.
 
+Editing families take input images per row (`max_input_images` > 0): their `encode_prompts(prompts, images)` gets one
+list of PIL images (or `None`, a text-only row) per prompt and returns the row's whole conditioning, reference
+latents and their position ids included, batch-first like the rest, so that the trainer caches it with the prompt
+(keyed by the images' pixels) and never sees what it holds. Rows whose conditionings differ in shape (references of
+other sizes, or none) are never batched together. The reference tokens are inputs of `velocity` only: the latents
+the sampler steps are the generated image's, as in the pipelines. Text-to-image families keep `max_input_images = 0`
+and the trainer refuses rows with images for them.
+
 To test a new family, add a tiny randomly initialised pipeline to `trl_diffusion_opd.testing` (and to its
 `TINY_PIPELINES`, which makes it the base `tiny:<name>` of the CLI) and check, as `tests/test_flux.py` does, that the trainer's rollout reproduces the pipeline's own sampler, that a saved student
 reloads with the pipeline's `load_lora_weights`, and that distillation lowers the KL to each teacher.
@@ -147,6 +155,8 @@ class FlowMatchingFamily(abc.ABC):
     pipeline_tag: ClassVar[str] = "text-to-image"
     # When `True`, `guidance_scale` is fed to a guidance embedding instead of doubling the batch for CFG.
     uses_guidance_embedding: bool = False
+    # Input images a row may carry (`encode_prompts(prompts, images)`); 0: text-to-image only.
+    max_input_images: ClassVar[int] = 0
 
     def __init__(
         self, pipeline: DiffusionPipeline, max_sequence_length: int | None = None, num_frames: int | None = None
@@ -233,10 +243,22 @@ class FlowMatchingFamily(abc.ABC):
         """A fresh copy of the pipeline's scheduler, so that setting timesteps never mutates the pipeline."""
         return type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
 
+    def check_input_images(self, count: int, where: str) -> None:
+        """Raise a one-line `ValueError` naming `where` (a data row) when it has more input images than the family
+        takes."""
+        if count > self.max_input_images:
+            pipeline = type(self.pipeline).__name__
+            takes = f"takes at most {self.max_input_images}" if self.max_input_images else "takes no input images"
+            raise ValueError(
+                f"{where} has {count} input image{'s' if count > 1 else ''}, but the {self.name} family ({pipeline}) "
+                f"{takes}."
+            )
+
     @abc.abstractmethod
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Embed prompts with the pipeline's text encoders (no CFG duplication).
+        """Embed prompts with the pipeline's text encoders (no CFG duplication). Editing families take a second
+        argument, `images`: per prompt a list of PIL images or `None` (see the module docstring).
 
         Returns:
             A `Cond` whose tensors have `len(prompts)` rows, in the transformer's dtype.
@@ -287,6 +309,11 @@ class FlowMatchingFamily(abc.ABC):
     @torch.no_grad()
     def decode(self, x: torch.Tensor, resolution: Resolution) -> list:
         """Decode final latents x_{t_N} to PIL images of `resolution` (video families: a list of frames per sample)."""
+
+    def full_latents(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The latents `decode` takes, from the final latents `x` the sampler moved and the rows' conditioning `cond`:
+        `x` itself, unless the family keeps conditioned latents out of the sampler (Wan TI2V's first frame)."""
+        return x
 
     def pipeline_guidance_kwargs(self, guidance_scale: float, negative_prompt: str) -> dict[str, object]:
         """The keyword arguments that make the pipeline's `__call__` sample with the guidance `velocity` applies for

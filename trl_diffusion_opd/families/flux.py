@@ -108,10 +108,15 @@ class FluxFamily(FlowMatchingFamily):
             )[0]
 
         tokens = self.pack_latents(x)
+        count = tokens.shape[1]
+        if "image_latents" in cond:  # FLUX.1 Kontext: the references' tokens follow, on both CFG branches
+            tokens = torch.cat([tokens, cond["image_latents"].to(tokens.dtype)], dim=1)
+            img_ids = torch.cat([img_ids, cond["image_ids"][0].to(dtype)])
         if embed_guidance:
             v = call(tokens, sigma, cond).float()
         else:
             v = self.cfg_velocity(call, tokens, sigma, cond, negative_cond, guidance_scale)
+        v = v[:, :count]
         scale = self.vae_scale_factor
         return self.pipeline._unpack_latents(v, height * scale, width * scale, scale)
 

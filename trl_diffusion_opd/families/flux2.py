@@ -43,6 +43,14 @@ class Flux2KleinFamily(FlowMatchingFamily):
       says. Distil klein LoRAs on the same base they were trained on (base vs distilled give different velocities).
     - Decoding: the final latents are BatchNorm-denormalised with the VAE's running statistics, un-patchified to
       `(B, C_vae, H/8, W/8)` and decoded.
+    - Reference images (`image=`, editing; klein does text-to-image and editing in one model): each of a row's
+      images is checked (PIL, side >= 64, aspect <= 8), brought to <= 1 MP, floored to a multiple of 16 and
+      center-cropped (no resize), VAE-encoded at the posterior mode, patchified and BatchNorm-normalised
+      (`prepare_image_latents`); the references' tokens follow the generated ones with position ids
+      `(10·k, i, j, 0)` for the k-th reference, on both CFG branches. The text encoder never sees the images, the
+      shift counts the generated tokens only, and every step is a plain Euler step of the generated latents. Rows
+      without an image are text-to-image rows. The output size is the config's `resolution` (the pipeline's
+      default is the first reference's size).
 
     `Flux2Pipeline` (FLUX.2 [dev], Mistral-3 text encoder, embedded guidance) is not handled by this family.
     """
@@ -74,6 +82,8 @@ class Flux2KleinFamily(FlowMatchingFamily):
     ]
     # The pipeline's default (`text_encoder_out_layers`); BFL's klein checkpoints were trained with these taps.
     text_encoder_out_layers = (9, 18, 27)
+    # The pipeline sets no limit; every reference lengthens every student and teacher pass by its tokens.
+    max_input_images = 8
 
     def __init__(self, pipeline, max_sequence_length: int | None = None):
         super().__init__(pipeline, max_sequence_length)
@@ -86,7 +96,10 @@ class Flux2KleinFamily(FlowMatchingFamily):
         return height, width
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def encode_prompts(self, prompts: list[str], images: list | None = None) -> Cond:
+        """`prompt_embeds` `(B, L, 3·D)`; for rows with references also `image_latents` `(B, N_ref, 4·C_vae)` and
+        their position ids `image_ids` `(B, N_ref, 4)`. Every row of one call has references of the same sizes, or
+        none has references."""
         kwargs = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length is not None else {}
         prompt_embeds, _ = self.pipeline.encode_prompt(
             prompt=list(prompts),
@@ -94,7 +107,36 @@ class Flux2KleinFamily(FlowMatchingFamily):
             text_encoder_out_layers=self.text_encoder_out_layers,
             **kwargs,
         )
-        return {"prompt_embeds": prompt_embeds.to(self.dtype)}
+        cond = {"prompt_embeds": prompt_embeds.to(self.dtype)}
+        if images is None or all(image is None for image in images):
+            return cond
+        if any(not image for image in images):
+            raise ValueError("encode_prompts: every row of one call needs reference images, or none does.")
+        latents, ids = zip(*(self._encode_references(row) for row in images))
+        if len({tuple(t.shape) for t in latents}) > 1:
+            raise ValueError("encode_prompts: the rows of one call need reference images of the same sizes.")
+        return {**cond, "image_latents": torch.cat(latents), "image_ids": torch.cat(ids)}
+
+    def _encode_references(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+        # `Flux2KleinPipeline.__call__`'s step 4, then `prepare_image_latents`.
+        self.check_input_images(len(images), "A row")
+        pipe, processor = self.pipeline, self.pipeline.image_processor
+        multiple = self.vae_scale_factor * 2
+        pixels = []
+        for image in images:
+            processor.check_image_input(image)
+            if image.width * image.height > 1024 * 1024:
+                image = processor._resize_to_target_area(image, 1024 * 1024)
+            height, width = image.height // multiple * multiple, image.width // multiple * multiple
+            pixels.append(processor.preprocess(image, height=height, width=width, resize_mode="crop"))
+        vae = pipe.vae
+        home = vae.device
+        vae.to(self.device)  # the VAE visits the accelerator for the encoding (training never needs it)
+        try:
+            latents, ids = pipe.prepare_image_latents(pixels, 1, None, self.device, vae.dtype)
+        finally:
+            vae.to(home)
+        return latents.to(self.dtype), ids
 
     def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
         scheduler = self.new_scheduler()
@@ -116,9 +158,14 @@ class Flux2KleinFamily(FlowMatchingFamily):
         batch, channels, height, width = x.shape
         img_ids = self.pipeline._prepare_latent_ids(x[:1]).to(x.device)
         txt_ids = self.pipeline._prepare_text_ids(cond["prompt_embeds"][:1]).to(x.device)
+        references = cond.get("image_latents")
+        if references is not None:  # the references' tokens follow the generated ones, on both CFG branches
+            img_ids = torch.cat([img_ids, cond["image_ids"][:1].to(img_ids)], dim=1)
 
         def call(x, sigma, cond):
             tokens = self.pipeline._pack_latents(x)  # (B, h*w, 4C)
+            if references is not None:  # the CFG batch is [negative rows, rows]: the references repeat block-wise
+                tokens = torch.cat([tokens, references.repeat(x.shape[0] // references.shape[0], 1, 1)], dim=1)
             out = transformer(
                 hidden_states=tokens.to(dtype),
                 timestep=sigma.to(dtype),
@@ -127,7 +174,7 @@ class Flux2KleinFamily(FlowMatchingFamily):
                 txt_ids=txt_ids,
                 img_ids=img_ids,
                 return_dict=False,
-            )[0]
+            )[0][:, : height * width]
             return out.permute(0, 2, 1).reshape(x.shape[0], channels, height, width)
 
         if self.is_distilled:

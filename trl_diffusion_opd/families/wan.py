@@ -14,7 +14,7 @@ What is done exactly as `WanPipeline.__call__` (diffusers 0.42.1, `pipelines/wan
 - Wan 2.2 TI2V-5B: text-to-video only (`WanPipeline`): per-token timesteps, 48 latent channels and the Wan 2.2
   VAE (16x spatial compression, so `resolution` is a multiple of 32), pinned by `tests/test_wan.py` on the tiny
   `tiny:wan22_ti2v`. Its image-to-video mode (`WanImageToVideoPipeline`, a first frame kept clean through the
-  timestep mask) is not a family of this package.
+  timestep mask) is the `wan-i2v` family (`families/wan_i2v.py`).
 
 What differs, on purpose: the Hub pipelines sample with `UniPCMultistepScheduler` (a multistep predictor-corrector,
 not a single Gaussian transition, so it has no per-step KL). Like the diffusion-RL frameworks (Flow-GRPO, DanceGRPO,
@@ -47,8 +47,9 @@ class WanExperts(torch.nn.Module):
     Rows whose timestep is `>= boundary_timestep` run `transformer` (high noise), the others `transformer_2`; a batch
     with both kinds makes one call per expert. The student and the teachers are adapters on both experts, so
     `add_adapter` and `peft_config` cover both (state-dict keys are prefixed `transformer.` / `transformer_2.`).
-    Under DDP, a step whose rows all fall on one side leaves the other expert's LoRA without gradient: launch with
-    `ddp_find_unused_parameters=True`.
+    Under DDP, a step whose rows all fall on one side leaves the other expert's LoRA without gradient: the Trainer's
+    default for this module (not a `PreTrainedModel`) is `find_unused_parameters=True`, and the trainers refuse
+    `ddp_find_unused_parameters=False`.
     """
 
     # What accelerate's FSDP `TRANSFORMER_BASED_WRAP` wraps (it reads the attribute of the module it is given).
@@ -81,7 +82,8 @@ class WanExperts(torch.nn.Module):
             expert.enable_gradient_checkpointing()
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict: bool = False, **kwargs):
-        t = timestep if timestep.ndim == 1 else timestep[:, 0]
+        # the row's noise level: TI2V's per-token timesteps are 0 on a conditioned first frame, t on the others
+        t = timestep if timestep.ndim == 1 else timestep.amax(1)
         high = t >= self.boundary_timestep
         if high.all() or not high.any():
             expert = self.transformer if high.all() else self.transformer_2
@@ -100,7 +102,7 @@ class WanExperts(torch.nn.Module):
                 timestep=timestep[rows],
                 encoder_hidden_states=encoder_hidden_states[rows],
                 return_dict=False,
-                **kwargs,
+                **{k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
             )[0]
             out = part.new_zeros((hidden_states.shape[0], *part.shape[1:])) if out is None else out
             out = out.index_copy(0, rows, part)
@@ -213,28 +215,40 @@ class WanFamily(FlowMatchingFamily):
         shape = (batch_size, self.transformer.config.in_channels, self.latent_frames(), height, width)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
+    def transformer_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple:
+        """`(hidden_states, timestep, extra keyword arguments)` of the transformer call for latents `x` at the raw
+        timesteps `t` `(B,)` (the image-to-video family adds its first-frame condition here)."""
+        timestep = t
+        if self.pipeline.config.get("expand_timesteps", False):  # TI2V-5B: one timestep per latent token
+            patch = self.transformer.config.patch_size
+            tokens = x.shape[2] // patch[0] * (x.shape[3] // patch[1]) * (x.shape[4] // patch[2])
+            timestep = t[:, None].expand(-1, tokens)
+        return x, timestep, {}
+
+    def moved(self, v: torch.Tensor) -> torch.Tensor:
+        """The part of the transformer's output the sampler steps (all of it here)."""
+        return v
+
     def velocity(self, transformer, x, sigma, cond, guidance_scale=1.0, negative_cond=None, guidance_scale_2=None):
         dtype = self.dtype
         # float32 t = 1000·sigma, exactly the FlowMatchEulerDiscreteScheduler timestep the pipeline passes
         t = sigma.float() * self._train_timesteps
-        expand = self.pipeline.config.get("expand_timesteps", False)
-        patch = self.transformer.config.patch_size
 
         def call(x, t, cond):
-            timestep = t
-            if expand:  # TI2V-5B: one timestep per latent token (all equal for text-to-video)
-                tokens = x.shape[2] // patch[0] * (x.shape[3] // patch[1]) * (x.shape[4] // patch[2])
-                timestep = t[:, None].expand(-1, tokens)
-            return transformer(
-                hidden_states=x.to(dtype),
+            hidden_states, timestep, extra = self.transformer_inputs(x, t, cond)
+            v = transformer(
+                hidden_states=hidden_states.to(dtype),
                 timestep=timestep,
                 encoder_hidden_states=cond["prompt_embeds"],
                 return_dict=False,
+                **extra,
             )[0]
+            return self.moved(v)
 
         if guidance_scale <= 1.0 or negative_cond is None:
             return call(x, t, cond).float()
-        v = call(torch.cat([x, x]), torch.cat([t, t]), cond_cat([negative_cond, cond])).float()
+        # the unconditional branch keeps the row's image conditioning (image-to-video), only the text changes
+        v = call(torch.cat([x, x]), torch.cat([t, t]), cond_cat([{**cond, **negative_cond}, cond])).float()
         v_uncond, v_cond = v.chunk(2)
         scale = torch.full_like(t, guidance_scale)
         if self._two_experts and guidance_scale_2 is not None:

@@ -37,7 +37,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import IntervalStrategy
 
 from .. import transition
-from ..data import PromptRow, RoundRobinPrompts, load_prompt_source, prompts_by_task
+from ..data import PromptRow, RoundRobinPrompts, image_digest, load_prompt_source, prompts_by_task
 from ..families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from ..hub import create_model_card, push_checkpoint, push_to_hub
 from ..registry import load_pipeline
@@ -200,17 +200,20 @@ def _like_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor], ada
 
 
 class PromptCache:
-    """LRU cache of prompt embeddings, so each prompt goes through the text encoders once.
+    """LRU cache of prompt conditionings, so each prompt goes through the text encoders once.
+
+    A row with input images (editing families) is cached under its prompt and its images' pixels
+    (`data.image_digest`): its reference latents are computed once too.
 
     Args:
         family: Encodes missing prompts.
-        max_size: Number of prompts kept.
+        max_size: Number of conditionings kept.
     """
 
     def __init__(self, family: FlowMatchingFamily, max_size: int):
         self.family = family
         self.max_size = max_size
-        self._rows: OrderedDict[str, Cond] = OrderedDict()
+        self._rows: OrderedDict[Any, Cond] = OrderedDict()
         self.encoders_offloaded = False
 
     def warm(self, prompts: list[str], batch_size: int = 32) -> bool:
@@ -230,14 +233,15 @@ class PromptCache:
         self.encoders_offloaded = True
         return True
 
-    def _encode(self, prompts: list[str]) -> Cond:
+    def _encode(self, prompts: list[str], images: list | None = None) -> Cond:
+        args = (prompts,) if images is None else (prompts, images)
         if not self.encoders_offloaded:
-            return self.family.encode_prompts(prompts)
+            return self.family.encode_prompts(*args)
         device = self.family.device
         for encoder in self.family.text_encoders:
             encoder.to(device)
         try:
-            return self.family.encode_prompts(prompts)
+            return self.family.encode_prompts(*args)
         finally:
             for encoder in self.family.text_encoders:
                 encoder.to("cpu")
@@ -245,21 +249,44 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __call__(self, prompts: list[str]) -> Cond:
-        """Conditioning with one row per prompt, in order."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
-        if missing:
-            cond = self._encode(missing)
-            for i, prompt in enumerate(missing):
+    def rows(self, prompts: list[str], images: list | None = None) -> list[Cond]:
+        """One conditioning `(1, ...)` per prompt, in order; `images` gives each prompt's input images (a list of
+        PIL images, or `None`)."""
+        images = list(images) if images is not None else [None] * len(prompts)
+        keys = [p if im is None else (p, image_digest(im)) for p, im in zip(prompts, images)]
+        missing = {}
+        for key, prompt, image in zip(keys, prompts, images):
+            if key not in self._rows:
+                missing.setdefault(key, (prompt, image))
+        text = [key for key, (_, image) in missing.items() if image is None]
+        if text:
+            cond = self._encode([missing[key][0] for key in text])
+            for i, key in enumerate(text):
                 # A copy, so that evicting a prompt frees its memory rather than keeping its batch alive.
-                self._rows[prompt] = {k: v[i : i + 1].clone() for k, v in cond.items()}
+                self._rows[key] = {k: v[i : i + 1].clone() for k, v in cond.items()}
+        for key, (prompt, image) in missing.items():
+            if image is not None:  # the pipelines take one set of references per call
+                self._rows[key] = self._encode([prompt], [image])
         rows = []
-        for prompt in prompts:
-            self._rows.move_to_end(prompt)
-            rows.append(self._rows[prompt])
+        for key in keys:
+            self._rows.move_to_end(key)
+            rows.append(self._rows[key])
         while len(self._rows) > self.max_size:
             self._rows.popitem(last=False)
-        return cond_cat(rows)
+        return rows
+
+    def __call__(self, prompts: list[str], images: list | None = None) -> Cond:
+        """Conditioning with one row per prompt, in order (see `rows`)."""
+        return cond_cat(self.rows(prompts, images))
+
+    def groups(self, prompts: list[str], images: list | None = None) -> list[list[int]]:
+        """Indices of the prompts whose conditionings have the same shapes (the same reference sizes, or none), in
+        first-seen order: the rows that can share a batch."""
+        groups: dict[tuple, list[int]] = {}
+        for index, cond in enumerate(self.rows(prompts, images)):
+            signature = tuple(sorted((key, tuple(value.shape[1:])) for key, value in cond.items()))
+            groups.setdefault(signature, []).append(index)
+        return list(groups.values())
 
 
 class _EMACallback(TrainerCallback):
@@ -290,6 +317,8 @@ class DiffusionLoRATrainer(Trainer):
     eval_prompts: dict[str, list[PromptRow]] | None = None
     # A results table for the model card (`hub.create_model_card`'s `results`), e.g. an `EvaluationResult`.
     model_card_results: Any = None
+    # Whether the trainer conditions on rows' input images (`data.row_images`); others refuse such rows.
+    _uses_input_images = False
 
     def __init__(
         self,
@@ -314,6 +343,7 @@ class DiffusionLoRATrainer(Trainer):
         frames = {"num_frames": args.num_frames} if args.num_frames is not None else {}
         self.family = get_family(pipeline, args.family_kwargs, max_sequence_length=args.max_sequence_length, **frames)
         self._check_guidance_2(args)
+        self._check_input_images()
         # The module the Trainer trains: the transformer, or a router over the experts (Wan 2.2) that carries the
         # student on each of them.
         transformer = self.family.denoiser
@@ -385,6 +415,12 @@ class DiffusionLoRATrainer(Trainer):
             self.model.add_model_tags(self._tag_names)
 
     def _check_guidance_2(self, args: DiffusionTrainingConfig) -> None:
+        if len(self.family.experts) > 1 and args.ddp_find_unused_parameters is False:
+            # unset, the Trainer gives DDP `find_unused_parameters=True` for a non-`PreTrainedModel` module
+            raise ValueError(
+                "`ddp_find_unused_parameters` cannot be false with two experts: a step whose rows all run one expert "
+                "leaves the other's LoRA without gradient; leave it unset."
+            )
         if args.guidance_scale_2 is not None and len(self.family.experts) < 2:
             raise ValueError(
                 f"`guidance_scale_2` applies to pipelines with two experts (Wan 2.2 A14B); {type(self.pipeline).__name__}"
@@ -413,6 +449,19 @@ class DiffusionLoRATrainer(Trainer):
         """`rows` in batches of `per_device_eval_batch_size`: an evaluation never samples more at once."""
         size = max(1, self.args.per_device_eval_batch_size)
         return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+    def _check_input_images(self) -> None:
+        """Rows with input images need a trainer that uses them and a family that takes that many (one line naming
+        the first row that does not fit)."""
+        for prompts in (self.task_prompts, self.eval_prompts or {}):
+            for task, rows in prompts.items():
+                for index, row in enumerate(rows):
+                    count = len(row.get("image") or ())
+                    where = f"Task '{task}' row {index} ({row['prompt']!r})"
+                    if count and not self._uses_input_images:
+                        raise ValueError(f"{where} has input images, which the {self._name} trainer does not use.")
+                    # every row: an image-to-video family refuses one without its first frame
+                    self.family.check_input_images(count, where)
 
     def _velocity(self, transformer, x, sigma, cond, guidance_scale, negative, guidance_scale_2=None):
         """`family.velocity`, passing the second expert's CFG scale only when one is set (image families take none)."""
@@ -647,9 +696,11 @@ class DiffusionLoRATrainer(Trainer):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         use_ema: bool = True,
+        images: list | None = None,
     ) -> list:
         """Sample images with the deterministic ODE sampler, with the student (EMA weights when EMA is on), another
-        adapter (its name) or the base (`adapter=None`).
+        adapter (its name) or the base (`adapter=None`); `images` gives each prompt's input images (editing
+        families: a list of PIL images or `None`).
 
         Returns:
             One PIL image per prompt, of `resolution` (height x width) pixels. The same seed gives the same initial
@@ -659,7 +710,7 @@ class DiffusionLoRATrainer(Trainer):
         steps = num_inference_steps or args.num_inference_steps
         if guidance_scale is None:
             guidance_scale = self._default_guidance(adapter)
-        cond = self.prompt_cache(prompts)
+        cond = self.prompt_cache(prompts, images)
         negative = self._negative(len(prompts)) if guidance_scale > 1 else None
         sigmas = self.family.sigmas(steps, args.resolution)
         x = self.family.init_latents(len(prompts), args.resolution, self._generator("generate", seed)).to(args.device)
@@ -670,7 +721,7 @@ class DiffusionLoRATrainer(Trainer):
                 sigma = sigmas[j].expand(len(prompts)).to(args.device)
                 v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
                 x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
-        return self.decode(x)
+        return self.decode(self.family.full_latents(x, cond))
 
     @contextlib.contextmanager
     def _ema_weights(self):

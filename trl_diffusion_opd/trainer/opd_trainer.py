@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .. import transition
-from ..data import prompts_by_task
+from ..data import prompts_by_task, row_images
 from ..families.base import Cond, cond_select, cond_tile
 from ..hub import teacher_reference
 from ..teachers import (
@@ -74,6 +74,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
 
     _tag_names = ["trl", "diffusion-opd", "diffusers", "lora", "text-to-image"]
     _name = "DiffusionOPD"
+    _uses_input_images = True
     _paper = {
         "title": "DiffusionOPD: On-Policy Distillation of Reward-Specific Teachers for Multi-Task Diffusion Alignment",
         "id": "2605.15055",
@@ -186,9 +187,11 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
     def _model_card_details(self) -> dict[str, Any]:
         args = self.args
         tasks = list(self.teacher_specs)
+        kinds = self.task_kinds()
         teachers = [
             {
                 "task": task,
+                "kind": kinds[task] if any(kind != "text-to-image" for kind in kinds.values()) else None,
                 "reference": teacher_reference(spec),
                 "guidance_scale": spec.guidance_scale
                 if spec.guidance_scale is not None
@@ -225,6 +228,15 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             "steps_label": "rounds (optimizer steps)",
             "papers": [self._paper],
         }
+
+    def task_kinds(self) -> dict[str, str]:
+        """Each task's kind, from its training rows: `"editing"` (rows with input images), `"text-to-image"`, or
+        `"text-to-image + editing"` when it has both."""
+        kinds = {}
+        for task, rows in self.task_prompts.items():
+            edits = sum(bool(row.get("image")) for row in rows)
+            kinds[task] = "editing" if edits == len(rows) else "text-to-image + editing" if edits else "text-to-image"
+        return kinds
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -374,21 +386,34 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         return teachers, weights / weights.sum(1, keepdim=True)
 
     def task_loss(
-        self, model, task: str, rows: list[dict], generator: torch.Generator, backward: bool
+        self, model, task: str, rows: list[dict], generator: torch.Generator, backward: bool, task_rows: int = 0
     ) -> tuple[float, torch.Tensor]:
         """Roll out, supervise and (optionally) back-propagate one task's loss.
 
         Each teacher's means are computed only on the rows it supervises; a row's loss is the weighted mean of its
-        teachers' per-step KLs (PPO-style surrogates with `loss_type="ppo"`).
+        teachers' per-step KLs (PPO-style surrogates with `loss_type="ppo"`). Rows whose conditionings differ in
+        shape (input images of other sizes, or none) are rolled out as separate batches, one after the other.
+
+        Args:
+            task_rows: Rows of the whole task when `rows` is one such batch of it (the loss is a mean over them).
 
         Returns:
             `(loss, kl_per_step)`: the task's weighted loss (a float) and the unweighted KL per trained step `(T,)`.
         """
         args = self.args
         prompts = [row["prompt"] for row in rows]
-        cond = self.prompt_cache(prompts)  # what the teachers see
+        images = [row_images(row) for row in rows]
+        groups = self.prompt_cache.groups(prompts, images) if any(images) else [list(range(len(rows)))]
+        if len(groups) > 1:
+            results = [
+                self.task_loss(model, task, [rows[i] for i in group], generator, backward, len(rows))
+                for group in groups
+            ]
+            kl = sum(kl_group * len(group) / len(rows) for (_, kl_group), group in zip(results, groups))
+            return sum(loss for loss, _ in results), kl
+        cond = self.prompt_cache(prompts, images)  # what the teachers see
         student_prompts = self.student_prompts(task, prompts)
-        student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts)
+        student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts, images)
         batch = len(rows)
         num_steps = args.train_timesteps_for(task)
         # Fused: the rollout's own forward at each trained step is the student's pass (see `_fused_rollout_step`).
@@ -476,7 +501,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     if backward and len(teachers) > 1:  # an ensemble or routed rows: each teacher's share
                         self._metrics[f"kl/{task}/{spec.name}"].append(kl_k.detach().mean())
                 # mean over (steps, prompts) of the whole task, chunk by chunk
-                loss = task_weight * objective.sum() / (num_steps * batch)
+                loss = task_weight * objective.sum() / (num_steps * (task_rows or batch))
             if backward and loss.requires_grad:
                 self.accelerator.backward(loss / getattr(self, "current_gradient_accumulation_steps", 1))
             loss_total = loss_total + loss.detach()

@@ -1,0 +1,334 @@
+"""Wan image-to-video students on the tiny `WanImageToVideoPipeline`s (Wan 2.1 I2V with CLIP, Wan 2.2 I2V A14B's
+two experts, TI2V-5B given a first frame), at non-square sizes: the rollout reproduces the pipeline's `__call__` from
+the same noise, prompt and frame at CFG > 1 (both scales on 2.2), TI2V's conditioned latent frame is outside what the
+sampler moves (so outside the KL), the KL is 0 against the student's own adapter, the output depends on the frame, a
+two-expert student reloads into both experts with diffusers, two teachers are distilled, and bad rows are refused."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from peft import LoraConfig
+
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, transition
+from trl_diffusion_opd.families.base import get_family
+from trl_diffusion_opd.families.wan import WanFamily
+from trl_diffusion_opd.testing import (
+    TINY_WAN_FRAMES,
+    TINY_WAN_I2V_SIZE,
+    TINY_WAN_TI2V_I2V_SIZE,
+    get_tiny_input_image,
+    get_tiny_wan_i2v_pipeline,
+    save_toy_lora,
+)
+
+
+TARGETS = WanFamily.default_lora_targets
+STEPS = 4
+LOW_2 = "pytorch_lora_weights_transformer_2.safetensors"
+# Input frames of other sizes and aspect ratios than the video's: the pipeline squashes them to height x width.
+FRAMES = [get_tiny_input_image(1, 40, 40), get_tiny_input_image(2, 24, 56), get_tiny_input_image(3, 48, 32)]
+ROWS = {
+    "motion": [{"prompt": "a cat walks", "image": FRAMES[0]}, {"prompt": "waves roll in", "image": FRAMES[1]}],
+    "camera": [{"prompt": "the camera pans left", "image": FRAMES[2]}, {"prompt": "zoom in", "image": FRAMES[0]}],
+}
+VARIANTS = {
+    "wan21": ({}, TINY_WAN_I2V_SIZE, ("transformer",)),
+    "wan22": ({"two_experts": True}, TINY_WAN_I2V_SIZE, ("transformer", "transformer_2")),
+    "ti2v": ({"ti2v": True}, TINY_WAN_TI2V_I2V_SIZE, ("transformer",)),
+}
+
+
+def _args(output_dir, size=TINY_WAN_I2V_SIZE, **kwargs) -> DiffusionOPDConfig:
+    defaults = {
+        "output_dir": str(output_dir),
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "ema": False,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "max_sequence_length": 16,
+        "resolution": list(size),
+        "num_frames": TINY_WAN_FRAMES,
+        "num_inference_steps": STEPS,
+        "guidance_scale": 1.0,
+        "seed": 0,
+    }
+    return DiffusionOPDConfig(**{**defaults, **kwargs})
+
+
+def _student_config() -> LoraConfig:
+    return LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=TARGETS)
+
+
+def _teacher(pipe, folder, seed: int, experts=("transformer",)) -> str:
+    for expert in experts:
+        save_toy_lora(
+            pipe,
+            folder,
+            seed=seed + 10 * (expert == "transformer_2"),
+            std=0.1,
+            rank=2,
+            shared_seed=7,
+            specific_scale=0.3,
+            target_modules=TARGETS,
+            expert=expert,
+        )
+    return str(folder)
+
+
+def _trainer(tmp_path, variant: str, teacher_seeds=(1,), **kwargs):
+    build, size, experts = VARIANTS[variant]
+    pipe = get_tiny_wan_i2v_pipeline(seed=0, **build)
+    tasks = list(ROWS)[: len(teacher_seeds)]
+    teachers = {task: _teacher(pipe, tmp_path / task, seed, experts) for task, seed in zip(tasks, teacher_seeds)}
+    kwargs.setdefault("peft_config", _student_config())
+    args = kwargs.pop("args", None) or _args(tmp_path / "out", size)
+    return DiffusionOPDTrainer(pipe, teachers, args=args, train_dataset={t: ROWS[t] for t in tasks}, **kwargs)
+
+
+def _pipeline_latents(pipe, row, latents, size, guidance_scale, guidance_scale_2=None):
+    """`WanImageToVideoPipeline.__call__` for one row with the flow-matching Euler scheduler at the model's shift."""
+    scheduler = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=scheduler.config.flow_shift)
+    try:
+        return pipe(
+            image=row["image"],
+            prompt=row["prompt"],
+            negative_prompt="",
+            latents=latents,
+            num_inference_steps=STEPS,
+            guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
+            height=size[0],
+            width=size[1],
+            num_frames=TINY_WAN_FRAMES,
+            max_sequence_length=16,
+            output_type="latent",
+        ).frames
+    finally:
+        pipe.scheduler = scheduler
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_rollout_reproduces_wan_i2v_pipeline(tmp_path, variant):
+    """First-frame condition and mask on channels, CLIP image embeddings (2.1), the expert switch with both CFG scales
+    (2.2 A14B), TI2V's per-token timesteps with the frame re-imposed: the trainer's rollout (plus `full_latents`) gives
+    `WanImageToVideoPipeline.__call__`'s latents from the same noise, prompt and frame, at CFG 5 and 480 x 832's
+    aspect class (a non-square size)."""
+    _, size, experts = VARIANTS[variant]
+    guidance_2 = 2.0 if variant == "wan22" else None
+    trainer = _trainer(
+        tmp_path,
+        variant,
+        args=_args(tmp_path / "out", VARIANTS[variant][1], guidance_scale=5.0, guidance_scale_2=guidance_2),
+    )
+    family, pipe = trainer.family, trainer.pipeline
+    assert family.name == "wan-i2v" and tuple(family.experts) == experts
+    rows = ROWS["motion"]
+    cond = trainer.prompt_cache([r["prompt"] for r in rows], [[r["image"]] for r in rows])
+    states = trainer.rollout(cond, torch.Generator().manual_seed(0))["states"]
+    scale = family.vae_scale_factor
+    frames = 1 if variant == "ti2v" else 2  # TI2V's sampler moves latent frames 1.. only
+    assert states.shape == (STEPS + 1, 2, 48 if variant == "ti2v" else 16, frames, size[0] // scale, size[1] // scale)
+    final = family.full_latents(states[-1], cond)
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            # TI2V: frame 0 of the pipeline's noise is never read (the condition replaces it): any value does
+            noise = states[0, i : i + 1]
+            if variant == "ti2v":
+                noise = torch.cat([torch.full_like(noise, 7.0), noise], dim=2)
+            expected = _pipeline_latents(pipe, row, noise, size, 5.0, guidance_2)
+            torch.testing.assert_close(final[i : i + 1], expected, atol=2e-5, rtol=2e-5)
+            if variant == "wan22":  # the second scale is really used
+                other = _pipeline_latents(pipe, row, noise, size, 5.0, None)
+                assert (other - expected).abs().max() > 1e-3
+    assert (states[-1] - states[0]).abs().max() > 0.1
+    video = trainer.decode(final)
+    assert len(video) == 2 and len(video[0]) == TINY_WAN_FRAMES and video[0][0].size == (size[1], size[0])
+
+
+def test_ti2v_conditioned_frame_is_outside_the_sampler_and_the_kl(tmp_path):
+    """TI2V's pipeline steps latent frame 0 with a velocity it never reads (it re-imposes the frame at every input
+    and after the loop). The family's velocity is the transformer's output on the pipeline's input without that frame,
+    so the per-step KL's elements are exactly the moved ones: the frame-0 outputs, which differ between two adapters,
+    contribute nothing, and the KL is the closed form over frames 1.. only."""
+    trainer = _trainer(tmp_path, "ti2v", args=_args(tmp_path / "out", TINY_WAN_TI2V_I2V_SIZE, guidance_scale=1.0))
+    family, transformer = trainer.family, trainer.pipeline.transformer
+    rows = ROWS["motion"]
+    cond = trainer.prompt_cache([r["prompt"] for r in rows], [[r["image"]] for r in rows])
+    x = family.init_latents(2, TINY_WAN_TI2V_I2V_SIZE, torch.Generator().manual_seed(1))
+    assert x.shape == (2, 48, 1, 4, 6)
+    t = torch.tensor([800.0, 300.0])
+    # the pipeline's input: (1 - m)·condition + m·latents, timestep 0 on frame 0's 2 x 3 tokens
+    mask = torch.ones(1, 1, 2, 4, 6)
+    mask[:, :, 0] = 0
+    full = (1 - mask) * cond["condition"] + mask * torch.cat([torch.randn(2, 48, 1, 4, 6), x], dim=2)
+    timestep = (mask[0][0][:, ::2, ::2] * t[:, None, None, None]).flatten(1)
+    outputs = {}
+    with torch.no_grad():
+        for adapter in ("student", trainer.teacher_specs["motion"][0].name):
+            with trainer.adapters.use(adapter):
+                outputs[adapter] = transformer(
+                    hidden_states=full,
+                    timestep=timestep,
+                    encoder_hidden_states=cond["prompt_embeds"],
+                    return_dict=False,
+                )[0]
+                ours = family.velocity(transformer, x, t / 1000, cond)
+                torch.testing.assert_close(ours, outputs[adapter][:, :, 1:], atol=1e-5, rtol=1e-5)
+    difference = outputs["student"] - outputs["motion"]
+    assert difference[:, :, 0].abs().max() > 1e-3  # frame 0 would add to the KL were it stepped
+    # The trainer's KL at its first step is the closed form on the pipeline's outputs without frame 0 (hand-made
+    # here from the full transformer calls), averaged over the moved elements only.
+    args = trainer.args
+    _, kl = trainer.task_loss(trainer.model, "motion", rows, torch.Generator().manual_seed(0), backward=False)
+    x0 = family.init_latents(2, TINY_WAN_TI2V_I2V_SIZE, torch.Generator().manual_seed(0))
+    sigmas = family.sigmas(STEPS, TINY_WAN_TI2V_I2V_SIZE)
+    full0 = (1 - mask) * cond["condition"] + mask * torch.cat([torch.zeros_like(x0), x0], dim=2)
+    timestep0 = (mask[0][0][:, ::2, ::2] * sigmas[0] * 1000).flatten()[None].expand(2, -1)
+    means = []
+    with torch.no_grad():
+        for adapter in ("student", "motion"):
+            with trainer.adapters.use(adapter):
+                out = transformer(
+                    hidden_states=full0,
+                    timestep=timestep0,
+                    encoder_hidden_states=cond["prompt_embeds"],
+                    return_dict=False,
+                )[0]
+            means.append(
+                transition.step_mean(
+                    x0, out[:, :, 1:], sigmas[0], sigmas[1], args.noise_level, args.sde_type, sigmas[1].item()
+                )
+            )
+    expected = transition.closed_form_kl(
+        *means, sigmas[0], sigmas[1], args.noise_level, args.sde_type, args.kl_normalization, sigmas[1].item()
+    )
+    assert args.kl_normalization == "reference" and expected.mean() > 0
+    torch.testing.assert_close(kl[0], expected.mean(), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["wan21", "wan22", "ti2v"])
+def test_kl_zero_for_the_same_adapter_and_output_depends_on_the_frame(tmp_path, variant):
+    build, size, experts = VARIANTS[variant]
+    pipe = get_tiny_wan_i2v_pipeline(seed=0, **build)
+    teacher = _teacher(pipe, tmp_path / "t", 1, experts)
+    extra = {"guidance_scale_2": 2.0} if variant == "wan22" else {}
+    trainer = DiffusionOPDTrainer(
+        pipe,
+        {"motion": teacher},
+        args=_args(tmp_path / "out", size, student_adapter=teacher, guidance_scale=3.0, **extra),
+        train_dataset={"motion": ROWS["motion"]},
+    )
+    kl = trainer.compute_teacher_kl({"motion": ROWS["motion"]}, use_ema=False)
+    assert kl["motion"] < 1e-10
+    family = trainer.family
+    x = family.init_latents(1, size, torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.95 if variant == "wan22" else 0.6])  # wan22: the high-noise expert
+    with torch.no_grad():
+        first, second = (
+            family.velocity(family.denoiser, x, sigma, trainer.prompt_cache(["a cat walks"], [[frame]]))
+            for frame in FRAMES[:2]
+        )
+    assert (first - second).abs().max() > 1e-3
+
+
+def _distil(tmp_path, seed: int, max_steps: int = 40):
+    trainer = _trainer(
+        tmp_path,
+        "wan22",
+        teacher_seeds=(1, 2),
+        args=_args(tmp_path / "out", max_steps=max_steps, seed=seed, guidance_scale=3.0, guidance_scale_2=2.0),
+    )
+    before = trainer.compute_teacher_kl(ROWS, use_ema=False) if max_steps > 2 else None
+    trainer.train()
+    after = trainer.compute_teacher_kl(ROWS, use_ema=False) if max_steps > 2 else None
+    return trainer, before, after
+
+
+@pytest.mark.slow
+def test_distillation_of_two_i2v_teachers_lowers_kl_across_seeds(tmp_path):
+    """Two two-expert image-to-video teachers (both guidance scales) distilled into one student: the KL to each falls
+    by >= 80% for every seed."""
+    reductions = []
+    for seed in range(3):
+        _, before, after = _distil(tmp_path / str(seed), seed)
+        reductions.append({task: 1 - after[task] / before[task] for task in before})
+    for task in ROWS:
+        worst = min(r[task] for r in reductions)
+        assert worst >= 0.8, f"KL to '{task}' fell by {worst:.1%} only (per seed: {reductions})"
+
+
+def test_saved_two_expert_i2v_student_reloads_into_both_experts(tmp_path):
+    """Saved in Wan 2.2's layout, the student reloads into a fresh `WanImageToVideoPipeline` with
+    `load_lora_weights(..., load_into_transformer_2=True)` and gives the trainer's velocities on both experts."""
+    trainer, _, _ = _distil(tmp_path, 0, max_steps=2)
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / LOW_2).is_file()
+    fresh = get_tiny_wan_i2v_pipeline(seed=0, two_experts=True)
+    fresh.load_lora_weights(str(tmp_path / "adapter"), adapter_name="s")
+    fresh.load_lora_weights(
+        str(tmp_path / "adapter"), weight_name=LOW_2, adapter_name="s", load_into_transformer_2=True
+    )
+    family = get_family(fresh, max_sequence_length=16, num_frames=TINY_WAN_FRAMES)
+    family.check_resolution(TINY_WAN_I2V_SIZE)
+    rows = ROWS["motion"] + ROWS["camera"]
+    cond = family.encode_prompts([r["prompt"] for r in rows], [[r["image"]] for r in rows])
+    torch.testing.assert_close(cond, trainer.prompt_cache([r["prompt"] for r in rows], [[r["image"]] for r in rows]))
+    x = torch.randn((4, 16, 2, 4, 6), generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([1.0, 0.9, 0.5, 0.1])  # two high-noise rows, two low-noise rows
+    with torch.no_grad():
+        reloaded = family.velocity(family.denoiser, x, sigma, cond)
+        student = trainer.family.velocity(trainer.family.denoiser, x, sigma, cond)
+        fresh.transformer.disable_lora()
+        fresh.transformer_2.disable_lora()
+        base = family.velocity(family.denoiser, x, sigma, cond)
+    for rows_ in (slice(0, 2), slice(2, 4)):
+        assert (student[rows_] - base[rows_]).abs().max() > 1e-4, "the student equals the base on an expert"
+    assert (reloaded - student).abs().max() <= 1e-5
+
+
+def test_ti2v_decoded_video_starts_with_the_input_frame(tmp_path):
+    """`generate` decodes the condition put back as latent frame 0: the first video frame is the VAE round trip of
+    the input frame (resized to the video's size), whatever the student does."""
+    trainer = _trainer(tmp_path, "ti2v", args=_args(tmp_path / "out", TINY_WAN_TI2V_I2V_SIZE))
+    row = ROWS["motion"][0]
+    video = trainer.generate([row["prompt"]], images=[[row["image"]]], num_inference_steps=2)[0]
+    pipe = trainer.pipeline
+    height, width = TINY_WAN_TI2V_I2V_SIZE
+    cond = trainer.prompt_cache([row["prompt"]], [[row["image"]]])
+    expected = trainer.family.decode(cond["condition"], TINY_WAN_TI2V_I2V_SIZE)[0][0]
+    assert video[0].size == (width, height) == expected.size
+    assert np.abs(np.asarray(video[0], dtype=float) - np.asarray(expected, dtype=float)).max() <= 2
+    assert pipe.vae is not None
+
+
+def test_rows_without_a_first_frame_or_with_too_many_are_refused(tmp_path):
+    pipe = get_tiny_wan_i2v_pipeline(seed=0)
+    teacher = _teacher(pipe, tmp_path / "t", 1)
+    rows = [ROWS["motion"][0], {"prompt": "no frame here"}]
+    with pytest.raises(ValueError, match=r"^Task 'motion' row 1 \('no frame here'\) has no `image`") as error:
+        DiffusionOPDTrainer(pipe, {"motion": teacher}, args=_args(tmp_path / "o"), train_dataset={"motion": rows})
+    assert "\n" not in str(error.value)
+    ti2v = get_tiny_wan_i2v_pipeline(seed=0, ti2v=True)
+    rows = [{"prompt": "first and last", "image": FRAMES[:2]}]
+    with pytest.raises(ValueError, match=r"row 0 \('first and last'\) has 2 input images, .* takes at most 1"):
+        DiffusionOPDTrainer(
+            ti2v,
+            {"motion": _teacher(ti2v, tmp_path / "t2", 1)},
+            args=_args(tmp_path / "o2", TINY_WAN_TI2V_I2V_SIZE),
+            train_dataset={"motion": rows},
+        )
+
+
+def test_two_experts_keep_ddp_find_unused_parameters(tmp_path):
+    """A step whose rows all run one expert leaves the other idle: unset, DDP finds unused parameters (the Trainer's
+    default for a non-`PreTrainedModel` module); set to false it is refused in one line."""
+    trainer = _trainer(tmp_path, "wan22")
+    assert trainer._build_accelerator_args()["kwargs_handlers"][0].find_unused_parameters is True
+    with pytest.raises(ValueError, match="^`ddp_find_unused_parameters` cannot be false with two experts"):
+        _trainer(tmp_path / "b", "wan22", args=_args(tmp_path / "o", ddp_find_unused_parameters=False))
