@@ -147,19 +147,20 @@ def test_write_error_names_the_file_and_leaves_bugs_alone(tmp_path):
     (staging / "checkpoint-7" / "a.json").write_text("{}")
     time.sleep(0.01)
     (staging / "checkpoint-7" / "optimizer.pt").write_bytes(b"PK")  # the newest: being written
-    torch_error = RuntimeError(
-        "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
-    )
-    assert str(write_error(torch_error, staging, 7)) == (
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    message = str(write_error(torch_error, staging, 7))
+    assert message.startswith(
         f"Could not write checkpoint-7: {staging / 'checkpoint-7' / 'optimizer.pt'}: [enforce fail at "
-        "inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed; the previous "
-        "checkpoint is intact, resume from it with `--resume_from_checkpoint auto`."
+        "inline_container.cc:672] . unexpected pos 704 vs 598 ("
+    )
+    assert message.endswith(
+        " free on its disk); the previous checkpoint is intact, resume from it with `--resume_from_checkpoint auto`."
     )
     full = OSError(errno.ENOSPC, "No space left on device", "/x/scheduler.pt")
     assert str(write_error(full, staging, 7)).startswith(
-        "Could not write checkpoint-7: /x/scheduler.pt: No space left on device (free some space or point "
-        "`output_dir` elsewhere); "
+        "Could not write checkpoint-7: /x/scheduler.pt: No space left"
     )
+    assert write_error(RuntimeError("shape mismatch"), staging, 7) is None
     assert write_error(KeyError("bug"), staging, 7) is None
 
 
@@ -202,3 +203,25 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_and_resumes(tmp_
     trainer.train(resume_from_checkpoint="auto")  # the lock was released by the failed run
     assert trainer.state.global_step == 3
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_every_rank_stops_at_the_step_where_any_rank_got_the_signal(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(Path(__file__).with_name("_signal_ranks.py")), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):  # rank 0 got no signal, and stops with rank 1
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
+            "step": 2,
+            "save": True,
+            "signal": "SIGTERM",
+        }

@@ -757,9 +757,9 @@ class DiffusionLoRATrainer(Trainer):
                 self.create_model_card(output_dir=str(folder))
             self._save_checkpoint_extras(folder)
         except Exception as error:
+            failure = write_error(error, staging, step)  # names the file being written: before it is removed
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
-            failure = write_error(error, staging, step)
             if failure is None:
                 raise
             raise failure from error

@@ -164,11 +164,13 @@ def resolve_resume(value: str | bool | os.PathLike | None, output_dir: str | os.
 
 # ---------------------------------------------------------------------------------------------- failed saves
 def _names_a_write_failure(error: BaseException) -> bool:
-    if isinstance(error, OSError):
+    # Neither torch.save's RuntimeError ("unexpected pos ...", "PytorchStreamWriter failed writing file ...") nor
+    # safetensors' SafetensorError ("I/O error: No space left on device (os error 28)") is an OSError.
+    if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":
         return True
-    # torch.save raises RuntimeError("PytorchStreamWriter failed writing file ..."), safetensors its SafetensorError
-    # ("... IoError(Os { code: 28 ..."): neither is an OSError, and neither names the path.
-    return bool(re.search(r"failed writing|write failed|IoError|No space left|Errno|os error", str(error)))
+    return isinstance(error, RuntimeError) and bool(
+        re.search(r"PytorchStreamWriter|inline_container|iostream error", str(error))
+    )
 
 
 def _newest_file(folder: Path) -> Path | None:
@@ -176,19 +178,34 @@ def _newest_file(folder: Path) -> Path | None:
     return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
+def _free_space(path: Path) -> str:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    for unit in ("B", "kB", "MB", "GB"):
+        if free < 1000:
+            return f"{free:.3g} {unit}"
+        free /= 1000
+    return f"{free:.3g} TB"
+
+
 def write_error(error: BaseException, staging: Path, step: int) -> CheckpointWriteError | None:
     """A one-line `CheckpointWriteError` for a save of checkpoint `step` that failed with `error`, naming the file
-    (the error's own `filename`, else the file being written: the newest in the staging folder); `None` when
-    `error` is not an I/O failure (a bug, which keeps its traceback)."""
+    (the error's own `filename`, else the file being written: the newest in the staging folder) and the free space
+    of its disk; `None` when `error` is not an I/O failure (a bug, which keeps its traceback)."""
     if not _names_a_write_failure(error):
         return None
     path = getattr(error, "filename", None) or _newest_file(staging) or staging
-    reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else str(error).splitlines()[0]
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason += " (free some space or point `output_dir` elsewhere)"
+    if isinstance(error, OSError) and error.errno:
+        reason = os.strerror(error.errno)
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return CheckpointWriteError(
-        f"Could not write checkpoint-{step}: {path}: {reason}; the previous checkpoint is intact, resume from it "
-        f"with `--resume_from_checkpoint {RESUME_AUTO}`."
+        f"Could not write checkpoint-{step}: {path}: {reason} ({_free_space(staging)} free on its disk); the previous "
+        f"checkpoint is intact, resume from it with `--resume_from_checkpoint {RESUME_AUTO}`."
     )
 
 
