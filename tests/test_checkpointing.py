@@ -205,6 +205,7 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_and_resumes(tmp_
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
 
 
+@pytest.mark.slow  # two fresh interpreters under torchrun: about 45 s on a loaded 2-core CPU
 def test_every_rank_stops_at_the_step_where_any_rank_got_the_signal(tmp_path):
     env = {
         **os.environ,
