@@ -399,13 +399,25 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
     if launch_args and not os.environ.get(LAUNCHED_ENV):
         return _relaunch(launch_args, _without(argv, cli_rest), module)
     script_args, training_args, model_args = parsed
-    lock = OutputDirLock(training_args.output_dir)  # held from before the toy adapters are written into it
+    # Held from before the toy adapters are written into output_dir until the final adapter is saved.
+    lock = OutputDirLock(training_args.output_dir)
     try:
         if training_args.process_index == 0:
             lock.acquire()
+    except (OSError, OutputDirBusyError) as error:
+        return fail(prog, one_line(error))
+    try:
+        return _train_locked(prog, build, script_args, training_args, model_args)
+    finally:
+        if training_args.process_index == 0:
+            lock.release()
+
+
+def _train_locked(prog: str, build: Callable, script_args, training_args, model_args) -> int:
+    try:
         trainer = build(script_args, training_args, model_args)
         trainer.check_resume(training_args.resume_from_checkpoint)
-    except (ValueError, OSError, OutputDirBusyError) as error:
+    except (ValueError, OSError) as error:
         return fail(prog, one_line(error))
     try:
         run_training(trainer, script_args, training_args)
