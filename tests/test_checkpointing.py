@@ -108,6 +108,9 @@ def test_lock_refuses_while_another_process_holds_it_and_a_killed_holder_leaves_
     assert OutputDirLock._held[os.path.realpath(out / ".lock")][1] == 1
     lock.release()
     assert os.path.realpath(out / ".lock") not in OutputDirLock._held
+    fresh = tmp_path / "fresh"
+    OutputDirLock(fresh).acquire().release(remove=True)  # what a command that fails on its input does
+    assert not fresh.exists()
 
 
 def _wait_for(condition) -> None:

@@ -406,11 +406,13 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
             lock.acquire()
     except (OSError, OutputDirBusyError) as error:
         return fail(prog, one_line(error))
+    code = None
     try:
-        return _train_locked(prog, build, script_args, training_args, model_args)
+        code = _train_locked(prog, build, script_args, training_args, model_args)
+        return code
     finally:
         if training_args.process_index == 0:
-            lock.release()
+            lock.release(remove=code == 2)  # a start that failed on its input leaves nothing, the lock included
 
 
 def _train_locked(prog: str, build: Callable, script_args, training_args, model_args) -> int:

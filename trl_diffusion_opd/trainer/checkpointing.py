@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -237,6 +238,7 @@ class OutputDirLock:
             if self.path in self._held:
                 self._held[self.path][1] += 1
                 return self
+            created = not os.path.isdir(os.path.dirname(self.path))
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -252,19 +254,29 @@ class OutputDirLock:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self._held[self.path] = [fd, 1]
+            self._held[self.path] = [fd, 1, created]
         return self
 
-    def release(self) -> None:
-        """Give the lock back (at the last release of this process)."""
+    def release(self, remove: bool = False) -> None:
+        """Give the lock back (at the last release of this process).
+
+        Args:
+            remove: Also delete the lock file, and `output_dir` when taking the lock created it and it is still
+                empty: a run that failed before writing anything leaves nothing behind.
+        """
         with self._guard:
             held = self._held.get(self.path)
             if held is None:
                 return
             held[1] -= 1
             if held[1] == 0:
+                if remove:
+                    os.unlink(self.path)  # while still held, so no other run takes the file being deleted
                 os.close(held[0])  # closing the descriptor drops the flock
                 del self._held[self.path]
+                if remove and held[2]:
+                    with contextlib.suppress(OSError):  # not empty: something else was written there
+                        os.rmdir(os.path.dirname(self.path))
 
 
 # ---------------------------------------------------------------------------------------------- preemption
