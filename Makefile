@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 PYTEST_ARGS ?=
 
-.PHONY: install test docs demo bench lint format clean
+.PHONY: install test test-faults docs demo bench lint format clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ install: $(VENV)/.installed
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not faults" $(PYTEST_ARGS)
 	$(MAKE) docs
+
+# The fault suite (tests/test_faults.py): runs killed, preempted and saving onto a full disk, in subprocesses.
+test-faults: install
+	$(PY) -m pytest $(XDIST) -m faults $(PYTEST_ARGS)
 
 # The documentation site in strict mode: a broken link, anchor or API reference fails the build.
 docs: install

@@ -964,12 +964,16 @@ def test_resume_true_without_checkpoint_and_corrupt_checkpoint_through_train(tmp
     with pytest.raises(ValueError) as error:
         trainer.train(resume_from_checkpoint=True)
     _assert_message(
-        error.value, f"`resume_from_checkpoint=True` but {output_dir} holds no checkpoint-<step> folder.", True
+        error.value,
+        f"`resume_from_checkpoint=True` but {output_dir} holds no checkpoint-<step> folder; "
+        "`--resume_from_checkpoint auto` starts the run when there is none.",
+        True,
     )
     folder, message = _checkpoint(output_dir / "checkpoint-1", "corrupt_weights")
     with pytest.raises(ValueError) as error:
-        trainer.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
-    _assert_message(error.value, message, exact=False)
+        trainer.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir, incomplete: none is left
+    prefix = f"`resume_from_checkpoint=True` but {output_dir} holds no complete checkpoint-<step> folder ("
+    _assert_message(error.value, prefix + message, exact=False)
     assert trainer.state.global_step == 0
 
 

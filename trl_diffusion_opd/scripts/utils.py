@@ -8,6 +8,7 @@ import difflib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import types
@@ -28,6 +29,7 @@ from ..rewards import get_reward
 from ..sizes import ResolutionLike
 from ..trainer.base_config import check_reward_names
 from ..trainer.base_trainer import check_eval_strategy, prompt_rows, resolve_student_adapter
+from ..trainer.checkpointing import CheckpointWriteError, OutputDirBusyError, OutputDirLock
 from ..trainer.model_config import DiffusionModelConfig, get_student_lora_config
 from . import PROG, fail, one_line  # noqa: F401  (the commands import them from here)
 
@@ -558,6 +560,8 @@ def build_rl_trainer(trainer_class: type, script_args: DiffusionRLScriptArgument
 def run_training(trainer, script_args, training_args):
     """Train `trainer`, save the student adapter and its card, and push them when `push_to_hub`."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.stop_on_signal.signal_name is not None:
+        return trainer  # preempted: the checkpoint is written and the run is not over
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(saved_message(training_args.output_dir, getattr(trainer, "base_model_id", None)))
     if training_args.push_to_hub:
@@ -622,10 +626,34 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
     if launch_args and not os.environ.get(LAUNCHED_ENV):
         return _relaunch(launch_args, _without(argv, cli_rest), module)
     script_args, training_args, model_args = parsed
+    # Held from before the toy adapters are written into output_dir until the final adapter is saved.
+    lock = OutputDirLock(training_args.output_dir)
+    try:
+        if training_args.process_index == 0:
+            lock.acquire()
+    except (OSError, OutputDirBusyError) as error:
+        return fail(prog, one_line(error))
+    code = None
+    try:
+        code = _train_locked(prog, build, script_args, training_args, model_args)
+        return code
+    finally:
+        if training_args.process_index == 0:
+            lock.release(remove=code == 2)  # a start that failed on its input leaves nothing, the lock included
+
+
+def _train_locked(prog: str, build: Callable, script_args, training_args, model_args) -> int:
     try:
         trainer = build(script_args, training_args, model_args)
         trainer.check_resume(training_args.resume_from_checkpoint)
     except (ValueError, OSError) as error:
         return fail(prog, one_line(error))
-    run_training(trainer, script_args, training_args)
-    return 0
+    try:
+        run_training(trainer, script_args, training_args)
+    except CheckpointWriteError as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    stopped = trainer.stop_on_signal.signal_name
+    # 128 + the signal (143 for SIGTERM), as if it had ended the process: the job is not done, and a requeue loop
+    # (`until trl-diffusion-opd ... --resume_from_checkpoint auto; do :; done`) must not take it for success.
+    return 128 + signal.Signals[stopped].value if stopped is not None else 0

@@ -254,6 +254,13 @@ class DiffusionTrainingConfig(TrainingArguments):
         default=False,
         metadata={"help": "Keep every dataset column, so that a prompt's metadata reaches the rewards and routing."},
     )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint folder to resume from; `true`: the last complete checkpoint of output_dir (an error "
+            "when there is none); `auto`: the same, or start the run when there is none (for requeued jobs)."
+        },
+    )
 
     # Parameters that control the model
     torch_dtype: str = field(
@@ -446,7 +453,7 @@ class DiffusionTrainingConfig(TrainingArguments):
             raise ValueError(f"`seed` must be an integer in [0, 2**32), got {seed}.")
         check_output_dir("output_dir", self.output_dir)
         resume = self.resume_from_checkpoint
-        if isinstance(resume, (str, os.PathLike)) and str(resume).lower() not in ("true", "false"):
+        if isinstance(resume, (str, os.PathLike)) and str(resume).lower() not in ("true", "false", "auto"):
             check_checkpoint(resume)
 
     @property

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import hashlib
 import os
+import shutil
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import IntervalStrategy
+from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
 
 from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, image_digest, load_prompt_source, prompts_by_task
@@ -64,6 +65,16 @@ from .base_config import (
     check_checkpoint,
 )
 from .callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
+from .checkpointing import (
+    RESUME_AUTO,
+    OutputDirLock,
+    StopOnSignal,
+    publish_checkpoint,
+    remove_partial_checkpoints,
+    resolve_resume,
+    staging_run_dir,
+    write_error,
+)
 
 
 DEFAULT_TASK = "default"
@@ -410,6 +421,10 @@ class DiffusionLoRATrainer(Trainer):
                 callback.bind(self)
         if args.eval_rewards is not None:
             self.add_callback(RewardEvalCallback(self, rewards=args.eval_rewards))
+        self.stop_on_signal = StopOnSignal()
+        self.add_callback(self.stop_on_signal)
+        self._staging_step: int | None = None  # the step whose checkpoint is being written, while it is
+        self._deferred_push = False
         self.model_accepts_loss_kwargs = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
@@ -803,17 +818,56 @@ class DiffusionLoRATrainer(Trainer):
     def _load_extra_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `_extra_checkpoint_state` saved (the keys not consumed by the student)."""
 
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is written, the Trainer's own files go to a staging folder (`checkpointing`).
+        run_dir = super()._get_output_dir(trial)
+        return str(staging_run_dir(run_dir, self._staging_step)) if self._staging_step is not None else run_dir
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        # The exported adapter holds the EMA weights; resuming needs the raw training weights too. Every rank gathers
-        # them (sharded weights need all ranks); the main process writes.
-        state = {**self.student_state_dict(), **self._extra_checkpoint_state()}
+        """Write checkpoint-<step> atomically: every file (the Trainer's and the package's) into a staging folder,
+        then one rename once all ranks are done; older checkpoints are rotated out only after that. An I/O failure
+        raises a one-line `CheckpointWriteError` and leaves the previous checkpoints as they were."""
+        step = self.state.global_step
+        run_dir = self._get_output_dir(trial)
         if self.args.should_save:
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            save_file(state, str(folder / TRAINING_WEIGHTS))
-            if self.ema is not None:
-                save_ema_state(self.ema.state_dict(), folder / EMA_STATE)
-            self.create_model_card(output_dir=str(folder))
+            remove_partial_checkpoints(run_dir)  # leftovers of a killed run
+        self.accelerator.wait_for_everyone()  # no rank writes into a staging folder that is being removed
+        self._staging_step, self._deferred_push = step, False
+        staging = staging_run_dir(run_dir, step)
+        folder = staging / f"checkpoint-{step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            # The exported adapter holds the EMA weights; resuming needs the raw training weights too. Every rank
+            # gathers them (sharded weights need all ranks); the main process writes.
+            state = {**self.student_state_dict(), **self._extra_checkpoint_state()}
+            if self.args.should_save:
+                save_file(state, str(folder / TRAINING_WEIGHTS))
+                if self.ema is not None:
+                    save_ema_state(self.ema.state_dict(), folder / EMA_STATE)
+                self.create_model_card(output_dir=str(folder))
+            self._save_checkpoint_extras(folder)
+        except Exception as error:
+            failure = write_error(error, staging, step)  # names the file being written: before it is removed
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if failure is None:
+                raise
+            raise failure from error
+        finally:
+            self._staging_step = None
+        self.accelerator.wait_for_everyone()  # every rank's files are written
+        if self.args.should_save:
+            final = publish_checkpoint(run_dir, step)
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best) == folder:
+                self.state.best_model_checkpoint = str(final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+            if self._deferred_push:
+                push_checkpoint(self, str(final))
+        self.accelerator.wait_for_everyone()  # no rank goes on (and may stop) before the checkpoint is in place
+
+    def _save_checkpoint_extras(self, folder: Path) -> None:
+        """Write what else a checkpoint needs into `folder` (its staging place); called on every rank."""
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_fsdp_enabled:
@@ -905,27 +959,48 @@ class DiffusionLoRATrainer(Trainer):
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # The Trainer's default uploads the whole output folder; only the adapter, card and samples belong there.
+        # During a checkpoint save the upload waits until the checkpoint is complete and in its final place.
+        if self._staging_step is not None:
+            self._deferred_push = True
+            return
         push_checkpoint(self, checkpoint_folder)
 
-    def check_resume(self, resume_from_checkpoint: str | bool | None) -> None:
-        """Check the checkpoint that `train(resume_from_checkpoint=...)` would resume from (`True`: the last one in
-        `output_dir`) before anything runs; a missing or corrupt file raises a one-line `ValueError` naming it."""
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return
-        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
-            from transformers.trainer_utils import get_last_checkpoint
+    def check_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """Check the checkpoint that `train(resume_from_checkpoint=...)` would resume from before anything runs, and
+        return it (`None`: the run starts from step 0).
 
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            if last is None:
-                raise ValueError(
-                    f"`resume_from_checkpoint=True` but {self.args.output_dir} holds no checkpoint-<step> folder."
-                )
-            resume_from_checkpoint = last
-        check_checkpoint(resume_from_checkpoint)
+        `True` / "true": the last complete checkpoint of `output_dir` (incomplete ones are skipped); none is an
+        error. "auto": the same, but with none the run starts. A folder: that checkpoint. A missing or corrupt file
+        raises a one-line `ValueError` naming it."""
+        folder, _ = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if folder is not None:
+            check_checkpoint(folder)
+        return folder
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "false"):
-            resume_from_checkpoint = resume_from_checkpoint.lower() == "true" or None  # as written on the CLI
-        self.check_resume(resume_from_checkpoint)
-        set_seed(self.args.seed)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        """The Trainer's `train`, with `resume_from_checkpoint` also "auto" (see `check_resume`), `output_dir` locked
+        against a second run for the duration (`OutputDirLock`), and a clean stop on SIGTERM / SIGINT: the round in
+        progress ends, a checkpoint is written, and `stop_on_signal.signal_name` names the signal (the command then
+        exits with 143)."""
+        lock = OutputDirLock(self.args.output_dir)
+        if self.args.process_index == 0:
+            lock.acquire()
+        try:
+            folder = self.check_resume(resume_from_checkpoint)
+            if folder is None and str(resume_from_checkpoint).lower() == RESUME_AUTO:
+                self.accelerator.print(
+                    f"No complete checkpoint in {self.args.output_dir}: starting the run from step 0 "
+                    f"(`resume_from_checkpoint={RESUME_AUTO}`)."
+                )
+            set_seed(self.args.seed)
+            result = super().train(folder, *args, **kwargs)
+        finally:
+            lock.release()
+        if self.stop_on_signal.signal_name is not None:
+            step = self.state.global_step
+            self.accelerator.print(
+                f"Stopped by {self.stop_on_signal.signal_name} after step {step}: checkpoint saved to "
+                f"{os.path.join(self.args.output_dir, f'checkpoint-{step}')}; resume with the same command and "
+                f'`--resume_from_checkpoint {RESUME_AUTO}` (or `train(resume_from_checkpoint="{RESUME_AUTO}")`).'
+            )
+        return result

@@ -226,12 +226,10 @@ class DiffusionRLTrainer(DiffusionLoRATrainer, abc.ABC):
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+    def _save_checkpoint_extras(self, folder: Path) -> None:
         step = self.state.global_step
         if self._buffer is None or step % self.args.num_iterations == 0:
             return  # the next step generates a fresh batch
-        folder = Path(self.args.output_dir) / f"checkpoint-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         try:
             save_tensor_tree(self._buffer, folder / RL_BATCH.format(process=self.accelerator.process_index))
