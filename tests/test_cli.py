@@ -402,6 +402,17 @@ print(json.dumps(loaded))
     assert result.stderr == ""
 
 
+def test_trainer_package_names_load_on_first_use():
+    from trl_diffusion_opd import trainer
+    from trl_diffusion_opd.trainer import opd_config
+
+    assert sorted(trainer._LAZY) == trainer.__all__
+    assert all(getattr(trainer, name).__name__ == name for name in trainer.__all__)
+    assert trainer.DiffusionOPDConfig is opd_config.DiffusionOPDConfig
+    with pytest.raises(AttributeError, match="has no attribute 'NotAName'"):
+        trainer.NotAName  # noqa: B018
+
+
 def test_abbreviated_options_are_refused_with_a_suggestion(capsys):
     """As in TRL's CLI, a prefix of an option is an unknown option (argparse would take `--learning_rat` for
     `--learning_rate`), and the error names the option it resembles."""
