@@ -109,9 +109,7 @@ def _load(spec: str) -> ScoreFunction:
 
 def make_parser() -> argparse.ArgumentParser:
     """The command line of `main`: `--scorer module:function`, `--host` (127.0.0.1), `--port`."""
-    parser = argparse.ArgumentParser(
-        description="Serve a reward function over HTTP (Flow-GRPO's protocol).", allow_abbrev=False
-    )
+    parser = argparse.ArgumentParser(description="Serve a reward function over HTTP (Flow-GRPO's protocol).")
     parser.add_argument("--scorer", required=True, help="module:function with signature (images, prompts, metadata)")
     parser.add_argument(
         "--host",
