@@ -59,6 +59,8 @@ def render_fields(path: str) -> str:
     """The markdown table of the fields declared by the class at `path` (`package.module.ClassName`)."""
     if str(ROOT) not in sys.path:  # the checkout's classes, also when another copy of the package is installed
         sys.path.insert(0, str(ROOT))
+    # A program, as the CLI: other libraries' import-time notes (bitsandbytes, transformers) are dropped.
+    importlib.import_module("trl_diffusion_opd.scripts").quiet_library_logs()
     module, name = path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
     rows = ["| field | type | default | description |", "|---|---|---|---|"]

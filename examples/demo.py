@@ -16,14 +16,19 @@ the table), `results.md` / `results.json`, `grids/<model>.png` and `demo.json` (
 import argparse
 import time
 
-import torch
-
-from trl_diffusion_opd.world.demo import DemoConfig, run_demo
+from trl_diffusion_opd.scripts import quiet_library_logs
 
 
 def main() -> None:
+    quiet_library_logs()  # first: torch, diffusers and transformers print their import-time notes as they load
+    import torch
+
+    from trl_diffusion_opd.world.demo import DemoConfig, run_demo
+
     defaults = DemoConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--output_dir", default=defaults.output_dir)
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="DiffusionOPD rounds (optimizer steps).")
     parser.add_argument("--prompts_per_task", type=int, default=defaults.prompts_per_task)

@@ -1,7 +1,9 @@
 """The `trl-diffusion-opd` command: YAML configs, command-line overrides, errors, accelerate relaunch, `env`."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -13,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from trl_diffusion_opd import DiffusionModelConfig, cli
+from trl_diffusion_opd.scripts import LIBRARY_NOISE, quiet_library_logs
 from trl_diffusion_opd.scripts import train as train_script
 from trl_diffusion_opd.scripts import utils as script_utils
 from trl_diffusion_opd.scripts.train import DiffusionOPDScriptArguments
@@ -23,6 +26,15 @@ from trl_diffusion_opd.trainer.model_config import get_student_lora_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "configs" / "tiny.yaml"
 RECIPE = ROOT / "examples" / "configs" / "sd35m_three_teachers.yaml"
+# Text of the import-time notes other libraries print (bitsandbytes' optional Hub kernel on a CPU with AVX512-BF16,
+# transformers' image-processor fallback without torchvision), which the programs drop.
+NOISE = ("gemm_4bit_forward", "kernels-community", "requires torchvision")
+PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # a tqdm line: "100%|####| 1/1 [00:01<00:00, ...]"
+
+
+def _not_progress(stderr: str) -> list[str]:
+    """The non-blank lines of `stderr` that are not progress-bar updates."""
+    return [line for line in re.split(r"[\r\n]+", stderr) if line.strip() and not PROGRESS_BAR.search(line)]
 
 
 def _console_script() -> list[str]:
@@ -59,6 +71,9 @@ def test_train_tiny_yaml_with_overrides_writes_loadable_adapter(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    # No other library's notes: stderr holds the progress bar only.
+    assert not [noise for noise in NOISE if noise in result.stderr]
+    assert _not_progress(result.stderr) == []
     args = json.loads((output_dir / "training_args.json").read_text())  # JSON, no pickle
     assert args["max_steps"] == 2 and args["learning_rate"] == 0.002  # command line over YAML (60, 5e-3)
     assert args["teacher_guidance_scale"] == {"shapes": 2.0, "text": 3.0}  # JSON dict on the command line
@@ -358,6 +373,82 @@ def test_import_help_and_version_import_no_torch_and_print_nothing_on_stderr(tmp
     assert set(trl_diffusion_opd.__all__) <= set(dir(trl_diffusion_opd))
     with pytest.raises(AttributeError, match="has no attribute 'NotAName'"):
         trl_diffusion_opd.NotAName  # noqa: B018
+
+
+def test_command_help_imports_only_the_configurations_and_prints_nothing_on_stderr():
+    """`eval --help` loads no torch, transformers or diffusers (its arguments are a plain dataclass); `train`, `grpo`
+    and `nft --help` load their configurations, which subclass transformers' `TrainingArguments` (hence torch), but no
+    diffusers, datasets, trainer, data, teacher or reward module. Other libraries' import-time notes are dropped."""
+    code = """
+import contextlib, io, json, sys
+from trl_diffusion_opd import cli
+HEAVY = ["torch", "transformers", "diffusers", "datasets"] + [f"trl_diffusion_opd.{name}" for name in (
+    "trainer.base_trainer", "trainer.opd_trainer", "trainer.grpo_trainer", "trainer.nft_trainer", "families.base",
+    "data", "teachers", "rewards", "evaluation")]
+loaded = {}
+for command in ("eval", "train", "grpo", "nft"):
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        cli.main([command, "--help"])
+    assert out.getvalue().startswith(f"usage: trl-diffusion-opd {command} "), out.getvalue()[:200]
+    loaded[command] = [name for name in HEAVY if name in sys.modules]
+print(json.dumps(loaded))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert loaded == {"eval": [], "train": ["torch", "transformers"], "grpo": ["torch", "transformers"],
+                      "nft": ["torch", "transformers"]}  # fmt: skip
+    assert result.stderr == ""
+
+
+def test_trainer_package_names_load_on_first_use():
+    from trl_diffusion_opd import trainer
+    from trl_diffusion_opd.trainer import opd_config
+
+    assert sorted(trainer._LAZY) == trainer.__all__
+    assert all(getattr(trainer, name).__name__ == name for name in trainer.__all__)
+    assert trainer.DiffusionOPDConfig is opd_config.DiffusionOPDConfig
+    with pytest.raises(AttributeError, match="has no attribute 'NotAName'"):
+        trainer.NotAName  # noqa: B018
+
+
+def test_abbreviated_options_are_refused_with_a_suggestion(capsys):
+    """As in TRL's CLI, a prefix of an option is an unknown option (argparse would take `--learning_rat` for
+    `--learning_rate`), and the error names the option it resembles."""
+    assert cli.main(["train", "--config", str(TINY), "--learning_rat", "1e-3"]) == 2
+    assert capsys.readouterr().err == (
+        "trl-diffusion-opd train: error: unrecognized arguments: --learning_rat (did you mean --learning_rate?).\n"
+    )
+    assert cli.main(["grpo", "--config", str(ROOT / "examples/configs/tiny_grpo.yaml"), "--num_generation", "2"]) == 2
+    assert capsys.readouterr().err.endswith("--num_generation (did you mean --num_generations?).\n")
+    prompts = '{"brightness": ["a"]}'
+    assert cli.main(["eval", "--model_name_or_path", "tiny:sd3", "--prompts", prompts, "--batch_siz", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "trl-diffusion-opd eval: error: unrecognized arguments: --batch_siz 2 (did you mean --batch_size?).\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["world", "eval", "--num_image", "2"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --num_image 2" in capsys.readouterr().err
+
+
+def test_quiet_library_logs_drops_only_the_known_notes():
+    quiet_library_logs()
+    quiet_library_logs()  # a second call adds nothing
+    for name, text in LIBRARY_NOISE:
+        logger = logging.getLogger(name)
+        assert len(logger.filters) == 1
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record, seen=seen: seen.append(record.getMessage())
+        logger.addHandler(handler)
+        try:
+            logger.warning("note: %s (details)", text)
+            logger.warning("an unrelated warning")
+        finally:
+            logger.removeHandler(handler)
+        assert seen == ["an unrelated warning"]
 
 
 def test_bare_train_points_at_config_and_unknown_flag_gets_a_suggestion(capsys):

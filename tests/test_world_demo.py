@@ -3,6 +3,9 @@ the demo's pieces (teacher index, multi-task RL baseline) work."""
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -172,3 +175,18 @@ def test_student_card_carries_the_demo_table_without_paths(tmp_path):
     namespace = {}
     exec(code.replace('load_lora_weights("student")', f'load_lora_weights("{tmp_path / "student"}")'), namespace)
     assert namespace["image"].size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_demo_script_prints_no_library_notes_and_refuses_abbreviations():
+    """`make demo`'s script drops other libraries' import-time notes (bitsandbytes' optional Hub kernel, transformers'
+    image-processor fallback without torchvision), which print as torch and diffusers load, before the arguments
+    are parsed; and, as the CLI, it takes no abbreviated option (`--round` is not `--rounds`)."""
+    script = str(Path(__file__).resolve().parents[1] / "examples" / "demo.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, script, "--round", "1"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("usage: demo.py [-h] [--output_dir OUTPUT_DIR]"), result.stderr[-3000:]
+    assert lines[-1] == "demo.py: error: unrecognized arguments: --round 1"

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from . import __version__, registry
-from .scripts import PROG, fail
+from .scripts import PROG, fail, quiet_library_logs
 
 
 # name -> (module under `trl_diffusion_opd.scripts`, one-line help); a module is imported only when its command runs,
@@ -74,6 +74,7 @@ def _print_help(all_commands: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `trl-diffusion-opd` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_logs()  # a program configures logging, before any command imports diffusers or transformers
     if not argv:
         print(_usage(COMMANDS), file=sys.stderr)
         return fail(PROG, f"a command is required (choose from {', '.join(COMMANDS)}; `{PROG} --help` lists them)")

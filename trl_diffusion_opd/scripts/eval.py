@@ -17,33 +17,30 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from ..data import load_prompt_source
-from ..evaluation import EvaluationResult, evaluate_models, load_base_pipeline
-from ..families.base import get_family
-from ..rewards import RewardServerError
 from ..sizes import ResolutionLike, parse_resolution
-from ..teachers import check_teacher_files, parse_teacher_spec, resolve_teacher
-from ..trainer.base_config import (
-    TORCH_DTYPES,
-    check_choice,
-    check_int,
-    check_number,
-    check_output_dir,
-    check_reward_names,
-)
 from .utils import (
     PROG,
     TOY_PLACEHOLDER,
     DiffusionParser,
     config_path,
+    did_you_mean,
     fail,
     materialize_toy_adapters,
     one_line,
+    quiet_library_logs,
     toy_placeholders,
 )
+
+
+if TYPE_CHECKING:
+    from ..evaluation import EvaluationResult
+
+# torch, diffusers and transformers load in the functions that need them (the checks in `__post_init__` too), so
+# that `--help` imports none of them.
 
 
 @dataclass
@@ -170,6 +167,15 @@ class DiffusionOPDEvalArguments:
     )
 
     def __post_init__(self):
+        from ..trainer.base_config import (
+            TORCH_DTYPES,
+            check_choice,
+            check_int,
+            check_number,
+            check_output_dir,
+            check_reward_names,
+        )
+
         for name in ("adapters", "prompts", "reward_kwargs", "normalization"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -223,6 +229,11 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
 
     The prompt files and the adapters' files are checked before the base is loaded, and the resolution against the
     base before toy adapters are written, so that a failed start leaves nothing on disk."""
+    from ..data import load_prompt_source
+    from ..evaluation import evaluate_models, load_base_pipeline
+    from ..families.base import get_family
+    from ..teachers import check_teacher_files, parse_teacher_spec, resolve_teacher
+
     for column, source in eval_args.prompts.items():
         load_prompt_source(source, f"prompts '{column}'")
     for label, spec in toy_placeholders(eval_args.adapters or {}, what="Adapter").items():
@@ -278,10 +289,12 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
 def main(argv: list[str] | None = None) -> int:
     """`trl-diffusion-opd eval ARGS`: the reward table of a base model and its adapters, with image grids."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_logs()
     prog = f"{PROG} eval"
     path = config_path(argv)
+    parser = make_parser(prog)
     try:
-        eval_args, config_rest, cli_rest = make_parser(prog).parse_args_and_config(
+        eval_args, config_rest, cli_rest = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
     except yaml.YAMLError as error:
@@ -289,10 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as error:
         return fail(prog, one_line(error))
     if config_rest:
-        keys = ", ".join(s.removeprefix("--") for s in config_rest if s.startswith("--"))
-        return fail(prog, f"unknown key(s) in {path}: {keys}.")
+        keys = [s.removeprefix("--") for s in config_rest if s.startswith("--")]
+        return fail(prog, f"unknown key(s) in {path}: {', '.join(keys)}{did_you_mean(keys, parser.option_names())}.")
     if cli_rest:
-        return fail(prog, f"unrecognized arguments: {' '.join(cli_rest)}.")
+        flags = [s.removeprefix("--") for s in cli_rest if s.startswith("--")]
+        hint = did_you_mean(flags, parser.option_names()).replace("mean ", "mean --")
+        return fail(prog, f"unrecognized arguments: {' '.join(cli_rest)}{hint}.")
+    from ..rewards import RewardServerError
+
     try:
         result = run_evaluation(eval_args)
     except (ValueError, OSError, ImportError, RewardServerError) as error:

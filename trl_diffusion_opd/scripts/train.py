@@ -24,13 +24,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..data import prompts_by_task
-from ..teachers import STUDENT, check_teacher_files, parse_teachers, resolve_teacher
-from ..trainer import DiffusionModelConfig, DiffusionOPDConfig, DiffusionOPDTrainer
-from ..trainer.base_trainer import check_eval_strategy, resolve_student_adapter
-from ..trainer.model_config import get_student_lora_config
 from .utils import (
     PROG,
     TOY_PLACEHOLDER,
@@ -41,10 +36,19 @@ from .utils import (
     load_base,
     load_prompts,
     materialize_toy_adapters,
+    quiet_library_logs,
     run_training,
     toy_placeholders,
     training_main,
 )
+
+
+# The configurations load in `make_parser`, the trainer, the teachers and the data in the functions that use them:
+# `--help` imports no diffusers, and `main` quiets other libraries' noise before transformers loads.
+if TYPE_CHECKING:
+    from ..trainer.model_config import DiffusionModelConfig
+    from ..trainer.opd_config import DiffusionOPDConfig
+    from ..trainer.opd_trainer import DiffusionOPDTrainer
 
 
 @dataclass
@@ -104,6 +108,9 @@ class DiffusionOPDScriptArguments:
 def make_parser(prog: str | None = None) -> DiffusionParser:
     """The parser of `train`: `(DiffusionOPDScriptArguments, DiffusionOPDConfig, DiffusionModelConfig)`, with
     `--config file.yaml`."""
+    from ..trainer.model_config import DiffusionModelConfig
+    from ..trainer.opd_config import DiffusionOPDConfig
+
     return DiffusionParser(
         (DiffusionOPDScriptArguments, DiffusionOPDConfig, DiffusionModelConfig),
         prog=prog or f"{PROG} train",
@@ -117,6 +124,8 @@ def resolve_teachers(
     """Parse `{task: spec}` into `TeacherSpec`s and resolve each one (download from the Hub or find it in the
     cache) once, with `cache_dir` and `token`, checking its LoRA files; the trainer then reuses the resolved folders.
     `toy:<seed>` specs must have been materialised (`check_teachers` accepts them)."""
+    from ..teachers import STUDENT, check_teacher_files, parse_teachers, resolve_teacher
+
     specs = parse_teachers(teachers, reserved=(STUDENT,))
     for task_specs in specs.values():
         for spec in task_specs:
@@ -128,6 +137,8 @@ def resolve_teachers(
 def check_teachers(teachers: dict[str, Any], cache_dir: str | None = None, token: str | bool | None = None) -> None:
     """What can be checked about the teachers without the base model: every spec parses (`toy:<seed>` ones
     included, with their names), and every other teacher resolves and its LoRA files are well formed."""
+    from ..teachers import STUDENT, check_teacher_files, parse_teachers, resolve_teacher
+
     specs = parse_teachers(toy_placeholders(teachers), reserved=(STUDENT,))
     for task_specs in specs.values():
         for spec in task_specs:
@@ -144,6 +155,11 @@ def build_trainer(
     Everything that needs no model is checked first (prompt files, tasks, teacher specs and files), then the base is
     loaded and the resolution checked against it; only then are toy teachers written under `output_dir`, so that a
     failed start leaves nothing on disk."""
+    from ..data import prompts_by_task
+    from ..trainer.base_trainer import check_eval_strategy, resolve_student_adapter
+    from ..trainer.model_config import get_student_lora_config
+    from ..trainer.opd_trainer import DiffusionOPDTrainer
+
     train_dataset, eval_dataset = load_prompts(script_args)
     train_dataset = prompts_by_task(train_dataset)  # every prompt file is read once, here
     eval_dataset = prompts_by_task(eval_dataset) if eval_dataset is not None else None
@@ -190,6 +206,7 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     """`trl-diffusion-opd train ARGS`: parse, then train here or relaunch through `accelerate launch`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_logs()
     return training_main(argv, "train", make_parser(), build_trainer, module=__name__)
 
 

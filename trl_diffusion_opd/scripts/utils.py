@@ -17,21 +17,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from trl import TrlParser
 
-from ..data import load_prompt_dataset
-from ..families.base import get_family
 from ..registry import get_pipeline, load_pipeline
-from ..rewards import get_reward
 from ..sizes import ResolutionLike
-from ..trainer.base_config import check_reward_names
-from ..trainer.base_trainer import check_eval_strategy, prompt_rows, resolve_student_adapter
-from ..trainer.checkpointing import CheckpointWriteError, OutputDirBusyError, OutputDirLock
-from ..trainer.model_config import DiffusionModelConfig, get_student_lora_config
-from . import PROG, fail, one_line  # noqa: F401  (the commands import them from here)
+from . import PROG, fail, one_line, quiet_library_logs  # noqa: F401  (the commands import them from here)
+
+
+if TYPE_CHECKING:
+    from ..trainer.model_config import DiffusionModelConfig
+
+# The modules that load models, data and rewards (torch, diffusers, datasets) are imported inside the functions that
+# use them, so that a command's `--help` imports only its configurations.
 
 
 TOY_PREFIX = "toy:"
@@ -147,6 +147,7 @@ class DiffusionParser(TrlParser):
             prog=prog,
             usage=f"{prog} [--config FILE.yaml] [OPTIONS]{launch}",
             description=DESCRIPTION.format(example=example) if example else None,
+            allow_abbrev=False,  # as TRL's CLI: `--learning_rat` is an error, not a silent `--learning_rate`
         )
         self._config_dir: Path | None = None
         self.example = example
@@ -166,9 +167,14 @@ class DiffusionParser(TrlParser):
 
     def _group_help(self) -> None:
         """Move the options into the `HELP_GROUPS` (help text only: parsing does not depend on groups)."""
-        from transformers import TrainingArguments
-
-        inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+        # The fields of transformers' dataclasses (`TrainingArguments`), found without importing transformers here.
+        inherited = {
+            f.name
+            for cls in self.dataclass_types
+            for base in cls.__mro__
+            if base.__module__.split(".")[0] == "transformers" and dataclasses.is_dataclass(base)
+            for f in dataclasses.fields(base)
+        }
         own = [f.name for cls in self.dataclass_types for f in dataclasses.fields(cls) if f.name not in inherited]
         actions: dict[str, list] = {}  # a bool that defaults to True has two flags, `--x` and `--no_x`
         for action in self._optionals._group_actions:
@@ -187,7 +193,7 @@ class DiffusionParser(TrlParser):
                 self.add_argument_group("launch", LAUNCH_HELP.format(presets=", ".join(accelerate_presets())))
             )
         self._optionals._group_actions[:] = [action for group in actions.values() for action in group]
-        self._optionals.title = "transformers' TrainingArguments"
+        self._optionals.title = "transformers' TrainingArguments" if inherited else "options"
         self._action_groups = [*groups, more, self._optionals]
 
     def option_names(self) -> list[str]:
@@ -419,6 +425,8 @@ class DiffusionRLScriptArguments:
     eval_prompts: Any = field(default=None, metadata={"help": "Held-out prompts, in the same forms as `prompts`."})
 
     def __post_init__(self):
+        from ..trainer.base_config import check_reward_names
+
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = [name.strip() for name in self.reward_funcs.split(",") if name.strip()]
         if not self.reward_funcs:
@@ -451,6 +459,8 @@ def check_resolution(pipeline, training_args) -> None:
     """`training_args.resolution` fits the pipeline's latent layout and `training_args.family_kwargs` are options of
     its family (the trainer checks both too; the commands check them before writing toy adapters, so that a failed
     start leaves nothing on disk)."""
+    from ..families.base import get_family
+
     get_family(pipeline, training_args.family_kwargs).check_resolution(training_args.resolution)
 
 
@@ -498,6 +508,7 @@ def materialize_toy_adapters(
     (`testing.save_toy_lora(**lora_kwargs)`), saved under `folder/<label>[_<index>]`; other specs are unchanged.
     With several experts (Wan 2.2 A14B) the LoRA has a file for each, like a teacher trained on that base.
     Toy adapters exist for offline runs on the tiny pipelines."""
+    from ..families.base import get_family
     from ..testing import save_toy_lora  # the test helpers are only loaded when a toy adapter is asked for
 
     experts = list(get_family(pipeline).experts)
@@ -524,6 +535,8 @@ def load_prompts(script_args) -> tuple[Any, Any]:
 
 
 def _load_split(name: str, config: str | None, split: str) -> Any:
+    from ..data import load_prompt_dataset
+
     if os.path.isfile(name):
         return name  # a data file: `prompts_by_task` reads every supported format
     return load_prompt_dataset(name, config, split=split, name="dataset_name")
@@ -533,6 +546,10 @@ def build_rl_trainer(trainer_class: type, script_args: DiffusionRLScriptArgument
     """The Stage-1 trainer (`FlowGRPOTrainer` or `DiffusionNFTTrainer`) of the `grpo` / `nft` commands.
 
     The prompts are read and the reward weights checked before the rewards and the base model are loaded."""
+    from ..rewards import get_reward
+    from ..trainer.base_trainer import check_eval_strategy, prompt_rows, resolve_student_adapter
+    from ..trainer.model_config import get_student_lora_config
+
     train_dataset, eval_dataset = load_prompts(script_args)
     train_dataset = prompt_rows(train_dataset)
     eval_dataset = prompt_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else None
@@ -625,6 +642,8 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
         return fail(prog, one_line(error))
     if launch_args and not os.environ.get(LAUNCHED_ENV):
         return _relaunch(launch_args, _without(argv, cli_rest), module)
+    from ..trainer.checkpointing import OutputDirBusyError, OutputDirLock
+
     script_args, training_args, model_args = parsed
     # Held from before the toy adapters are written into output_dir until the final adapter is saved.
     lock = OutputDirLock(training_args.output_dir)
@@ -643,6 +662,8 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
 
 
 def _train_locked(prog: str, build: Callable, script_args, training_args, model_args) -> int:
+    from ..trainer.checkpointing import CheckpointWriteError
+
     try:
         trainer = build(script_args, training_args, model_args)
         trainer.check_resume(training_args.resume_from_checkpoint)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from ..families.base import get_family
 from .base_config import check_bool, check_int, check_number, check_output_dir
 
 
@@ -91,6 +90,8 @@ class DiffusionModelConfig:
 
 def get_student_lora_config(model_args: DiffusionModelConfig, pipeline) -> LoraConfig:
     """The student's `LoraConfig` from `model_args`; the targets default to the family's of `pipeline`."""
+    from ..families.base import get_family  # here: the configuration (and `--help`) need no diffusers
+
     targets = model_args.lora_target_modules or list(type(get_family(pipeline)).default_lora_targets)
     init = {"true": True, "false": False}.get(model_args.lora_init.lower(), model_args.lora_init)
     return LoraConfig(

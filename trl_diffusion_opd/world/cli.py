@@ -23,11 +23,15 @@ from .pipeline import WorldModelConfig
 def _parser() -> argparse.ArgumentParser:
     from .pretrain import PretrainConfig
 
-    parser = argparse.ArgumentParser(prog="trl-diffusion-opd world", description=__doc__.split("\n")[0])
+    # No abbreviated options (`--num_image` is an error, not `--num_images`), as in the package's commands.
+    parser = argparse.ArgumentParser(
+        prog="trl-diffusion-opd world", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser(
         "pretrain",
+        allow_abbrev=False,
         help="Rectified-flow pretraining of the world pipeline (resumes from OUTPUT_DIR/checkpoint when present).",
     )
     defaults = PretrainConfig()
@@ -46,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
             f"--{name}", type=type(default), default=default, help=f"Model (new runs only; default: {default})"
         )
 
-    ev = sub.add_parser("eval", help="Score a world pipeline on every task; prints JSON.")
+    ev = sub.add_parser("eval", help="Score a world pipeline on every task; prints JSON.", allow_abbrev=False)
     ev.add_argument("--model", default=None, help="Pipeline folder (default: the shipped base).")
     ev.add_argument("--num_images", type=int, default=128, help="Images per task.")
     ev.add_argument("--num_inference_steps", type=int, default=10)
@@ -57,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     te = sub.add_parser(
         "teachers",
+        allow_abbrev=False,
         help="Train the Stage-1 LoRA teachers on the shipped base with their recipes, then score base vs teacher.",
     )
     tasks = ["composition", "letters", "aesthetic"]
