@@ -301,7 +301,7 @@ def test_unknown_accelerate_preset(captured_launch, capsys):
 
 
 def test_env_lists_versions(tmp_path):
-    result = _run(["env"], tmp_path, timeout=60)
+    result = _run(["env"], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = dict(line[2:].split(": ", 1) for line in result.stdout.splitlines() if line.startswith("- "))
     assert list(lines)[:4] == ["platform", "python", "torch", "accelerator"]
@@ -357,11 +357,11 @@ def test_import_help_and_version_import_no_torch_and_print_nothing_on_stderr(tmp
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
     assert result.stderr == ""
-    console = subprocess.run(_console_script() + ["--version"], capture_output=True, text=True, env=env, timeout=60)
+    console = subprocess.run(_console_script() + ["--version"], capture_output=True, text=True, env=env, timeout=600)
     assert console.stdout == f"trl-diffusion-opd {version('trl-diffusion-opd')}\n" and console.stderr == ""
 
     import trl_diffusion_opd
