@@ -122,6 +122,9 @@ def _wait_for(condition) -> None:
 def test_stop_on_signal_saves_and_stops_at_the_round_end_and_a_second_signal_exits_at_once():
     callback = StopOnSignal()
     args, state = SimpleNamespace(device="cpu"), SimpleNamespace()
+    outer = signal.getsignal(signal.SIGINT)
+    # Python's own handler as the one to fall back to (a pytest-xdist worker ignores SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.getsignal(signal.SIGINT)
     callback.on_train_begin(args, state, TrainerControl())
     try:
@@ -137,7 +140,7 @@ def test_stop_on_signal_saves_and_stops_at_the_round_end_and_a_second_signal_exi
         assert signal.getsignal(signal.SIGINT) is previous
     finally:
         callback.on_train_end(args, state, TrainerControl())
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, outer)
     callback.on_train_begin(args, state, TrainerControl())  # a new `train` call starts clean
     assert callback.signal_name is None and not callback.on_step_end(args, state, TrainerControl()).should_save
     callback.on_train_end(args, state, TrainerControl())

@@ -41,7 +41,14 @@ from trl_diffusion_opd import cli
 from trl_diffusion_opd.data import prompts_by_task
 from trl_diffusion_opd.registry import load_pipeline
 from trl_diffusion_opd.scripts import utils as script_utils
-from trl_diffusion_opd.testing import TINY_RESOLUTION, TINY_WAN_FRAMES, TINY_WAN_RESOLUTION, TINY_WAN_TI2V_RESOLUTION
+from trl_diffusion_opd.testing import (
+    TINY_RESOLUTION,
+    TINY_WAN_FRAMES,
+    TINY_WAN_I2V_SIZE,
+    TINY_WAN_RESOLUTION,
+    TINY_WAN_TI2V_RESOLUTION,
+    get_tiny_input_image,
+)
 from trl_diffusion_opd.trainer import DiffusionNFTConfig, FlowGRPOConfig
 
 
@@ -52,11 +59,15 @@ BASES = [
     ("flux", "tiny:flux", TINY_RESOLUTION),
     ("qwen-image", "tiny:qwenimage", TINY_RESOLUTION),
     ("z-image", "tiny:zimage", TINY_RESOLUTION),
+    ("wan2.2-i2v-a14b", "tiny:wan22_i2v", list(TINY_WAN_I2V_SIZE)),
+    ("wan2.1-i2v", "tiny:wan_i2v", list(TINY_WAN_I2V_SIZE)),
     ("wan2.2-ti2v", "tiny:wan22_ti2v", TINY_WAN_TI2V_RESOLUTION),
     ("wan2.2-t2v-a14b", "tiny:wan22", TINY_WAN_RESOLUTION),
     ("wan2.1", "tiny:wan", TINY_WAN_RESOLUTION),
     ("stable-diffusion-3", "tiny:sd3", TINY_RESOLUTION),
 ]
+# Bases whose rows carry an input image (their prompt files get one small frame per row).
+IMAGE_BASES = {"tiny:wan_i2v", "tiny:wan22_i2v"}
 CHEAP_REWARDS = ("brightness", "saturation", "jpeg_compressibility")  # rule-based, no model
 PROMPT_FILE = re.compile(r"\.(txt|jsonl)$")
 NFT_ONLY = {f.name for f in dataclasses.fields(DiffusionNFTConfig)} - {
@@ -130,12 +141,10 @@ def test_every_shipped_example_config_is_a_case():
     names = {case.values[0] for case in CASES}
     for path in ROOT.glob("examples/configs/*.yaml"):
         assert str(path.relative_to(ROOT)) in names
-    # the README's eval.yaml, and its teachers fragment (an ensemble with weights and names) on the paper's recipe
-    assert any(name.startswith("README.md#") and " on " not in name for name in names)
-    assert any(
-        name.startswith("README.md#") and name.endswith(" on examples/configs/sd35m_three_teachers.yaml")
-        for name in names
-    )
+    # the docs' eval.yaml and their complete train config with a teacher ensemble (weights and names)
+    commands = {case.values[0]: case.values[1] for case in CASES}
+    assert commands.get("docs/rewards_evaluation.md#0") == "eval"
+    assert commands.get("docs/opd_trainer.md#0") == "train"
 
 
 # ---------------------------------------------------------------------------------------------- shrinking
@@ -185,8 +194,9 @@ class _Rewards:
         return list(dict.fromkeys(self.name(r) for r in rewards))  # two swapped to one are one reward
 
 
-def _write_prompt_file(path: Path, held_out: bool) -> None:
-    """A small prompt file of the same format at the config's relative path."""
+def _write_prompt_file(path: Path, held_out: bool, with_images: bool = False) -> None:
+    """A small prompt file of the same format at the config's relative path (`.jsonl` rows with an input `image`,
+    a PNG beside the file, when the base needs one)."""
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,18 +211,24 @@ def _write_prompt_file(path: Path, held_out: bool) -> None:
             }
             for w in words
         ]
+        if with_images:
+            for index, row in enumerate(rows):
+                frame = path.parent / "frames" / f"{path.stem}_{index}.png"
+                frame.parent.mkdir(exist_ok=True)
+                get_tiny_input_image(index, *TINY_WAN_I2V_SIZE).save(frame)
+                row["image"] = f"frames/{frame.name}"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     else:
         path.write_text("".join(f'a sign that says "{w}"\n' for w in words))
 
 
-def _prompts(value, held_out: bool):
+def _prompts(value, held_out: bool, with_images: bool = False):
     """Prompt files (a source or `{task: source}`) written small; inline lists kept; a held-out registered source
     (`world:letters:heldout`, 96 scenes) becomes its first 2 rows, inline (every eval samples them all)."""
     if isinstance(value, dict):
-        return {task: _prompts(source, held_out) for task, source in value.items()}
+        return {task: _prompts(source, held_out, with_images) for task, source in value.items()}
     if isinstance(value, str) and PROMPT_FILE.search(value):
-        _write_prompt_file(Path(value), held_out)
+        _write_prompt_file(Path(value), held_out, with_images)
     elif isinstance(value, str) and held_out:
         return [dict(row) for row in prompts_by_task({"task": value})["task"][:2]]
     return value
@@ -235,9 +251,10 @@ def shrink_training(config: dict, command: str, out: Path) -> dict:
     if "teachers" in config:
         toys = _Toys()
         config["teachers"] = {task: toys(spec) for task, spec in config["teachers"].items()}
-    config["prompts"] = _prompts(config.get("prompts"), held_out=False)
+    images = config["model_name_or_path"] in IMAGE_BASES
+    config["prompts"] = _prompts(config.get("prompts"), held_out=False, with_images=images)
     if config.get("eval_prompts") is not None:
-        config["eval_prompts"] = _prompts(config["eval_prompts"], held_out=True)
+        config["eval_prompts"] = _prompts(config["eval_prompts"], held_out=True, with_images=images)
     rewards = _Rewards()
     if "reward_funcs" in config:
         config["reward_funcs"] = rewards.names(config["reward_funcs"])

@@ -337,7 +337,10 @@ def test_teacher_for_another_model_fails_with_its_name(tmp_path, teachers):
         },
         str(folder / "pytorch_lora_weights.safetensors"),
     )
-    with pytest.raises(ValueError, match=r"Teacher 'b' .* not have"):
+    with pytest.raises(
+        ValueError,
+        match=r"Teacher 'b' .* does not fit this base: 1 of the 1 modules it adapts are not in its transformer",
+    ):
         _trainer(tmp_path, {"a": teachers["a"], "b": str(folder)})
 
 
