@@ -3,9 +3,9 @@ pipeline with that family's own settings, and small utilities several test files
 
 A new family (or a variant of one) joins the contract with one `Family` row in `ROWS` (every check) or `VARIANTS`
 (the sampler check only): its tiny pipeline, its settings, and `pipeline_latents`, the call of its pipeline's
-`__call__` that the trainer's rollout must reproduce. An editing family whose rows carry an input image gives its
-prompt rows as dicts (`{"prompt": ..., "image": ...}`, as the trainer's datasets take them) and reads them in its
-`pipeline_latents` and `conditioning`.
+`__call__` that the trainer's rollout must reproduce. A family whose prompts come with an input image (editing) gives
+its prompt rows as dicts (`{"prompt": ..., "image": ...}`, as the trainer's datasets take them) in `prompts`, `train`
+and `held_out`, and its own `conditioning` of such rows.
 """
 
 import contextlib
@@ -21,7 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from huggingface_hub import constants as hub_constants
 from peft import LoraConfig
 
-from trl_diffusion_opd import DiffusionOPDConfig, hub
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, hub
 from trl_diffusion_opd.families.flux import FluxFamily
 from trl_diffusion_opd.families.flux2 import Flux2KleinFamily
 from trl_diffusion_opd.families.qwenimage import QwenImageFamily
@@ -230,7 +230,7 @@ class Family:
     build: Callable[..., Any]  # `build(seed=...)`: the tiny pipeline
     base: str  # the real base's Hub id (registered on the distilled pipeline): the model card names it
     tag: str  # the family's model-card tag
-    pipeline_latents: Callable  # `(trainer, prompts, x0, guidance) -> (latents, layout)`: the pipeline's `__call__`
+    pipeline_latents: Callable  # `(trainer, rows, x0, guidance) -> (latents, layout)`: the pipeline's `__call__`
     args: dict  # DiffusionOPDConfig settings of every check (over `COMMON_ARGS`)
     guidance: dict  # the sampler check's CFG (> 1): `guidance_scale`, and `guidance_scale_2` for two experts
     distil: dict  # the distillation's settings (over `args`)
@@ -254,7 +254,8 @@ class Family:
     same_args: dict = dataclasses.field(default_factory=dict)  # settings of the same-adapter check
     frozen: frozenset = frozenset()  # student LoRA-B weights no loss reaches, by the model's design
     student_moves: float = 1e-3  # the trained student's velocity differs from the base's by more, on each expert
-    conditioning: Callable | None = None  # `(trainer, prompts) -> cond`; `None`: `trainer.prompt_cache(prompts)`
+    prompts: tuple = ("a yellow star", "the word dog")  # the sampler check's prompt rows
+    conditioning: Callable | None = None  # `(trainer, rows) -> cond` of prompt rows; `None`: their prompts' embeddings
 
     @property
     def targets(self) -> list[str]:
@@ -284,8 +285,26 @@ class Family:
             teachers[task] = str(path)
         return teachers
 
-    def cond(self, trainer, prompts):
-        return self.conditioning(trainer, prompts) if self.conditioning else trainer.prompt_cache(prompts)
+    def trainer(self, folder, pipe=None, teachers=None, student: dict | None = None, **settings):
+        """A `DiffusionOPDTrainer` of this row in `folder`: on `pipe` (default: the tiny pipeline of seed 0), with
+        `teachers` (default: `save_teachers`) and their tasks' `train` prompts, the row's settings over `settings`,
+        and the student `student_lora(**student)` (none with a `student_adapter`)."""
+        pipe = self.build(seed=0) if pipe is None else pipe
+        teachers = self.save_teachers(pipe, folder / "teachers") if teachers is None else teachers
+        peft_config = None if settings.get("student_adapter") else self.student_lora(**(student or {}))
+        return DiffusionOPDTrainer(
+            pipe,
+            teachers,
+            args=self.config(folder / "out", **settings),
+            train_dataset={task: self.train[task] for task in teachers},
+            peft_config=peft_config,
+        )
+
+    def cond(self, trainer, rows) -> dict[str, torch.Tensor]:
+        """The conditioning of prompt `rows` (strings, or dicts with a "prompt"), one row each."""
+        if self.conditioning is not None:
+            return self.conditioning(trainer, rows)
+        return trainer.prompt_cache([row["prompt"] if isinstance(row, dict) else row for row in rows])
 
 
 SD3 = Family(

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from trl_diffusion_opd import DiffusionOPDTrainer
 from trl_diffusion_opd.teachers import parse_teacher_spec
 from trl_diffusion_opd.testing import get_tiny_flux_pipeline
 
@@ -18,15 +17,7 @@ from helpers import FLUX, changed, snapshot
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """A FLUX.1-dev-style trainer with two teachers (untrained: these rules need no training)."""
-    tmp = tmp_path_factory.mktemp("flux")
-    pipe = FLUX.build(seed=0)
-    return DiffusionOPDTrainer(
-        pipe,
-        FLUX.save_teachers(pipe, tmp),
-        args=FLUX.config(tmp / "out"),
-        train_dataset=FLUX.train,
-        peft_config=FLUX.student_lora(),
-    )
+    return FLUX.trainer(tmp_path_factory.mktemp("flux"))
 
 
 def test_teacher_guidance_reaches_the_guidance_embedding(trainer):
@@ -67,14 +58,8 @@ def test_teacher_guidance_reaches_the_guidance_embedding(trainer):
 
 def test_schnell_style_flux_trains_with_true_cfg(tmp_path):
     pipe = get_tiny_flux_pipeline(seed=0, guidance_embeds=False)
-    teacher = FLUX.save_teachers(pipe, tmp_path, tasks=1)["geneval"]
-    trainer = DiffusionOPDTrainer(
-        pipe,
-        {"geneval": {"path": teacher, "guidance_scale": 2.0}},
-        args=FLUX.config(tmp_path / "out", max_steps=2, learning_rate=1e-2, guidance_scale=1.5),
-        train_dataset={"geneval": FLUX.train["geneval"]},
-        peft_config=FLUX.student_lora(),
-    )
+    teacher = {"path": FLUX.save_teachers(pipe, tmp_path, tasks=1)["geneval"], "guidance_scale": 2.0}
+    trainer = FLUX.trainer(tmp_path, pipe, {"geneval": teacher}, max_steps=2, learning_rate=1e-2, guidance_scale=1.5)
     assert not pipe.transformer.config.guidance_embeds
     assert not trainer.family.uses_guidance_embedding
 

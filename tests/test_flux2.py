@@ -6,7 +6,6 @@ reload, card) is `tests/test_family_contract.py`."""
 import pytest
 import torch
 
-from trl_diffusion_opd import DiffusionOPDTrainer
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.flux2 import Flux2KleinFamily
 from trl_diffusion_opd.testing import TINY_PIPELINES, get_tiny_flux2_klein_pipeline
@@ -21,16 +20,8 @@ SEQ = FLUX2_KLEIN.args["max_sequence_length"]
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """A klein-base trainer with a diffusers-format and a PEFT-format teacher (untrained: these rules need none)."""
-    tmp = tmp_path_factory.mktemp("flux2")
-    pipe = FLUX2_KLEIN.build(seed=0)
-    return DiffusionOPDTrainer(
-        pipe,
-        FLUX2_KLEIN.save_teachers(pipe, tmp),
-        args=FLUX2_KLEIN.config(tmp / "out"),
-        train_dataset=FLUX2_KLEIN.train,
-        # A student that is not zero, so that the pipeline (which runs the active student adapter) is not the base.
-        peft_config=FLUX2_KLEIN.student_lora(init_lora_weights=False),
-    )
+    # A student that is not zero, so that the pipeline (which runs the active student adapter) is not the base.
+    return FLUX2_KLEIN.trainer(tmp_path_factory.mktemp("flux2"), student={"init_lora_weights": False})
 
 
 def test_klein_schedule_and_vae_latents_follow_the_pipeline(trainer):

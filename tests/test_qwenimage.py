@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
+from trl_diffusion_opd import DiffusionOPDConfig
 from trl_diffusion_opd.families.base import cond_cat
 from trl_diffusion_opd.testing import TINY_PIPELINES, get_tiny_qwenimage_pipeline
 
@@ -25,17 +25,9 @@ MAX_LENGTH = 32
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """A trainer with a diffusers-format and a PEFT-format teacher (untrained: these rules need no training)."""
-    tmp = tmp_path_factory.mktemp("qwenimage")
-    pipe = QWENIMAGE.build(seed=0)
     assert QWENIMAGE.args["guidance_scale"] == TRUE_CFG and QWENIMAGE.args["negative_prompt"] == NEGATIVE
-    return DiffusionOPDTrainer(
-        pipe,
-        QWENIMAGE.save_teachers(pipe, tmp),
-        args=QWENIMAGE.config(tmp / "out"),
-        train_dataset=QWENIMAGE.train,
-        # A student that is not zero, so that the pipeline (which runs the active student adapter) is not the base.
-        peft_config=QWENIMAGE.student_lora(init_lora_weights=False),
-    )
+    # A student that is not zero, so that the pipeline (which runs the active student adapter) is not the base.
+    return QWENIMAGE.trainer(tmp_path_factory.mktemp("qwenimage"), student={"init_lora_weights": False})
 
 
 def test_rollout_reproduces_the_true_cfg_norm_rescale(trainer):

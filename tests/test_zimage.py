@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trl_diffusion_opd import DiffusionOPDTrainer, hub
+from trl_diffusion_opd import hub
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.zimage import ZImageFamily
 from trl_diffusion_opd.testing import get_tiny_zimage_pipeline
@@ -90,15 +90,9 @@ def test_cfg_options_from_the_config_reproduce_the_pipeline(tmp_path):
     """`family_kwargs` (here a JSON string, as on the command line) reaches the family: the trainer's rollout with
     CFG truncation and renormalisation gives `ZImagePipeline.__call__`'s latents with the same arguments, and the
     model card's quick start passes them."""
-    pipe = ZIMAGE.build(seed=0)
     options = '{"cfg_truncation": 0.1, "cfg_normalization": true}'
-    trainer = DiffusionOPDTrainer(
-        pipe,
-        ZIMAGE.save_teachers(pipe, tmp_path, tasks=1),
-        args=ZIMAGE.config(tmp_path / "out", guidance_scale=CFG, family_kwargs=options),
-        train_dataset={"geneval": ZIMAGE.train["geneval"]},
-        peft_config=ZIMAGE.student_lora(),
-    )
+    trainer = ZIMAGE.trainer(tmp_path, guidance_scale=CFG, family_kwargs=options)
+    pipe = trainer.pipeline
     assert trainer.args.family_kwargs == {"cfg_truncation": 0.1, "cfg_normalization": True}
     assert (trainer.family.cfg_truncation, trainer.family.cfg_normalization) == (0.1, 1.0)
     prompts = ["a yellow star", "the word dog"]
@@ -175,13 +169,7 @@ def test_padded_prompt_embeddings_give_the_pipeline_velocity(pipe):
 def test_zimage_trains_with_cfg(tmp_path):
     """Two rounds at the base model's CFG: finite losses and only the student's weights move."""
     pipe = get_tiny_zimage_pipeline(seed=1)
-    trainer = DiffusionOPDTrainer(
-        pipe,
-        ZIMAGE.save_teachers(pipe, tmp_path, tasks=1),
-        args=ZIMAGE.config(tmp_path / "out", guidance_scale=CFG),
-        train_dataset={"geneval": ZIMAGE.train["geneval"]},
-        peft_config=ZIMAGE.student_lora(),
-    )
+    trainer = ZIMAGE.trainer(tmp_path, pipe, ZIMAGE.save_teachers(pipe, tmp_path, tasks=1), guidance_scale=CFG)
     before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
     output = trainer.train()
     assert math.isfinite(output.training_loss) and output.training_loss > 0
