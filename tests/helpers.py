@@ -483,8 +483,9 @@ WAN22 = Family(
     ),
 )
 
-# Every check: the sampler, the KL of an adapter to itself, the distillation, the reload and the card.
-ROWS = [SD3, FLUX, FLUX2_KLEIN, QWENIMAGE, ZIMAGE, WAN22]
+# Every check: the sampler, the KL of an adapter to itself, the distillation, the reload and the card. Longest
+# distillation first: `make test`'s two processes take the contract family by family in this order (tests/conftest.py).
+ROWS = [WAN22, SD3, FLUX2_KLEIN, ZIMAGE, QWENIMAGE, FLUX]
 # Other pipelines of a family, for the sampler check only.
 VARIANTS = [
     dataclasses.replace(WAN22, name="wan21", build=get_tiny_wan_pipeline, guidance={"guidance_scale": 5.0}),
