@@ -5,7 +5,7 @@ at round 2), then resumes a second trainer from checkpoint-2 to round 3, and wri
 the student before and after, resumed student) and the exported adapter `OUT/final`.
 
 Both ranks draw the same prompts and noise (`MirroredTrainer`), so a correct data-parallel or sharded update equals the
-single-process one: the averaged gradient of two equal gradients is that gradient. `tests/test_trainer.py` covers
+single-process one: the averaged gradient of two equal gradients is that gradient. `tests/test_opd_trainer.py` covers
 ranks drawing different prompts.
 
 accelerate turns FSDP on only for accelerator backends (`AcceleratorState` ignores `ACCELERATE_USE_FSDP` when the

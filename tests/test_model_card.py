@@ -18,6 +18,8 @@ from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, hub, rewa
 from trl_diffusion_opd.evaluation import evaluate_models
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache, save_toy_lora
 
+from helpers import quick_start as _quick_start
+
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = {"geneval": ["a red circle", "two cats"], "ocr": ['a sign that says "hi"', "the word cat"]}
@@ -43,10 +45,6 @@ def _urls(text: str) -> list[str]:
 def _disallowed(urls: list[str], hub_repos: list[str]) -> list[str]:
     allowed = ALLOWED_LINKS + tuple(f"https://huggingface.co/{repo}" for repo in hub_repos)
     return [url for url in urls if not any(url == page or url.startswith(page + "/") for page in allowed)]
-
-
-def _quick_start(text: str) -> str:
-    return text.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def _args(output_dir, **kwargs) -> DiffusionOPDConfig:

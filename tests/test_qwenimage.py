@@ -1,7 +1,7 @@
-"""Qwen-Image students and teachers on the tiny `QwenImagePipeline`: the family reproduces the pipeline's sampler
-(true CFG with its norm rescale, dynamic shift, timestep convention, packing), padding the prompt embeddings does not
-change the velocity, the KL is 0 between identical adapters, the trainer distils two teachers (diffusers and PEFT
-formats), the saved student reloads with `QwenImagePipeline.load_lora_weights` and the model card names the base."""
+"""Qwen-Image's own rules on the tiny `QwenImagePipeline`: true CFG with its norm rescale (which plain CFG is not), a
+guidance scale of 1 as the pipeline without a negative prompt, padded prompt embeddings that do not change the
+velocity, a deterministic registered tiny pipeline and a valid example recipe. The contract every family keeps
+(sampler, KL, distillation, reload, card) is `tests/test_family_contract.py`."""
 
 import dataclasses
 from pathlib import Path
@@ -9,113 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import ModelCard
-from peft import LoraConfig
 
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
-from trl_diffusion_opd.families.base import cond_cat, get_family
-from trl_diffusion_opd.families.qwenimage import QwenImageFamily
-from trl_diffusion_opd.testing import TINY_PIPELINES, get_tiny_qwenimage_pipeline, save_toy_lora
+from trl_diffusion_opd import DiffusionOPDConfig
+from trl_diffusion_opd.families.base import cond_cat
+from trl_diffusion_opd.testing import TINY_PIPELINES, get_tiny_qwenimage_pipeline
+
+from helpers import QWENIMAGE
 
 
-TARGETS = QwenImageFamily.default_lora_targets
-TRAIN_PROMPTS = {
-    "geneval": ["a red circle", "a blue square", "two cats", "a green tree"],
-    "ocr": ["the word cat", "a sign hi", "text abc", "a poster"],
-}
-EVAL_PROMPTS = {"geneval": ["a yellow star", "one dog"], "ocr": ["the word dog", "a label"]}
 TRUE_CFG = 4.0  # Qwen-Image's default `true_cfg_scale`
 NEGATIVE = " "  # the negative prompt of Qwen-Image's README
 MAX_LENGTH = 32
 
 
-def _args(output_dir, **kwargs) -> DiffusionOPDConfig:
-    defaults = {
-        "output_dir": str(output_dir),
-        "max_steps": 2,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 3e-3,
-        "lr_scheduler_type": "constant",
-        "ema": False,
-        "save_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "max_sequence_length": MAX_LENGTH,
-        "resolution": 32,
-        "num_inference_steps": 4,
-        "guidance_scale": TRUE_CFG,
-        "negative_prompt": NEGATIVE,
-    }
-    return DiffusionOPDConfig(**{**defaults, **kwargs})
-
-
-def _teacher(pipe, folder, seed: int, format: str = "diffusers") -> str:
-    # Teachers fine-tuned from one base share most of their update (see tests/test_flux.py); with a larger specific
-    # part (0.3) the tiny Qwen-Image student needs over 100 rounds to cut the KL by 80%.
-    path = save_toy_lora(
-        pipe,
-        folder,
-        seed=seed,
-        std=0.1,
-        rank=2,
-        shared_seed=7,
-        specific_scale=0.1,
-        target_modules=TARGETS,
-        format=format,
-    )
-    return str(path)
-
-
-def _student_config() -> LoraConfig:
-    return LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=TARGETS)
-
-
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory):
-    """A student distilled from a diffusers-format and a PEFT-format teacher: `(trainer, kl_before, kl_after)`."""
-    # One thread, as conftest sets for each test: its autouse fixture is function-scoped and runs after this one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tmp = tmp_path_factory.mktemp("qwenimage")
-        pipe = get_tiny_qwenimage_pipeline(seed=0)
-        pipe.register_to_config(_name_or_path="Qwen/Qwen-Image")
-        teachers = {
-            "geneval": _teacher(pipe, tmp / "geneval", 1),
-            "ocr": _teacher(pipe, tmp / "ocr", 2, format="peft"),
-        }
-        trainer = DiffusionOPDTrainer(
-            pipe,
-            teachers,
-            # 70 rounds at lr 5e-3 cut the held-out KL by 89.9-95.1% over 3 seeds (pipeline, teachers, trainer).
-            args=_args(tmp / "out", max_steps=70, learning_rate=5e-3),
-            train_dataset=TRAIN_PROMPTS,
-            peft_config=_student_config(),
-        )
-        kl_before = trainer.compute_teacher_kl(EVAL_PROMPTS, use_ema=False)
-        trainer.train()
-        kl_after = trainer.compute_teacher_kl(EVAL_PROMPTS, use_ema=False)
-        yield trainer, kl_before, kl_after
-    finally:
-        torch.set_num_threads(threads)
+def trainer(tmp_path_factory):
+    """A trainer with a diffusers-format and a PEFT-format teacher (untrained: these rules need no training)."""
+    assert QWENIMAGE.args["guidance_scale"] == TRUE_CFG and QWENIMAGE.args["negative_prompt"] == NEGATIVE
+    # A student that is not zero, so that the pipeline (which runs the active student adapter) is not the base.
+    return QWENIMAGE.trainer(tmp_path_factory.mktemp("qwenimage"), student={"init_lora_weights": False})
 
 
-def test_distillation_lowers_kl_to_each_qwenimage_teacher(distilled):
-    trainer, kl_before, kl_after = distilled
-    assert kl_before.keys() == kl_after.keys() == {"geneval", "ocr"}
-    for task in kl_before:
-        assert kl_before[task] > 1e-7, f"teacher '{task}' equals the base: nothing to distil"
-        reduction = 1 - kl_after[task] / kl_before[task]
-        assert reduction >= 0.8, (
-            f"KL to '{task}' fell by {reduction:.1%} only ({kl_before[task]:.3g} -> {kl_after[task]:.3g})"
-        )
-
-
-def test_rollout_reproduces_qwenimage_pipeline_sampler(distilled):
+def test_rollout_reproduces_the_true_cfg_norm_rescale(trainer):
     """Through the trainer's rollout, the family's sigmas (exponential dynamic shift, terminal stretch), packing,
     timestep convention, prompt encoding and true CFG with the norm rescale give the latents
     `QwenImagePipeline.__call__` gives from the same initial noise, prompts and negative prompt."""
-    trainer, *_ = distilled
     pipe = trainer.pipeline
     prompts = ["a yellow star", "the word dog"]
     cond = trainer.prompt_cache(prompts)
@@ -170,10 +88,9 @@ def test_rollout_reproduces_qwenimage_pipeline_sampler(distilled):
     assert len(images) == 2 and images[0].size == (32, 32)
 
 
-def test_padding_does_not_change_the_velocity(distilled):
+def test_padding_does_not_change_the_velocity(trainer):
     """Cached rows are zero-padded to `max_sequence_length`; the mask keeps the padding out of the attention, so a
     row's velocity is the same alone, batched with a longer prompt, or given to the transformer unpadded."""
-    trainer, *_ = distilled
     family, transformer = trainer.family, trainer.pipeline.transformer
     short, long = trainer.prompt_cache(["one dog"]), trainer.prompt_cache(["a yellow star"])
     n_short, n_long = int(short["prompt_embeds_mask"].sum()), int(long["prompt_embeds_mask"].sum())
@@ -203,65 +120,6 @@ def test_padding_does_not_change_the_velocity(distilled):
     assert (unmasked - exact).abs().max() > 1e-4  # without the mask the padding would leak in
     torch.testing.assert_close(together[:1], alone_short, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(together[1:], alone_long, atol=1e-6, rtol=1e-5)
-
-
-def test_kl_is_zero_between_identical_adapters(distilled, tmp_path):
-    """A student started from the teacher's own weights (PEFT format) has zero KL to it at every step."""
-    trainer, kl_before, _ = distilled
-    teacher = trainer.teacher_specs["ocr"][0].path
-    pipe = get_tiny_qwenimage_pipeline(seed=0)
-    twin = DiffusionOPDTrainer(
-        pipe,
-        {"ocr": teacher},
-        args=_args(tmp_path / "out", student_adapter=teacher, noise_level=0.7),
-        train_dataset={"ocr": TRAIN_PROMPTS["ocr"]},
-    )
-    rows = [{"prompt": p} for p in EVAL_PROMPTS["ocr"]]
-    _, kl_per_step = twin.task_loss(twin.model, "ocr", rows, torch.Generator().manual_seed(0), backward=False)
-    assert kl_per_step.shape == (3,) and kl_per_step.abs().max().item() < 1e-10
-    assert kl_before["ocr"] > 1e-6  # while the base is far from that teacher
-
-
-def test_saved_qwenimage_student_reloads_with_load_lora_weights(distilled, tmp_path):
-    trainer, *_ = distilled
-    trainer.save_model(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-
-    fresh = get_tiny_qwenimage_pipeline(seed=0)
-    family = get_family(fresh, max_sequence_length=MAX_LENGTH)
-    cond = trainer.prompt_cache(["a yellow star", "the word dog", "one dog"])
-    negative = trainer._negative(3)
-    x = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.9, 0.5, 0.2])
-    with torch.no_grad():
-        base = family.velocity(fresh.transformer, x, sigma, cond, TRUE_CFG, negative)
-        fresh.load_lora_weights(str(tmp_path / "adapter"))
-        reloaded = family.velocity(fresh.transformer, x, sigma, cond, TRUE_CFG, negative)
-        student = trainer.family.velocity(trainer.pipeline.transformer, x, sigma, cond, TRUE_CFG, negative)
-    assert (student - base).abs().max() > 1e-3, "the student equals the base: the comparison would be vacuous"
-    assert (reloaded - student).abs().max() <= 1e-5
-    adapted = {n.split(".lora_A.")[0] for n, _ in fresh.transformer.named_parameters() if ".lora_A." in n}
-    student_modules = {n.split(".lora_A.")[0] for n in trainer.student_state_dict() if ".lora_A." in n}
-    assert adapted == student_modules
-    assert {m.split(".", 2)[2] for m in adapted} == set(TARGETS)  # both streams' attention and MLPs, every block
-
-
-def test_model_card_names_qwen_image_base_and_tags(distilled, tmp_path):
-    trainer, *_ = distilled
-    trainer.create_model_card(model_name="qwen-opd")
-    card = ModelCard.load(trainer.args.output_dir + "/README.md")
-    data = card.data.to_dict()
-    assert data["base_model"] == "Qwen/Qwen-Image" and data["base_model_relation"] == "adapter"
-    assert data["license"] == "apache-2.0"
-    assert sorted(data["tags"]) == sorted(
-        ["text-to-image", "diffusers", "lora", "trl", "diffusion-opd", "qwen-image", "geneval", "ocr"]
-    )
-    assert 'DiffusionPipeline.from_pretrained("Qwen/Qwen-Image"' in card.text
-    # The quick start samples with the trained guidance: Qwen-Image's `guidance_scale` would be ignored.
-    code = card.text.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    compile(code, "quick_start", "exec")
-    assert f"true_cfg_scale={TRUE_CFG},\n    negative_prompt={NEGATIVE!r},\n" in code and "guidance_scale" not in code
-    assert f"max_sequence_length={MAX_LENGTH}," in code
 
 
 def test_tiny_qwenimage_pipeline_is_registered_and_deterministic():

@@ -1,7 +1,9 @@
-"""Wan 2.1 / 2.2 text-to-video students and teachers on the tiny Wan pipelines: the family reproduces
-`WanPipeline.__call__` (with the flow-matching Euler scheduler) including Wan 2.2's expert switch and both guidance
-scales, the KL is 0 for student == teacher, two teachers are distilled, a two-expert student reloads into both experts
-with diffusers, and a teacher with only a `transformer_2` LoRA supervises only the low-noise steps."""
+"""Wan's own rules on the tiny Wan pipelines: Wan 2.2's expert switch and both guidance scales follow
+`WanPipeline.__call__` (with the flow-matching Euler scheduler) in the OPD, Flow-GRPO and DiffusionNFT trainers,
+TI2V's frames decode like the pipeline's, a teacher with only a `transformer_2` LoRA supervises only the low-noise
+steps, checkpoints hold both experts and resume exactly, and evaluation loads each expert's LoRA. The contract every
+family keeps (sampler, KL, distillation over 3 seeds, reload into both experts, card) is
+`tests/test_family_contract.py`."""
 
 import numpy as np
 import pytest
@@ -18,7 +20,6 @@ from trl_diffusion_opd import (
     FlowGRPOConfig,
     FlowGRPOTrainer,
 )
-from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.wan import WanFamily
 from trl_diffusion_opd.teachers import STUDENT
 from trl_diffusion_opd.testing import (
@@ -28,6 +29,8 @@ from trl_diffusion_opd.testing import (
     get_tiny_wan_pipeline,
     save_toy_lora,
 )
+
+from helpers import wan_latents
 
 
 TARGETS = WanFamily.default_lora_targets
@@ -80,44 +83,29 @@ def _teacher(pipe, folder, seed: int, experts=("transformer", "transformer_2")) 
 
 def _reference(pipe, cond, negative, latents, guidance_scale, guidance_scale_2=None, resolution=TINY_WAN_RESOLUTION):
     """`WanPipeline.__call__` with the flow-matching Euler scheduler at the model's shift (the family's sampler)."""
-    scheduler = pipe.scheduler
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=scheduler.config.flow_shift)
-    try:
-        return pipe(
-            prompt_embeds=cond["prompt_embeds"],
-            negative_prompt_embeds=None if negative is None else negative["prompt_embeds"],
-            latents=latents,
-            num_inference_steps=STEPS,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            height=resolution,
-            width=resolution,
-            num_frames=TINY_WAN_FRAMES,
-            output_type="latent",
-        ).frames
-    finally:
-        pipe.scheduler = scheduler
+    call = {"num_inference_steps": STEPS, "height": resolution, "width": resolution, "num_frames": TINY_WAN_FRAMES}
+    return wan_latents(pipe, cond, negative, latents, guidance_scale, guidance_scale_2, **call)
 
 
-@pytest.mark.parametrize("two_experts", [False, True])
-def test_rollout_reproduces_wan_pipeline(tmp_path, two_experts):
-    """Latent layout, UMT5 prompts, Euler schedule with shift 3, raw 1000·sigma timesteps, CFG with the negative
-    prompt and (Wan 2.2) the expert switch at boundary_ratio with guidance_scale / guidance_scale_2, through the
-    trainer's rollout, give `WanPipeline.__call__`'s latents from the same initial noise."""
+def test_expert_switch_and_both_guidance_scales_follow_the_pipeline(tmp_path):
+    """Wan 2.2's expert switch at boundary_ratio with guidance_scale / guidance_scale_2, through the trainer's rollout,
+    gives `WanPipeline.__call__`'s latents from the same initial noise (the contract checks the rest of the sampler);
+    the second scale is really used."""
+    two_experts = True
     pipe = get_tiny_wan_pipeline(seed=0, two_experts=two_experts)
-    guidance_2 = 2.0 if two_experts else None
+    guidance_2 = 2.0
     trainer = DiffusionOPDTrainer(
         pipe,
-        {"geneval": _teacher(pipe, tmp_path / "t", 1, ("transformer", "transformer_2")[: 1 + two_experts])},
+        {"geneval": _teacher(pipe, tmp_path / "t", 1)},
         args=_args(tmp_path / "out", guidance_scale=5.0, guidance_scale_2=guidance_2),
         train_dataset={"geneval": PROMPTS["geneval"]},
         peft_config=_student_config(),
     )
     family = trainer.family
-    assert list(family.experts) == ["transformer", "transformer_2"][: 1 + two_experts]
+    assert list(family.experts) == ["transformer", "transformer_2"]
     sigmas = family.sigmas(STEPS, TINY_WAN_RESOLUTION)
     # the expert each step runs: t = 1000·sigma >= 875 -> transformer (steps 0 only with shift 3 and 4 steps)
-    assert family.expert_index(sigmas[:-1]).tolist() == ([0, 1, 1, 1] if two_experts else [0, 0, 0, 0])
+    assert family.expert_index(sigmas[:-1]).tolist() == [0, 1, 1, 1]
 
     cond = trainer.prompt_cache(PROMPTS["geneval"])
     rollout = trainer.rollout(cond, torch.Generator().manual_seed(0))
@@ -129,17 +117,13 @@ def test_rollout_reproduces_wan_pipeline(tmp_path, two_experts):
         # The same with guidance_scale_2 = guidance_scale differs on Wan 2.2: the second scale is really used.
         other = _reference(pipe, cond, negative, states[0], 5.0, None)
     torch.testing.assert_close(states[-1], expected, atol=1e-5, rtol=1e-5)
-    assert (states[-1] - states[0]).abs().max() > 0.1
-    if two_experts:
-        assert (other - expected).abs().max() > 1e-3
-    video = trainer.decode(states[-1])
-    assert len(video) == 2 and len(video[0]) == TINY_WAN_FRAMES and video[0][0].size == (32, 32)
+    assert (other - expected).abs().max() > 1e-3
 
 
 def test_rollout_reproduces_ti2v_pipeline(tmp_path):
     """Wan 2.2 TI2V-5B's structure (text-to-video): per-token timesteps (`expand_timesteps`), 48 latent channels and
-    the Wan 2.2 VAE's 16x spatial compression; the trainer's rollout gives `WanPipeline.__call__`'s latents and its
-    decoded frames."""
+    the Wan 2.2 VAE's 16x spatial compression; the trainer's rollout decodes to `WanPipeline.__call__`'s frames (the
+    contract compares the latents)."""
     pipe = get_tiny_wan_pipeline(seed=0, ti2v=True)
     assert pipe.config.expand_timesteps and pipe.vae_scale_factor_spatial == 16
     resolution = TINY_WAN_TI2V_RESOLUTION
@@ -155,10 +139,6 @@ def test_rollout_reproduces_ti2v_pipeline(tmp_path):
     states = trainer.rollout(cond, torch.Generator().manual_seed(0))["states"]
     assert states.shape == (STEPS + 1, 2, 48, 2, 4, 4)  # (N + 1, B, C, (5 - 1) / 4 + 1, 64 / 16, 64 / 16)
     negative = trainer.prompt_cache([""] * 2)
-    with torch.no_grad():
-        expected = _reference(pipe, cond, negative, states[0], 5.0, resolution=resolution)
-    torch.testing.assert_close(states[-1], expected, atol=1e-5, rtol=1e-5)
-    assert (states[-1] - states[0]).abs().max() > 0.1
     video = trainer.decode(states[-1])
     assert len(video) == 2 and len(video[0]) == TINY_WAN_FRAMES and video[0][0].size == (resolution, resolution)
     scheduler = pipe.scheduler
@@ -181,9 +161,9 @@ def test_rollout_reproduces_ti2v_pipeline(tmp_path):
     assert np.abs(ours - frames).max() <= 1 / 255 + 1e-6  # 8-bit rounding of the PIL frames
 
 
-def test_two_expert_kl_zero_for_same_adapter_and_low_noise_teacher(tmp_path):
-    """KL(student, teacher) = 0 when the student is the teacher's adapter; a teacher with only a `transformer_2`
-    LoRA supervises only the low-noise steps, and the high-noise expert's student LoRA gets no gradient from it."""
+def test_low_noise_teacher_supervises_only_the_low_noise_steps(tmp_path):
+    """A teacher with only a `transformer_2` LoRA supervises only the low-noise steps, and the high-noise expert's
+    student LoRA gets no gradient from it."""
     pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
     both = _teacher(pipe, tmp_path / "both", 1)
     low_only = _teacher(pipe, tmp_path / "low", 2, ("transformer_2",))
@@ -196,9 +176,6 @@ def test_two_expert_kl_zero_for_same_adapter_and_low_noise_teacher(tmp_path):
     specs = trainer.teacher_specs
     assert specs["geneval"][0].experts == ("transformer", "transformer_2")
     assert specs["ocr"][0].experts == ("transformer_2",)
-    # The student continued from the geneval teacher: the same LoRA on both experts, hence the same means.
-    kl = trainer.compute_teacher_kl({"geneval": PROMPTS["geneval"]}, use_ema=False)
-    assert kl["geneval"] < 1e-10
 
     # Low-noise teacher only: KL only at the steps transformer_2 runs (1..3), exactly 0 at step 0.
     _, kl_steps = trainer.task_loss(
@@ -215,66 +192,6 @@ def test_two_expert_kl_zero_for_same_adapter_and_low_noise_teacher(tmp_path):
     low = [g for n, g in grads.items() if n.startswith("transformer_2.")]
     assert high and all(g is None for g in high)
     assert any(g is not None and g.abs().max() > 0 for g in low)
-
-
-def _distil(tmp_path, seed: int, max_steps: int = 60, measure: bool = True):
-    """Distil the two two-expert teachers; returns `(trainer, kl_before, kl_after)` (KLs `None` unless `measure`)."""
-    pipe = get_tiny_wan_pipeline(seed=0, two_experts=True)
-    teachers = {"geneval": _teacher(pipe, tmp_path / "g", 1), "ocr": _teacher(pipe, tmp_path / "o", 2)}
-    trainer = DiffusionOPDTrainer(
-        pipe,
-        teachers,
-        args=_args(tmp_path / "out", max_steps=max_steps, seed=seed, guidance_scale=3.0, guidance_scale_2=2.0),
-        train_dataset=PROMPTS,
-        peft_config=_student_config(),
-    )
-    if not measure:
-        trainer.train()
-        return trainer, None, None
-    before = trainer.compute_teacher_kl(PROMPTS, use_ema=False)
-    trainer.train()
-    after = trainer.compute_teacher_kl(PROMPTS, use_ema=False)
-    return trainer, before, after
-
-
-@pytest.mark.slow  # 3 seeds x 60 rounds: about 60 s on a free CPU
-def test_distillation_lowers_kl_to_each_teacher_across_seeds(tmp_path):
-    """Two two-expert teachers (both guidance scales in play) distilled into one two-expert student: the KL to each
-    falls by >= 80% for every seed (measured with 60 rounds: 87-91%; 40 rounds gave 82-85%)."""
-    reductions = []
-    for seed in range(3):
-        _, before, after = _distil(tmp_path / str(seed), seed)
-        reductions.append({task: 1 - after[task] / before[task] for task in before})
-    for task in PROMPTS:
-        worst = min(r[task] for r in reductions)
-        assert worst >= 0.8, f"KL to '{task}' fell by {worst:.1%} only (per seed: {reductions})"
-
-
-def test_saved_two_expert_student_reloads_into_both_experts(tmp_path):
-    """The student, saved in diffusers' Wan 2.2 layout (one file per expert), reloads into both experts with
-    `WanPipeline.load_lora_weights(..., load_into_transformer_2=True)` and gives the same velocities."""
-    trainer, _, _ = _distil(tmp_path, 0, max_steps=2, measure=False)
-    trainer.save_model(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-    assert (tmp_path / "adapter" / LOW_2).is_file()
-    fresh = get_tiny_wan_pipeline(seed=0, two_experts=True)
-    fresh.load_lora_weights(str(tmp_path / "adapter"), adapter_name="s")
-    fresh.load_lora_weights(
-        str(tmp_path / "adapter"), weight_name=LOW_2, adapter_name="s", load_into_transformer_2=True
-    )
-    family = get_family(fresh, max_sequence_length=16, num_frames=TINY_WAN_FRAMES)
-    cond = trainer.prompt_cache(PROMPTS["ocr"] + PROMPTS["geneval"])
-    x = torch.randn((4, 16, 2, 4, 4), generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([1.0, 0.9, 0.5, 0.1])  # two high-noise rows, two low-noise rows
-    with torch.no_grad():
-        reloaded = family.velocity(family.denoiser, x, sigma, cond)
-        student = trainer.family.velocity(trainer.family.denoiser, x, sigma, cond)
-        fresh.transformer.disable_lora()
-        fresh.transformer_2.disable_lora()
-        base = family.velocity(family.denoiser, x, sigma, cond)
-    for rows in (slice(0, 2), slice(2, 4)):
-        assert (student[rows] - base[rows]).abs().max() > 1e-4, "the student equals the base on an expert"
-    assert (reloaded - student).abs().max() <= 1e-5
 
 
 def test_two_expert_checkpoint_ema_resume_and_card(tmp_path):

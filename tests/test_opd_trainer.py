@@ -1,8 +1,8 @@
-"""DiffusionOPDTrainer on the tiny SD3 pipeline: it distils, touches only the student, saves, resumes and fails fast."""
+"""DiffusionOPDTrainer on the tiny SD3 pipeline: it touches only the student, saves, resumes and fails fast (its
+distillation, like every family's, is checked by `tests/test_family_contract.py`)."""
 
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -16,6 +16,8 @@ from transformers import TrainerCallback
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
 
+from helpers import random_word_prompts as _prompts
+
 
 ATTENTION = [
     "attn.to_q",
@@ -27,19 +29,6 @@ ATTENTION = [
     "attn.add_v_proj",
     "attn.to_add_out",
 ]
-
-
-def _words(rng, letters, n):
-    return [
-        " ".join("".join(rng.choice(letters) for _ in range(rng.randint(3, 6))) for _ in range(rng.randint(2, 4)))
-        for _ in range(n)
-    ]
-
-
-def _prompts(n, seed=0):
-    # Disjoint alphabets per task, like the distinct vocabularies of real tasks (counting vs. text rendering).
-    rng = random.Random(seed)
-    return {"a": _words(rng, "abcdefghijklm", n), "b": _words(rng, "nopqrstuvwxyz", n)}
 
 
 def _config(tmp_path, **kwargs):
@@ -85,18 +74,6 @@ def _trainer(tmp_path, teachers, prompts=None, peft_config=None, **kwargs):
 
 def _snapshot(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-
-
-def test_distillation_lowers_kl_to_each_teacher_by_80_percent(tmp_path, teachers):
-    held_out = _prompts(4, seed=1)
-    trainer = _trainer(tmp_path, teachers, max_steps=120, per_device_train_batch_size=3, learning_rate=5e-3)
-    before = trainer.compute_teacher_kl(held_out)
-    trainer.train()
-    after = trainer.compute_teacher_kl(held_out)
-    for task in ("a", "b"):
-        assert before[task] > 0
-        # With the student's seed 1 instead of 0: after / before = 0.107 (a) and 0.127 (b), well under 0.2.
-        assert after[task] <= 0.2 * before[task], (task, before[task], after[task])
 
 
 def test_only_the_student_changes_and_the_optimizer_holds_only_it(tmp_path, teachers):
@@ -378,7 +355,8 @@ _DDP_SCRIPT = textwrap.dedent(
     import hashlib, json, os, sys
     import torch
     from peft import LoraConfig
-    from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
+    from helpers import random_word_prompts as _prompts
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
     from trl_diffusion_opd.testing import get_tiny_sd3_pipeline
 
     out, teacher_a, teacher_b = sys.argv[1:4]
