@@ -162,12 +162,15 @@ def resolve_adapters(
     """
     specs = {}
     for label, spec in adapters.items():
-        parsed = parse_teacher_spec(str(label), spec)
-        if parsed.needs_base:
-            raise ValueError(
-                f"Adapter '{label}': '{parsed.display}' is made for a base at training time; give a folder."
-            )
-        resolve_teacher(parsed, cache_dir=cache_dir, token=token)
+        try:
+            parsed = parse_teacher_spec(str(label), spec)
+            if parsed.needs_base:  # `toy:<seed>`: written by the trainers for their base
+                raise ValueError(
+                    f"Adapter '{label}': '{parsed.display}' is made for a base when training; give a folder."
+                )
+            resolve_teacher(parsed, cache_dir=cache_dir, token=token)
+        except ValueError as error:  # the teachers' messages, about an adapter here
+            raise ValueError(str(error).replace(f"Teacher '{label}'", f"Adapter '{label}'", 1)) from error
         if parsed.full_weight:
             raise ValueError(f"Adapter '{label}': '{parsed.display}' is a full model, not a LoRA to merge.")
         check_teacher_files(parsed, owner=f"Adapter '{label}'")
