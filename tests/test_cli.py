@@ -318,10 +318,10 @@ def test_help_and_unknown_command(capsys):
         "trl-diffusion-opd: error: a command is required (choose from train, grpo, nft, eval, merge, env; "
         "`trl-diffusion-opd --help` lists them)"
     )
-    assert cli.main(["serve"]) == 2
+    assert cli.main(["frobnicate"]) == 2  # close to no command ("serve" is close to "merge")
     assert (
         capsys.readouterr().err
-        == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, grpo, nft, eval, merge, env, world)\n"
+        == "trl-diffusion-opd: error: unknown command 'frobnicate' (choose from train, grpo, nft, eval, merge, env, world)\n"
     )
     assert cli.main(["trian"]) == 2
     assert capsys.readouterr().err.endswith("; did you mean 'train'?\n")

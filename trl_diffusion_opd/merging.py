@@ -2,8 +2,8 @@
 diffusers LoRA that `pipe.load_lora_weights` loads (the baseline a user tries before distilling the teachers).
 
 ```python
-from trl_diffusion_opd import load_pipeline
 from trl_diffusion_opd.merging import merge_adapters
+from trl_diffusion_opd.registry import load_pipeline
 
 pipe = load_pipeline("world:base")
 merged = merge_adapters(pipe, {"letters": "world:letters", "aesthetic": "world:aesthetic"}, weights=0.5)
