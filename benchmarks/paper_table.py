@@ -14,6 +14,11 @@ Rows (each trained on the shipped world base, evaluated on the same held-out sce
   task's training prompts sampled by its teacher).
 - `DiffusionOPD`: the student of `world.demo` (the full-size settings), distilled from the three shipped teachers,
   each task supervised on the steps its teacher was trained on (`task_timestep_fraction`).
+- `merge: ...`: the three shipped teachers merged with PEFT's `add_weighted_adapter` (`trl_diffusion_opd.merging`,
+  the `merge` command), no training: the weighted sum of the deltas (`cat`), its rank-16 SVD, PEFT's `linear`, TIES
+  and DARE, on the factors and on the deltas (`MERGES`).
+- `DiffusionOPD from a merge`: the DiffusionOPD student started from the rank-16 SVD merge (`student_adapter`)
+  instead of a fresh LoRA (Flow-OPD's cold start); `... 20 rounds` rows stop both students at a third of the rounds.
 
 Columns: each task's reward on its held-out scenes, the average, and the CPU seconds of the row's training (one
 torch thread per job: far less inflated than the wall-clock by other jobs on the machine, though not immune, ~20 %;
@@ -56,6 +61,20 @@ def teacher_step_fractions() -> dict[str, float]:
     return {task: RECIPES[task].timestep_fraction for task in TASKS}
 
 
+# The merge rows, no training: kind -> (PEFT combination type, weight of each teacher, density, svd_rank, label).
+# TIES divides by the number of teachers that agree on an entry (a mean), so its natural weight is 1; the others sum.
+MERGES = {
+    "merge_cat": ("cat", 1 / 3, None, None, "merge: weighted sum of deltas (cat, w 1/3)"),
+    "merge_cat_half": ("cat", 1 / 2, None, None, "merge: weighted sum of deltas (cat, w 1/2)"),
+    "merge_svd": ("svd", 1 / 3, None, 16, "merge: sum of deltas, SVD to rank 16 (w 1/3)"),
+    "merge_linear": ("linear", 1 / 3, None, None, "merge: PEFT linear, factor sums (w 1/3)"),
+    "merge_ties": ("ties_svd", 1.0, 0.5, 24, "merge: TIES on deltas (density 0.5, w 1, r24)"),
+    "merge_ties_factors": ("ties", 1.0, 0.5, None, "merge: TIES on factors (density 0.5, w 1)"),
+    "merge_dare": ("dare_linear_svd", 1 / 3, 0.5, 24, "merge: DARE on deltas (density 0.5, w 1/3, r24)"),
+    "merge_dare_factors": ("dare_linear", 1 / 3, 0.5, None, "merge: DARE on factors (density 0.5, w 1/3)"),
+}
+
+
 @dataclass
 class TableSettings:
     """Sizes of the table's runs (`quick()` shrinks every one to a smoke test of its code path).
@@ -76,6 +95,10 @@ class TableSettings:
         offpolicy_samples: Teacher samples per task for the off-policy baseline.
         offpolicy_steps, offpolicy_batch, offpolicy_learning_rate: Its flow-matching fine-tuning.
         num_inference_steps: Sampler steps of training rollouts and evaluation.
+        merges: The merge rows (`MERGES` kinds), scored with no training; the `opd_from_merge` students (the first
+            two `seeds`) start from the `START_MERGE` merge.
+        short_rounds: Rounds of the `opd_short` and `opd_from_merge_short` rows (`single_seeds`), which show which
+            student gets there first; `None` leaves them out.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -93,6 +116,8 @@ class TableSettings:
     offpolicy_batch: int = 32
     offpolicy_learning_rate: float = 1e-3
     num_inference_steps: int = 10
+    merges: tuple[str, ...] = tuple(MERGES)
+    short_rounds: int | None = 20
 
     @classmethod
     def quick(cls) -> TableSettings:
@@ -107,6 +132,8 @@ class TableSettings:
             offpolicy_steps=2,
             offpolicy_batch=4,
             num_inference_steps=4,
+            merges=("merge_cat", "merge_dare"),
+            short_rounds=None,
         )
 
 
@@ -131,13 +158,19 @@ ROW_LABELS = {
     "cascade": "cascade RL (composition → letters → aesthetic)",
     "offpolicy": "off-policy distillation (flow matching on teacher samples)",
     "opd": "DiffusionOPD (student)",
+    "opd_short": "DiffusionOPD, 20 rounds",
+    "opd_from_merge": "DiffusionOPD from a merge (svd r16, w 1/3)",
+    "opd_from_merge_short": "DiffusionOPD from a merge, 20 rounds",
 }
+ROW_LABELS.update({kind: spec[-1] for kind, spec in MERGES.items()})
+# The start of the `opd_from_merge` students: the rank-16 SVD of the weighted sum (the fresh student's rank).
+START_MERGE = "merge_svd"
 # The chart's legend: at most 48 characters, and no arrows (the bundled font has no glyph for them)
 CHART_LABELS = {
     "cascade": "cascade RL (composition, letters, aesthetic)",
     "offpolicy": "off-policy distillation (flow matching)",
 }
-NEEDS_TEACHERS = ("offpolicy", "opd")
+NEEDS_TEACHERS = ("offpolicy", "opd", "opd_short", "opd_from_merge", "opd_from_merge_short", *MERGES)
 
 
 def jobs(settings: TableSettings) -> list[Job]:
@@ -145,8 +178,13 @@ def jobs(settings: TableSettings) -> list[Job]:
     trained = [Job(kind, seed) for kind in ("multitask_nft", "multitask_grpo_guard") for seed in settings.seeds]
     trained += [Job("cascade", seed) for seed in settings.single_seeds]
     trained += [Job("opd", seed) for seed in settings.seeds]
+    trained += [Job("opd_from_merge", seed) for seed in settings.seeds[:2]]
+    if settings.short_rounds:
+        short = ("opd_short", "opd_from_merge_short")
+        trained += [Job(kind, seed) for kind in short for seed in settings.single_seeds]
     trained += [Job("offpolicy", seed) for seed in settings.single_seeds]
-    return trained + [Job("base")] + [Job("teacher", task=task) for task in TASKS]
+    merges = [Job(kind) for kind in settings.merges]
+    return trained + [Job("base")] + [Job("teacher", task=task) for task in TASKS] + merges
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -163,12 +201,12 @@ def recorded_teacher_seconds(task: str) -> float:
     return float(json.loads((teacher_folder(task) / "training.json").read_text())["train_seconds"])
 
 
-def train_opd(job: Job, settings: TableSettings, folder: Path) -> Path:
+def train_opd(job: Job, settings: TableSettings, folder: Path, rounds: int | None = None) -> Path:
     from trl_diffusion_opd.world.demo import DemoConfig, distil
 
     config = DemoConfig(
         output_dir=str(folder),
-        rounds=settings.opd_rounds,
+        rounds=rounds or _rounds(job, settings),
         prompts_per_task=settings.opd_prompts,
         learning_rate=settings.opd_learning_rate,
         lora_rank=settings.opd_rank,
@@ -179,6 +217,42 @@ def train_opd(job: Job, settings: TableSettings, folder: Path) -> Path:
     )
     distil({task: f"world:{task}" for task in TASKS}, config, folder / "adapter")
     return folder / "adapter"
+
+
+def merge_teachers(kind: str, folder: Path, seed: int = 0) -> Path:
+    """The shipped teachers merged as `MERGES[kind]` says (`trl_diffusion_opd.merging`), written to `folder`."""
+    from trl_diffusion_opd.merging import merge_adapters
+    from trl_diffusion_opd.world.pipeline import load_world_pipeline
+
+    combination, weight, density, svd_rank, _ = MERGES[kind]
+    pipe = load_world_pipeline()
+    merged = merge_adapters(
+        pipe,
+        {task: f"world:{task}" for task in TASKS},
+        weights=weight,
+        combination_type=combination,
+        density=density,
+        svd_rank=svd_rank,
+        seed=seed,
+    )
+    return merged.save(folder, pipe, base_name="world:base")
+
+
+def train_merge(job: Job, settings: TableSettings, folder: Path) -> Path:
+    return merge_teachers(job.kind, folder / "adapter", seed=job.seed)
+
+
+def train_opd_from_merge(job: Job, settings: TableSettings, folder: Path) -> Path:
+    """The DiffusionOPD student (`train_opd`'s settings) started from the `START_MERGE` merge of the teachers."""
+    start = merge_teachers(START_MERGE, folder / "merged", seed=job.seed)
+    extra = {**settings.opd_extra, "student_adapter": str(start)}
+    return train_opd(
+        replace(job, kind="opd"), replace(settings, opd_extra=extra), folder, rounds=_rounds(job, settings)
+    )
+
+
+def _rounds(job: Job, settings: TableSettings) -> int:
+    return settings.short_rounds if job.kind.endswith("_short") else settings.opd_rounds
 
 
 def train_multitask(job: Job, settings: TableSettings, folder: Path) -> Path:
@@ -268,6 +342,10 @@ def train_offpolicy(job: Job, settings: TableSettings, folder: Path) -> Path:
 
 TRAINERS = {
     "opd": train_opd,
+    "opd_short": train_opd,
+    "opd_from_merge": train_opd_from_merge,
+    "opd_from_merge_short": train_opd_from_merge,
+    **dict.fromkeys(MERGES, train_merge),
     "multitask_nft": train_multitask,
     "multitask_grpo_guard": train_multitask,
     "cascade": train_cascade,
@@ -278,6 +356,9 @@ TRAINERS = {
 # ---------------------------------------------------------------------------------------------- one job
 JOB_SETTINGS = {
     "opd": ("opd_rounds", "opd_prompts", "opd_learning_rate", "opd_rank", "opd_extra"),
+    "opd_short": ("short_rounds", "opd_prompts", "opd_learning_rate", "opd_rank", "opd_extra"),
+    "opd_from_merge": ("opd_rounds", "opd_prompts", "opd_learning_rate", "opd_extra"),
+    "opd_from_merge_short": ("short_rounds", "opd_prompts", "opd_learning_rate", "opd_extra"),
     "multitask_nft": ("multitask_steps",),
     "multitask_grpo_guard": ("multitask_steps",),
     "cascade": ("cascade_steps",),
@@ -294,7 +375,11 @@ JOB_SETTINGS = {
 def job_settings(job: Job, settings: TableSettings) -> dict:
     """The settings a job's result depends on: a cached result is reused only when they are unchanged."""
     names = ("eval_images", "num_inference_steps", *JOB_SETTINGS.get(job.kind, ()))
-    return json.loads(json.dumps({name: getattr(settings, name) for name in names}))
+    wanted = {name: getattr(settings, name) for name in names}
+    merge = job.kind if job.kind in MERGES else START_MERGE if job.kind.startswith("opd_from_merge") else None
+    if merge is not None:
+        wanted["merge"] = MERGES[merge][:4]
+    return json.loads(json.dumps(wanted))
 
 
 def run_job(job: Job, settings: TableSettings, cache_dir: str) -> dict:

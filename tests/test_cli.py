@@ -330,13 +330,13 @@ def test_help_and_unknown_command(capsys):
     assert cli.main([]) == 2  # a bare command is a usage error, as in argparse
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (
-        "trl-diffusion-opd: error: a command is required (choose from train, grpo, nft, eval, env; "
+        "trl-diffusion-opd: error: a command is required (choose from train, grpo, nft, eval, merge, env; "
         "`trl-diffusion-opd --help` lists them)"
     )
-    assert cli.main(["serve"]) == 2
+    assert cli.main(["frobnicate"]) == 2  # close to no command ("serve" is close to "merge")
     assert (
         capsys.readouterr().err
-        == "trl-diffusion-opd: error: unknown command 'serve' (choose from train, grpo, nft, eval, env, world)\n"
+        == "trl-diffusion-opd: error: unknown command 'frobnicate' (choose from train, grpo, nft, eval, merge, env, world)\n"
     )
     assert cli.main(["trian"]) == 2
     assert capsys.readouterr().err.endswith("; did you mean 'train'?\n")

@@ -19,6 +19,7 @@ from trl_diffusion_opd import (
 )
 from trl_diffusion_opd.scripts import train as train_script
 from trl_diffusion_opd.scripts.eval import DiffusionOPDEvalArguments
+from trl_diffusion_opd.scripts.merge import DiffusionOPDMergeArguments
 from trl_diffusion_opd.scripts.train import DiffusionOPDScriptArguments
 from trl_diffusion_opd.scripts.utils import DiffusionRLScriptArguments
 
@@ -34,6 +35,7 @@ PUBLIC_CONFIGS = [
     DiffusionOPDScriptArguments,
     DiffusionRLScriptArguments,
     DiffusionOPDEvalArguments,
+    DiffusionOPDMergeArguments,
 ]
 
 

@@ -20,6 +20,7 @@ RUNNABLE = {page: blocks for page, blocks in RUNNABLE.items() if blocks}
 def test_the_runnable_blocks_are_found():
     # A change of the marker or of the fence would otherwise leave nothing to run, and the test below would pass.
     assert {page.name: len(blocks) for page, blocks in RUNNABLE.items()} == {
+        "merging.md": 1,
         "quickstart.md": 2,
         "rewards_evaluation.md": 2,
     }
@@ -55,6 +56,8 @@ def test_marked_blocks_run_offline(page, tmp_path):
         assert (tmp_path / "eval-world" / "results.json").is_file()
         # The letters teacher beats the base on its own reward (0.785 against 0.658 on these 8 scenes).
         assert float(rows["letters teacher"][3]) > float(rows["base"][3]) + 0.05
+    if page.name == "merging.md":
+        assert outputs[0][-1] == "24" and (tmp_path / "world-merged" / "README.md").is_file()
     if page.name == "quickstart.md":
         assert (tmp_path / "world-opd" / "pytorch_lora_weights.safetensors").is_file()
         assert outputs[0][-1].startswith("{'kl/letters': ") and outputs[1][-1] == "(32, 32)"

@@ -24,7 +24,7 @@ NAME = "trl_diffusion_opd"
 # commands (`scripts.utils`, loaded when a `toy:` spec is asked for) imports them.
 LAYERS = [
     {"transition", "objectives", "registry", "safe_io", "sizes", "accelerate_configs"},
-    {"families", "data", "rewards", "teachers", "hub", "evaluation"},
+    {"families", "data", "rewards", "teachers", "hub", "evaluation", "merging"},
     {"trainer", NAME},
     {"scripts", "cli"},
     {"testing", "world"},
@@ -119,7 +119,7 @@ def test_trainers_live_in_trainer_beside_their_configs():
     for method in ("opd", "grpo", "nft"):
         assert (trainer / f"{method}_trainer.py").is_file() and (trainer / f"{method}_config.py").is_file()
     commands = {path.stem for path in (PACKAGE / "scripts").glob("*.py")} - {"__init__", "utils"}
-    assert commands == {"train", "grpo", "nft", "eval", "env"}
+    assert commands == {"train", "grpo", "nft", "eval", "merge", "env"}
 
 
 def test_world_names_come_from_the_plugin_registry():

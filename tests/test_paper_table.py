@@ -23,6 +23,9 @@ def test_quick_table_has_every_row_and_the_student_beats_the_base(tmp_path):
         "cascade RL (composition → letters → aesthetic)",
         "off-policy distillation (flow matching on teacher samples)",
         "DiffusionOPD (student)",
+        "DiffusionOPD from a merge (svd r16, w 1/3)",
+        "merge: weighted sum of deltas (cat, w 1/3)",
+        "merge: DARE on deltas (density 0.5, w 1/3, r24)",
     ]
     by_kind = {row["kind"]: row for row in rows if row["kind"] != "teacher"}
     for row in rows:
@@ -53,5 +56,5 @@ def test_quick_table_has_every_row_and_the_student_beats_the_base(tmp_path):
     changed.opd_rounds = 1
     paper_table.run(changed, workers=1, cache_dir=tmp_path / "cache", write=False, progress=False)
     redone = {p.parent.name for p in stamps if p.stat().st_mtime_ns != stamps[p]}
-    assert redone == {"opd-seed0"}
+    assert redone == {"opd-seed0", "opd_from_merge-seed0"}  # both students train for `opd_rounds`
     assert json.loads((tmp_path / "cache" / "opd-seed0" / "result.json").read_text())["settings"]["opd_rounds"] == 1

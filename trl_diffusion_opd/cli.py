@@ -5,6 +5,7 @@ trl-diffusion-opd train --config examples/configs/tiny.yaml     # DiffusionOPD (
 trl-diffusion-opd grpo --config examples/configs/tiny_grpo.yaml # Stage 1: Flow-GRPO / GRPO-Guard (scripts/grpo.py)
 trl-diffusion-opd nft --config examples/configs/tiny_nft.yaml   # Stage 1: DiffusionNFT (scripts/nft.py)
 trl-diffusion-opd eval --config eval.yaml                       # reward table and image grids (scripts/eval.py)
+trl-diffusion-opd merge --config merge.yaml                     # merge LoRAs with PEFT, no training (scripts/merge.py)
 trl-diffusion-opd env                                           # versions, for bug reports (scripts/env.py)
 ```
 
@@ -31,6 +32,7 @@ COMMANDS = {
     "grpo": ("grpo", "Stage 1: train a LoRA on rewards with Flow-GRPO / GRPO-Guard (accepts --config file.yaml)."),
     "nft": ("nft", "Stage 1: train a LoRA on rewards with DiffusionNFT (accepts --config file.yaml)."),
     "eval": ("eval", "Score a base model and its adapters on reward prompt sets; write the table and grids."),
+    "merge": ("merge", "Merge LoRA adapters (the teachers) into one with PEFT, no training; the baseline to beat."),
     "env": ("env", "Print platform, accelerator and library versions for bug reports."),
 }
 

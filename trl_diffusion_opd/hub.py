@@ -712,3 +712,68 @@ def push_checkpoint(trainer: DiffusionLoRATrainer, checkpoint_folder: str | os.P
         trainer.push_in_progress = PushInProgress(jobs)
     else:
         in_progress.jobs.extend(jobs)
+
+
+MERGE_TEMPLATE = Path(__file__).parent / "templates" / "merge_model_card.md"
+
+
+def create_merge_card(
+    merged: Any, pipeline: Any, base: str | None, output_dir: str | os.PathLike, model_name: str | None = None
+) -> ModelCard:
+    """The model card of a merged adapter (`merging.MergedAdapter`): the base, the merged adapters with their
+    weights and sources (path-free names, as `create_model_card` shows teachers), the combination and its settings,
+    and the quick start. `base` names the base (a Hub id, a folder or a registered name; `None`: the pipeline's
+    class)."""
+    from .families.base import get_family
+
+    reference = model_reference(base) if base else pipeline_reference(pipeline)
+    family = get_family(pipeline)
+    adapter, adapter_comment = _adapter_location(output_dir, None)
+    sources = []
+    for label, spec in merged.sources.items():
+        ref = teacher_reference(spec)
+        where = "; ".join(part for part in (f"[Hub]({ref.url})" if ref.url else "", ref.note) if part)
+        sources.append({"label": label, "source": ref.name, "weight": merged.weights[label], "where": where})
+    first = next(iter(merged.configs.values()))
+    targets = first.target_modules or []
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    settings = {
+        "combination type": f"`{merged.combination_type}`",
+        "LoRA rank / alpha": " ; ".join(f"{e}: {c.r} / {c.lora_alpha}" for e, c in merged.configs.items()),
+        "LoRA targets": ", ".join(targets),
+    }
+    if merged.density is not None:
+        settings["density"] = merged.density
+    if merged.svd_rank is not None:
+        settings["svd rank"] = merged.svd_rank
+    if "ties" in merged.combination_type:
+        settings["majority sign method"] = merged.majority_sign_method
+    if "dare" in merged.combination_type:
+        settings["seed (DARE's random drop)"] = merged.seed
+    card_data = ModelCardData(
+        base_model=reference.hub_id,
+        base_model_relation="adapter" if reference.hub_id else None,
+        library_name="diffusers",
+        pipeline_tag=family.pipeline_tag,
+        tags=["trl-diffusion-opd", "lora", "merge", family.tag],
+        **(base_license(reference.hub_id) if reference.hub_id else {}),
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(MERGE_TEMPLATE),
+        model_name=model_name or Path(output_dir).resolve().name,
+        base=reference,
+        base_loader=_base_loader(reference, pipeline),
+        adapter=adapter,
+        adapter_comment=adapter_comment,
+        extra_experts=[
+            {"component": name, "weight_name": expert_weight_name(name)}
+            for name in merged.state_dicts
+            if name != "transformer"
+        ],
+        combination_type=merged.combination_type,
+        meaning=merged.meaning,
+        sources=sources,
+        settings=settings,
+        versions=package_versions(),
+    )
