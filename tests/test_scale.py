@@ -172,3 +172,135 @@ def test_teacher_switches_keep_only_the_student_trainable(tmp_path, teachers):
     assert all(
         layer.active_adapters == ["student"] and not layer.disable_adapters for layer in trainer.adapters.layers
     )
+
+
+# ---------------------------------------------------------------------------------------------- single query
+def test_single_query_touches_one_state_per_row(tmp_path, teachers, monkeypatch):
+    trainer = _trainer(tmp_path, teachers, tasks=["t0", "t1"], query_mode="single", query_sigma_range=[0.0, 0.7])
+    allowed = trainer.query_steps("t0")
+    sigmas = trainer.family.sigmas(4, 32)
+    assert allowed and all(0.0 <= sigmas[j] <= 0.7 for j in allowed)
+    assert len(allowed) < trainer.args.num_train_timesteps  # the range leaves out the high-noise states
+    teacher_rows, student_rows = [], []
+    original_velocity, original_teacher = trainer._velocity, trainer.teacher_velocity
+
+    def velocity(transformer, x, t, *args):
+        if torch.is_grad_enabled():
+            student_rows.append(t.tolist())
+        return original_velocity(transformer, x, t, *args)
+
+    def teacher(spec, task, x, t, cond):
+        teacher_rows.append(t.tolist())
+        return original_teacher(spec, task, x, t, cond)
+
+    monkeypatch.setattr(trainer, "_velocity", velocity)
+    monkeypatch.setattr(trainer, "teacher_velocity", teacher)
+    rows = [{"prompt": p} for p in PROMPTS["t0"][:3]]
+    loss, mse = trainer.single_query_loss(trainer.model, "t0", rows, trainer._generator("q"), True)
+    # one teacher pass and one student pass with grad, each over the three rows at one low-noise state per row
+    assert len(teacher_rows) == 1 and len(student_rows) == 1
+    assert teacher_rows[0] == student_rows[0] and len(student_rows[0]) == 3
+    assert all(any(abs(s - float(sigmas[j])) < 1e-6 for j in allowed) for s in student_rows[0])
+    assert loss == pytest.approx(mse.mean().item(), rel=1e-6) and loss > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.student_parameters)
+
+
+def test_single_query_round_trains_the_student(tmp_path, teachers):
+    trainer = _trainer(
+        tmp_path,
+        teachers,
+        tasks=["t0", "t1"],
+        query_mode="single",
+        query_sigma_range="0,0.9",
+        tasks_per_round=2,
+        max_steps=2,
+    )
+    before = [p.detach().clone() for p in trainer.student_parameters]
+    trainer.train()
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.student_parameters))
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"mse/t0", "mse/t1", "loss/mixed"} <= logged
+
+
+def test_single_query_range_without_states_fails(tmp_path, teachers):
+    with pytest.raises(ValueError, match="holds none of the trained states"):
+        _trainer(tmp_path, teachers, tasks=["t0"], query_mode="single", query_sigma_range="0.9,0.95")
+
+
+# ---------------------------------------------------------------------------------------------- anchor teacher
+def test_anchor_weight_shows_in_every_row(tmp_path, teachers):
+    ensemble = {
+        "t0": teachers["t0"],
+        "t1": [{"path": teachers["t1"], "weight": 1}, {"path": teachers["t2"], "weight": 3}],
+    }
+    trainer = DiffusionOPDTrainer(
+        get_tiny_sd3_pipeline(with_t5=False),
+        ensemble,
+        args=_config(tmp_path, anchor_teacher=teachers["t3"], anchor_weight=0.2),
+        train_dataset={"t0": PROMPTS["t0"], "t1": PROMPTS["t1"]},
+    )
+    names, weights = trainer._routing("mixed", [{"prompt": "x"}, {"prompt": "y"}], ["t0", "t1"])
+    assert [spec.name for _, spec in names] == ["t0", "t1_0", "t1_1", "anchor"]
+    torch.testing.assert_close(weights, torch.tensor([[0.8, 0, 0, 0.2], [0, 0.2, 0.6, 0.2]]))
+
+
+def test_base_anchor_at_the_student_guidance_pulls_a_base_student_nowhere(tmp_path, teachers):
+    # The student starts as the base (its LoRA's B is 0) and the anchor is the base at the student's CFG: the
+    # anchor's share of the loss is exactly 0, so the anchored loss is (1 - weight) x the plain one.
+    losses = {}
+    for anchor in (None, "base"):
+        trainer = DiffusionOPDTrainer(
+            get_tiny_sd3_pipeline(with_t5=False),
+            {"t0": teachers["t0"]},
+            args=_config(tmp_path / str(anchor), anchor_teacher=anchor, anchor_weight=0.3, guidance_scale=2.0),
+            train_dataset={"t0": PROMPTS["t0"]},
+        )
+        losses[anchor] = trainer.task_loss(trainer.model, "t0", _rows("t0"), trainer._generator("a"), False)[0]
+    assert losses[None] > 0
+    assert losses["base"] == pytest.approx(0.7 * losses[None], rel=1e-5)
+
+
+def test_anchor_named_like_a_teacher_fails(tmp_path, teachers):
+    with pytest.raises(ValueError, match="`anchor_teacher` is named 'base'"):
+        DiffusionOPDTrainer(
+            get_tiny_sd3_pipeline(with_t5=False),
+            {"base": teachers["t0"]},
+            args=_config(tmp_path, anchor_teacher="base"),
+            train_dataset={"base": PROMPTS["t0"]},
+        )
+
+
+# ---------------------------------------------------------------------------------------------- guidance-free student
+def test_guidance_free_student_config_moves_the_cfg_to_the_teachers(tmp_path):
+    args = _config(tmp_path, guidance_free_student=True, guidance_scale=4.5)
+    assert args.guidance_scale == 1.0 and args.teacher_guidance_for("any") == 4.5
+    again = DiffusionOPDConfig(**{**args.to_dict(), "output_dir": args.output_dir})  # a saved config reloads as is
+    assert again.guidance_scale == 1.0 and again.teacher_guidance_for("any") == 4.5
+
+
+def test_guidance_free_student_card_says_to_sample_without_cfg(tmp_path, teachers):
+    trainer = _trainer(tmp_path, teachers, tasks=["t0"], guidance_free_student=True, guidance_scale=4.5)
+    trainer.create_model_card(output_dir=str(tmp_path / "card"))
+    card = (tmp_path / "card" / "README.md").read_text()
+    quick_start = card.split("## Quick start")[1].split("```")[1]
+    assert "guidance_scale=1.0" in quick_start
+    assert "sample it with `guidance_scale=1.0`" in card
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cfg_absorbed_student_without_cfg_moves_towards_the_cfg_teacher(tmp_path, teachers, seed):
+    trainer = DiffusionOPDTrainer(
+        get_tiny_sd3_pipeline(with_t5=False),
+        {"t0": teachers["t0"]},
+        args=_config(
+            tmp_path, guidance_free_student=True, guidance_scale=3.0, max_steps=40, learning_rate=5e-3, seed=seed
+        ),
+        train_dataset={"t0": PROMPTS["t0"]},
+    )
+    held_out = {"t0": PROMPTS["t0"][:3]}
+    # the KL of the student's rollouts without CFG to the teacher with CFG 3
+    before = trainer.compute_teacher_kl(held_out)["t0"]
+    trainer.train()
+    after = trainer.compute_teacher_kl(held_out)["t0"]
+    # measured after / before: 0.095, 0.103, 0.101, 0.101 for seeds 0-3
+    assert after < 0.25 * before, (before, after)

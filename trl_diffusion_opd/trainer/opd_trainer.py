@@ -135,9 +135,10 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             empty = [task for task in self.teacher_specs if not self.query_steps(task)]
             if empty:
                 low, high = args.query_sigma_bounds
+                levels = [round(float(v), 3) for v in self.family.sigmas(args.num_inference_steps, args.resolution)]
                 raise ValueError(
                     f"`query_sigma_range` [{low}, {high}] holds none of the trained states of task(s) {empty} "
-                    f"(noise levels {[round(float(v), 3) for v in self.family.sigmas(args.num_inference_steps, args.resolution)]}); widen it."
+                    f"(noise levels {levels}, the last one not trained); widen it."
                 )
 
     # ------------------------------------------------------------------ hooks
@@ -181,6 +182,8 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                         experts[expert], spec, spec.local_dir, weight_name=expert_weight_name(expert, spec.weight_name)
                     )
                 spec.experts = tuple(found)
+        if self._base_anchor is not None:  # the base covers every expert
+            self._base_anchor.experts = tuple(experts)
         self._residency = None
         if args.max_teachers_on_device is not None:
             # moved off the device before the Trainer places the model, so the device never holds them all
