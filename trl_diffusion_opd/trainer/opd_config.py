@@ -190,7 +190,7 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             "choices": ["dense", "single"],
         },
     )
-    query_sigma_range: str | list | None = field(
+    query_sigma_range: str | None = field(
         default=None,
         metadata={
             "help": "With query_mode='single': the noise range [low, high] (a list, or 'low,high' on the command line) "
