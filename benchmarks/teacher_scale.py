@@ -294,6 +294,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--teachers-dir", default=None, help="Where the toy teachers are written (kept).")
     parser.add_argument("--quick", action="store_true", help="3 and 12 teachers, one measured round.")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--name", default="teacher_scale", help="Results file name (results/<name>.json).")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     setup()
@@ -325,8 +326,8 @@ def main(argv=None) -> dict:
             "rounds": ns.rounds,
         }
         write_results(
-            "teacher_scale",
-            "Scale in the teacher count (mixed-task rounds)",
+            ns.name,
+            f"Scale in the teacher count (mixed-task rounds; {ns.name})",
             config,
             {"results": results, "summary": summary},
             table + "\n",

@@ -413,7 +413,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         if spec.name in self.full_teachers:
             with self._on_device(self.full_teachers[spec.name]) as module:
                 return self._mean(module, x, t, t_next, cond, guidance, negative, t_guard, guidance_2)
-        transformer = self.accelerator.unwrap_model(self.model)
+        transformer = self._unwrapped_model()
         with self.adapters.use(None if spec is self._base_anchor else spec.name):
             return self._mean(transformer, x, t, t_next, cond, guidance, negative, t_guard, guidance_2)
 
@@ -428,9 +428,16 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         if spec.name in self.full_teachers:
             with self._on_device(self.full_teachers[spec.name]) as module:
                 return self._velocity(module, x, t, cond, guidance, negative, guidance_2)
-        transformer = self.accelerator.unwrap_model(self.model)
+        transformer = self._unwrapped_model()
         with self.adapters.use(None if spec is self._base_anchor else spec.name):
             return self._velocity(transformer, x, t, cond, guidance, negative, guidance_2)
+
+    def _unwrapped_model(self) -> torch.nn.Module:
+        """`accelerator.unwrap_model(self.model)`, cached per model: accelerate's check for compiled regions walks
+        every module, which with hundreds of teacher adapters costs more than a small model's teacher pass."""
+        if getattr(self, "_unwrapped_for", None) is not self.model:
+            self._unwrapped_for, self._unwrapped = self.model, self.accelerator.unwrap_model(self.model)
+        return self._unwrapped
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module):
@@ -693,7 +700,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         picks = [int(torch.randint(len(choices[own]), (1,), generator=generator)) for own in own_tasks]
         query = torch.tensor([choices[own][pick] for own, pick in zip(own_tasks, picks)])
         rollout = self._rollout_begin(student_cond, generator)
-        transformer = self.accelerator.unwrap_model(self.model)
+        transformer = self._unwrapped_model()
         states = [rollout["x"]]
         with torch.no_grad():
             for _ in range(int(query.max())):
