@@ -111,9 +111,7 @@ def main(argv=None) -> dict:
                 ],
             )
         )
-        write_results(
-            "batched_teachers", "Several LoRA teachers in one batched forward", {}, data, text
-        )
+        write_results("batched_teachers", "Several LoRA teachers in one batched forward", {}, data, text)
     return data
 
 

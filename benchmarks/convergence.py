@@ -240,9 +240,7 @@ def run(quick: bool = False, rounds: int | None = None, seeds: int | None = None
     config = {**common, "rounds": rounds, "eval_every": every, "seeds": seeds, "seconds": round(timer.seconds, 1)}
     data = {"initial_kl_median": initial, "summary": summary, "curves": curves, "runs": runs, "verdict": verdict}
     if write:
-        write_results(
-            "convergence", "Convergence ablation: ODE vs SDE vs PPO-style", config, data, markdown
-        )
+        write_results("convergence", "Convergence ablation: ODE vs SDE vs PPO-style", config, data, markdown)
     return data
 
 

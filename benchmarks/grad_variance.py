@@ -320,9 +320,7 @@ def run(quick: bool = False, write: bool = True) -> dict:
     }
     data = {"results": results}
     if write:
-        write_results(
-            "grad_variance", "Closed-form KL vs PPO-style gradient variance", config, data, markdown
-        )
+        write_results("grad_variance", "Closed-form KL vs PPO-style gradient variance", config, data, markdown)
     return data
 
 

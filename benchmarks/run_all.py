@@ -27,12 +27,22 @@ BENCHMARKS = {
     "peak_memory": ["-m", "benchmarks.peak_memory"],
     "released_loop": ["-m", "benchmarks.released_loop"],
     "long_run": ["-m", "benchmarks.long_run"],
+    "teacher_scale": ["-m", "benchmarks.teacher_scale"],
 }
 
 
 TAGS = tuple(
     f"[{name}]"
-    for name in ("round_cost", "grad_variance", "convergence", "gpu_round", "peak_memory", "released_loop", "long_run")
+    for name in (
+        "round_cost",
+        "grad_variance",
+        "convergence",
+        "gpu_round",
+        "peak_memory",
+        "released_loop",
+        "long_run",
+        "teacher_scale",
+    )
 )
 
 

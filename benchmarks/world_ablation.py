@@ -40,6 +40,19 @@ METHODS = {
     "PPO-style a=0.7": {"noise_level": 0.7, "loss_type": "ppo"},
     "PPO-style a=0.7, lr 2e-4": {"noise_level": 0.7, "loss_type": "ppo", "learning_rate": 2e-4},
 }
+DEFAULT_METHODS = list(METHODS)
+# The round and query options (`benchmarks.world_scale_modes`), each against "ODE (closed form)": every round's rows
+# in one mixed-task batch, single-query supervision (any trained state), the base as an anchor, a guidance-free
+# student under CFG-2 teachers (its KL column is to the CFG-1 teachers the evaluator uses, so only its rewards compare).
+METHODS.update(
+    {
+        "mixed-task rounds (3 tasks x 2 rows)": {"tasks_per_round": 3, "rows_per_round": 6},
+        "mixed-task rounds (1 task x 2 rows)": {"tasks_per_round": 1, "rows_per_round": 2},
+        "single query": {"query_mode": "single", "query_sigma_range": "0,1"},
+        "anchor: base, weight 0.1": {"anchor_teacher": "base", "anchor_weight": 0.1},
+        "CFG-absorbed (teachers at CFG 2)": {"guidance_free_student": True, "teacher_guidance_scale": 2.0},
+    }
+)
 
 
 @dataclass
@@ -297,7 +310,7 @@ def run(
 
     settings = settings or AblationSettings()
     folder = folder or tempfile.mkdtemp(prefix="world_ablation_")
-    methods = methods or list(METHODS)
+    methods = methods or DEFAULT_METHODS
     seeds = seeds or (settings.seed,)
     todo = [(name, seed) for seed in seeds for name in methods]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:

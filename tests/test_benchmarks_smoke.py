@@ -270,3 +270,22 @@ def test_klein_final_latents_records_every_step_and_the_pipeline_latents():
         assert -1 < task["latent_distance_drop"] < 1 and task["latent_distance_drop"] != 0
     # The tiny klein's LoRA-B gradients are below AdamW's default eps 1e-8 (median 5.6e-10 in the first round).
     assert 0 < result["adam_sqrt_v"] < 1e-8
+
+
+def test_teacher_scale_case_and_summary(tmp_path):
+    from benchmarks import teacher_scale
+
+    paths = teacher_scale.save_teachers("tiny", tmp_path, 5)
+    result = teacher_scale.run_case("tiny", paths, "host", budget=2, rows=2, tasks_per_round=2, rounds=1)
+    assert result["teachers"] == 5 and len(result["round_s_all"]) == 1 and result["round_s"] > 0
+    # at most the budget of teachers on the device, each as large as any other toy teacher
+    assert 0 < result["teacher_bytes_on_device"] <= 2 * result["adapter_bytes"]
+    assert result["host_copies"] >= 2
+    fake = [
+        {**result, "placement": "device", "teachers": n, "round_s": s, "round_cpu_s": s, "peak_bytes": m}
+        for n, s, m in [(3, 1.0, 100), (200, 1.1, 100 + 197 * result["adapter_bytes"])]
+    ]
+    summary = teacher_scale.summarize(fake)["device"]
+    assert summary["time_ratio_max"] == pytest.approx(1.1) and summary["time_target_met"]
+    assert summary["memory_target_met"]
+    assert len(teacher_scale._row(fake[1])) == len(teacher_scale.HEADERS)

@@ -53,7 +53,7 @@ DECLARED = [(cls, f) for cls in PUBLIC_CONFIGS for f in HOOKS.declared_fields(cl
 def test_the_public_configs_declare_fields():
     # Guards the parametrisation below against an empty list (e.g. a `declared_fields` that finds nothing).
     assert {cls.__name__: len(HOOKS.declared_fields(cls)) for cls in (DiffusionOPDConfig, DiffusionModelConfig)} == {
-        "DiffusionOPDConfig": 13,
+        "DiffusionOPDConfig": 22,
         "DiffusionModelConfig": 8,
     }
     assert len(DECLARED) > 80

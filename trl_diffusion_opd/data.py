@@ -351,3 +351,78 @@ class RoundRobinPrompts(TorchDataset):
                 chosen.append(rows[self._permutation(task, epoch)[offset]])
             item[task] = chosen
         return item
+
+
+class MixedTaskPrompts(TorchDataset):
+    """Item i is one mixed-task round for one device: `{task: rows}` for `tasks_per_round` task draws,
+    `rows_per_round` rows in all, split as evenly as possible over the draws (the first draws take the remainder).
+
+    Tasks are drawn uniformly without replacement, or with replacement and probability proportional to `weights`
+    (`{task: weight}`, missing tasks weigh 1; a task drawn twice gets both draws' rows). Each task's rows come from its own seeded permutations in order, as in `RoundRobinPrompts`, so a task's
+    prompts are all seen before any repeats. Items are a pure function of the index (resuming is exact; ranks get
+    disjoint items); the draws of items 0..i are replayed once and cached to know where each task's cycle stands.
+
+    Args:
+        prompts: `{task: rows}`.
+        tasks_per_round: Tasks per item (at most the number of tasks).
+        rows_per_round: Rows per item (at least `tasks_per_round`).
+        num_processes: World size W; the length is a multiple of it.
+        seed: Seed of the draws and permutations.
+        weights: Task weights for weighted draws; `None` draws uniformly.
+    """
+
+    def __init__(
+        self,
+        prompts: dict[str, list[PromptRow]],
+        tasks_per_round: int,
+        rows_per_round: int,
+        num_processes: int,
+        seed: int,
+        weights: dict[str, float] | None = None,
+    ):
+        self.rounds = RoundRobinPrompts(prompts, 1, 1, seed)  # for its permutations
+        self.prompts = prompts
+        self.tasks = [task for task in prompts if weights is None or weights.get(task, 1.0) > 0]
+        self.k = tasks_per_round if weights is not None else min(tasks_per_round, len(self.tasks))
+        self.rows = rows_per_round
+        self.seed = seed
+        self.weights = None if weights is None else [float(weights.get(task, 1.0)) for task in self.tasks]
+        total = sum(len(prompts[task]) for task in self.tasks)
+        per_round = rows_per_round * num_processes
+        self.length = max(1, -(-total // per_round)) * num_processes
+        self._plans: list[list[tuple[str, int, int]]] = []  # per item: (task, first position, count)
+        self._positions = dict.fromkeys(self.tasks, 0)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _draw(self, index: int) -> list[str]:
+        rng = random.Random(f"{self.seed}-mixed-{index}")
+        if self.weights is None:
+            return rng.sample(self.tasks, self.k)
+        # with replacement, so that a task's expected share of the rows is exactly its share of the weights
+        return rng.choices(self.tasks, weights=self.weights, k=self.k)
+
+    def plan(self, index: int) -> list[tuple[str, int, int]]:
+        """`(task, first position in its cycle, rows)` of item `index`."""
+        while len(self._plans) <= index:
+            tasks = self._draw(len(self._plans))
+            share, extra = divmod(self.rows, len(tasks))
+            plan = []
+            for position, task in enumerate(tasks):
+                count = share + (position < extra)
+                plan.append((task, self._positions[task], count))
+                self._positions[task] += count
+            self._plans.append(plan)
+        return self._plans[index]
+
+    def __getitem__(self, index: int) -> dict[str, list[PromptRow]]:
+        item = {}
+        for task, start, count in self.plan(index):
+            rows = self.prompts[task]
+            chosen = []
+            for position in range(start, start + count):
+                epoch, offset = divmod(position, len(rows))
+                chosen.append(rows[self.rounds._permutation(task, epoch)[offset]])
+            item.setdefault(task, []).extend(chosen)
+        return item

@@ -21,6 +21,7 @@ teacher may carry LoRAs for some experts only and then supervises only the steps
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -684,16 +685,30 @@ class AdapterSwitch:
     def __init__(self, transformer: torch.nn.Module, student: str):
         self.student = student
         self.layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        self._flags_set = False
+        # `HostResidentAdapters` of the teachers kept off the device, set by the trainer when there is a budget.
+        self.residency: HostResidentAdapters | None = None
 
     def activate(self, name: str | None) -> None:
-        """Make `name` the only active adapter (`None`: the plain base)."""
+        """Make `name` the only active adapter (`None`: the plain base).
+
+        The first activation of the student sets the `requires_grad` flags PEFT's way (the student trainable, every
+        other adapter frozen); later switches only say which adapter is active, since PEFT's `set_adapter` walks
+        every adapter of every layer, which with hundreds of teachers costs more than their forward passes.
+        """
+        if self.residency is not None and name is not None and name != self.student:
+            self.residency.fetch(name)
+        if not self._flags_set and name == self.student:
+            for layer in self.layers:
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+                layer.set_adapter(name, inference_mode=False)
+            self._flags_set = True
+            return
         for layer in self.layers:
-            if name is None:
-                layer.enable_adapters(False)
-                continue
-            if layer.disable_adapters:
-                layer.enable_adapters(True)
-            layer.set_adapter(name, inference_mode=name != self.student)
+            layer._disable_adapters = name is None
+            if name is not None:
+                layer._active_adapter = [name]
 
     def use(self, name: str | None):
         """Context manager: `with switch.use("ocr"): ...` runs with that adapter, then restores the student."""
@@ -710,6 +725,62 @@ class _AdapterContext:
     def __exit__(self, *exc):
         self.switch.activate(self.switch.student)
         return False
+
+
+class HostResidentAdapters:
+    """Keeps at most `budget` of the frozen adapters `names` on the device; the others wait on the host.
+
+    An adapter off the device has empty placeholders for its weights (it is never active then, so no forward reads
+    them); `fetch` copies its host weights in, and the least recently used resident adapter leaves by pointing its
+    weights back at placeholders: its host copy is still exact since the adapter is frozen, so nothing is copied
+    back. The host copies are the weights as loaded (on the CPU); `pin` puts them in pinned memory so that each copy
+    to a CUDA device is asynchronous.
+
+    Args:
+        transformer: The module carrying the adapters.
+        names: The adapters to manage (LoRA teachers).
+        budget: Most adapters resident at once (>= 1).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, names: list[str], budget: int):
+        self.budget = budget
+        self.params: dict[str, list[torch.nn.Parameter]] = {name: [] for name in names}
+        for param_name, param in transformer.named_parameters():
+            for name in names:
+                if f".{name}." in param_name:
+                    self.params[name].append(param)
+        self.host = {name: [param.data for param in params] for name, params in self.params.items()}
+        self.resident: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.copies = 0  # host-to-device copies made, for benchmarks and tests
+        for name in names:
+            self._evict(name)
+
+    def pin(self) -> None:
+        """Put the host copies in pinned memory (CUDA only)."""
+        self.host = {name: [data.pin_memory() for data in host] for name, host in self.host.items()}
+
+    def _evict(self, name: str) -> None:
+        for param in self.params[name]:
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.resident.pop(name, None)
+
+    def fetch(self, name: str) -> None:
+        """Make `name` resident (a no-op for a name not managed here), evicting the least recently used first."""
+        if name not in self.params:
+            return
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        while len(self.resident) >= self.budget:
+            self._evict(next(iter(self.resident)))
+        for param, data in zip(self.params[name], self.host[name]):
+            param.data = data.to(param.device, non_blocking=True)
+        self.resident[name] = None
+        self.copies += 1
+
+    def resident_bytes(self) -> int:
+        """Bytes of the managed adapters' weights now on the device."""
+        return sum(param.numel() * param.element_size() for name in self.resident for param in self.params[name])
 
 
 def parse_teachers(teachers: dict[str, Any], reserved: tuple[str, ...] = ()) -> dict[str, list[TeacherSpec]]:

@@ -381,6 +381,18 @@ def closed_form_kl(
     return torch.where(positive, sq / (2.0 * safe_var), 0.5 * sq)
 
 
+def velocity_mse(velocity_student: torch.Tensor, velocity_teacher: torch.Tensor) -> torch.Tensor:
+    """Single-query supervision (DanceOPD): the mean over latent elements of ``(v_S - v_T)^2`` per row.
+
+    Every sampler's transition mean is affine in the velocity, so at one state the student's and teacher's means
+    differ by a per-state multiple of ``v_S - v_T``: this is the per-step KL up to that state's scale.
+
+    Returns:
+        float32 ``(B,)``.
+    """
+    return _reduce((velocity_student.float() - velocity_teacher.float()) ** 2, "mean")
+
+
 def ppo_surrogate_loss(
     sample: torch.Tensor,
     mean_student: torch.Tensor,

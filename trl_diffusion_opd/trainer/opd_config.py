@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..transition import KL_NORMALIZATIONS
-from .base_config import DiffusionTrainingConfig, _as_dict, check_bool, check_choice, check_number
+from .base_config import DiffusionTrainingConfig, _as_dict, check_bool, check_choice, check_int, check_number
 
 
 @dataclass
@@ -146,6 +146,82 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
         },
     )
 
+    # Parameters that control the round and how the teachers are queried (defaults: the paper's recipe)
+    tasks_per_round: int | None = field(
+        default=None,
+        metadata={
+            "help": "None: a round visits every task, each with its own rollout batch of `per_device_train_batch_size` "
+            "prompts (round-robin, the paper's recipe). An integer k: a mixed-task round draws k tasks (`task_sampling`)"
+            ", rolls their `rows_per_round` rows out together and supervises each row by its own task's teachers, one "
+            "teacher pass per adapter, so a round's cost follows the rows, not the number of tasks."
+        },
+    )
+    rows_per_round: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows per device of a mixed-task round (`tasks_per_round` set), split evenly over its tasks; None: "
+            "`per_device_train_batch_size` x `tasks_per_round`."
+        },
+    )
+    task_sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "How a mixed-task round draws its tasks (without replacement): 'uniform', with each row's loss "
+            "weighted by its `task_weights`, or 'weighted', drawn with probability proportional to `task_weights` "
+            "and then unweighted (the same objective in expectation, no round spent on a light task).",
+            "choices": ["uniform", "weighted"],
+        },
+    )
+    max_teachers_on_device: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most LoRA teachers whose weights are on the accelerator at once; the others wait on the host and "
+            "are copied in on use, the least recently used one leaving (its host copy stays exact: teachers are "
+            "frozen). None keeps every teacher on the device. Results are identical either way."
+        },
+    )
+    query_mode: str = field(
+        default="dense",
+        metadata={
+            "help": "'dense': the closed-form per-step KL at every trained state (the paper). 'single': one state per "
+            "trajectory, drawn uniformly among the trained sampler states with sigma in `query_sigma_range`, "
+            "supervised by the velocity MSE to the teacher (DanceOPD's form): one teacher and one student pass per "
+            "row instead of one per trained step.",
+            "choices": ["dense", "single"],
+        },
+    )
+    query_sigma_range: str | None = field(
+        default=None,
+        metadata={
+            "help": "With query_mode='single': the noise range [low, high] (a list, or 'low,high' on the command line) "
+            "of the queried states; None: [0, 0.5], the low-noise half of the schedule."
+        },
+    )
+    anchor_teacher: str | dict | None = field(
+        default=None,
+        metadata={
+            "help": "A task-agnostic teacher mixed into every row's supervision with weight `anchor_weight` (Flow-OPD): "
+            "'base', the base model itself at the teachers' CFG, or a teacher spec (a folder, a Hub id, a registered "
+            'name, or a JSON dict with `path` and `guidance_scale`, e.g. {"path": "base", "guidance_scale": 4.5}). '
+            "None: no anchor."
+        },
+    )
+    anchor_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "The anchor's share of every row's teacher weight, in (0, 1); the row's own teachers share the rest "
+            "in their weights' proportions."
+        },
+    )
+    guidance_free_student: bool = field(
+        default=False,
+        metadata={
+            "help": "Distil the teachers' CFG into the student: the student rolls out and is trained without CFG "
+            "(its `guidance_scale` becomes 1), the teachers keep theirs (`teacher_guidance_scale`, by default the "
+            "`guidance_scale` given). Sample the result with guidance_scale=1; the model card's quick start does."
+        },
+    )
+
     def __post_init__(self):
         self.task_weights = _as_dict(self.task_weights, "task_weights")
         self.task_prompt_templates = _as_dict(self.task_prompt_templates, "task_prompt_templates")
@@ -180,6 +256,38 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
             self.step_batch_size = "auto"
 
         check_bool("teacher_offload", self.teacher_offload)
+        check_int("tasks_per_round", self.tasks_per_round, 1, optional=True)
+        check_int("rows_per_round", self.rows_per_round, 1, optional=True)
+        if self.rows_per_round is not None and self.tasks_per_round is None:
+            raise ValueError("`rows_per_round` applies to mixed-task rounds: set `tasks_per_round` too.")
+        if self.tasks_per_round is not None and self.rows_per_round is not None:
+            if self.rows_per_round < self.tasks_per_round:
+                raise ValueError(
+                    f"`rows_per_round` ({self.rows_per_round}) must be at least `tasks_per_round` "
+                    f"({self.tasks_per_round}): every task drawn gets a row."
+                )
+        check_choice("task_sampling", self.task_sampling, ("uniform", "weighted"))
+        check_int("max_teachers_on_device", self.max_teachers_on_device, 1, optional=True)
+        check_choice("query_mode", self.query_mode, ("dense", "single"))
+        low, high = self.query_sigma_bounds
+        if not 0 <= low < high <= 1:
+            raise ValueError(
+                f"`query_sigma_range` must be [low, high] with 0 <= low < high <= 1, got [{low}, {high}]."
+            )
+        if self.query_mode == "single" and self.loss_type != "kl":
+            raise ValueError("`query_mode='single'` has its own loss (velocity MSE): leave `loss_type='kl'`.")
+        if isinstance(self.anchor_teacher, str) and self.anchor_teacher.strip().startswith("{"):
+            self.anchor_teacher = _as_dict(self.anchor_teacher, "anchor_teacher")
+        check_number("anchor_weight", self.anchor_weight, 0, 1, low_open=True, high_open=True)
+        check_bool("guidance_free_student", self.guidance_free_student)
+        if self.guidance_free_student:
+            # The teachers keep the CFG given; the student's becomes 1. Idempotent, so a saved config reloads as is.
+            if self.teacher_guidance_scale is None:
+                self.teacher_guidance_scale = self.guidance_scale
+            if self.teacher_guidance_scale_2 is None and self.guidance_scale_2 is not None:
+                self.teacher_guidance_scale_2 = self.guidance_scale_2
+            self.guidance_scale = 1.0
+            self.guidance_scale_2 = None
         check_bool("fused_rollout", self.fused_rollout)
         check_choice("loss_type", self.loss_type, ("kl", "ppo"))
         check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
@@ -212,6 +320,19 @@ class DiffusionOPDConfig(DiffusionTrainingConfig):
                     f"`task_prompt_templates['{task}']` ({template!r}) has a placeholder other than '{{prompt}}' "
                     f"({error!r}); double braces write a literal brace."
                 ) from None
+
+    @property
+    def query_sigma_bounds(self) -> tuple[float, float]:
+        """`query_sigma_range` as `(low, high)` (default `(0, 0.5)`)."""
+        value = self.query_sigma_range
+        if value is None:
+            return 0.0, 0.5
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        try:
+            low, high = (float(part) for part in parts)
+        except (TypeError, ValueError):
+            raise ValueError(f"`query_sigma_range` must be two numbers [low, high], got {value!r}.") from None
+        return low, high
 
     def train_timesteps_for(self, task: str) -> int:
         """Trained sampler steps T of `task`'s rows: ⌊N·fraction⌋ (at least 1) with its `task_timestep_fraction`."""

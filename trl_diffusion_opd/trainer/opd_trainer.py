@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import time
@@ -11,16 +12,18 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
+from torch.utils.data import DataLoader, SequentialSampler
 from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .. import transition
-from ..data import prompts_by_task, row_images
+from ..data import MixedTaskPrompts, prompts_by_task, row_images
 from ..families.base import Cond, cond_select, cond_tile
 from ..hub import teacher_reference
 from ..teachers import (
     BUILT_TEACHERS_DIR,
     STUDENT,
+    HostResidentAdapters,
     TeacherSpec,
     build_teacher,
     check_teacher_files,
@@ -28,6 +31,7 @@ from ..teachers import (
     has_expert_lora,
     load_full_teacher,
     load_lora_teacher,
+    parse_teacher_spec,
     parse_teachers,
     resolve_teacher,
 )
@@ -118,16 +122,25 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             self.check_eval_tasks(self.eval_prompts, self.teacher_specs)
             self._check_routing(self.eval_prompts)
         self.check_task_fields(args, self.teacher_specs)
+        self.anchor_spec = self._parse_anchor(args)
         # The teachers' files are read (headers only) before the base model is loaded or anything computed; those
         # made for the base (`toy:<seed>`) are written once it is loaded (`_load_extra_models`).
-        for specs in self.teacher_specs.values():
-            for spec in specs:
-                if not spec.needs_base:
-                    resolve_teacher(spec, token=args.hub_token)
-                    check_teacher_files(spec)
+        for spec in self._loaded_specs():
+            if not spec.needs_base:
+                resolve_teacher(spec, token=args.hub_token)
+                check_teacher_files(spec)
 
         self.full_teachers: dict[str, torch.nn.Module] = {}
         super().__init__(model, args, peft_config=peft_config, callbacks=callbacks)
+        if args.query_mode == "single":
+            empty = [task for task in self.teacher_specs if not self.query_steps(task)]
+            if empty:
+                low, high = args.query_sigma_bounds
+                levels = [round(float(v), 3) for v in self.family.sigmas(args.num_inference_steps, args.resolution)]
+                raise ValueError(
+                    f"`query_sigma_range` [{low}, {high}] holds none of the trained states of task(s) {empty} "
+                    f"(noise levels {levels}, the last one not trained); widen it."
+                )
 
     # ------------------------------------------------------------------ hooks
     def student_prompts(self, task: str | None, prompts: list[str]) -> list[str]:
@@ -141,7 +154,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         expert; a teacher with files for some experts only supervises only the steps those experts run.
         """
         experts = self.family.experts
-        for specs in self.teacher_specs.values():
+        for specs in [self._loaded_specs()]:
             for spec in specs:
                 if spec.needs_base:  # the resolution was checked against the base first: a failed start writes nothing
                     with args.main_process_first(desc="writing the teachers made for the base"):
@@ -170,8 +183,19 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                         experts[expert], spec, spec.local_dir, weight_name=expert_weight_name(expert, spec.weight_name)
                     )
                 spec.experts = tuple(found)
+        if self._base_anchor is not None:  # the base covers every expert
+            self._base_anchor.experts = tuple(experts)
+        self._residency = None
+        if args.max_teachers_on_device is not None:
+            # moved off the device before the Trainer places the model, so the device never holds them all
+            names = [spec.name for spec in self._loaded_specs() if not spec.full_weight]
+            self._residency = HostResidentAdapters(transformer, names, args.max_teachers_on_device)
 
     def _place_models(self, device) -> None:
+        if self._residency is not None:
+            self.adapters.residency = self._residency
+            if torch.device(device).type == "cuda":
+                self._residency.pin()
         for module in self.full_teachers.values():
             # With offload, full teachers wait on the CPU and visit the accelerator one at a time.
             module.to("cpu" if self.args.teacher_offload else device)
@@ -220,6 +244,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         for task in args.task_timestep_fraction or {}:
             steps = args.train_timesteps_for(task)
             settings[f"steps supervised for {task}"] = f"the first {steps} of {args.num_inference_steps}"
+        summary += self._scale_card_notes(settings)
         return {
             "summary": summary,
             "teachers": teachers,
@@ -237,6 +262,32 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             edits = sum(bool(row.get("image")) for row in rows)
             kinds[task] = "editing" if edits == len(rows) else "text-to-image + editing" if edits else "text-to-image"
         return kinds
+
+    def _scale_card_notes(self, settings: dict[str, Any]) -> str:
+        """Settings rows (added to `settings`) and summary sentences for the round and query options."""
+        args = self.args
+        notes = ""
+        if args.tasks_per_round is not None:
+            rows = args.rows_per_round or args.per_device_train_batch_size * args.tasks_per_round
+            settings["round"] = (
+                f"mixed-task: {args.tasks_per_round} task draw(s) ({args.task_sampling}), {rows} rows per device"
+            )
+        if args.query_mode == "single":
+            low, high = args.query_sigma_bounds
+            settings["teacher queries"] = f"one state per trajectory, sigma in [{low}, {high}], velocity MSE"
+        if self.anchor_spec is not None:
+            source = "the base" if self.anchor_spec is self._base_anchor else f"`{self.anchor_spec.display}`"
+            settings["anchor teacher"] = (
+                f"{source} (guidance {self.anchor_spec.guidance_scale:g}), weight {args.anchor_weight} in every row"
+            )
+        if args.guidance_free_student:
+            settings["student CFG"] = "none: the teachers' CFG is distilled into the adapter"
+            notes += (
+                "\n\nThe teachers ran with classifier-free guidance and the student without: the guidance is in the "
+                "adapter, so sample it with `guidance_scale=1.0` (no CFG, one transformer pass per step), as the "
+                "quick start does; CFG on top of it guides twice."
+            )
+        return notes
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -287,6 +338,41 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                         f"Task '{task}' row {index} ({row['prompt']!r}) routes to unknown teacher(s) {unknown}; "
                         f"teachers are {sorted(self._teacher_by_name)}."
                     )
+
+    def _parse_anchor(self, args: DiffusionOPDConfig) -> TeacherSpec | None:
+        """The `anchor_teacher` as a spec: `base` (the base with adapters off), or a teacher spec named `anchor`.
+        Its CFG is its own `guidance_scale`, else `teacher_guidance_scale` when that is one number, else
+        `guidance_scale`."""
+        value = args.anchor_teacher
+        self._base_anchor = None
+        if value is None:
+            return None
+        is_base = value == "base" or (isinstance(value, dict) and value.get("path") == "base")
+        name = "base" if is_base else "anchor"
+        if name in self._teacher_by_name:
+            raise ValueError(f"`anchor_teacher` is named '{name}', which a teacher's name already is; rename it.")
+        if is_base:
+            unknown = sorted(set(value) - {"path", "guidance_scale"}) if isinstance(value, dict) else []
+            if unknown:
+                raise ValueError(f"`anchor_teacher` 'base' takes only `guidance_scale`, got {unknown}.")
+            spec = TeacherSpec(name=name, path="base")
+            spec.guidance_scale = value.get("guidance_scale") if isinstance(value, dict) else None
+            self._base_anchor = spec
+        else:
+            spec = parse_teacher_spec(name, value)
+        if spec.guidance_scale is None:
+            teacher_scale = args.teacher_guidance_scale
+            spec.guidance_scale = float(
+                teacher_scale if isinstance(teacher_scale, (int, float)) else args.guidance_scale
+            )
+        return spec
+
+    def _loaded_specs(self) -> list[TeacherSpec]:
+        """Every teacher with weights of its own: the tasks' teachers and a non-base anchor."""
+        specs = [spec for specs in self.teacher_specs.values() for spec in specs]
+        if self.anchor_spec is not None and self.anchor_spec is not self._base_anchor:
+            specs.append(self.anchor_spec)
+        return specs
 
     # ------------------------------------------------------------------ one round
     def _mean(self, transformer, x, t, t_next, cond, guidance_scale, negative, t_guard, guidance_2=None):
@@ -339,9 +425,31 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         if spec.name in self.full_teachers:
             with self._on_device(self.full_teachers[spec.name]) as module:
                 return self._mean(module, x, t, t_next, cond, guidance, negative, t_guard, guidance_2)
-        transformer = self.accelerator.unwrap_model(self.model)
-        with self.adapters.use(spec.name):
+        transformer = self._unwrapped_model()
+        with self.adapters.use(None if spec is self._base_anchor else spec.name):
             return self._mean(transformer, x, t, t_next, cond, guidance, negative, t_guard, guidance_2)
+
+    @torch.no_grad()
+    def teacher_velocity(self, spec: TeacherSpec, task: str, x, t, cond: Cond) -> torch.Tensor:
+        """Velocity of teacher `spec` at states `x` `(R, ...)` and noise levels `t` `(R,)`, with its own CFG, no grad
+        (single-query supervision); `task` as in `teacher_means`."""
+        guidance = spec.guidance_scale if spec.guidance_scale is not None else self.args.teacher_guidance_for(task)
+        guidance_2 = spec.guidance_scale_2
+        guidance_2 = self.args.teacher_guidance_2_for(task) if guidance_2 is None else guidance_2
+        negative = self._negative(x.shape[0]) if guidance > 1 else None
+        if spec.name in self.full_teachers:
+            with self._on_device(self.full_teachers[spec.name]) as module:
+                return self._velocity(module, x, t, cond, guidance, negative, guidance_2)
+        transformer = self._unwrapped_model()
+        with self.adapters.use(None if spec is self._base_anchor else spec.name):
+            return self._velocity(transformer, x, t, cond, guidance, negative, guidance_2)
+
+    def _unwrapped_model(self) -> torch.nn.Module:
+        """`accelerator.unwrap_model(self.model)`, cached per model: accelerate's check for compiled regions walks
+        every module, which with hundreds of teacher adapters costs more than a small model's teacher pass."""
+        if getattr(self, "_unwrapped_for", None) is not self.model:
+            self._unwrapped_for, self._unwrapped = self.model, self.accelerator.unwrap_model(self.model)
+        return self._unwrapped
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module):
@@ -362,20 +470,35 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             for tensor, data in zip(tensors, host):
                 tensor.data = data
 
-    def _routing(self, task: str, rows: list[dict]) -> tuple[list[tuple[str, TeacherSpec]], torch.Tensor]:
+    def _routing(
+        self, task: str, rows: list[dict], row_tasks: list[str] | None = None
+    ) -> tuple[list[tuple[str, TeacherSpec]], torch.Tensor]:
         """Which teachers supervise each row, and with which weight.
 
-        A row is supervised by its task's teachers, or by the teachers its `teachers` field names (routing by
-        metadata). Returns the teachers used, as `(owner task, spec)`, and weights `(B, K)` normalised per row.
+        A row is supervised by its task's teachers (`row_tasks[i]` in a mixed-task batch), or by the teachers its
+        `teachers` field names (routing by metadata); an `anchor_teacher` joins every row with `anchor_weight`.
+        Returns the teachers used, as `(owner task, spec)`, each once however many rows it supervises (one pass per
+        adapter), and weights `(B, K)` normalised per row.
         """
+        if self.anchor_spec is not None:
+            teachers, weights = self._routing_without_anchor(task, rows, row_tasks)
+            share = self.args.anchor_weight
+            anchor = torch.full((len(rows), 1), share, dtype=weights.dtype)
+            return [*teachers, (task, self.anchor_spec)], torch.cat([(1 - share) * weights, anchor], 1)
+        return self._routing_without_anchor(task, rows, row_tasks)
+
+    def _routing_without_anchor(
+        self, task: str, rows: list[dict], row_tasks: list[str] | None = None
+    ) -> tuple[list[tuple[str, TeacherSpec]], torch.Tensor]:
         used: dict[str, tuple[str, TeacherSpec]] = {}
         per_row = []
-        for row in rows:
+        for index, row in enumerate(rows):
             names = row.get("teachers")
             if names:
                 chosen = [self._teacher_by_name[n] for n in ([names] if isinstance(names, str) else names)]
             else:
-                chosen = [(task, spec) for spec in self.teacher_specs[task]]
+                own = task if row_tasks is None else row_tasks[index]
+                chosen = [(own, spec) for spec in self.teacher_specs[own]]
             per_row.append({spec.name for _, spec in chosen})
             for owner, spec in chosen:
                 used.setdefault(spec.name, (owner, spec))
@@ -386,7 +509,14 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         return teachers, weights / weights.sum(1, keepdim=True)
 
     def task_loss(
-        self, model, task: str, rows: list[dict], generator: torch.Generator, backward: bool, task_rows: int = 0
+        self,
+        model,
+        task: str,
+        rows: list[dict],
+        generator: torch.Generator,
+        backward: bool,
+        task_rows: int = 0,
+        row_tasks: list[str] | None = None,
     ) -> tuple[float, torch.Tensor]:
         """Roll out, supervise and (optionally) back-propagate one task's loss.
 
@@ -397,6 +527,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         Args:
             task_rows: Rows of the whole task when `rows` is one such batch of it (the loss is a mean over them).
 
+        With `row_tasks` (a mixed-task batch; `task` is then only a label), row i belongs to task `row_tasks[i]`: its
+        teachers, student prompt template and trained steps are that task's, and its loss weight is `_row_scales`'.
+
         Returns:
             `(loss, kl_per_step)`: the task's weighted loss (a float) and the unweighted KL per trained step `(T,)`.
         """
@@ -405,6 +538,12 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         images = [row_images(row) for row in rows]
         groups = self.prompt_cache.groups(prompts, images) if any(images) else [list(range(len(rows)))]
         if len(groups) > 1:
+            if row_tasks is not None:
+                raise ValueError(
+                    "A mixed-task round (`tasks_per_round`) drew rows whose input images differ in size; mixed-task "
+                    "rounds take rows of one conditioning shape (same-size images, or none): resize the images or "
+                    "use round-robin rounds."
+                )
             results = [
                 self.task_loss(model, task, [rows[i] for i in group], generator, backward, len(rows))
                 for group in groups
@@ -412,10 +551,19 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             kl = sum(kl_group * len(group) / len(rows) for (_, kl_group), group in zip(results, groups))
             return sum(loss for loss, _ in results), kl
         cond = self.prompt_cache(prompts, images)  # what the teachers see
-        student_prompts = self.student_prompts(task, prompts)
+        if row_tasks is None:
+            student_prompts = self.student_prompts(task, prompts)
+        else:
+            student_prompts = [args.student_prompt(own, prompt) for own, prompt in zip(row_tasks, prompts)]
         student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts, images)
         batch = len(rows)
-        num_steps = args.train_timesteps_for(task)
+        if row_tasks is None:
+            num_steps = args.train_timesteps_for(task)
+        else:
+            row_steps = torch.tensor([args.train_timesteps_for(own) for own in row_tasks])
+            num_steps = int(row_steps.max())
+            row_scales = self._row_scales(row_tasks, row_steps)
+            row_kl = torch.zeros(batch, device=args.device)
         # Fused: the rollout's own forward at each trained step is the student's pass (see `_fused_rollout_step`).
         fused = backward and args.fused_rollout
         # The rollout is the student's: it runs on the student's prompts (`task_prompt_templates`).
@@ -425,7 +573,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             rollout = self.rollout(student_cond, generator)
         t_guard = rollout["sigmas"][1].item()
         task_weight = float((args.task_weights or {}).get(task, 1.0))
-        teachers, weights = self._routing(task, rows)
+        teachers, weights = self._routing(task, rows, row_tasks)
         kl_per_step = torch.zeros(num_steps, device=args.device)
         loss_total = torch.zeros((), device=args.device)
         for steps in self._chunks(num_steps):
@@ -438,6 +586,11 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             row_weights = weights.repeat(len(steps), 1)
             t_host = rollout["sigmas"][steps.start : steps.stop].repeat_interleave(batch)
             row_weights = self._expert_coverage(teachers, t_host, row_weights)
+            if row_tasks is not None:  # a row past its task's trained steps is not supervised there
+                row_weights = (
+                    row_weights
+                    * (torch.tensor(steps).repeat_interleave(batch) < row_steps.repeat(len(steps)))[:, None]
+                )
             subsets = [to_device(row_weights[:, k].nonzero().squeeze(1), x.device) for k in range(len(teachers))]
             active = to_device((row_weights.sum(1) > 0).nonzero().squeeze(1), x.device)
             row_weights = to_device(row_weights, x.device)
@@ -501,11 +654,17 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     if backward and len(teachers) > 1:  # an ensemble or routed rows: each teacher's share
                         self._metrics[f"kl/{task}/{spec.name}"].append(kl_k.detach().mean())
                 # mean over (steps, prompts) of the whole task, chunk by chunk
-                loss = task_weight * objective.sum() / (num_steps * (task_rows or batch))
+                if row_tasks is None:
+                    loss = task_weight * objective.sum() / (num_steps * (task_rows or batch))
+                else:
+                    loss = (objective * to_device(row_scales, x.device).repeat(len(steps))).sum()
+                    row_kl = row_kl + kl.detach().view(len(steps), batch).sum(0)
             if backward and loss.requires_grad:
                 self.accelerator.backward(loss / getattr(self, "current_gradient_accumulation_steps", 1))
             loss_total = loss_total + loss.detach()
             kl_per_step[steps.start : steps.stop] = kl.detach().view(len(steps), batch).mean(1)
+        if row_tasks is not None and backward:
+            self._log_row_tasks("kl", row_tasks, row_kl / to_device(row_steps, row_kl.device))
         loss_value = loss_total.item()  # the task's one read-back, after all its chunks are queued
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -513,6 +672,121 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                 "training stopped before the update, so the last checkpoint is intact."
             )
         return loss_value, kl_per_step
+
+    def _row_scales(self, row_tasks: list[str], row_steps: torch.Tensor) -> torch.Tensor:
+        """Loss weight of each row of a mixed-task batch per trained step, `(B,)`.
+
+        With uniform task draws, row i of task τ weighs w_τ / (T_τ B_τ) (w: `task_weights`, T_τ its trained steps,
+        B_τ its rows here): the loss is the sum over the drawn tasks of their weighted mean losses, the round-robin
+        round's loss restricted to those tasks. With `task_sampling="weighted"` the weights are in the draws, so each
+        draw of R / k rows weighs 1 / (T_τ R / k).
+        """
+        args = self.args
+        counts = collections.Counter(row_tasks)
+        if args.task_sampling == "weighted":
+            share = len(row_tasks) / args.tasks_per_round
+            return torch.tensor([1.0 / share for _ in row_tasks]) / row_steps
+        weights = args.task_weights or {}
+        return torch.tensor([float(weights.get(own, 1.0)) / counts[own] for own in row_tasks]) / row_steps
+
+    def _log_row_tasks(self, name: str, row_tasks: list[str], values: torch.Tensor) -> None:
+        """Log the mean of a per-row metric per task of a mixed-task batch as `{name}/{task}`."""
+        for own in dict.fromkeys(row_tasks):
+            index = torch.tensor([i for i, other in enumerate(row_tasks) if other == own], device=values.device)
+            self._metrics[f"{name}/{own}"].append(values[index].mean())
+
+    def query_steps(self, task: str) -> list[int]:
+        """Sampler steps j that single-query supervision may pick for `task`'s rows: its trained steps whose noise
+        level σ_j is in `query_sigma_range`."""
+        low, high = self.args.query_sigma_bounds
+        sigmas = self.family.sigmas(self.args.num_inference_steps, self.args.resolution)
+        return [j for j in range(self.args.train_timesteps_for(task)) if low <= float(sigmas[j]) <= high]
+
+    def single_query_loss(
+        self,
+        model,
+        task: str,
+        rows: list[dict],
+        generator: torch.Generator,
+        backward: bool,
+        row_tasks: list[str] | None = None,
+    ) -> tuple[float, torch.Tensor]:
+        """`query_mode="single"` (DanceOPD): each row is supervised at one state of its rollout.
+
+        The student rolls out with no grad up to the latest queried step; row i's state x_{j_i} (j_i drawn uniformly
+        from `query_steps` of its task) gets one pass of each of its teachers (grouped per adapter, as `task_loss`)
+        and one student pass with grad; the row's loss is the weighted velocity MSE to its teachers. `row_tasks` as
+        in `task_loss`; the loss is the mean over rows (weighted by `task_weights` per task, or `_row_scales`).
+
+        Returns:
+            `(loss, mse)`: the weighted loss (a float) and the per-row velocity MSE `(B,)`.
+        """
+        args = self.args
+        own_tasks = [task] * len(rows) if row_tasks is None else list(row_tasks)
+        prompts = [row["prompt"] for row in rows]
+        images = [row_images(row) for row in rows]
+        if any(images) and len(self.prompt_cache.groups(prompts, images)) > 1:
+            raise ValueError(
+                '`query_mode="single"` takes a batch of one conditioning shape; these rows\' input images differ in '
+                "size: resize them or use the default dense queries."
+            )
+        cond = self.prompt_cache(prompts, images)
+        student_prompts = [args.student_prompt(own, prompt) for own, prompt in zip(own_tasks, prompts)]
+        student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts, images)
+        batch = len(rows)
+        choices = {own: self.query_steps(own) for own in set(own_tasks)}
+        picks = [int(torch.randint(len(choices[own]), (1,), generator=generator)) for own in own_tasks]
+        query = torch.tensor([choices[own][pick] for own, pick in zip(own_tasks, picks)])
+        rollout = self._rollout_begin(student_cond, generator)
+        transformer = self._unwrapped_model()
+        states = [rollout["x"]]
+        with torch.no_grad():
+            for _ in range(int(query.max())):
+                states.append(self._rollout_step(rollout, transformer)[0])
+        x = torch.stack(states)[query.to(rollout["x"].device), torch.arange(batch, device=rollout["x"].device)]
+        t_host = rollout["sigmas"][query]
+        t = to_device(t_host, x.device)
+        teachers, weights = self._routing(task, rows, row_tasks)
+        weights = self._expert_coverage(teachers, t_host, weights)
+        subsets = [to_device(weights[:, k].nonzero().squeeze(1), x.device) for k in range(len(teachers))]
+        active = to_device((weights.sum(1) > 0).nonzero().squeeze(1), x.device)
+        weights = to_device(weights, x.device)
+        targets = [
+            self.teacher_velocity(spec, owner, x[idx], t[idx], cond_select(cond, idx)) if len(idx) else None
+            for (owner, spec), idx in zip(teachers, subsets)
+        ]
+        if row_tasks is None:
+            scales = torch.full((batch,), float((args.task_weights or {}).get(task, 1.0)) / batch)
+        else:
+            scales = self._row_scales(own_tasks, torch.ones(batch))
+        mse = torch.zeros(batch, device=x.device)
+        loss = torch.zeros((), device=x.device)
+        with torch.set_grad_enabled(backward), self.compute_loss_context_manager():
+            if len(active):
+                negative = self._negative(len(active)) if args.guidance_scale > 1 else None
+                part = self._velocity(
+                    model,
+                    x[active],
+                    t[active],
+                    cond_select(student_cond, active),
+                    args.guidance_scale,
+                    negative,
+                    args.guidance_scale_2,
+                )
+                student = torch.zeros_like(x, dtype=part.dtype).index_copy(0, active, part)
+                for k, (idx, target) in enumerate(zip(subsets, targets)):
+                    if target is not None:
+                        mse = mse.index_add(0, idx, weights[idx, k] * transition.velocity_mse(student[idx], target))
+                loss = (mse * to_device(scales, x.device)).sum()
+        if backward and loss.requires_grad:
+            self.accelerator.backward(loss / getattr(self, "current_gradient_accumulation_steps", 1))
+        loss_value = loss.detach().item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"Non-finite loss ({loss_value}) for task '{task}' at optimizer step {self.state.global_step}; "
+                "training stopped before the update, so the last checkpoint is intact."
+            )
+        return loss_value, mse.detach()
 
     def _check_guidance_2(self, args: DiffusionOPDConfig) -> None:
         super()._check_guidance_2(args)
@@ -562,7 +836,11 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         return transition.ppo_surrogate_loss(sample, student, old, target, std, args.ppo_clip_range)
 
     def training_step(self, model, inputs: dict[str, list[dict]], num_items_in_batch=None) -> torch.Tensor:
-        """One round: every task in order, losses accumulated, one optimizer step afterwards (by the Trainer)."""
+        """One round: every task in order, losses accumulated, one optimizer step afterwards (by the Trainer).
+
+        With `tasks_per_round` or `query_mode="single"`, `_scaled_training_step` runs the round instead."""
+        if self.args.tasks_per_round is not None or self.args.query_mode != "dense":
+            return self._scaled_training_step(model, inputs)
         start = time.perf_counter()
         model.eval()
         step = self.state.global_step
@@ -587,6 +865,55 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             self._metrics[f"kl_step/{j}"].append(value)
         self._metrics["round_time"].append(time.perf_counter() - start)
         return to_device(torch.tensor(total), self.args.device)
+
+    def _scaled_training_step(self, model, inputs: dict[str, list[dict]]) -> torch.Tensor:
+        """A mixed-task round (`tasks_per_round`: all drawn rows in one rollout batch, one pass per teacher adapter)
+        and/or single-query supervision (`query_mode="single"`); one optimizer step afterwards (by the Trainer)."""
+        start = time.perf_counter()
+        model.eval()
+        step = self.state.global_step
+        rank = self.accelerator.process_index
+        single = self.args.query_mode == "single"
+        loss_fn = self.single_query_loss if single else self.task_loss
+        if self.args.tasks_per_round is not None:
+            rows = [row for task in inputs for row in inputs[task]]
+            row_tasks = [task for task in inputs for _ in inputs[task]]
+            loss, per = loss_fn(model, "mixed", rows, self._generator(step, rank, "mixed"), True, row_tasks=row_tasks)
+            self._metrics["loss/mixed"].append(loss)
+            self._metrics["tasks_in_round"].append(float(len(inputs)))
+            if single:
+                self._log_row_tasks("mse", row_tasks, per)
+            else:
+                for j, value in enumerate(per.unbind()):
+                    self._metrics[f"kl_step/{j}"].append(value)
+            total = loss
+        else:
+            total = 0.0
+            tasks = list(inputs)
+            for index, task in enumerate(tasks):
+                sync = contextlib.nullcontext() if index == len(tasks) - 1 else self.accelerator.no_sync(model)
+                with sync:
+                    loss, mse = loss_fn(model, task, inputs[task], self._generator(step, rank, task), True)
+                total += loss
+                self._metrics[f"mse/{task}"].append(mse.mean())
+                self._metrics[f"loss/{task}"].append(loss)
+        self._metrics["round_time"].append(time.perf_counter() - start)
+        return to_device(torch.tensor(total), self.args.device)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Mixed-task rounds (`tasks_per_round`) draw from `MixedTaskPrompts`; otherwise the round-robin rounds."""
+        args = self.args
+        if args.tasks_per_round is None:
+            return super().get_train_dataloader()
+        rows = args.rows_per_round or args.per_device_train_batch_size * args.tasks_per_round
+        weights = None
+        if args.task_sampling == "weighted":
+            weights = {task: float((args.task_weights or {}).get(task, 1.0)) for task in self.task_prompts}
+        rounds = MixedTaskPrompts(
+            self.task_prompts, args.tasks_per_round, rows, self.accelerator.num_processes, args.seed, weights
+        )
+        loader = DataLoader(rounds, batch_size=1, sampler=SequentialSampler(rounds), collate_fn=lambda items: items[0])
+        return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------ evaluation
     def eval_metric_names(self) -> list[str]:
