@@ -73,7 +73,7 @@ PROMPT_FILE = re.compile(r"\.(txt|jsonl)$")
 NFT_ONLY = {f.name for f in dataclasses.fields(DiffusionNFTConfig)} - {
     f.name for f in dataclasses.fields(FlowGRPOConfig)
 }
-COMMAND = re.compile(r"trl-diffusion-opd (train|grpo|nft|eval)\b[^\n]*--config")
+COMMAND = re.compile(r"trl-diffusion-opd (train|grpo|nft|eval|merge)\b[^\n]*--config")
 
 
 # ---------------------------------------------------------------------------------------------- collecting configs
@@ -82,6 +82,8 @@ def _command(config: dict, text: str) -> str | None:
     found = COMMAND.search(text)
     if found:
         return found.group(1)
+    if "combination_type" in config:
+        return "merge"
     if "adapters" in config:
         return "eval"
     if "teachers" in config:
@@ -145,6 +147,7 @@ def test_every_shipped_example_config_is_a_case():
     commands = {case.values[0]: case.values[1] for case in CASES}
     assert commands.get("docs/rewards_evaluation.md#0") == "eval"
     assert commands.get("docs/opd_trainer.md#0") == "train"
+    assert commands.get("docs/merging.md#0") == "merge"
 
 
 # ---------------------------------------------------------------------------------------------- shrinking
@@ -335,6 +338,9 @@ def test_example_config_runs_end_to_end(name, command, config, tmp_path, monkeyp
     if command == "eval":
         _check_eval_config(config, tmp_path, monkeypatch)
         return
+    if command == "merge":
+        _check_merge_config(config, tmp_path)
+        return
     run = shrink_training(config, command, out)
     (trainer,) = _run(command, run, tmp_path, monkeypatch)
 
@@ -369,6 +375,21 @@ def test_example_config_runs_end_to_end(name, command, config, tmp_path, monkeyp
             e["step"] for e in evals
         ]
     _check_adapter(run["model_name_or_path"], out, len(trainer.family.experts))
+
+
+# ---------------------------------------------------------------------------------------------- the merge command
+def _check_merge_config(config: dict, tmp_path: Path) -> None:
+    """A `merge` config: its adapters become toy LoRAs (shipped `world:` ones stay), its base the family's tiny one;
+    the merged adapter loads into a fresh base, every tensor of it."""
+    config = dict(config)
+    config["model_name_or_path"], _ = _tiny_base(config["model_name_or_path"])
+    toys = _Toys()
+    config["adapters"] = {label: toys(spec) for label, spec in config["adapters"].items()}
+    config["output_dir"] = str(tmp_path / "merged")
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert cli.main(["merge", "--config", str(path)]) == 0
+    _check_adapter(config["model_name_or_path"], tmp_path / "merged", experts=1)
 
 
 # ---------------------------------------------------------------------------------------------- the eval command
