@@ -132,6 +132,9 @@ class _CountingFamily:
             cond["pixel"] = torch.tensor([[float(sum(im[0].getpixel((0, 0))))] for im in images])
         return cond
 
+    def encode_negative(self, negative_prompt, images):
+        return None  # the negative does not depend on the images
+
 
 def test_conditioning_cache_keys_on_the_pixels_not_the_path(pictures, tmp_path):
     copy = tmp_path / "copy.png"

@@ -6,6 +6,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
+from ..sizes import image_size
 from .base import Cond, register_family
 from .flux import FluxFamily
 
@@ -40,6 +41,14 @@ class FluxKontextFamily(FluxFamily):
         if not isinstance(auto_resize, bool):
             raise ValueError(f"`auto_resize` of the flux-kontext family must be true or false, got {auto_resize!r}.")
         self.auto_resize = auto_resize
+
+    def pipeline_image_kwargs(self, images: list, resolution) -> dict[str, object]:
+        """One reference, `max_area` of the output (the pipeline rescales any size to it) and `_auto_resize`; a
+        text-only row needs `max_area` too."""
+        height, width = image_size(resolution)
+        if not images:
+            return {"max_area": height * width}
+        return {"image": images[0], "max_area": height * width, "_auto_resize": self.auto_resize}
 
     def reference_size(self, image) -> tuple[int, int]:
         """`(height, width)` in pixels the pipeline resizes the reference `image` (PIL) to."""

@@ -37,7 +37,7 @@ from transformers.integrations import TensorBoardCallback
 
 from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, image_digest, load_prompt_source, prompts_by_task
-from ..families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
+from ..families.base import NEGATIVE_PREFIX, Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from ..hub import create_model_card, push_checkpoint, push_to_hub
 from ..registry import load_pipeline
 from ..safe_io import load_ema_state, save_ema_state
@@ -191,14 +191,19 @@ class PromptCache:
     A row with input images (editing families) is cached under its prompt and its images' pixels
     (`data.image_digest`): its reference latents are computed once too.
 
+    When the family's negative branch depends on the images (`FlowMatchingFamily.encode_negative`), such a row's
+    conditioning also holds `negative_prompt` encoded with its images, under `NEGATIVE_PREFIX` keys.
+
     Args:
         family: Encodes missing prompts.
         max_size: Number of conditionings kept.
+        negative_prompt: The CFG negative prompt, encoded per row with its images when the family asks for it.
     """
 
-    def __init__(self, family: FlowMatchingFamily, max_size: int):
+    def __init__(self, family: FlowMatchingFamily, max_size: int, negative_prompt: str = ""):
         self.family = family
         self.max_size = max_size
+        self.negative_prompt = negative_prompt
         self._rows: OrderedDict[Any, Cond] = OrderedDict()
         self.encoders_offloaded = False
 
@@ -222,15 +227,24 @@ class PromptCache:
     def _encode(self, prompts: list[str], images: list | None = None) -> Cond:
         args = (prompts,) if images is None else (prompts, images)
         if not self.encoders_offloaded:
-            return self.family.encode_prompts(*args)
+            return self._encode_rows(*args)
         device = self.family.device
         for encoder in self.family.text_encoders:
             encoder.to(device)
         try:
-            return self.family.encode_prompts(*args)
+            return self._encode_rows(*args)
         finally:
             for encoder in self.family.text_encoders:
                 encoder.to("cpu")
+
+    def _encode_rows(self, prompts: list[str], images: list | None = None) -> Cond:
+        if images is None:
+            return self.family.encode_prompts(prompts)
+        cond = self.family.encode_prompts(prompts, images)
+        negative = self.family.encode_negative(self.negative_prompt, images)
+        if negative is not None:
+            cond.update({NEGATIVE_PREFIX + key: value for key, value in negative.items()})
+        return cond
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -370,7 +384,7 @@ class DiffusionLoRATrainer(Trainer):
         for encoder in self.family.text_encoders:
             encoder.to(device)
         self._place_models(device)
-        self.prompt_cache = PromptCache(self.family, args.prompt_cache_size)
+        self.prompt_cache = PromptCache(self.family, args.prompt_cache_size, args.negative_prompt)
         if args.offload_text_encoders:
             every = []
             for prompts in (self.task_prompts, self.eval_prompts or {}):
@@ -411,9 +425,11 @@ class DiffusionLoRATrainer(Trainer):
             for task, rows in prompts.items():
                 for index, row in enumerate(rows):
                     count = len(row.get("image") or ())
-                    if not count:
-                        continue
                     where = f"Task '{task}' row {index} ({row['prompt']!r})"
+                    if not count:
+                        if self.family.min_input_images:
+                            self.family.check_input_images(count, where)
+                        continue
                     if not self._uses_input_images:
                         raise ValueError(f"{where} has input images, which the {self._name} trainer does not use.")
                     self.family.check_input_images(count, where)
@@ -655,13 +671,29 @@ class DiffusionLoRATrainer(Trainer):
     ) -> list:
         """Sample images with the deterministic ODE sampler, with the student (EMA weights when EMA is on), another
         adapter (its name) or the base (`adapter=None`); `images` gives each prompt's input images (editing
-        families: a list of PIL images or `None`).
+        families: a list of PIL images or `None`; rows whose references differ in size are sampled apart).
 
         Returns:
             One PIL image per prompt, of `resolution` (height x width) pixels. The same seed gives the same initial
             noise for every adapter, so images are comparable side by side.
         """
         args = self.args
+        groups = self.prompt_cache.groups(prompts, images) if images is not None and any(images) else []
+        if len(groups) > 1:  # references of other sizes: sampled apart (each group from the seed's noise)
+            out: list = [None] * len(prompts)
+            for group in groups:
+                sampled = self.generate(
+                    [prompts[i] for i in group],
+                    adapter,
+                    seed,
+                    num_inference_steps,
+                    guidance_scale,
+                    use_ema,
+                    [images[i] for i in group],
+                )
+                for i, sample in zip(group, sampled):
+                    out[i] = sample
+            return out
         steps = num_inference_steps or args.num_inference_steps
         if guidance_scale is None:
             guidance_scale = self._default_guidance(adapter)
