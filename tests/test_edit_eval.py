@@ -125,3 +125,33 @@ def test_training_samples_and_card_show_inputs_and_pass_image(tmp_path):
     assert "    image=load_image('red.png'),  # the image(s) to edit\n" in code
     assert f"    max_area={SIZE[0] * SIZE[1]},\n    _auto_resize=False,\n" in code
     assert str(folder) not in card
+
+
+@pytest.mark.parametrize(
+    "name, model",
+    [
+        ("qwenimage_edit_2511", "Qwen/Qwen-Image-Edit-2511"),
+        ("flux1_kontext_dev", "black-forest-labs/FLUX.1-Kontext-dev"),
+        ("flux2_klein_base_4b_edit", "black-forest-labs/FLUX.2-klein-base-4B"),
+    ],
+)
+def test_example_editing_configs_are_valid_recipes(tmp_path, name, model):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples" / "configs" / f"{name}.yaml").read_text())
+    fields = {f.name for f in dataclasses.fields(DiffusionOPDConfig)}
+    assert set(config) - fields == {
+        "model_name_or_path",
+        "lora_r",
+        "lora_alpha",
+        "teachers",
+        "prompts",
+        "eval_prompts",
+    }
+    assert config["model_name_or_path"] == model
+    assert set(config["teachers"]) == set(config["prompts"]) == set(config["eval_prompts"])
+    args = DiffusionOPDConfig(**{**{k: v for k, v in config.items() if k in fields}, "output_dir": str(tmp_path)})
+    assert args.resolution == 1024 and args.gradient_checkpointing and args.num_inference_steps == 10
