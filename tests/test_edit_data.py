@@ -13,6 +13,7 @@ from huggingface_hub import constants as hub_constants
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.data import image_digest, load_prompt_source, prompts_by_task, row_images
+from trl_diffusion_opd.families.base import FlowMatchingFamily
 from trl_diffusion_opd.testing import (
     get_tiny_flux_kontext_pipeline,
     get_tiny_flux_pipeline,
@@ -134,6 +135,8 @@ class _CountingFamily:
 
     def encode_negative(self, negative_prompt, images):
         return None  # the negative does not depend on the images
+
+    batch_key = FlowMatchingFamily.batch_key  # rows batch together when their tensors' shapes match
 
 
 def test_conditioning_cache_keys_on_the_pixels_not_the_path(pictures, tmp_path):

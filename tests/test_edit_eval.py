@@ -15,6 +15,7 @@ from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.testing import (
     get_tiny_flux2_klein_pipeline,
     get_tiny_flux_kontext_pipeline,
+    get_tiny_input_image,
     save_toy_lora,
 )
 from trl_diffusion_opd.trainer.callbacks import RewardEvalCallback
@@ -155,3 +156,30 @@ def test_example_editing_configs_are_valid_recipes(tmp_path, name, model):
     assert set(config["teachers"]) == set(config["prompts"]) == set(config["eval_prompts"])
     args = DiffusionOPDConfig(**{**{k: v for k, v in config.items() if k in fields}, "output_dir": str(tmp_path)})
     assert args.resolution == 1024 and args.gradient_checkpointing and args.num_inference_steps == 10
+
+
+def test_references_of_other_layouts_are_batched_apart_and_give_the_output_size(tmp_path):
+    """Two references of 32 x 48 and 48 x 32 make as many tokens: Kontext and klein keep them in separate batches
+    (their position ids differ), and with `size_from_image` each row's output is its reference's size."""
+    wide, tall = get_tiny_input_image(1, 32, 48), get_tiny_input_image(2, 48, 32)
+    for pipe, kwargs, sizes in (
+        (get_tiny_flux_kontext_pipeline(seed=0), {"auto_resize": False}, [(32, 48), (48, 32)]),
+        (get_tiny_flux2_klein_pipeline(seed=0), {}, [(64, 96), (96, 64)]),
+    ):
+        images = [[wide], [tall]] if sizes[0] == (32, 48) else [[wide.resize((96, 64))], [tall.resize((64, 96))]]
+        teacher = str(save_toy_lora(pipe, tmp_path / type(pipe).__name__, seed=1, rank=2))
+        args = DiffusionOPDConfig(
+            output_dir=str(tmp_path / "out"),
+            resolution=32,
+            max_sequence_length=16,
+            report_to="none",
+            family_kwargs={**kwargs, "size_from_image": True},
+        )
+        rows = [{"prompt": "edit", "image": image} for image in images]
+        trainer = DiffusionOPDTrainer(pipe, {"edit": teacher}, args=args, train_dataset={"edit": rows})
+        conds = [trainer.prompt_cache(["edit"], [image]) for image in images]
+        assert conds[0]["image_latents"].shape == conds[1]["image_latents"].shape
+        assert trainer.prompt_cache.groups(["edit", "edit"], images) == [[0], [1]]
+        assert [trainer.resolution_for(cond) for cond in conds] == sizes
+        samples = trainer.generate(["edit", "edit"], images=images, num_inference_steps=1)
+        assert [image.size for image in samples] == [(w, h) for h, w in sizes]

@@ -264,3 +264,46 @@ def test_saved_student_reloads_with_load_lora_weights(distilled, tmp_path):
         student = trainer.family.velocity(trainer.pipeline.transformer, x, sigma, cond, TRUE_CFG, negative)
     assert (student - base).abs().max() > 1e-3, "the student equals the base: the comparison would be vacuous"
     assert (reloaded - student).abs().max() <= 1e-5
+
+
+def test_size_from_image_samples_each_row_at_its_references_size(tmp_path):
+    """With `size_from_image` a row's output is its last reference's size (the pipeline's size without `height` /
+    `width`, at the VAE area): rows of other sizes are rolled out apart, each reproducing the pipeline at its size."""
+    pipe = get_tiny_qwenimage_edit_plus_pipeline(seed=0)
+    trainer = DiffusionOPDTrainer(
+        pipe,
+        {"edit": _teacher(pipe, tmp_path / "teacher", 1)},
+        args=_args(tmp_path / "out", family_kwargs={**AREAS, "size_from_image": True}),
+        train_dataset={"edit": EDIT_ROWS},
+        peft_config=_student_config(init=False),
+    )
+    family = trainer.family
+    rows = [EDIT_ROWS[0], EDIT_ROWS[2]]  # 32 x 40 and 48 x 32 images: 32 x 64 and 64 x 32 outputs
+    images = [[row["image"]] for row in rows]
+    assert trainer.prompt_cache.groups([r["prompt"] for r in rows], images) == [[0], [1]]
+    for row, (height, width) in zip(rows, [(32, 64), (64, 32)]):
+        assert edit_plus.calculate_dimensions(AREAS["vae_image_size"], row["image"].width / row["image"].height) == (
+            width,
+            height,
+        )
+        cond = trainer.prompt_cache([row["prompt"]], [[row["image"]]])
+        assert trainer.resolution_for(cond) == (height, width)
+        states = trainer.rollout(cond, torch.Generator().manual_seed(0))["states"]
+        assert states.shape[-2:] == (height // 4, width // 4)
+        with torch.no_grad():
+            expected = pipe(
+                image=[row["image"]],
+                prompt=row["prompt"],
+                negative_prompt=NEGATIVE,
+                true_cfg_scale=TRUE_CFG,
+                latents=family.pack_latents(states[0]),
+                height=height,
+                width=width,
+                num_inference_steps=STEPS,
+                output_type="latent",
+            ).images
+        torch.testing.assert_close(family.pack_latents(states[-1]), expected, atol=1e-5, rtol=1e-5)
+    _, kl = trainer.task_loss(trainer.model, "edit", rows, torch.Generator().manual_seed(0), backward=False)
+    assert kl.shape == (trainer.args.train_timesteps_for("edit"),) and bool(torch.isfinite(kl).all())
+    samples = trainer.generate([r["prompt"] for r in rows], images=images, num_inference_steps=2)
+    assert [image.size for image in samples] == [(64, 32), (32, 64)]

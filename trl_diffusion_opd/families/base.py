@@ -287,6 +287,18 @@ class FlowMatchingFamily(abc.ABC):
             A `Cond` whose tensors have `len(prompts)` rows, in the transformer's dtype.
         """
 
+    def batch_key(self, cond: Cond) -> tuple:
+        """What a one-row conditioning must share with the others of its batch (the trainer batches only rows of
+        equal keys): by default its tensors' shapes; families whose position ids depend on the references' layout
+        add them (two references of other sizes can make as many tokens)."""
+        return tuple(sorted((key, tuple(value.shape[1:])) for key, value in cond.items()))
+
+    def output_resolution(self, cond: Cond) -> Resolution | None:
+        """The output size `(height, width)` that conditioning `cond` (rows of one `batch_key`) asks for, as the
+        pipeline's default size from its input images (editing families with `size_from_image`); `None`, the
+        default, for the config's `resolution`."""
+        return None
+
     def encode_negative(self, negative_prompt: str, images: list) -> Cond | None:
         """The negative (CFG) conditioning of rows with input images `images` (per row a list of PIL images), when
         the family's negative branch depends on them, as Qwen-Image-Edit's (the negative prompt is encoded with the

@@ -39,11 +39,13 @@ class QwenImageEditPlusFamily(QwenImageFamily):
     differ in count, order or size have conditionings of other shapes and are never batched together. Every row is
     padded to `max_sequence_length` (default 1024, the pipeline's limit; the images' tokens count).
 
-    The output size is the config's `resolution` (the pipeline's default: 1024² of area at the last image's aspect).
+    The output size is the config's `resolution`, or with `size_from_image` the pipeline's default: `vae_image_size`
+    (1024²) of area at the last image's aspect, i.e. the last reference's size; rows of other sizes are batched apart.
 
     Args:
         vae_image_size: Area in pixels the references are VAE-encoded at (the pipeline's `VAE_IMAGE_SIZE`).
         condition_image_size: Area in pixels of the copies the text encoder sees (`CONDITION_IMAGE_SIZE`).
+        size_from_image: Each row's output size from its images, as the pipeline without `height` / `width`.
     """
 
     pipeline_class = QwenImageEditPlusPipeline
@@ -61,8 +63,14 @@ class QwenImageEditPlusFamily(QwenImageFamily):
         max_sequence_length: int | None = None,
         vae_image_size: int = VAE_IMAGE_SIZE,
         condition_image_size: int = CONDITION_IMAGE_SIZE,
+        size_from_image: bool = False,
     ):
         super().__init__(pipeline, max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
+        if not isinstance(size_from_image, bool):
+            raise ValueError(
+                f"`size_from_image` of the {self.name} family must be true or false, got {size_from_image!r}."
+            )
+        self.size_from_image = size_from_image
         for name, value in (("vae_image_size", vae_image_size), ("condition_image_size", condition_image_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 32 * 32:
                 raise ValueError(
@@ -92,6 +100,14 @@ class QwenImageEditPlusFamily(QwenImageFamily):
         if len({tuple((k, tuple(v.shape)) for k, v in row.items() if k not in _TEXT_KEYS) for row in rows}) > 1:
             raise ValueError("encode_prompts: the rows of one call need reference images of the same sizes.")
         return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+    def output_resolution(self, cond: Cond) -> tuple[int, int] | None:
+        """With `size_from_image`, the last reference's size in pixels."""
+        count = sum(key.startswith("reference_") for key in cond)
+        if not self.size_from_image or not count:
+            return None
+        height, width = cond[f"reference_{count - 1}"].shape[-2:]
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
 
     @torch.no_grad()
     def encode_negative(self, negative_prompt: str, images: list) -> Cond:

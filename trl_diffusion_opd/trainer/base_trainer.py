@@ -41,6 +41,7 @@ from ..families.base import NEGATIVE_PREFIX, Cond, FlowMatchingFamily, cond_cat,
 from ..hub import create_model_card, push_checkpoint, push_to_hub
 from ..registry import load_pipeline
 from ..safe_io import load_ema_state, save_ema_state
+from ..sizes import Resolution
 from ..teachers import (
     STUDENT,
     AdapterSwitch,
@@ -280,12 +281,11 @@ class PromptCache:
         return cond_cat(self.rows(prompts, images))
 
     def groups(self, prompts: list[str], images: list | None = None) -> list[list[int]]:
-        """Indices of the prompts whose conditionings have the same shapes (the same reference sizes, or none), in
-        first-seen order: the rows that can share a batch."""
+        """Indices of the prompts whose conditionings have the same `family.batch_key` (the same reference sizes and
+        layout, or none), in first-seen order: the rows that can share a batch."""
         groups: dict[tuple, list[int]] = {}
         for index, cond in enumerate(self.rows(prompts, images)):
-            signature = tuple(sorted((key, tuple(value.shape[1:])) for key, value in cond.items()))
-            groups.setdefault(signature, []).append(index)
+            groups.setdefault(self.family.batch_key(cond), []).append(index)
         return list(groups.values())
 
 
@@ -567,9 +567,10 @@ class DiffusionLoRATrainer(Trainer):
         args = self.args
         guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
         batch = next(iter(cond.values())).shape[0]
-        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
+        resolution = self.resolution_for(cond)
+        sigmas = self.family.sigmas(args.num_inference_steps, resolution)
         return {
-            "x": self.family.init_latents(batch, args.resolution, generator).to(args.device),
+            "x": self.family.init_latents(batch, resolution, generator).to(args.device),
             "j": 0,
             "sigmas": sigmas,
             # one copy to the device and one to Python per rollout, not one per step
@@ -643,13 +644,20 @@ class DiffusionLoRATrainer(Trainer):
         size = self.args.step_batch_size or num_steps
         return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
 
-    def decode(self, x: torch.Tensor) -> list:
-        """Final latents to PIL images; the VAE visits the accelerator for the call (training never needs it)."""
+    def resolution_for(self, cond: Cond) -> Resolution:
+        """The output size of rows with conditioning `cond`: the one their input images ask for (editing families
+        with `size_from_image`: `family.output_resolution`), else the config's `resolution`."""
+        size = self.family.output_resolution(cond)
+        return self.args.resolution if size is None else size
+
+    def decode(self, x: torch.Tensor, resolution: Resolution | None = None) -> list:
+        """Final latents to PIL images of `resolution` (default: the config's); the VAE visits the accelerator for
+        the call (training never needs it)."""
         vae = self.pipeline.vae
         home = vae.device
         vae.to(self.args.device)
         try:
-            return self.family.decode(x, self.args.resolution)
+            return self.family.decode(x, self.args.resolution if resolution is None else resolution)
         finally:
             vae.to(home)
 
@@ -699,8 +707,9 @@ class DiffusionLoRATrainer(Trainer):
             guidance_scale = self._default_guidance(adapter)
         cond = self.prompt_cache(prompts, images)
         negative = self._negative(len(prompts)) if guidance_scale > 1 else None
-        sigmas = self.family.sigmas(steps, args.resolution)
-        x = self.family.init_latents(len(prompts), args.resolution, self._generator("generate", seed)).to(args.device)
+        resolution = self.resolution_for(cond)
+        sigmas = self.family.sigmas(steps, resolution)
+        x = self.family.init_latents(len(prompts), resolution, self._generator("generate", seed)).to(args.device)
         transformer = self.accelerator.unwrap_model(self.model)
         context = self._ema_weights() if use_ema and adapter == STUDENT else contextlib.nullcontext()
         with context, self.adapters.use(adapter):
@@ -708,7 +717,7 @@ class DiffusionLoRATrainer(Trainer):
                 sigma = sigmas[j].expand(len(prompts)).to(args.device)
                 v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
                 x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
-        return self.decode(x)
+        return self.decode(x, resolution)
 
     @contextlib.contextmanager
     def _ema_weights(self):
