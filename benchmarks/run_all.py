@@ -26,11 +26,21 @@ BENCHMARKS = {
     "gpu_round_tiny": ["-m", "benchmarks.gpu_round", "--tiny"],
     "peak_memory": ["-m", "benchmarks.peak_memory"],
     "released_loop": ["-m", "benchmarks.released_loop"],
+    "edit_round": ["-m", "benchmarks.edit_round"],
 }
 
 
 TAGS = tuple(
-    f"[{name}]" for name in ("round_cost", "grad_variance", "convergence", "gpu_round", "peak_memory", "released_loop")
+    f"[{name}]"
+    for name in (
+        "round_cost",
+        "grad_variance",
+        "convergence",
+        "gpu_round",
+        "peak_memory",
+        "released_loop",
+        "edit_round",
+    )
 )
 
 
