@@ -28,6 +28,7 @@ BENCHMARKS = {
     "released_loop": ["-m", "benchmarks.released_loop"],
     "long_run": ["-m", "benchmarks.long_run"],
     "teacher_scale": ["-m", "benchmarks.teacher_scale"],
+    "edit_round": ["-m", "benchmarks.edit_round"],
 }
 
 
@@ -42,6 +43,7 @@ TAGS = tuple(
         "released_loop",
         "long_run",
         "teacher_scale",
+        "edit_round",
     )
 )
 

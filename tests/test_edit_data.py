@@ -13,6 +13,7 @@ from huggingface_hub import constants as hub_constants
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.data import image_digest, load_prompt_source, prompts_by_task, row_images
+from trl_diffusion_opd.families.base import FlowMatchingFamily
 from trl_diffusion_opd.testing import (
     get_tiny_flux_kontext_pipeline,
     get_tiny_flux_pipeline,
@@ -131,6 +132,11 @@ class _CountingFamily:
         if images is not None:
             cond["pixel"] = torch.tensor([[float(sum(im[0].getpixel((0, 0))))] for im in images])
         return cond
+
+    def encode_negative(self, negative_prompt, images):
+        return None  # the negative does not depend on the images
+
+    batch_key = FlowMatchingFamily.batch_key  # rows batch together when their tensors' shapes match
 
 
 def test_conditioning_cache_keys_on_the_pixels_not_the_path(pictures, tmp_path):

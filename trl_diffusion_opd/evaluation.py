@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .data import load_prompt_source
+from .data import load_prompt_source, row_images
 from .families.base import get_family
 from .registry import load_pipeline
 from .rewards import Reward, as_reward, get_reward, nanmean
@@ -89,6 +89,11 @@ def make_grid(rows: Sequence[Sequence[Image.Image]], size: int | None = None, pa
                 tile = tile.resize((width, height), Image.Resampling.BICUBIC)
             grid.paste(tile, (padding + c * (width + padding), padding + r * (height + padding)))
     return grid
+
+
+def blank_like(image: Image.Image | None, like: Image.Image) -> Image.Image:
+    """`image` as a grid tile beside `like` (a white tile of `like`'s size when there is no image)."""
+    return image.convert("RGB") if image is not None else Image.new("RGB", like.size, "white")
 
 
 def is_video(sample: Any) -> bool:
@@ -506,6 +511,7 @@ def generate_images(
     max_sequence_length: int | None = None,
     num_frames: int | None = None,
     guidance_scale_2: float | None = None,
+    images: list | None = None,
 ) -> list:
     """Images (or videos) from the pipeline's own sampler (the image families: the deterministic flow-matching Euler
     ODE; Wan: the Hub pipelines' UniPC solver, as users sample), one seeded generator per sample, so a sample
@@ -513,10 +519,37 @@ def generate_images(
 
     Args:
         num_frames, guidance_scale_2: Passed to the pipeline when set (video pipelines; Wan 2.2's low-noise CFG).
+        images: Editing pipelines: each prompt's input images (a list of PIL images). The pipelines take one set of
+            references per call, so each prompt is sampled by its own call, with the family's image and guidance
+            arguments (`pipeline_image_kwargs`, `pipeline_guidance_kwargs` with the negative prompt `""`).
 
     Returns:
         One PIL image per prompt, or for a video pipeline (whose output has `frames`) one list of PIL frames.
     """
+    try:
+        family = get_family(pipeline)
+    except ValueError:  # no registered family for this pipeline class: sampled through `__call__` as it is
+        family = None
+    if images is not None and any(images):
+        if family is None:
+            raise ValueError(f"{type(pipeline).__name__} is not a supported editing pipeline: rows have input images.")
+        outputs = []
+        for prompt, seed, row in zip(prompts, seeds, images):
+            kwargs = {
+                **family.pipeline_guidance_kwargs(guidance_scale, ""),
+                **family.pipeline_image_kwargs(row, resolution),
+            }
+            if max_sequence_length is not None:
+                kwargs["max_sequence_length"] = max_sequence_length
+            outputs += pipeline(
+                prompt=prompt,
+                num_inference_steps=num_inference_steps,
+                height=image_size(resolution)[0],
+                width=image_size(resolution)[1],
+                generator=torch.Generator("cpu").manual_seed(seed),
+                **kwargs,
+            ).images
+        return outputs
     kwargs = {
         "prompt": prompts,
         "num_inference_steps": num_inference_steps,
@@ -532,6 +565,8 @@ def generate_images(
         kwargs["num_frames"] = num_frames
     if guidance_scale_2 is not None:
         kwargs["guidance_scale_2"] = guidance_scale_2
+    if family is not None:
+        kwargs.update(family.pipeline_image_kwargs([], resolution))  # FLUX.1 Kontext: `max_area`
     output = pipeline(**kwargs)
     if hasattr(output, "images"):
         return output.images
@@ -562,12 +597,15 @@ class EvaluationResult:
         per_image: `{label: {column: [score per image]}}`, in prompt order.
         ranges: `{column: (low, high)}` of the normalisation behind `average`; `None` leaves a column out.
         average: `{label: mean over columns of (score - low) / (high - low)}`.
-        grids: `{label: path of its image grid}` (videos: its frame grid, a row per video).
+        grids: `{label: path of its image grid}` (videos: its frame grid, a row per video); a prompt set with input
+            images (editing) has a row of each sample's first input image above its samples.
         videos: `{label: [paths of its sample videos]}` (video pipelines only).
         settings: Sampling settings and prompt counts.
         samples: `{label: [images of prompt set k]}`, the first `grid_size` images of every prompt set (the grids'
             images, the same seeds for every row), for figures such as `comparison_figure`.
         sample_prompts: `[prompts of set k]`, the prompts of those images.
+        sample_inputs: `[first input image of each of those samples]` per set (editing sets; `[]` for text-only
+            sets), e.g. the "input" row of a `comparison_figure`.
     """
 
     columns: list[str]
@@ -582,6 +620,7 @@ class EvaluationResult:
     samples: dict[str, list[list[Image.Image]]] = field(default_factory=dict, repr=False)
     sample_prompts: list[list[str]] = field(default_factory=list)
     videos: dict[str, list[str]] = field(default_factory=dict)
+    sample_inputs: list[list[Image.Image | None]] = field(default_factory=list, repr=False)
 
     def table_rows(self, digits: int = 3) -> list[list[str]]:
         """The table as text cells: a header (`model`, the columns, `Average`), then one row per model."""
@@ -775,13 +814,14 @@ def evaluate_models(
     grids: dict[str, str] = {}
     videos: dict[str, list[str]] = {}
     samples: dict[str, list[list[Image.Image]]] = {}
+    set_inputs: dict[int, list] = {}  # per editing prompt set, the input image of each grid column
     total = len(models) * sum(len(rows) for rows, _ in sets)
     bar = tqdm(total=total, disable=not progress, desc="evaluating", unit="image")
     try:
         for model in models:
             _activate(pipeline, model, has_adapters, experts)
             scale = model.guidance_scale if model.guidance_scale is not None else guidance_scale
-            grid_rows = []
+            grid_rows, tiles = [], []  # per prompt set its samples; the grid's rows (editing sets: inputs first)
             for rows, set_columns in sets:
                 shown = []
                 template = _set_template(model, set_columns)
@@ -789,6 +829,7 @@ def evaluate_models(
                     batch = rows[start : start + batch_size]
                     texts = [row["prompt"] for row in batch]
                     bar.set_postfix_str(model.label)
+                    inputs = [row_images(row) for row in batch]
                     images = generate_images(
                         pipeline,
                         [template.format(prompt=text) for text in texts],
@@ -799,12 +840,20 @@ def evaluate_models(
                         max_sequence_length,
                         num_frames,
                         guidance_scale_2,
+                        images=inputs,
                     )
+                    if any(inputs) and model is models[0]:  # the grids' input row: each row's first image
+                        set_inputs.setdefault(id(rows), []).extend(
+                            (row or [None])[0] for row in inputs[: max(0, grid_size - len(shown))]
+                        )
                     for column in set_columns:
                         per_image[model.label][column].extend(scorers[column](images, texts, batch))
                     shown.extend(images[: max(0, grid_size - len(shown))])
                     bar.update(len(batch))
+                if id(rows) in set_inputs:  # an editing set: its inputs above its outputs
+                    tiles.append([blank_like(image, shown[0]) for image in set_inputs[id(rows)]])
                 grid_rows.append(shown)
+                tiles.append(shown)
             samples[model.label] = grid_rows
             if output_dir is not None:
                 path = Path(output_dir) / GRIDS_DIR / f"{_file_name(model.label)}.png"
@@ -822,7 +871,7 @@ def evaluate_models(
                         for i, video in enumerate(shown)
                     ]
                 else:
-                    make_grid(grid_rows, grid_image_size).save(path)
+                    make_grid(tiles, grid_image_size).save(path)
                 grids[model.label] = str(path)
     finally:
         bar.close()  # an error then starts on its own line
@@ -852,8 +901,21 @@ def evaluate_models(
         "prompts": {c: len(rows) for rows, cols in sets for c in cols},
     }
     sample_prompts = [[row["prompt"] for row in rows[:grid_size]] for rows, _ in sets]
+    sample_inputs = [set_inputs.get(id(rows), []) for rows, _ in sets]
     result = EvaluationResult(
-        columns, models, scores, counts, per_image, ranges, average, grids, settings, samples, sample_prompts, videos
+        columns,
+        models,
+        scores,
+        counts,
+        per_image,
+        ranges,
+        average,
+        grids,
+        settings,
+        samples,
+        sample_prompts,
+        videos,
+        sample_inputs,
     )
     if output_dir is not None:
         result.save(output_dir)

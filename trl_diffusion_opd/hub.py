@@ -296,6 +296,31 @@ def _example_prompt(trainer: DiffusionLoRATrainer) -> str:
     return 'A photo of a cat holding a sign that says "hello"'
 
 
+class _Code(str):
+    """Python source shown as is in the quick start (its `repr` is itself)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _example_image_kwargs(trainer: DiffusionLoRATrainer) -> dict[str, str]:
+    """The quick start's image arguments when the example row has input images (editing): the family's
+    `pipeline_image_kwargs` with `load_image("<file name>")` for each image (never a path of the machine)."""
+    for rows in (getattr(trainer, "task_prompts", None) or {}).values():
+        for row in rows:
+            images = row.get("image") or []
+            if not images:
+                return {}
+            names = [
+                os.path.basename(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else f"input-{k + 1}.png"
+                for k, image in enumerate(images)
+            ]
+            loads = [_Code(f"load_image({name!r})") for name in names]
+            kwargs = trainer.family.pipeline_image_kwargs(loads, trainer.args.resolution)
+            return {key: repr(value) for key, value in kwargs.items()}
+    return {}
+
+
 def _spec_reference(spec: Any) -> ModelReference:
     """The card's name of an adapter given as a teacher-style spec (`owner/repo/sub@rev`, a folder, a dict)."""
     from .teachers import parse_teacher_spec
@@ -587,6 +612,7 @@ def create_model_card(
             ).items()
         },
         example_prompt=repr(_example_prompt(trainer)),
+        image_kwargs=_example_image_kwargs(trainer),
         num_inference_steps=args.num_inference_steps,
         height=image_size(args.resolution)[0],
         width=image_size(args.resolution)[1],

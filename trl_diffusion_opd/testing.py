@@ -40,6 +40,7 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -64,6 +65,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3Model,
@@ -87,6 +90,8 @@ __all__ = [
     "get_tiny_flux_pipeline",
     "get_tiny_input_image",
     "get_tiny_qwen2_tokenizer",
+    "get_tiny_qwen2vl_processor",
+    "get_tiny_qwenimage_edit_plus_pipeline",
     "get_tiny_qwen_tokenizer",
     "get_tiny_qwen3_tokenizer",
     "get_tiny_qwenimage_pipeline",
@@ -593,7 +598,11 @@ def get_tiny_flux2_klein_pipeline(
 
 @_records_its_call
 def get_tiny_qwenimage_pipeline(
-    seed: int = 0, num_layers: int = 2, num_attention_heads: int = 2, attention_head_dim: int = 16
+    seed: int = 0,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    zero_cond_t: bool = False,
 ) -> QwenImagePipeline:
     """A randomly initialised `QwenImagePipeline` with Qwen-Image's structure at a tiny size (diffusers' test sizes):
     a Qwen2.5-VL text encoder (2 layers, hidden size 16, a one-block vision tower the pipeline never runs), a
@@ -604,6 +613,7 @@ def get_tiny_qwenimage_pipeline(
     Args:
         seed: All weights are a deterministic function of the seed.
         num_layers, num_attention_heads, attention_head_dim: Transformer size.
+        zero_cond_t: The transformer's `zero_cond_t` (Qwen-Image-Edit-2511; it adds no weights).
 
     Returns:
         The pipeline in eval mode on the CPU, float32.
@@ -623,6 +633,7 @@ def get_tiny_qwenimage_pipeline(
         num_attention_heads=num_attention_heads,
         joint_attention_dim=hidden,
         axes_dims_rope=(attention_head_dim // 2, attention_head_dim // 4, attention_head_dim // 4),
+        zero_cond_t=zero_cond_t,
     )
     config = Qwen2_5_VLConfig(
         text_config={
@@ -672,6 +683,124 @@ def get_tiny_qwenimage_pipeline(
     )
     pipe = QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    return _to_eval(pipe)
+
+
+# The system prompt of Qwen-Image-Edit's template: each of its pre-tokens is one token of the tiny vocabulary, as in
+# the real one, so the template's prefix is the 64 tokens the pipelines drop (`prompt_template_encode_start_idx`).
+_QWEN_EDIT_SYSTEM = (
+    "system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), then "
+    "explain how the user's text instruction should alter or modify the image. Generate a new image that meets the "
+    "user's requirements while maintaining consistency with the original input where appropriate."
+)
+_QWEN_VL_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+]  # fmt: skip
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one pre-token: merge the adjacent pair of lowest rank until none is left."""
+    while True:
+        pairs = [(ranks[pair], i) for i, pair in enumerate(zip(pieces, pieces[1:])) if pair in ranks]
+        if not pairs:
+            return pieces
+        _, i = min(pairs)
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+
+
+class _ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without a video processor: transformers cannot check the class of a missing one when
+    torchvision is not installed, and Qwen-Image-Edit never passes videos."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument is None and argument_name == "video_processor":
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def get_tiny_qwen2vl_processor(max_pixels: int = 56 * 56) -> Qwen2VLProcessor:
+    """A `Qwen2VLProcessor` (the `processor` of Qwen-Image-Edit) built in memory (no download): Qwen2-VL's image
+    processor (14 px patches merged 2x2, images resized to at most `max_pixels`) and a byte-level `Qwen2Tokenizer`
+    with one token per pre-token of Qwen-Image-Edit's system prompt and the chat and vision special tokens."""
+    byte_symbols = bytes_to_unicode()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(set(byte_symbols.values())))}
+    splitter = get_tiny_qwen2_tokenizer().backend_tokenizer.pre_tokenizer
+    merges: dict[tuple[str, str], int] = {}
+    for word, _ in splitter.pre_tokenize_str(_QWEN_EDIT_SYSTEM + "\nuser\nassistant"):
+        while len(pieces := _bpe(list(word), merges)) > 1:  # merge until the word is one token
+            merges[(pieces[0], pieces[1])] = len(merges)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+    for token in _QWEN_VL_SPECIALS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(merges), model_max_length=4096)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_VL_SPECIALS[1:]], True)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels)
+    return _ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def get_tiny_qwenimage_edit_plus_pipeline(
+    seed: int = 0, zero_cond_t: bool = True, num_layers: int = 2, attention_head_dim: int = 16
+) -> QwenImageEditPlusPipeline:
+    """A randomly initialised `QwenImageEditPlusPipeline` (Qwen-Image-Edit-2509 / 2511) at a tiny size: the transformer,
+    VAE and scheduler of `get_tiny_qwenimage_pipeline`, a Qwen2.5-VL text encoder whose 2-block vision tower sees the
+    input images (`get_tiny_qwen2vl_processor`), and `zero_cond_t` (2511: the references are modulated at t = 0).
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        zero_cond_t: The transformer's `zero_cond_t` (2511: True; 2509: False).
+        num_layers, attention_head_dim: Transformer size.
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32.
+    """
+    hidden = 16
+    base = get_tiny_qwenimage_pipeline(
+        seed, num_layers=num_layers, attention_head_dim=attention_head_dim, zero_cond_t=zero_cond_t
+    )
+    processor = get_tiny_qwen2vl_processor()
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end")}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": pad_id,
+            "eos_token_id": pad_id,
+            "pad_token_id": pad_id,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": hidden,
+            "intermediate_size": hidden,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "fullatt_block_indexes": [1],
+        },
+        vocab_size=len(tokenizer),
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+    )
+    config.vision_config.out_hidden_size = hidden
+    _seeded(seed, 4)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=base.scheduler,
+        vae=base.vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        processor=processor,
+        transformer=base.transformer,
     )
     return _to_eval(pipe)
 
@@ -1029,6 +1158,7 @@ TINY_PIPELINES = {
     "flux_kontext": get_tiny_flux_kontext_pipeline,
     "flux2_klein": get_tiny_flux2_klein_pipeline,
     "qwenimage": get_tiny_qwenimage_pipeline,
+    "qwenimage_edit_plus": get_tiny_qwenimage_edit_plus_pipeline,
     "zimage": get_tiny_zimage_pipeline,
     "wan": get_tiny_wan_pipeline,
     "wan22": functools.partial(get_tiny_wan_pipeline, two_experts=True),

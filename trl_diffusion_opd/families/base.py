@@ -45,7 +45,9 @@ latents and their position ids included, batch-first like the rest, so that the 
 (keyed by the images' pixels) and never sees what it holds. Rows whose conditionings differ in shape (references of
 other sizes, or none) are never batched together. The reference tokens are inputs of `velocity` only: the latents
 the sampler steps are the generated image's, as in the pipelines. Text-to-image families keep `max_input_images = 0`
-and the trainer refuses rows with images for them.
+and the trainer refuses rows with images for them; editing-only families set `min_input_images = 1`. A family whose
+negative (CFG) branch sees the images too (Qwen-Image-Edit) overrides `encode_negative`: each row then carries its
+own negative in its conditioning.
 
 To test a new family, add a tiny randomly initialised pipeline to `trl_diffusion_opd.testing` (and to its
 `TINY_PIPELINES`, which makes it the base `tiny:<name>` of the CLI) and check, as `tests/test_flux.py` does, that the trainer's rollout reproduces the pipeline's own sampler, that a saved student
@@ -131,6 +133,19 @@ def cond_cat(conds: list[Cond]) -> Cond:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
+# Keys of a row's own negative conditioning inside its `Cond` (`FlowMatchingFamily.encode_negative`).
+NEGATIVE_PREFIX = "negative."
+
+
+def split_negative(cond: Cond) -> tuple[Cond, Cond | None]:
+    """`cond` without its rows' own negative conditioning, and that negative (`None` when it carries none)."""
+    if not any(key.startswith(NEGATIVE_PREFIX) for key in cond):
+        return cond, None
+    own = {k: v for k, v in cond.items() if not k.startswith(NEGATIVE_PREFIX)}
+    negative = {k[len(NEGATIVE_PREFIX) :]: v for k, v in cond.items() if k.startswith(NEGATIVE_PREFIX)}
+    return own, negative
+
+
 def cond_to(cond: Cond, device: torch.device | str) -> Cond:
     return {k: v.to(device) for k, v in cond.items()}
 
@@ -157,6 +172,8 @@ class FlowMatchingFamily(abc.ABC):
     uses_guidance_embedding: bool = False
     # Input images a row may carry (`encode_prompts(prompts, images)`); 0: text-to-image only.
     max_input_images: ClassVar[int] = 0
+    # Input images a row must carry (1: an editing-only pipeline, which cannot sample from text alone).
+    min_input_images: ClassVar[int] = 0
 
     def __init__(
         self, pipeline: DiffusionPipeline, max_sequence_length: int | None = None, num_frames: int | None = None
@@ -246,6 +263,12 @@ class FlowMatchingFamily(abc.ABC):
     def check_input_images(self, count: int, where: str) -> None:
         """Raise a one-line `ValueError` naming `where` (a data row) when it has more input images than the family
         takes."""
+        if count < self.min_input_images:
+            pipeline = type(self.pipeline).__name__
+            raise ValueError(
+                f"{where} has {count or 'no'} input image{'' if count == 1 else 's'}, but the {self.name} family "
+                f"({pipeline}) needs at least {self.min_input_images} per row."
+            )
         if count > self.max_input_images:
             pipeline = type(self.pipeline).__name__
             takes = f"takes at most {self.max_input_images}" if self.max_input_images else "takes no input images"
@@ -263,6 +286,27 @@ class FlowMatchingFamily(abc.ABC):
         Returns:
             A `Cond` whose tensors have `len(prompts)` rows, in the transformer's dtype.
         """
+
+    def batch_key(self, cond: Cond) -> tuple:
+        """What a one-row conditioning must share with the others of its batch (the trainer batches only rows of
+        equal keys): by default its tensors' shapes; families whose position ids depend on the references' layout
+        add them (two references of other sizes can make as many tokens)."""
+        return tuple(sorted((key, tuple(value.shape[1:])) for key, value in cond.items()))
+
+    def output_resolution(self, cond: Cond) -> Resolution | None:
+        """The output size `(height, width)` that conditioning `cond` (rows of one `batch_key`) asks for, as the
+        pipeline's default size from its input images (editing families with `size_from_image`); `None`, the
+        default, for the config's `resolution`."""
+        return None
+
+    def encode_negative(self, negative_prompt: str, images: list) -> Cond | None:
+        """The negative (CFG) conditioning of rows with input images `images` (per row a list of PIL images), when
+        the family's negative branch depends on them, as Qwen-Image-Edit's (the negative prompt is encoded with the
+        images); `None`, the default, when it does not and one text-only negative serves every row.
+
+        The trainer stores it in the row's conditioning under `NEGATIVE_PREFIX` keys, so it is cached, tiled and
+        sliced with the row; such a family's `velocity` uses it (`split_negative`) in place of `negative_cond`."""
+        return None
 
     @abc.abstractmethod
     def sigmas(self, num_steps: int, resolution: Resolution) -> torch.Tensor:
@@ -322,6 +366,13 @@ class FlowMatchingFamily(abc.ABC):
         The default, `{"guidance_scale": g}`, is SD3's CFG and FLUX.1-dev's guidance embedding.
         """
         return {"guidance_scale": guidance_scale}
+
+    def pipeline_image_kwargs(self, images: list, resolution: Resolution) -> dict[str, object]:
+        """The keyword arguments that pass one row's input images (a list of PIL images) to the pipeline's
+        `__call__` so that it samples at `resolution` what `velocity` samples (the `eval` command and the model
+        card's quick start); with no images, what a text-only row needs (FLUX.1 Kontext: `max_area`). The default,
+        `{"image": images}` (`{}` without images), is the multi-reference pipelines' (FLUX.2, Qwen-Image-Edit-Plus)."""
+        return {"image": list(images)} if images else {}
 
     @staticmethod
     def cfg_velocity(

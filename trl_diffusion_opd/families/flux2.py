@@ -49,8 +49,8 @@ class Flux2KleinFamily(FlowMatchingFamily):
       (`prepare_image_latents`); the references' tokens follow the generated ones with position ids
       `(10·k, i, j, 0)` for the k-th reference, on both CFG branches. The text encoder never sees the images, the
       shift counts the generated tokens only, and every step is a plain Euler step of the generated latents. Rows
-      without an image are text-to-image rows. The output size is the config's `resolution` (the pipeline's
-      default is the first reference's size).
+      without an image are text-to-image rows. The output size is the config's `resolution`, or with the option
+      `size_from_image` the pipeline's default, the first reference's size (rows of other sizes batched apart).
 
     `Flux2Pipeline` (FLUX.2 [dev], Mistral-3 text encoder, embedded guidance) is not handled by this family.
     """
@@ -85,10 +85,29 @@ class Flux2KleinFamily(FlowMatchingFamily):
     # The pipeline sets no limit; every reference lengthens every student and teacher pass by its tokens.
     max_input_images = 8
 
-    def __init__(self, pipeline, max_sequence_length: int | None = None):
+    def __init__(self, pipeline, max_sequence_length: int | None = None, size_from_image: bool = False):
         super().__init__(pipeline, max_sequence_length)
+        if not isinstance(size_from_image, bool):
+            raise ValueError(
+                f"`size_from_image` of the {self.name} family must be true or false, got {size_from_image!r}."
+            )
+        self.size_from_image = size_from_image
         self.is_distilled = bool(pipeline.config.get("is_distilled", False))
         self._warned_distilled = False
+
+    def batch_key(self, cond: Cond) -> tuple:
+        """The shapes and the references' position ids (references of other sizes can make as many tokens)."""
+        ids = cond.get("image_ids")
+        return (*super().batch_key(cond), None if ids is None else ids.cpu().numpy().tobytes())
+
+    def output_resolution(self, cond: Cond) -> tuple[int, int] | None:
+        """With `size_from_image` (the pipeline's default without `height` / `width`), the first reference's size."""
+        if not self.size_from_image or "image_ids" not in cond:
+            return None
+        ids = cond["image_ids"][0]
+        first = ids[ids[:, 0] == ids[0, 0]]  # the first reference's tokens (time id 10)
+        rows, cols = (int(first[:, axis].max()) + 1 for axis in (1, 2))
+        return rows * self.vae_scale_factor * 2, cols * self.vae_scale_factor * 2
 
     def _latent_size(self, resolution: Resolution) -> tuple[int, int]:
         # Pixels -> VAE latents (x vae_scale_factor) -> 2x2 patches, as `prepare_latents` rounds it.

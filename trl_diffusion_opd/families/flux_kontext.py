@@ -6,6 +6,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
+from ..sizes import image_size
 from .base import Cond, register_family
 from .flux import FluxFamily
 
@@ -25,8 +26,12 @@ class FluxKontextFamily(FluxFamily):
     The output size is the config's `resolution`; `FluxKontextPipeline.__call__` rescales any `height` x `width` to
     `max_area` (1024² by default), so pass `max_area=height * width` to sample the size trained.
 
+    With `size_from_image`, each row's output size is its reference's (the pipeline's default is 1024², whatever the
+    image); rows of other sizes are batched apart.
+
     Args:
         auto_resize: Snap the reference to Kontext's preferred resolutions (`_auto_resize` of the pipeline).
+        size_from_image: Each row's output size from its reference.
     """
 
     pipeline_class = FluxKontextPipeline
@@ -35,11 +40,35 @@ class FluxKontextFamily(FluxFamily):
     pipeline_tag = "image-to-image"
     max_input_images = 1
 
-    def __init__(self, pipeline, max_sequence_length=None, num_frames=None, auto_resize: bool = True):
+    def __init__(
+        self, pipeline, max_sequence_length=None, num_frames=None, auto_resize: bool = True, size_from_image=False
+    ):
         super().__init__(pipeline, max_sequence_length, num_frames)
-        if not isinstance(auto_resize, bool):
-            raise ValueError(f"`auto_resize` of the flux-kontext family must be true or false, got {auto_resize!r}.")
+        for name, value in (("auto_resize", auto_resize), ("size_from_image", size_from_image)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` of the flux-kontext family must be true or false, got {value!r}.")
         self.auto_resize = auto_resize
+        self.size_from_image = size_from_image
+
+    def batch_key(self, cond: Cond) -> tuple:
+        """The shapes and the reference's position ids (references of other sizes can make as many tokens)."""
+        ids = cond.get("image_ids")
+        return (*super().batch_key(cond), None if ids is None else ids.cpu().numpy().tobytes())
+
+    def output_resolution(self, cond: Cond) -> tuple[int, int] | None:
+        """With `size_from_image`, the reference's size (with `auto_resize`, its preferred Kontext resolution)."""
+        if not self.size_from_image or "image_ids" not in cond:
+            return None
+        rows, cols = (int(cond["image_ids"][0, :, axis].max()) + 1 for axis in (1, 2))
+        return rows * self.resolution_multiple, cols * self.resolution_multiple
+
+    def pipeline_image_kwargs(self, images: list, resolution) -> dict[str, object]:
+        """One reference, `max_area` of the output (the pipeline rescales any size to it) and `_auto_resize`; a
+        text-only row needs `max_area` too."""
+        height, width = image_size(resolution)
+        if not images:
+            return {"max_area": height * width}
+        return {"image": images[0], "max_area": height * width, "_auto_resize": self.auto_resize}
 
     def reference_size(self, image) -> tuple[int, int]:
         """`(height, width)` in pixels the pipeline resizes the reference `image` (PIL) to."""

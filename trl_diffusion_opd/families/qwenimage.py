@@ -57,13 +57,16 @@ class QwenImageFamily(FlowMatchingFamily):
         "txt_mlp.net.0.proj",
         "txt_mlp.net.2",
     ]
+    # Transformer config flags this family runs (the editing family: `zero_cond_t`); the others are refused.
+    supported_transformer_options: tuple[str, ...] = ()
 
     def __init__(self, pipeline: QwenImagePipeline, max_sequence_length: int | None = None):
         if max_sequence_length is not None and not 1 <= max_sequence_length <= 1024:
             raise ValueError(f"Qwen-Image's max_sequence_length must be in [1, 1024], got {max_sequence_length}.")
         super().__init__(pipeline, max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
         config = pipeline.transformer.config
-        if config.guidance_embeds or config.get("use_additional_t_cond") or config.get("zero_cond_t"):
+        options = ("guidance_embeds", "use_additional_t_cond", "zero_cond_t")
+        if any(config.get(option) and option not in self.supported_transformer_options for option in options):
             raise ValueError(
                 "Only the text-to-image Qwen-Image transformer is supported (guidance_embeds, use_additional_t_cond "
                 "and zero_cond_t must be False)."

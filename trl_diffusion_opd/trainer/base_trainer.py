@@ -39,10 +39,11 @@ from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
 
 from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, image_digest, load_prompt_source, prompts_by_task
-from ..families.base import Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
+from ..families.base import NEGATIVE_PREFIX, Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from ..hub import create_model_card, push_checkpoint, push_to_hub
 from ..registry import load_pipeline
 from ..safe_io import load_ema_state, save_ema_state
+from ..sizes import Resolution
 from ..teachers import (
     STUDENT,
     AdapterSwitch,
@@ -216,14 +217,19 @@ class PromptCache:
     A row with input images (editing families) is cached under its prompt and its images' pixels
     (`data.image_digest`): its reference latents are computed once too.
 
+    When the family's negative branch depends on the images (`FlowMatchingFamily.encode_negative`), such a row's
+    conditioning also holds `negative_prompt` encoded with its images, under `NEGATIVE_PREFIX` keys.
+
     Args:
         family: Encodes missing prompts.
         max_size: Number of conditionings kept.
+        negative_prompt: The CFG negative prompt, encoded per row with its images when the family asks for it.
     """
 
-    def __init__(self, family: FlowMatchingFamily, max_size: int):
+    def __init__(self, family: FlowMatchingFamily, max_size: int, negative_prompt: str = ""):
         self.family = family
         self.max_size = max_size
+        self.negative_prompt = negative_prompt
         self._rows: OrderedDict[Any, Cond] = OrderedDict()
         self.encoders_offloaded = False
 
@@ -247,15 +253,24 @@ class PromptCache:
     def _encode(self, prompts: list[str], images: list | None = None) -> Cond:
         args = (prompts,) if images is None else (prompts, images)
         if not self.encoders_offloaded:
-            return self.family.encode_prompts(*args)
+            return self._encode_rows(*args)
         device = self.family.device
         for encoder in self.family.text_encoders:
             encoder.to(device)
         try:
-            return self.family.encode_prompts(*args)
+            return self._encode_rows(*args)
         finally:
             for encoder in self.family.text_encoders:
                 encoder.to("cpu")
+
+    def _encode_rows(self, prompts: list[str], images: list | None = None) -> Cond:
+        if images is None:
+            return self.family.encode_prompts(prompts)
+        cond = self.family.encode_prompts(prompts, images)
+        negative = self.family.encode_negative(self.negative_prompt, images)
+        if negative is not None:
+            cond.update({NEGATIVE_PREFIX + key: value for key, value in negative.items()})
+        return cond
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -291,12 +306,11 @@ class PromptCache:
         return cond_cat(self.rows(prompts, images))
 
     def groups(self, prompts: list[str], images: list | None = None) -> list[list[int]]:
-        """Indices of the prompts whose conditionings have the same shapes (the same reference sizes, or none), in
-        first-seen order: the rows that can share a batch."""
+        """Indices of the prompts whose conditionings have the same `family.batch_key` (the same reference sizes and
+        layout, or none), in first-seen order: the rows that can share a batch."""
         groups: dict[tuple, list[int]] = {}
         for index, cond in enumerate(self.rows(prompts, images)):
-            signature = tuple(sorted((key, tuple(value.shape[1:])) for key, value in cond.items()))
-            groups.setdefault(signature, []).append(index)
+            groups.setdefault(self.family.batch_key(cond), []).append(index)
         return list(groups.values())
 
 
@@ -398,7 +412,7 @@ class DiffusionLoRATrainer(Trainer):
         for encoder in self.family.text_encoders:
             encoder.to(device)
         self._place_models(device)
-        self.prompt_cache = PromptCache(self.family, args.prompt_cache_size)
+        self.prompt_cache = PromptCache(self.family, args.prompt_cache_size, args.negative_prompt)
         if args.offload_text_encoders:
             every = []
             for prompts in (self.task_prompts, self.eval_prompts or {}):
@@ -611,9 +625,10 @@ class DiffusionLoRATrainer(Trainer):
         args = self.args
         guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
         batch = next(iter(cond.values())).shape[0]
-        sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
+        resolution = self.resolution_for(cond)
+        sigmas = self.family.sigmas(args.num_inference_steps, resolution)
         return {
-            "x": self.family.init_latents(batch, args.resolution, generator).to(args.device),
+            "x": self.family.init_latents(batch, resolution, generator).to(args.device),
             "j": 0,
             "sigmas": sigmas,
             # one copy to the device and one to Python per rollout, not one per step
@@ -687,13 +702,20 @@ class DiffusionLoRATrainer(Trainer):
         size = self.args.step_batch_size or num_steps
         return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
 
-    def decode(self, x: torch.Tensor) -> list:
-        """Final latents to PIL images; the VAE visits the accelerator for the call (training never needs it)."""
+    def resolution_for(self, cond: Cond) -> Resolution:
+        """The output size of rows with conditioning `cond`: the one their input images ask for (editing families
+        with `size_from_image`: `family.output_resolution`), else the config's `resolution`."""
+        size = self.family.output_resolution(cond)
+        return self.args.resolution if size is None else size
+
+    def decode(self, x: torch.Tensor, resolution: Resolution | None = None) -> list:
+        """Final latents to PIL images of `resolution` (default: the config's); the VAE visits the accelerator for
+        the call (training never needs it)."""
         vae = self.pipeline.vae
         home = vae.device
         vae.to(self.args.device)
         try:
-            return self.family.decode(x, self.args.resolution)
+            return self.family.decode(x, self.args.resolution if resolution is None else resolution)
         finally:
             vae.to(home)
 
@@ -715,20 +737,37 @@ class DiffusionLoRATrainer(Trainer):
     ) -> list:
         """Sample images with the deterministic ODE sampler, with the student (EMA weights when EMA is on), another
         adapter (its name) or the base (`adapter=None`); `images` gives each prompt's input images (editing
-        families: a list of PIL images or `None`).
+        families: a list of PIL images or `None`; rows whose references differ in size are sampled apart).
 
         Returns:
             One PIL image per prompt, of `resolution` (height x width) pixels. The same seed gives the same initial
             noise for every adapter, so images are comparable side by side.
         """
         args = self.args
+        groups = self.prompt_cache.groups(prompts, images) if images is not None and any(images) else []
+        if len(groups) > 1:  # references of other sizes: sampled apart (each group from the seed's noise)
+            out: list = [None] * len(prompts)
+            for group in groups:
+                sampled = self.generate(
+                    [prompts[i] for i in group],
+                    adapter,
+                    seed,
+                    num_inference_steps,
+                    guidance_scale,
+                    use_ema,
+                    [images[i] for i in group],
+                )
+                for i, sample in zip(group, sampled):
+                    out[i] = sample
+            return out
         steps = num_inference_steps or args.num_inference_steps
         if guidance_scale is None:
             guidance_scale = self._default_guidance(adapter)
         cond = self.prompt_cache(prompts, images)
         negative = self._negative(len(prompts)) if guidance_scale > 1 else None
-        sigmas = self.family.sigmas(steps, args.resolution)
-        x = self.family.init_latents(len(prompts), args.resolution, self._generator("generate", seed)).to(args.device)
+        resolution = self.resolution_for(cond)
+        sigmas = self.family.sigmas(steps, resolution)
+        x = self.family.init_latents(len(prompts), resolution, self._generator("generate", seed)).to(args.device)
         transformer = self.accelerator.unwrap_model(self.model)
         context = self._ema_weights() if use_ema and adapter == STUDENT else contextlib.nullcontext()
         with context, self.adapters.use(adapter):
@@ -736,7 +775,7 @@ class DiffusionLoRATrainer(Trainer):
                 sigma = sigmas[j].expand(len(prompts)).to(args.device)
                 v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
                 x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
-        return self.decode(self.family.full_latents(x, cond))
+        return self.decode(self.family.full_latents(x, cond), resolution)
 
     @contextlib.contextmanager
     def _ema_weights(self):

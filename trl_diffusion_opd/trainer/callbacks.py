@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
-from ..data import prompts_by_task
-from ..evaluation import SAMPLES_DIR, VIDEO_FORMATS, frame_grid, is_video, make_grid, save_video
+from ..data import prompts_by_task, row_images
+from ..evaluation import SAMPLES_DIR, VIDEO_FORMATS, blank_like, frame_grid, is_video, make_grid, save_video
 from ..rewards import Reward, as_reward, nanmean
 
 
@@ -159,14 +159,21 @@ class RewardEvalCallback(TrainerCallback):
         grid_rows, captions, labels = [], [], []
         for task, rows in self.prompts.items():
             texts = [row["prompt"] for row in rows]
+            inputs = [row_images(row) for row in rows]
             # the student is sampled with the prompt it was trained on for the task; rewards read the prompt as written
             images = trainer.generate(
-                trainer.student_prompts(task, texts), seed=self.seed, num_inference_steps=self.num_inference_steps
+                trainer.student_prompts(task, texts),
+                seed=self.seed,
+                num_inference_steps=self.num_inference_steps,
+                images=inputs if any(inputs) else None,
             )
             for reward in self.rewards[task]:
                 metrics[f"rewards/{task}/{reward.name}"] = nanmean(reward(images, texts, rows))
+            if any(inputs) and not is_video(images[0]):  # editing: each sample's first input image above it
+                grid_rows.append([blank_like((row or [None])[0], image) for row, image in zip(inputs, images)])
             grid_rows.append(images)
-            captions.append(f"{task}: " + " | ".join(texts))
+            edit = " (inputs above outputs)" if any(inputs) else ""
+            captions.append(f"{task}{edit}: " + " | ".join(texts))
             labels.extend(f"{task}: {text}" for text in texts)
         folder = Path(trainer.args.output_dir) / SAMPLES_DIR
         folder.mkdir(parents=True, exist_ok=True)
