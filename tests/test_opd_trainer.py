@@ -355,8 +355,7 @@ _DDP_SCRIPT = textwrap.dedent(
     import hashlib, json, os, sys
     import torch
     from peft import LoraConfig
-    from helpers import random_word_prompts as _prompts
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
+    from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
     from trl_diffusion_opd.testing import get_tiny_sd3_pipeline
 
     out, teacher_a, teacher_b = sys.argv[1:4]

@@ -133,7 +133,7 @@ def test_unknown_or_invalid_family_kwargs_are_one_clear_error(pipe, tmp_path):
     # A family without options (FLUX.2 [klein]) names none.
     from trl_diffusion_opd.testing import get_tiny_flux2_klein_pipeline
 
-    with pytest.raises(ValueError, match=r"flux2_klein family \(Flux2KleinPipeline\); its options: none"):
+    with pytest.raises(ValueError, match=r"flux2_klein family \(Flux2KleinPipeline\); its options: size_from_image\."):
         get_family(get_tiny_flux2_klein_pipeline(seed=0), {"cfg_truncation": 0.5})
 
 

@@ -77,14 +77,15 @@ HELP_GROUPS = (
         "`toy:<seed>` (a random LoRA for the tiny models), a mapping with `path` and optional `subfolder`, "
         "`revision`, `guidance_scale`, `weight`, `weight_name`, or a list of those (a weighted ensemble). "
         'YAML: `teachers: {ocr: owner/repo/OCRTeacher/lora}`; command line: `--teachers \'{"ocr": "owner/repo"}\'`.',
-        "teachers teacher_guidance_scale teacher_guidance_scale_2 teacher_offload",
+        "teachers teacher_guidance_scale teacher_guidance_scale_2 teacher_offload max_teachers_on_device "
+        "anchor_teacher anchor_weight guidance_free_student",
     ),
     (
         "prompts",
         "A prompt source is a .txt (one prompt per line), .jsonl (a `prompt` field), .csv, .json or .parquet file, a "
         "dataset folder, a Hub dataset id (`id:split`), a registered name or an inline list.",
         "prompts dataset_name dataset_config dataset_train_split dataset_test_split eval_prompts "
-        "task_prompt_templates negative_prompt",
+        "task_prompt_templates negative_prompt tasks_per_round rows_per_round task_sampling",
     ),
     ("rewards", None, "reward_funcs reward_kwargs reward_weights scale_rewards"),
     (
@@ -96,7 +97,7 @@ HELP_GROUPS = (
     (
         "loss",
         None,
-        "loss_type kl_normalization task_weights ppo_clip_range num_iterations beta clip_range adv_clip_max "
+        "loss_type kl_normalization query_mode query_sigma_range task_weights ppo_clip_range num_iterations beta clip_range adv_clip_max "
         "ratio_normalization grpo_guard_bias cps_log_prob drop_zero_std_groups nft_beta old_policy_decay_rate "
         "old_policy_max_decay",
     ),

@@ -515,8 +515,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         rows: list[dict],
         generator: torch.Generator,
         backward: bool,
-        task_rows: int = 0,
         row_tasks: list[str] | None = None,
+        *,
+        task_rows: int = 0,
     ) -> tuple[float, torch.Tensor]:
         """Roll out, supervise and (optionally) back-propagate one task's loss.
 
@@ -545,7 +546,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     "use round-robin rounds."
                 )
             results = [
-                self.task_loss(model, task, [rows[i] for i in group], generator, backward, len(rows))
+                self.task_loss(model, task, [rows[i] for i in group], generator, backward, task_rows=len(rows))
                 for group in groups
             ]
             kl = sum(kl_group * len(group) / len(rows) for (_, kl_group), group in zip(results, groups))
