@@ -183,3 +183,44 @@ def test_references_of_other_layouts_are_batched_apart_and_give_the_output_size(
         assert [trainer.resolution_for(cond) for cond in conds] == sizes
         samples = trainer.generate(["edit", "edit"], images=images, num_inference_steps=1)
         assert [image.size for image in samples] == [(w, h) for h, w in sizes]
+
+
+def test_editing_rows_are_encoded_before_the_text_encoders_leave(tmp_path):
+    """With `offload_text_encoders` (the default) the editing rows are encoded with their images up front, as the text
+    rows are, so training never brings the encoders back."""
+    pipe = get_tiny_flux_kontext_pipeline(seed=0)
+    teacher = str(save_toy_lora(pipe, tmp_path / "teacher", seed=1, rank=2))
+    args = DiffusionOPDConfig(
+        output_dir=str(tmp_path / "out"),
+        resolution=32,
+        max_sequence_length=16,
+        report_to="none",
+        family_kwargs={"auto_resize": False},
+        task_prompt_templates={"edit": "edit: {prompt}"},
+    )
+    rows = [{"prompt": "make it red", "image": RED}, {"prompt": "make it blue", "image": BLUE}, "a cat"]
+    trainer = DiffusionOPDTrainer(pipe, {"edit": teacher}, args=args, train_dataset={"edit": rows})
+    cache = trainer.prompt_cache
+    assert cache.encoders_offloaded
+    # the negative, "a cat" and its student prompt, and both editing rows with their teacher and student prompts
+    assert len(cache) == 1 + 2 + 2 * 2
+    calls = []
+    original = trainer.family.encode_prompts
+    trainer.family.encode_prompts = lambda *a, **k: calls.append(a) or original(*a, **k)
+    trainer.task_loss(trainer.model, "edit", rows[:2], torch.Generator().manual_seed(0), backward=False)
+    assert calls == []
+
+
+@pytest.mark.parametrize("method", ["grpo", "nft"])
+def test_reward_trainers_refuse_rows_with_images(tmp_path, method):
+    from trl_diffusion_opd import DiffusionNFTConfig, DiffusionNFTTrainer, FlowGRPOConfig, FlowGRPOTrainer
+
+    config, trainer = (
+        (FlowGRPOConfig, FlowGRPOTrainer) if method == "grpo" else (DiffusionNFTConfig, DiffusionNFTTrainer)
+    )
+    args = config(output_dir=str(tmp_path / "out"), resolution=32, max_sequence_length=16, report_to="none")
+    rows = ["a cat", {"prompt": "make it red", "image": RED}]
+    with pytest.raises(
+        ValueError, match=r"row 1 \('make it red'\) has input images, which the .* trainer does not use"
+    ):
+        trainer(get_tiny_flux_kontext_pipeline(seed=0), "brightness", args=args, train_dataset=rows)

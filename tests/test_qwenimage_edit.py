@@ -307,3 +307,43 @@ def test_size_from_image_samples_each_row_at_its_references_size(tmp_path):
     assert kl.shape == (trainer.args.train_timesteps_for("edit"),) and bool(torch.isfinite(kl).all())
     samples = trainer.generate([r["prompt"] for r in rows], images=images, num_inference_steps=2)
     assert [image.size for image in samples] == [(64, 32), (32, 64)]
+
+
+def test_rollout_reproduces_qwen_image_edit_pipeline(tmp_path, monkeypatch):
+    """Qwen-Image-Edit (`QwenImageEditPipeline`, one reference, which the VL model sees at the VAE's size): each row of
+    a rollout at true CFG 4 and 32 x 48 gives the pipeline's latents (its 1024² area made tiny as above)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_module
+
+    from trl_diffusion_opd.families.qwenimage_edit import QwenImageEditFamily
+    from trl_diffusion_opd.testing import get_tiny_qwenimage_edit_pipeline
+
+    area = AREAS["vae_image_size"]
+    original = edit_module.calculate_dimensions
+    monkeypatch.setattr(edit_module, "calculate_dimensions", lambda target, ratio: original(area, ratio))
+    pipe = get_tiny_qwenimage_edit_pipeline(seed=0)
+    trainer = DiffusionOPDTrainer(
+        pipe,
+        {"edit": _teacher(pipe, tmp_path / "teacher", 1)},
+        args=_args(tmp_path / "out", family_kwargs={"vae_image_size": area}),
+        train_dataset={"edit": EDIT_ROWS},
+        peft_config=_student_config(init=False),
+    )
+    family = trainer.family
+    assert isinstance(family, QwenImageEditFamily) and family.max_input_images == 1
+    prompts, images = ["make it red", "add a hat"], [[IMAGES[0]], [IMAGES[1]]]
+    cond = trainer.prompt_cache(prompts, images)
+    states = trainer.rollout(cond, torch.Generator().manual_seed(0))["states"]
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        with torch.no_grad():
+            expected = pipe(
+                image=image[0],
+                prompt=prompt,
+                negative_prompt=NEGATIVE,
+                true_cfg_scale=TRUE_CFG,
+                latents=family.pack_latents(states[0, row : row + 1]),
+                height=SIZE[0],
+                width=SIZE[1],
+                num_inference_steps=STEPS,
+                output_type="latent",
+            ).images
+        torch.testing.assert_close(family.pack_latents(states[-1, row : row + 1]), expected, atol=1e-5, rtol=1e-5)

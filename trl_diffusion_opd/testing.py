@@ -40,6 +40,7 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
@@ -91,6 +92,7 @@ __all__ = [
     "get_tiny_input_image",
     "get_tiny_qwen2_tokenizer",
     "get_tiny_qwen2vl_processor",
+    "get_tiny_qwenimage_edit_pipeline",
     "get_tiny_qwenimage_edit_plus_pipeline",
     "get_tiny_qwen_tokenizer",
     "get_tiny_qwen3_tokenizer",
@@ -805,6 +807,13 @@ def get_tiny_qwenimage_edit_plus_pipeline(
     return _to_eval(pipe)
 
 
+def get_tiny_qwenimage_edit_pipeline(seed: int = 0, **kwargs) -> QwenImageEditPipeline:
+    """A randomly initialised `QwenImageEditPipeline` (Qwen-Image-Edit, one reference): the components of
+    `get_tiny_qwenimage_edit_plus_pipeline(seed, zero_cond_t=False, **kwargs)`, which the two pipelines share."""
+    plus = get_tiny_qwenimage_edit_plus_pipeline(seed, **{"zero_cond_t": False, **kwargs})
+    return _to_eval(QwenImageEditPipeline(**plus.components))
+
+
 # Video side and frames the tiny Wan pipelines are meant to run at: 8x VAE downsampling -> 4x4 latents, 2 latent frames.
 TINY_WAN_RESOLUTION = 32
 TINY_WAN_FRAMES = 5
@@ -1158,6 +1167,7 @@ TINY_PIPELINES = {
     "flux_kontext": get_tiny_flux_kontext_pipeline,
     "flux2_klein": get_tiny_flux2_klein_pipeline,
     "qwenimage": get_tiny_qwenimage_pipeline,
+    "qwenimage_edit": get_tiny_qwenimage_edit_pipeline,
     "qwenimage_edit_plus": get_tiny_qwenimage_edit_plus_pipeline,
     "zimage": get_tiny_zimage_pipeline,
     "wan": get_tiny_wan_pipeline,

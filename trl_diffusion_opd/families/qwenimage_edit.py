@@ -1,10 +1,12 @@
-"""Qwen-Image-Edit-Plus (`QwenImageEditPlusPipeline`): Qwen-Image-Edit-2509 and 2511, one to three references a row."""
+"""Qwen-Image-Edit-Plus (`QwenImageEditPlusPipeline`: Qwen-Image-Edit-2509 and 2511, one to three references a row)
+and Qwen-Image-Edit (`QwenImageEditPipeline`: one reference)."""
 
 from __future__ import annotations
 
+import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import QwenImageEditPlusPipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     CONDITION_IMAGE_SIZE,
     VAE_IMAGE_SIZE,
@@ -118,8 +120,7 @@ class QwenImageEditPlusFamily(QwenImageFamily):
     def _encode_text(self, prompt: str, images: list) -> Cond:
         self.check_input_images(len(images), "A row")
         pipe = self.pipeline
-        shown = [pipe.image_processor.resize(image, *self._size(self.condition_image_size, image)) for image in images]
-        embeds, mask = pipe.encode_prompt(prompt=[prompt], image=shown, device=self.device)
+        embeds, mask = pipe.encode_prompt(prompt=[prompt], image=self._shown(images), device=self.device)
         length = self.max_sequence_length
         if embeds.shape[1] > length:
             raise ValueError(
@@ -133,6 +134,11 @@ class QwenImageEditPlusFamily(QwenImageFamily):
             "prompt_embeds": F.pad(embeds, (0, 0, 0, pad)).to(self.dtype),
             "prompt_embeds_mask": F.pad(mask.long(), (0, pad)),
         }
+
+    def _shown(self, images: list):
+        """What the VL model sees: each image resized to `condition_image_size` of area."""
+        processor = self.pipeline.image_processor
+        return [processor.resize(image, *self._size(self.condition_image_size, image)) for image in images]
 
     def _encode_references(self, images: list) -> Cond:
         pipe, vae = self.pipeline, self.pipeline.vae
@@ -183,3 +189,33 @@ class QwenImageEditPlusFamily(QwenImageFamily):
         v = self.true_cfg_velocity(call, self.pack_latents(x), sigma, text, negative, guidance_scale)
         scale = self.vae_scale_factor
         return self.pipeline._unpack_latents(v, height * scale, width * scale, scale)[:, :, 0]
+
+
+@register_family
+class QwenImageEditFamily(QwenImageEditPlusFamily):
+    """Qwen-Image-Edit (`QwenImageEditPipeline`): as Qwen-Image-Edit-Plus with one reference per row, which the VL
+    model sees at the VAE's size (`vae_image_size` of area, the pipeline's 1024²) with the template's one
+    `<|vision_start|><|image_pad|><|vision_end|>` and no "Picture 1:"."""
+
+    pipeline_class = QwenImageEditPipeline
+    name = "qwenimage-edit"
+    max_input_images = 1
+
+    def __init__(self, pipeline, max_sequence_length=None, vae_image_size: int = 1024 * 1024, size_from_image=False):
+        super().__init__(pipeline, max_sequence_length, vae_image_size, vae_image_size, size_from_image)
+
+    def _shown(self, images: list):
+        return super()._shown(images)[0]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], images: list | None = None) -> Cond:
+        """As Edit-Plus; the template always holds an image, so a text-only call (only the trainer's placeholder
+        negative: every row has an image and its own negative) is encoded with a blank one."""
+        if images is None or all(image is None for image in images):
+            blank = PIL.Image.new("RGB", (32, 32), "white")
+            cond = super().encode_prompts(prompts, [[blank]] * len(prompts))
+            return {key: cond[key] for key in _TEXT_KEYS}
+        return super().encode_prompts(prompts, images)
+
+    def pipeline_image_kwargs(self, images: list, resolution) -> dict[str, object]:
+        return {"image": images[0]} if images else {}

@@ -38,7 +38,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
 
 from .. import transition
-from ..data import PromptRow, RoundRobinPrompts, image_digest, load_prompt_source, prompts_by_task
+from ..data import PromptRow, RoundRobinPrompts, image_digest, load_prompt_source, prompts_by_task, row_images
 from ..families.base import NEGATIVE_PREFIX, Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from ..hub import create_model_card, push_checkpoint, push_to_hub
 from ..registry import load_pipeline
@@ -233,18 +233,22 @@ class PromptCache:
         self._rows: OrderedDict[Any, Cond] = OrderedDict()
         self.encoders_offloaded = False
 
-    def warm(self, prompts: list[str], batch_size: int = 32) -> bool:
-        """Embed every prompt now and move the text encoders off the accelerator, if they all fit in the cache.
+    def warm(self, prompts: list[str], batch_size: int = 32, image_rows: list | None = None) -> bool:
+        """Embed every prompt (and every `(prompt, images)` of `image_rows`, editing rows) now and move the text
+        encoders off the accelerator, if they all fit in the cache.
 
         Returns:
             Whether the encoders were offloaded. A prompt seen later still works: the encoders visit the
             accelerator for it and leave again.
         """
         prompts = list(dict.fromkeys(prompts))
-        if len(prompts) > self.max_size:
+        image_rows = list({(p, image_digest(im)): (p, im) for p, im in image_rows or []}.values())
+        if len(prompts) + len(image_rows) > self.max_size:
             return False
         for start in range(0, len(prompts), batch_size):
             self(prompts[start : start + batch_size])
+        for prompt, images in image_rows:
+            self([prompt], [images])
         for encoder in self.family.text_encoders:
             encoder.to("cpu")
         self.encoders_offloaded = True
@@ -414,12 +418,21 @@ class DiffusionLoRATrainer(Trainer):
         self._place_models(device)
         self.prompt_cache = PromptCache(self.family, args.prompt_cache_size, args.negative_prompt)
         if args.offload_text_encoders:
-            every = []
+            every, edits = [], []
             for prompts in (self.task_prompts, self.eval_prompts or {}):
                 for task, rows in prompts.items():
-                    texts = [row["prompt"] for row in rows]
+                    texts = [row["prompt"] for row in rows if not row.get("image")]
                     every += texts + [text for text in self.student_prompts(task, texts) if text not in texts]
-            self.prompt_cache.warm([args.negative_prompt, *every])
+                    for row in rows:  # editing rows: their prompts (and students') with their images
+                        if row.get("image"):
+                            images = row_images(row)
+                            edits += [
+                                (text, images)
+                                for text in dict.fromkeys(
+                                    [row["prompt"], *self.student_prompts(task, [row["prompt"]])]
+                                )
+                            ]
+            self.prompt_cache.warm([args.negative_prompt, *every], image_rows=edits)
         self.ema = (
             EMAModel(self.student_parameters, decay=args.ema_decay, min_decay=args.ema_decay, foreach=False)
             if args.ema
