@@ -56,7 +56,9 @@ ROOT = Path(__file__).parents[1]
 # Checked in order, on the lower-cased `model_name_or_path`: (substring, tiny base, tiny resolution).
 BASES = [
     ("flux.2", "tiny:flux2_klein", TINY_RESOLUTION),
+    ("kontext", "tiny:flux_kontext", TINY_RESOLUTION),
     ("flux", "tiny:flux", TINY_RESOLUTION),
+    ("qwen-image-edit", "tiny:qwenimage_edit_plus", TINY_RESOLUTION),
     ("qwen-image", "tiny:qwenimage", TINY_RESOLUTION),
     ("z-image", "tiny:zimage", TINY_RESOLUTION),
     ("wan2.2-i2v-a14b", "tiny:wan22_i2v", list(TINY_WAN_I2V_SIZE)),
@@ -67,7 +69,12 @@ BASES = [
     ("stable-diffusion-3", "tiny:sd3", TINY_RESOLUTION),
 ]
 # Bases whose rows carry an input image (their prompt files get one small frame per row).
-IMAGE_BASES = {"tiny:wan_i2v", "tiny:wan22_i2v"}
+IMAGE_BASES = {"tiny:wan_i2v", "tiny:wan22_i2v", "tiny:flux_kontext", "tiny:qwenimage_edit_plus"}
+# Family options that size the references, shrunk to the tiny models (Kontext's ~1 MP snap, Qwen-Image-Edit's areas).
+TINY_FAMILY_KWARGS = {
+    "tiny:flux_kontext": {"auto_resize": False},
+    "tiny:qwenimage_edit_plus": {"vae_image_size": 48 * 48, "condition_image_size": 64 * 64},
+}
 CHEAP_REWARDS = ("brightness", "saturation", "jpeg_compressibility")  # rule-based, no model
 PROMPT_FILE = re.compile(r"\.(txt|jsonl)$")
 NFT_ONLY = {f.name for f in dataclasses.fields(DiffusionNFTConfig)} - {
@@ -254,6 +261,11 @@ def shrink_training(config: dict, command: str, out: Path) -> dict:
     if "teachers" in config:
         toys = _Toys()
         config["teachers"] = {task: toys(spec) for task, spec in config["teachers"].items()}
+    if config["model_name_or_path"] in TINY_FAMILY_KWARGS:
+        config["family_kwargs"] = {
+            **(config.get("family_kwargs") or {}),
+            **TINY_FAMILY_KWARGS[config["model_name_or_path"]],
+        }
     images = config["model_name_or_path"] in IMAGE_BASES
     config["prompts"] = _prompts(config.get("prompts"), held_out=False, with_images=images)
     if config.get("eval_prompts") is not None:
@@ -272,6 +284,8 @@ def shrink_training(config: dict, command: str, out: Path) -> dict:
         config["reward_kwargs"] = {k: v for k, v in config["reward_kwargs"].items() if k not in rewards.swapped}
     config["num_inference_steps"] = 2
     config["max_sequence_length"] = min(config.get("max_sequence_length") or 8, 8)
+    if config["model_name_or_path"] == "tiny:qwenimage_edit_plus":
+        config["max_sequence_length"] = 64  # the VL template and the reference's vision tokens come with the prompt
     config["per_device_train_batch_size"] = 1
     if command in ("grpo", "nft"):
         config["num_generations"] = 2
