@@ -174,8 +174,15 @@ def _names_a_write_failure(error: BaseException) -> bool:
     )
 
 
-def _newest_file(folder: Path) -> Path | None:
+# What `torch.save` writes into a checkpoint (the Trainer's optimizer, scheduler and RNG states)
+_TORCH_FILES = (".pt", ".pth", ".bin")
+
+
+def _newest_file(folder: Path, suffixes: tuple[str, ...] | None = None) -> Path | None:
+    """The most recently modified file under `folder` (of one of `suffixes`, when given)."""
     files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    if suffixes is not None:
+        files = [p for p in files if p.suffix in suffixes]
     return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
@@ -199,7 +206,14 @@ def write_error(error: BaseException, staging: Path, step: int) -> CheckpointWri
     of its disk; `None` when `error` is not an I/O failure (a bug, which keeps its traceback)."""
     if not _names_a_write_failure(error):
         return None
-    path = getattr(error, "filename", None) or _newest_file(staging) or staging
+    # torch's and safetensors' errors name no file: the one being written is the newest file of that library's kind
+    # (a file written by other code in the same instant, e.g. the model card, must not be taken for it).
+    kinds = None
+    if type(error).__name__ == "SafetensorError":
+        kinds = (".safetensors",)
+    elif not isinstance(error, OSError):
+        kinds = _TORCH_FILES
+    path = getattr(error, "filename", None) or _newest_file(staging, kinds) or _newest_file(staging) or staging
     if isinstance(error, OSError) and error.errno:
         reason = os.strerror(error.errno)
     else:
