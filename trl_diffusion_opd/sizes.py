@@ -16,6 +16,12 @@ from typing import Any
 Resolution = int | tuple[int, int]
 # What a user may write: a side, a [height, width] pair, or a "HxW" string (the command line).
 ResolutionLike = int | tuple[int, int] | list[int] | str
+# The `help` of every config's `resolution` field (training and the eval command document it once).
+RESOLUTION_HELP = (
+    "Image size in pixels: a side (512: square images) or a height and width ([480, 832] in YAML or JSON, 480x832 on "
+    "the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 and FLUX: the VAE's 8x "
+    "times the 2x2 latent patch), checked once the pipeline is loaded."
+)
 
 _TEXT = re.compile(r"\s*\[?\s*(\d+)\s*(?:[x×X,]\s*(\d+)\s*)?\]?\s*")
 

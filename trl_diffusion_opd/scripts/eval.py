@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from ..sizes import ResolutionLike, parse_resolution
+from ..sizes import RESOLUTION_HELP, ResolutionLike, parse_resolution
 from .utils import (
     PROG,
     TOY_PLACEHOLDER,
@@ -97,11 +97,7 @@ class DiffusionOPDEvalArguments:
     )
     resolution: ResolutionLike = field(
         default=512,
-        metadata={
-            "help": "Image size in pixels: a side (512: square images) or a height and width ([480, 832] in YAML or "
-            "JSON, 480x832 on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 "
-            "and FLUX: the VAE's 8x times the 2x2 latent patch), checked once the pipeline is loaded."
-        },
+        metadata={"help": RESOLUTION_HELP},
     )
     seed: int = field(
         default=0, metadata={"help": "Image i of a prompt set is drawn with seed `seed + i`, for every model."}

@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from ..objectives import SCALE_REWARDS
-from ..sizes import ResolutionLike, parse_resolution
+from ..sizes import RESOLUTION_HELP, ResolutionLike, parse_resolution
 from ..transition import SAMPLERS
 
 
@@ -344,11 +344,7 @@ class DiffusionTrainingConfig(TrainingArguments):
     negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
     resolution: ResolutionLike = field(
         default=512,
-        metadata={
-            "help": "Image size in pixels: a side (512: square images) or a height and width ([480, 832] in YAML or "
-            "JSON, 480x832 on the command line), each a multiple of the family's `resolution_multiple` (16 for SD3 "
-            "and FLUX: the VAE's 8x times the 2x2 latent patch), checked once the pipeline is loaded."
-        },
+        metadata={"help": RESOLUTION_HELP},
     )
     num_frames: int | None = field(
         default=None,
