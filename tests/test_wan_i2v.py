@@ -4,15 +4,20 @@ the same noise, prompt and frame at CFG > 1 (both scales on 2.2), TI2V's conditi
 sampler moves (so outside the KL), the KL is 0 against the student's own adapter, the output depends on the frame, a
 two-expert student reloads into both experts with diffusers, two teachers are distilled, and bad rows are refused."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
+from PIL import Image
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, transition
+from trl_diffusion_opd.evaluation import generate_images
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.wan import WanFamily
+from trl_diffusion_opd.scripts import eval as eval_script
 from trl_diffusion_opd.testing import (
     TINY_WAN_FRAMES,
     TINY_WAN_I2V_SIZE,
@@ -332,3 +337,81 @@ def test_two_experts_keep_ddp_find_unused_parameters(tmp_path):
     assert trainer._build_accelerator_args()["kwargs_handlers"][0].find_unused_parameters is True
     with pytest.raises(ValueError, match="^`ddp_find_unused_parameters` cannot be false with two experts"):
         _trainer(tmp_path / "b", "wan22", args=_args(tmp_path / "o", ddp_find_unused_parameters=False))
+
+
+def test_generate_images_passes_the_first_frame_and_the_frame_changes_the_video():
+    """The evaluation samples each image-to-video row through `WanImageToVideoPipeline.__call__` with its first frame
+    (`image=`), its frame count and both CFG scales: the same call made by hand gives the same video, and another
+    input frame (same prompt and seed) another video."""
+    pipe = get_tiny_wan_i2v_pipeline(seed=0, two_experts=True)
+    settings = (STEPS, 3.0, TINY_WAN_I2V_SIZE, 16, TINY_WAN_FRAMES, 2.0)
+    first, second = generate_images(pipe, ["a cat walks"] * 2, [5, 5], *settings, images=[FRAMES[:1], FRAMES[1:2]])
+    assert len(first) == TINY_WAN_FRAMES and first[0].size == (TINY_WAN_I2V_SIZE[1], TINY_WAN_I2V_SIZE[0])
+    direct = pipe(
+        image=FRAMES[0],
+        prompt="a cat walks",
+        negative_prompt="",
+        num_inference_steps=STEPS,
+        guidance_scale=3.0,
+        guidance_scale_2=2.0,
+        height=TINY_WAN_I2V_SIZE[0],
+        width=TINY_WAN_I2V_SIZE[1],
+        num_frames=TINY_WAN_FRAMES,
+        max_sequence_length=16,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="pil",
+    ).frames[0]
+    assert [frame.tobytes() for frame in first] == [frame.tobytes() for frame in direct]
+    difference = [np.abs(np.asarray(a, float) - np.asarray(b, float)).max() for a, b in zip(first, second)]
+    assert min(difference) > 0  # every frame, not only the first, depends on the input frame
+
+
+def test_eval_command_shows_and_writes_each_video_after_its_input_frame(tmp_path):
+    """`trl-diffusion-opd eval` on the tiny Wan 2.1 I2V with rows carrying a first frame (a PNG path): the frame grid's
+    first column is each row's input frame (squashed to the video's size, then to the tile), every written video
+    starts with it before the pipeline's frames, and the student's (toy adapter's) video changes with the frame."""
+    prompts = {}
+    for i, (column, frame) in enumerate(zip(("brightness", "brightness@other"), FRAMES[:2])):
+        frame.save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.jsonl").write_text(json.dumps({"prompt": "a cat walks", "image": f"{i}.png"}) + "\n")
+        prompts[column] = str(tmp_path / f"{i}.jsonl")  # two sets, one row each: the same prompt and seed
+    out = tmp_path / "eval"
+    argv = [
+        "--model_name_or_path", "tiny:wan_i2v",
+        "--adapters", '{"toy": "toy:1"}',
+        "--prompts", json.dumps(prompts),
+        "--resolution", "x".join(map(str, TINY_WAN_I2V_SIZE)),
+        "--num_frames", str(TINY_WAN_FRAMES),
+        "--num_inference_steps", "2",
+        "--guidance_scale", "2.0",
+        "--max_sequence_length", "512",
+        "--output_dir", str(out),
+        "--device", "cpu",
+    ]  # fmt: skip
+    assert eval_script.main(argv) == 0
+    height, width = TINY_WAN_I2V_SIZE
+    videos = {}
+    for label in ("base", "toy"):
+        grid = np.asarray(Image.open(out / "grids" / f"{label}.png").convert("RGB"), dtype=int)
+        # 2 rows of 1 input + 5 frames at 256-pixel tiles after the 160-pixel label column, 4-pixel padding
+        assert grid.shape == (2 * (256 + 4) + 4, 160 + 6 * (256 + 4) + 4, 3)
+        for k, frame in enumerate(FRAMES[:2]):
+            squashed = frame.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+            tile = np.asarray(squashed.resize((256, 256), Image.Resampling.BICUBIC), dtype=int)
+            top = 4 + k * (256 + 4)
+            assert np.array_equal(grid[top : top + 256, 164 : 164 + 256], tile)
+            decoded = _decode(out / "videos" / label / f"{k}-0.webp")
+            assert len(decoded) == 1 + TINY_WAN_FRAMES and np.array_equal(decoded[0], np.asarray(squashed))
+            videos[label, k] = np.stack(decoded[1:]).astype(int)
+    assert np.abs(videos["toy", 0] - videos["base", 0]).max() > 0  # the adapter is on
+    assert all(np.abs(videos["toy", 0][f] - videos["toy", 1][f]).max() > 0 for f in range(TINY_WAN_FRAMES))
+
+
+def _decode(path) -> list[np.ndarray]:
+    """The frames of an animated WebP."""
+    with Image.open(path) as video:
+        frames = []
+        for index in range(video.n_frames):
+            video.seek(index)
+            frames.append(np.asarray(video.convert("RGB")))
+    return frames

@@ -519,9 +519,10 @@ def generate_images(
 
     Args:
         num_frames, guidance_scale_2: Passed to the pipeline when set (video pipelines; Wan 2.2's low-noise CFG).
-        images: Editing pipelines: each prompt's input images (a list of PIL images). The pipelines take one set of
-            references per call, so each prompt is sampled by its own call, with the family's image and guidance
-            arguments (`pipeline_image_kwargs`, `pipeline_guidance_kwargs` with the negative prompt `""`).
+        images: Editing and image-to-video pipelines: each prompt's input images (a list of PIL images; Wan I2V:
+            the first frame, and a last frame where the pipeline takes one). The pipelines take one set per call,
+            so each prompt is sampled by its own call, with the family's image and guidance arguments
+            (`pipeline_image_kwargs`, `pipeline_guidance_kwargs` with the negative prompt `""`).
 
     Returns:
         One PIL image per prompt, or for a video pipeline (whose output has `frames`) one list of PIL frames.
@@ -541,14 +542,21 @@ def generate_images(
             }
             if max_sequence_length is not None:
                 kwargs["max_sequence_length"] = max_sequence_length
-            outputs += pipeline(
-                prompt=prompt,
-                num_inference_steps=num_inference_steps,
-                height=image_size(resolution)[0],
-                width=image_size(resolution)[1],
-                generator=torch.Generator("cpu").manual_seed(seed),
-                **kwargs,
-            ).images
+            if num_frames is not None:  # image-to-video pipelines
+                kwargs["num_frames"] = num_frames
+            if guidance_scale_2 is not None:
+                kwargs["guidance_scale_2"] = guidance_scale_2
+            outputs += _samples(
+                pipeline(
+                    prompt=prompt,
+                    num_inference_steps=num_inference_steps,
+                    height=image_size(resolution)[0],
+                    width=image_size(resolution)[1],
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    output_type="pil",
+                    **kwargs,
+                )
+            )
         return outputs
     kwargs = {
         "prompt": prompts,
@@ -567,7 +575,11 @@ def generate_images(
         kwargs["guidance_scale_2"] = guidance_scale_2
     if family is not None:
         kwargs.update(family.pipeline_image_kwargs([], resolution))  # FLUX.1 Kontext: `max_area`
-    output = pipeline(**kwargs)
+    return _samples(pipeline(**kwargs))
+
+
+def _samples(output) -> list:
+    """A pipeline output's images, or for a video pipeline (whose output has `frames`) its videos as lists of frames."""
     if hasattr(output, "images"):
         return output.images
     return [list(video) for video in output.frames]
@@ -598,7 +610,8 @@ class EvaluationResult:
         ranges: `{column: (low, high)}` of the normalisation behind `average`; `None` leaves a column out.
         average: `{label: mean over columns of (score - low) / (high - low)}`.
         grids: `{label: path of its image grid}` (videos: its frame grid, a row per video); a prompt set with input
-            images (editing) has a row of each sample's first input image above its samples.
+            images (editing) has a row of each sample's first input image above its samples, an image-to-video set
+            each video's input frame as its first column.
         videos: `{label: [paths of its sample videos]}` (video pipelines only).
         settings: Sampling settings and prompt counts.
         samples: `{label: [images of prompt set k]}`, the first `grid_size` images of every prompt set (the grids'
@@ -705,6 +718,14 @@ class EvaluationResult:
         (output_dir / RESULTS_MARKDOWN).write_text(self.to_markdown())
 
 
+def _with_input(video: list[Image.Image], inputs: list[Image.Image | None]) -> list[Image.Image]:
+    """`video`'s frames, after its input frame (`inputs[0]`, squashed to the video's size with Lanczos, as the
+    pipeline's `video_processor` resizes it) when it has one: how an image-to-video sample is shown and written."""
+    if not inputs or inputs[0] is None:
+        return video
+    return [inputs[0].convert("RGB").resize(video[0].size, Image.Resampling.LANCZOS), *video]
+
+
 def _column_reward(column: str) -> str:
     return column.split("@", 1)[0]
 
@@ -761,8 +782,8 @@ def evaluate_models(
         grid_image_size: Side of a grid tile in pixels (`None`: the generated size).
         normalization: `{column or reward name: [low, high]}` overriding the rewards' ranges for the Average.
         output_dir: Where `results.json`, `results.md` and `grids/<label>.png` go (a video pipeline: the frame grid,
-            a row per video, and the first `grid_size` videos of every prompt set as `videos/<label>/<set>-<i>.<format>`);
-            `None` writes nothing.
+            a row per video, and the first `grid_size` videos of every prompt set as `videos/<label>/<set>-<i>.<format>`;
+            image-to-video rows: both with the row's input frame first); `None` writes nothing.
         cache_dir, token: Hub cache and token for adapters given as Hub ids.
         progress: Show a progress bar.
     """
@@ -862,13 +883,18 @@ def evaluate_models(
                     captions = [
                         row["prompt"] for (rows, _), shown in zip(sets, grid_rows) for row in rows[: len(shown)]
                     ]
-                    flat = [video for shown in grid_rows for video in shown]
-                    frame_grid(flat, captions, max_grid_frames, grid_image_size).save(path)
-                    folder = Path(output_dir) / VIDEOS_DIR / _file_name(model.label)
-                    videos[model.label] = [
-                        str(save_video(video, folder / f"{k}-{i}.{video_format}", fps))
-                        for k, shown in enumerate(grid_rows)
+                    # image-to-video sets: each video shown and written with its input frame first
+                    shown_videos = [
+                        _with_input(video, (set_inputs.get(id(rows)) or [])[i : i + 1])
+                        for (rows, _), shown in zip(sets, grid_rows)
                         for i, video in enumerate(shown)
+                    ]
+                    frame_grid(shown_videos, captions, max_grid_frames, grid_image_size).save(path)
+                    folder = Path(output_dir) / VIDEOS_DIR / _file_name(model.label)
+                    names = [f"{k}-{i}" for k, shown in enumerate(grid_rows) for i in range(len(shown))]
+                    videos[model.label] = [
+                        str(save_video(video, folder / f"{name}.{video_format}", fps))
+                        for name, video in zip(names, shown_videos)
                     ]
                 else:
                     make_grid(tiles, grid_image_size).save(path)

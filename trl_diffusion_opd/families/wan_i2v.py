@@ -159,6 +159,12 @@ class WanImageToVideoFamily(WanFamily):
         # FLF2V: the pipeline passes the first and last frame's tokens as two rows, which the transformer re-joins
         return embeds.reshape(embeds.shape[0] * 2, -1, embeds.shape[-1])
 
+    def pipeline_image_kwargs(self, images: list, resolution: Resolution) -> dict[str, object]:
+        """`WanImageToVideoPipeline.__call__`'s `image` (the first frame) and, with a second image, `last_image`."""
+        if not images:
+            return {}
+        return {"image": images[0], **({"last_image": images[1]} if len(images) > 1 else {})}
+
     def moved(self, v: torch.Tensor) -> torch.Tensor:
         """The velocity of the latents the sampler steps: with `expand_timesteps`, without the conditioned frame 0."""
         return v[:, :, 1:] if self.expand else v
