@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
 from PIL import Image
 
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, transition
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, cli, transition
 from trl_diffusion_opd.evaluation import generate_images
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.wan import WanFamily
@@ -415,3 +415,62 @@ def _decode(path) -> list[np.ndarray]:
             video.seek(index)
             frames.append(np.asarray(video.convert("RGB")))
     return frames
+
+
+def _configs_only_base(folder, **build):
+    """A folder with the tiny pipeline's `model_index.json` and component configs but no weights: a base that fails
+    if anything tries to load it."""
+    pipe = get_tiny_wan_i2v_pipeline(seed=0, **build)
+    pipe.save_config(folder)
+    for component in ("transformer", "vae"):
+        getattr(pipe, component).save_config(folder / component)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rows": [{"prompt": "a cat walks", "image": "0.png"}, {"prompt": "no frame"}]},
+         "Task 'motion' row 1 ('no frame') has no `image`: the wan-i2v family (WanImageToVideoPipeline) generates"),
+        ({"rows": [{"prompt": "a cat walks", "image": "broken.png"}]}, "task 'motion': row 0 ('a cat walks'): "
+         "input image '{tmp}/broken.png' is not a readable image"),
+        ({"resolution": "40x48"}, "`resolution` must be a multiple of 16 for this wan-i2v pipeline (VAE scale factor 8 "
+         "x latent patch 2), got 40x48; e.g. 32x48."),
+        ({"num_frames": "6"}, "num_frames must be 1 + a multiple of 4, got 6."),
+        ({"build": {"ti2v": True}, "rows": [{"prompt": "first and last", "image": ["0.png", "0.png"]}]},
+         "Task 'motion' row 0 ('first and last') has 2 input images, but the wan-i2v family "
+         "(WanImageToVideoPipeline) takes at most 1."),
+    ],
+)  # fmt: skip
+def test_bad_i2v_input_is_one_line_before_the_base_loads(tmp_path, capsys, monkeypatch, change, message):
+    """Through `trl-diffusion-opd train`: a row without its first frame, an unreadable frame, a size off the VAE x
+    patch grid, a frame count off 4k + 1, too many frames for the checkpoint: exit 2 with one line naming the row (and
+    file), read from the base's configs alone. The base is a folder of configs without weights, and loading any
+    pipeline raises, so the check ran before any model loaded."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", forbidden)
+    monkeypatch.chdir(tmp_path)
+    FRAMES[0].save(tmp_path / "0.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = change.get("rows", [{"prompt": "a cat walks", "image": "0.png"}])
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    size = TINY_WAN_TI2V_I2V_SIZE if change.get("build") else TINY_WAN_I2V_SIZE
+    argv = [
+        "train",
+        "--model_name_or_path", _configs_only_base(tmp_path / "base", **change.get("build", {})),
+        "--teachers", '{"motion": "toy:1"}',
+        "--prompts", '{"motion": "rows.jsonl"}',
+        "--resolution", change.get("resolution", "x".join(map(str, size))),
+        "--num_frames", change.get("num_frames", str(TINY_WAN_FRAMES)),
+        "--output_dir", str(tmp_path / "out"),
+        "--report_to", "none",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"trl-diffusion-opd train: error: {message.format(tmp=tmp_path)}"), err
+    assert not (tmp_path / "out").exists()
