@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
 from PIL import Image
 
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, cli, transition
+from trl_diffusion_opd import DiffusionModelConfig, DiffusionOPDConfig, DiffusionOPDTrainer, cli, registry, transition
 from trl_diffusion_opd.evaluation import generate_images
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.wan import WanFamily
@@ -474,3 +474,36 @@ def test_bad_i2v_input_is_one_line_before_the_base_loads(tmp_path, capsys, monke
     assert err.count("\n") == 1, err
     assert err.startswith(f"trl-diffusion-opd train: error: {message.format(tmp=tmp_path)}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_class_runs_a_text_to_video_base_as_image_to_video():
+    """`pipeline_class` (the model arguments): TI2V-5B's base, a `WanPipeline`, loads as `WanImageToVideoPipeline` on
+    the same components with `expand_timesteps`, which the family then runs from a first frame; a name that is not a
+    diffusers pipeline class, or components that do not make one, are refused in one line."""
+    pipe = registry.load_pipeline("tiny:wan22_ti2v", pipeline_class="WanImageToVideoPipeline")
+    assert type(pipe).__name__ == "WanImageToVideoPipeline" and pipe.config.expand_timesteps is True
+    assert pipe.name_or_path == "tiny:wan22_ti2v"
+    family = get_family(pipe, max_sequence_length=16, num_frames=TINY_WAN_FRAMES)
+    assert family.name == "wan-i2v" and family.expand and family.max_input_images == 1
+    with pytest.raises(ValueError, match=r"^`pipeline_class` must be a diffusers pipeline class .*, got "
+                       r"'WanImageToVideoPipelin'\. Did you mean WanImageToVideoPipeline"):  # fmt: skip
+        DiffusionModelConfig(model_name_or_path="tiny:wan22_ti2v", pipeline_class="WanImageToVideoPipelin")
+    with pytest.raises(ValueError, match="^`pipeline_class` must be a diffusers pipeline class"):
+        DiffusionModelConfig(model_name_or_path="tiny:wan22_ti2v", pipeline_class="AutoencoderKLWan")
+    with pytest.raises(
+        ValueError, match=r"^'tiny:sd3' \(StableDiffusion3Pipeline\) does not load as `pipeline_class` "
+    ):
+        registry.load_pipeline("tiny:sd3", pipeline_class="WanImageToVideoPipeline")
+
+
+def test_card_tags_follow_the_image_to_video_task(tmp_path):
+    """The card's task tags are the family's: `image-to-video` as `pipeline_tag` and among the tags, never the
+    text-to-image tag the trainers used to carry for every family."""
+    from huggingface_hub import ModelCard
+
+    trainer = _trainer(tmp_path, "wan21")
+    assert trainer.model_tags == ["trl", "diffusion-opd", "diffusers", "lora", "image-to-video", "wan"]
+    trainer.create_model_card()
+    data = ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()
+    assert data["pipeline_tag"] == "image-to-video"
+    assert "image-to-video" in data["tags"] and "text-to-image" not in data["tags"]
