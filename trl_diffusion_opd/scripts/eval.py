@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 class DiffusionOPDEvalArguments:
     """
     Arguments of the `trl-diffusion-opd eval` command; each field is documented by its `help`. In Python,
-    `evaluate_models` takes the same settings.
+    `evaluate_models` takes the same settings (`evaluation.EvaluationConfig`).
     """
 
     model_name_or_path: str | None = field(
@@ -226,7 +226,7 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
     The prompt files and the adapters' files are checked before the base is loaded, and the resolution against the
     base before toy adapters are written, so that a failed start leaves nothing on disk."""
     from ..data import load_prompt_source
-    from ..evaluation import evaluate_models, load_base_pipeline
+    from ..evaluation import EvaluationConfig, evaluate_models, load_base_pipeline
     from ..families.base import get_family
     from ..teachers import check_teacher_files, parse_teacher_spec, resolve_teacher
 
@@ -256,10 +256,7 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
         rank=4,
         std=1.0,
     )
-    return evaluate_models(
-        pipeline,
-        prompts=eval_args.prompts,
-        adapters=adapters,
+    config = EvaluationConfig(
         reward_kwargs=eval_args.reward_kwargs,
         include_base=eval_args.include_base,
         base_label=eval_args.base_label,
@@ -280,6 +277,7 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
         cache_dir=eval_args.cache_dir,
         token=eval_args.hub_token,
     )
+    return evaluate_models(pipeline, prompts=eval_args.prompts, adapters=adapters, config=config)
 
 
 def main(argv: list[str] | None = None) -> int:
