@@ -81,7 +81,10 @@ def test_rollout_reproduces_the_pipeline_at_cfg_and_a_non_square_size(family, tm
     # measured 0.034 (FLUX.2 klein, whose tiny blocks barely move the velocity) to 0.75
     assert (unguided[-1] - states[-1]).abs().max() > 1e-2, "guidance did not change the rollout"
 
-    samples = trainer.generate([prompts[0]], adapter=None, num_inference_steps=2)
+    first = prompts[0]  # a prompt, or a row with its input image (image-to-video)
+    images = {"images": [[first["image"]]]} if isinstance(first, dict) and first.get("image") else {}
+    text = first["prompt"] if isinstance(first, dict) else first
+    samples = trainer.generate([text], adapter=None, num_inference_steps=2, **images)
     image = samples[0][0] if isinstance(samples[0], list) else samples[0]  # a video's first frame
     assert image.size == (family.size[1], family.size[0])  # PIL: (width, height)
 

@@ -67,8 +67,8 @@ HELP_GROUPS = (
     (
         "model",
         "The base pipeline and the student LoRA.",
-        "model_name_or_path revision cache_dir torch_dtype max_sequence_length family_kwargs offload_text_encoders "
-        "prompt_cache_size student_adapter lora_r lora_alpha lora_dropout lora_target_modules lora_init use_rslora",
+        "model_name_or_path pipeline_class revision cache_dir torch_dtype max_sequence_length family_kwargs "
+        "offload_text_encoders prompt_cache_size student_adapter lora_r lora_alpha lora_dropout lora_target_modules lora_init use_rslora",
     ),
     (
         "teachers",
