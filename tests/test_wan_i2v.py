@@ -335,3 +335,29 @@ def test_pipeline_class_runs_a_text_to_video_base_as_image_to_video():
         ValueError, match=r"^'tiny:sd3' \(StableDiffusion3Pipeline\) does not load as `pipeline_class` "
     ):
         registry.load_pipeline("tiny:sd3", pipeline_class="WanImageToVideoPipeline")
+
+
+def test_eval_refuses_a_row_without_its_frame_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    """`trl-diffusion-opd eval` on a configs-only image-to-video base: a prompt row without its first frame is one line
+    naming the column and row (exit 2), and nothing is loaded."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", forbidden)
+    argv = [
+        "eval",
+        "--model_name_or_path", _configs_only_base(tmp_path / "base"),
+        "--prompts", '{"brightness": ["a cat walks"]}',
+        "--resolution", "x".join(map(str, TINY_WAN_I2V_SIZE)),
+        "--num_frames", str(TINY_WAN_FRAMES),
+        "--output_dir", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "trl-diffusion-opd eval: error: Prompts 'brightness' row 0 ('a cat walks') has no `image`: the wan-i2v family "
+        "(WanImageToVideoPipeline) generates a video from each row's first frame.\n"
+    )
+    assert not (tmp_path / "eval").exists()

@@ -497,31 +497,40 @@ def _config_reader(name: str, revision: str | None, cache_dir: str | None, token
     return config
 
 
-def check_before_loading(model_args: DiffusionModelConfig, training_args, *datasets) -> None:
-    """What the base's family refuses from its configs alone (a size or frame count the model cannot run, a row
-    without the input frame an image-to-video model needs, ...: `FlowMatchingFamily.check_before_loading`), as one
-    line naming the row, before any weight loads. `datasets` are `{task: rows}` (or `None`). A registered base is
-    built in memory, and one whose configs cannot be read reports that when it loads: both are checked by the trainer
-    instead."""
+def check_before_loading(
+    name: str,
+    resolution,
+    num_frames: int | None,
+    datasets: list[dict[str, list] | None],
+    pipeline_class: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    what: str = "Task",
+) -> None:
+    """What the family of base `name` refuses from its configs alone (a size or frame count the model cannot run, a
+    row without the input frame an image-to-video model needs, ...: `FlowMatchingFamily.check_before_loading`), as one
+    line naming the row (`{what} '<task>' row <i>`), before any weight loads. `datasets` are `{task: rows}` (or
+    `None`). A registered base is built in memory, and one whose configs cannot be read reports that when it loads:
+    both are checked by the trainer (or the pipeline) instead."""
     import diffusers
 
     from ..families.base import family_class
 
-    name = model_args.model_name_or_path
     if get_pipeline(name) is not None:
         return
-    config = _config_reader(name, training_args.revision, model_args.cache_dir, training_args.hub_token)
+    config = _config_reader(name, revision, cache_dir, token)
     rows = [
-        (f"Task '{task}' row {index} ({row['prompt']!r})", row)
+        (f"{what} '{task}' row {index} ({row['prompt']!r})", row)
         for dataset in datasets
         for task, task_rows in (dataset or {}).items()
         for index, row in enumerate(task_rows)
     ]
     try:
-        class_name = model_args.pipeline_class or config(None).get("_class_name")
+        class_name = pipeline_class or config(None).get("_class_name")
         family = family_class(getattr(diffusers, str(class_name), None) or type(None))
         if family is not None:
-            family.check_before_loading(config, training_args.resolution, training_args.num_frames, rows)
+            family.check_before_loading(config, resolution, num_frames, rows)
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return
 
