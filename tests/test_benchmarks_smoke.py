@@ -289,3 +289,22 @@ def test_teacher_scale_case_and_summary(tmp_path):
     assert summary["time_ratio_max"] == pytest.approx(1.1) and summary["time_target_met"]
     assert summary["memory_target_met"]
     assert len(teacher_scale._row(fake[1])) == len(teacher_scale.HEADERS)
+
+
+def test_wan_memory_counts_the_image_to_video_checkpoints():
+    """The I2V variants on the published configs: Wan 2.1 I2V 14B's transformer (36 input channels, CLIP key / value
+    projections) and CLIP ViT-H image encoder, Wan 2.2 I2V A14B's two experts; at a small video, the CLIP tokens' extra
+    attention (2.1) and TI2V's per-token time modulation (a first frame) keep more than the text-to-video rows."""
+    from benchmarks.wan_memory import model_sizes, saved_activations_per_row
+
+    i2v = model_sizes("wan2.1-I2V-14B")
+    assert i2v["transformer_params_b"] == pytest.approx(16.40, abs=0.01)
+    assert i2v["image_encoder_params_b"] == pytest.approx(0.63, abs=0.01)
+    a14b = model_sizes("wan2.2-I2V-A14B")
+    assert a14b["transformer_params_b"] == pytest.approx(28.58, abs=0.01) and a14b["image_encoder_params_b"] == 0
+    for image, text in (("wan2.1-I2V-14B", "wan2.1-14B"), ("wan2.2-TI2V-5B-I2V", "wan2.2-TI2V-5B")):
+        with_frame, without = (
+            saved_activations_per_row(v, resolution=64, num_frames=5, checkpointing=True) for v in (image, text)
+        )
+        assert with_frame["tokens"] == without["tokens"]
+        assert with_frame["distinct_without_attention_probs_gib"] > without["distinct_without_attention_probs_gib"]

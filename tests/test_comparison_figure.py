@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trl_diffusion_opd.evaluation import comparison_figure
+from trl_diffusion_opd.figures import comparison_figure
 
 
 def _tile(color, size=32):

@@ -54,7 +54,7 @@ def test_the_public_configs_declare_fields():
     # Guards the parametrisation below against an empty list (e.g. a `declared_fields` that finds nothing).
     assert {cls.__name__: len(HOOKS.declared_fields(cls)) for cls in (DiffusionOPDConfig, DiffusionModelConfig)} == {
         "DiffusionOPDConfig": 22,
-        "DiffusionModelConfig": 8,
+        "DiffusionModelConfig": 9,
     }
     assert len(DECLARED) > 80
 

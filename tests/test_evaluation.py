@@ -10,7 +10,8 @@ from PIL import Image
 from transformers.integrations import TensorBoardCallback
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, cli, rewards
-from trl_diffusion_opd.evaluation import evaluate_models, generate_images, make_grid
+from trl_diffusion_opd.evaluation import EvaluationConfig, evaluate_models, generate_images
+from trl_diffusion_opd.figures import make_grid
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
 from trl_diffusion_opd.trainer.callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
 
@@ -380,3 +381,21 @@ def test_adapter_of_another_model_is_refused_before_scoring(tmp_path, capsys):
             "it a LoRA for another model?"
         )
     assert not [name for name, _ in base.transformer.named_modules() if "lora" in name]  # refused before loading
+
+
+def test_evaluation_config_and_keywords_give_the_same_table(tmp_path, adapters):
+    """`evaluate_models(..., config=EvaluationConfig(...))` and the same settings as keywords sample and score the
+    same images; keywords replace the config's fields; a keyword that is no field is a `TypeError`."""
+    prompts = {"brightness": PROMPTS[:2]}
+    settings = {**SAMPLING, "seed": 3, "progress": False, "include_base": False}
+    config = EvaluationConfig(**settings)
+    by_config = evaluate_models(get_tiny_sd3_pipeline(seed=0), prompts, {"lora": adapters["lora"]}, config=config)
+    by_keywords = evaluate_models(get_tiny_sd3_pipeline(seed=0), prompts, {"lora": adapters["lora"]}, **settings)
+    pipe = get_tiny_sd3_pipeline(seed=0)
+    assert by_config.per_image == by_keywords.per_image and by_config.settings == by_keywords.settings
+    assert by_config.settings["seed"] == 3 and [m.label for m in by_config.models] == ["lora"]
+    replaced = evaluate_models(pipe, prompts, config=config, seed=4, include_base=True)
+    assert replaced.settings["seed"] == 4 and config.seed == 3  # the config itself is left as it was
+    assert replaced.per_image["base"]["brightness"] != by_config.per_image["lora"]["brightness"]
+    with pytest.raises(TypeError, match="grid_sizee"):
+        evaluate_models(pipe, prompts, grid_sizee=2)

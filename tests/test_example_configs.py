@@ -266,7 +266,8 @@ def shrink_training(config: dict, command: str, out: Path) -> dict:
             **(config.get("family_kwargs") or {}),
             **TINY_FAMILY_KWARGS[config["model_name_or_path"]],
         }
-    images = config["model_name_or_path"] in IMAGE_BASES
+    # a text-to-video base run as `WanImageToVideoPipeline` (TI2V-5B's image-to-video YAML) takes frames too
+    images = config["model_name_or_path"] in IMAGE_BASES or config.get("pipeline_class") == "WanImageToVideoPipeline"
     config["prompts"] = _prompts(config.get("prompts"), held_out=False, with_images=images)
     if config.get("eval_prompts") is not None:
         config["eval_prompts"] = _prompts(config["eval_prompts"], held_out=True, with_images=images)
@@ -360,6 +361,8 @@ def test_example_config_runs_end_to_end(name, command, config, tmp_path, monkeyp
 
     history = trainer.state.log_history
     assert trainer.state.global_step == 2
+    if config.get("pipeline_class"):  # the base as that class (TI2V-5B's Hub repo is a WanPipeline)
+        assert type(trainer.pipeline).__name__ == config["pipeline_class"]
     if command == "train":  # the teachers' layout as written: an ensemble's members, every expert covered
         for task, spec in config["teachers"].items():
             members = trainer.teacher_specs[task]

@@ -81,7 +81,10 @@ def test_rollout_reproduces_the_pipeline_at_cfg_and_a_non_square_size(family, tm
     # measured 0.034 (FLUX.2 klein, whose tiny blocks barely move the velocity) to 0.75
     assert (unguided[-1] - states[-1]).abs().max() > 1e-2, "guidance did not change the rollout"
 
-    samples = trainer.generate([prompts[0]], adapter=None, num_inference_steps=2)
+    first = prompts[0]  # a prompt, or a row with its input image (image-to-video)
+    images = {"images": [[first["image"]]]} if isinstance(first, dict) and first.get("image") else {}
+    text = first["prompt"] if isinstance(first, dict) else first
+    samples = trainer.generate([text], adapter=None, num_inference_steps=2, **images)
     image = samples[0][0] if isinstance(samples[0], list) else samples[0]  # a video's first frame
     assert image.size == (family.size[1], family.size[0])  # PIL: (width, height)
 
@@ -172,9 +175,8 @@ def test_model_card_names_the_base_and_tags(family, distilled):
     assert data["base_model"] == family.base and data["base_model_relation"] == "adapter"
     assert data.get("license") == family.license
     assert data["pipeline_tag"] == family.pipeline_tag
-    # "text-to-image" is among the trainer's fixed `_tag_names`, for video families too (their `pipeline_tag` says
-    # text-to-video).
-    fixed = ["text-to-image", "diffusers", "lora", "trl", "diffusion-opd", family.tag]
+    # the task tag follows the family's task (a video family's card is not tagged text-to-image)
+    fixed = [family.pipeline_tag, "diffusers", "lora", "trl", "diffusion-opd", family.tag]
     assert sorted(data["tags"]) == sorted(fixed + list(family.train))
     assert f'DiffusionPipeline.from_pretrained("{family.base}"' in card.text
     code = quick_start(card.text)

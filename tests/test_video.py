@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, RewardEvalCallback
-from trl_diffusion_opd.evaluation import frame_grid, frame_indices, save_video
+from trl_diffusion_opd.figures import frame_grid, frame_indices, save_video
 from trl_diffusion_opd.hub import create_model_card
 from trl_diffusion_opd.rewards import get_reward
 from trl_diffusion_opd.scripts import eval as eval_script

@@ -1,37 +1,38 @@
-"""Wan image-to-video students on the tiny `WanImageToVideoPipeline`s (Wan 2.1 I2V with CLIP, Wan 2.2 I2V A14B's
-two experts, TI2V-5B given a first frame), at non-square sizes: the rollout reproduces the pipeline's `__call__` from
-the same noise, prompt and frame at CFG > 1 (both scales on 2.2), TI2V's conditioned latent frame is outside what the
-sampler moves (so outside the KL), the KL is 0 against the student's own adapter, the output depends on the frame, a
-two-expert student reloads into both experts with diffusers, two teachers are distilled, and bad rows are refused."""
+"""What Wan image-to-video adds to the family contract (tests/test_family_contract.py runs the rollout = `__call__`,
+KL 0, distillation, reload and card checks on `wan22_i2v`, `wan21_i2v` and `wan22_ti2v_i2v`), on the tiny
+`WanImageToVideoPipeline`s at non-square sizes: TI2V's conditioned latent frame is outside what the sampler moves (so
+outside the KL), the output depends on the frame, the decoded TI2V video starts with it, eval samples with it and shows
+it first, bad rows fail in one line before the base loads, `pipeline_class`, and DDP with two experts."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline
 from peft import LoraConfig
+from PIL import Image
 
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, transition
+from trl_diffusion_opd import DiffusionModelConfig, DiffusionOPDConfig, DiffusionOPDTrainer, cli, registry, transition
+from trl_diffusion_opd.evaluation import generate_images
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.families.wan import WanFamily
+from trl_diffusion_opd.scripts import eval as eval_script
 from trl_diffusion_opd.testing import (
     TINY_WAN_FRAMES,
     TINY_WAN_I2V_SIZE,
     TINY_WAN_TI2V_I2V_SIZE,
-    get_tiny_input_image,
     get_tiny_wan_i2v_pipeline,
-    save_toy_lora,
 )
+
+from helpers import I2V_FRAMES as FRAMES
+from helpers import I2V_ROWS as ROWS
+from helpers import WAN22_I2V
 
 
 TARGETS = WanFamily.default_lora_targets
 STEPS = 4
 LOW_2 = "pytorch_lora_weights_transformer_2.safetensors"
-# Input frames of other sizes and aspect ratios than the video's: the pipeline squashes them to height x width.
-FRAMES = [get_tiny_input_image(1, 40, 40), get_tiny_input_image(2, 24, 56), get_tiny_input_image(3, 48, 32)]
-ROWS = {
-    "motion": [{"prompt": "a cat walks", "image": FRAMES[0]}, {"prompt": "waves roll in", "image": FRAMES[1]}],
-    "camera": [{"prompt": "the camera pans left", "image": FRAMES[2]}, {"prompt": "zoom in", "image": FRAMES[0]}],
-}
 VARIANTS = {
     "wan21": ({}, TINY_WAN_I2V_SIZE, ("transformer",)),
     "wan22": ({"two_experts": True}, TINY_WAN_I2V_SIZE, ("transformer", "transformer_2")),
@@ -40,115 +41,22 @@ VARIANTS = {
 
 
 def _args(output_dir, size=TINY_WAN_I2V_SIZE, **kwargs) -> DiffusionOPDConfig:
-    defaults = {
-        "output_dir": str(output_dir),
-        "max_steps": 2,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 1e-2,
-        "lr_scheduler_type": "constant",
-        "ema": False,
-        "save_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "max_sequence_length": 16,
-        "resolution": list(size),
-        "num_frames": TINY_WAN_FRAMES,
-        "num_inference_steps": STEPS,
-        "guidance_scale": 1.0,
-        "seed": 0,
-    }
-    return DiffusionOPDConfig(**{**defaults, **kwargs})
+    """The family contract's `wan22_i2v` settings (tests/helpers.py) at `size`, seed 0, over `kwargs`."""
+    return WAN22_I2V.config(output_dir, **{"resolution": list(size), "seed": 0, **kwargs})
 
 
 def _student_config() -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=TARGETS)
 
 
-def _teacher(pipe, folder, seed: int, experts=("transformer",)) -> str:
-    for expert in experts:
-        save_toy_lora(
-            pipe,
-            folder,
-            seed=seed + 10 * (expert == "transformer_2"),
-            std=0.1,
-            rank=2,
-            shared_seed=7,
-            specific_scale=0.3,
-            target_modules=TARGETS,
-            expert=expert,
-        )
-    return str(folder)
-
-
-def _trainer(tmp_path, variant: str, teacher_seeds=(1,), **kwargs):
-    build, size, experts = VARIANTS[variant]
+def _trainer(tmp_path, variant: str, **kwargs):
+    """A trainer on the variant's tiny pipeline with the family contract's toy teacher for `motion`."""
+    build, size, _ = VARIANTS[variant]
     pipe = get_tiny_wan_i2v_pipeline(seed=0, **build)
-    tasks = list(ROWS)[: len(teacher_seeds)]
-    teachers = {task: _teacher(pipe, tmp_path / task, seed, experts) for task, seed in zip(tasks, teacher_seeds)}
+    teachers = WAN22_I2V.save_teachers(pipe, tmp_path / "teachers", tasks=1)
     kwargs.setdefault("peft_config", _student_config())
     args = kwargs.pop("args", None) or _args(tmp_path / "out", size)
-    return DiffusionOPDTrainer(pipe, teachers, args=args, train_dataset={t: ROWS[t] for t in tasks}, **kwargs)
-
-
-def _pipeline_latents(pipe, row, latents, size, guidance_scale, guidance_scale_2=None):
-    """`WanImageToVideoPipeline.__call__` for one row with the flow-matching Euler scheduler at the model's shift."""
-    scheduler = pipe.scheduler
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=scheduler.config.flow_shift)
-    try:
-        return pipe(
-            image=row["image"],
-            prompt=row["prompt"],
-            negative_prompt="",
-            latents=latents,
-            num_inference_steps=STEPS,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            height=size[0],
-            width=size[1],
-            num_frames=TINY_WAN_FRAMES,
-            max_sequence_length=16,
-            output_type="latent",
-        ).frames
-    finally:
-        pipe.scheduler = scheduler
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_rollout_reproduces_wan_i2v_pipeline(tmp_path, variant):
-    """First-frame condition and mask on channels, CLIP image embeddings (2.1), the expert switch with both CFG scales
-    (2.2 A14B), TI2V's per-token timesteps with the frame re-imposed: the trainer's rollout (plus `full_latents`) gives
-    `WanImageToVideoPipeline.__call__`'s latents from the same noise, prompt and frame, at CFG 5 and 480 x 832's
-    aspect class (a non-square size)."""
-    _, size, experts = VARIANTS[variant]
-    guidance_2 = 2.0 if variant == "wan22" else None
-    trainer = _trainer(
-        tmp_path,
-        variant,
-        args=_args(tmp_path / "out", VARIANTS[variant][1], guidance_scale=5.0, guidance_scale_2=guidance_2),
-    )
-    family, pipe = trainer.family, trainer.pipeline
-    assert family.name == "wan-i2v" and tuple(family.experts) == experts
-    rows = ROWS["motion"]
-    cond = trainer.prompt_cache([r["prompt"] for r in rows], [[r["image"]] for r in rows])
-    states = trainer.rollout(cond, torch.Generator().manual_seed(0))["states"]
-    scale = family.vae_scale_factor
-    frames = 1 if variant == "ti2v" else 2  # TI2V's sampler moves latent frames 1.. only
-    assert states.shape == (STEPS + 1, 2, 48 if variant == "ti2v" else 16, frames, size[0] // scale, size[1] // scale)
-    final = family.full_latents(states[-1], cond)
-    with torch.no_grad():
-        for i, row in enumerate(rows):
-            # TI2V: frame 0 of the pipeline's noise is never read (the condition replaces it): any value does
-            noise = states[0, i : i + 1]
-            if variant == "ti2v":
-                noise = torch.cat([torch.full_like(noise, 7.0), noise], dim=2)
-            expected = _pipeline_latents(pipe, row, noise, size, 5.0, guidance_2)
-            torch.testing.assert_close(final[i : i + 1], expected, atol=2e-5, rtol=2e-5)
-            if variant == "wan22":  # the second scale is really used
-                other = _pipeline_latents(pipe, row, noise, size, 5.0, None)
-                assert (other - expected).abs().max() > 1e-3
-    assert (states[-1] - states[0]).abs().max() > 0.1
-    video = trainer.decode(final)
-    assert len(video) == 2 and len(video[0]) == TINY_WAN_FRAMES and video[0][0].size == (size[1], size[0])
+    return DiffusionOPDTrainer(pipe, teachers, args=args, train_dataset={"motion": ROWS["motion"]}, **kwargs)
 
 
 def test_ti2v_conditioned_frame_is_outside_the_sampler_and_the_kl(tmp_path):
@@ -213,83 +121,21 @@ def test_ti2v_conditioned_frame_is_outside_the_sampler_and_the_kl(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["wan21", "wan22", "ti2v"])
-def test_kl_zero_for_the_same_adapter_and_output_depends_on_the_frame(tmp_path, variant):
-    build, size, experts = VARIANTS[variant]
-    pipe = get_tiny_wan_i2v_pipeline(seed=0, **build)
-    teacher = _teacher(pipe, tmp_path / "t", 1, experts)
-    extra = {"guidance_scale_2": 2.0} if variant == "wan22" else {}
-    trainer = DiffusionOPDTrainer(
-        pipe,
-        {"motion": teacher},
-        args=_args(tmp_path / "out", size, student_adapter=teacher, guidance_scale=3.0, **extra),
-        train_dataset={"motion": ROWS["motion"]},
-    )
-    kl = trainer.compute_teacher_kl({"motion": ROWS["motion"]}, use_ema=False)
-    assert kl["motion"] < 1e-10
-    family = trainer.family
+def test_velocity_depends_on_the_first_frame(variant):
+    """Two first frames, the same prompt, latents and sigma: different velocities (the frame's condition latents, and
+    CLIP's embeddings on 2.1, reach the transformer); the KL, reload and distillation rules are the family contract's
+    (tests/test_family_contract.py, `wan22_i2v`)."""
+    build, size, _ = VARIANTS[variant]
+    family = get_family(get_tiny_wan_i2v_pipeline(seed=0, **build), max_sequence_length=16, num_frames=TINY_WAN_FRAMES)
+    family.check_resolution(size)
     x = family.init_latents(1, size, torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.95 if variant == "wan22" else 0.6])  # wan22: the high-noise expert
     with torch.no_grad():
         first, second = (
-            family.velocity(family.denoiser, x, sigma, trainer.prompt_cache(["a cat walks"], [[frame]]))
+            family.velocity(family.denoiser, x, sigma, family.encode_prompts(["a cat walks"], [[frame]]))
             for frame in FRAMES[:2]
         )
     assert (first - second).abs().max() > 1e-3
-
-
-def _distil(tmp_path, seed: int, max_steps: int = 40):
-    trainer = _trainer(
-        tmp_path,
-        "wan22",
-        teacher_seeds=(1, 2),
-        args=_args(tmp_path / "out", max_steps=max_steps, seed=seed, guidance_scale=3.0, guidance_scale_2=2.0),
-    )
-    before = trainer.compute_teacher_kl(ROWS, use_ema=False) if max_steps > 2 else None
-    trainer.train()
-    after = trainer.compute_teacher_kl(ROWS, use_ema=False) if max_steps > 2 else None
-    return trainer, before, after
-
-
-@pytest.mark.slow
-def test_distillation_of_two_i2v_teachers_lowers_kl_across_seeds(tmp_path):
-    """Two two-expert image-to-video teachers (both guidance scales) distilled into one student: the KL to each falls
-    by >= 80% for every seed."""
-    reductions = []
-    for seed in range(3):
-        _, before, after = _distil(tmp_path / str(seed), seed)
-        reductions.append({task: 1 - after[task] / before[task] for task in before})
-    for task in ROWS:
-        worst = min(r[task] for r in reductions)
-        assert worst >= 0.8, f"KL to '{task}' fell by {worst:.1%} only (per seed: {reductions})"
-
-
-def test_saved_two_expert_i2v_student_reloads_into_both_experts(tmp_path):
-    """Saved in Wan 2.2's layout, the student reloads into a fresh `WanImageToVideoPipeline` with
-    `load_lora_weights(..., load_into_transformer_2=True)` and gives the trainer's velocities on both experts."""
-    trainer, _, _ = _distil(tmp_path, 0, max_steps=2)
-    trainer.save_model(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / LOW_2).is_file()
-    fresh = get_tiny_wan_i2v_pipeline(seed=0, two_experts=True)
-    fresh.load_lora_weights(str(tmp_path / "adapter"), adapter_name="s")
-    fresh.load_lora_weights(
-        str(tmp_path / "adapter"), weight_name=LOW_2, adapter_name="s", load_into_transformer_2=True
-    )
-    family = get_family(fresh, max_sequence_length=16, num_frames=TINY_WAN_FRAMES)
-    family.check_resolution(TINY_WAN_I2V_SIZE)
-    rows = ROWS["motion"] + ROWS["camera"]
-    cond = family.encode_prompts([r["prompt"] for r in rows], [[r["image"]] for r in rows])
-    torch.testing.assert_close(cond, trainer.prompt_cache([r["prompt"] for r in rows], [[r["image"]] for r in rows]))
-    x = torch.randn((4, 16, 2, 4, 6), generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([1.0, 0.9, 0.5, 0.1])  # two high-noise rows, two low-noise rows
-    with torch.no_grad():
-        reloaded = family.velocity(family.denoiser, x, sigma, cond)
-        student = trainer.family.velocity(trainer.family.denoiser, x, sigma, cond)
-        fresh.transformer.disable_lora()
-        fresh.transformer_2.disable_lora()
-        base = family.velocity(family.denoiser, x, sigma, cond)
-    for rows_ in (slice(0, 2), slice(2, 4)):
-        assert (student[rows_] - base[rows_]).abs().max() > 1e-4, "the student equals the base on an expert"
-    assert (reloaded - student).abs().max() <= 1e-5
 
 
 def test_ti2v_decoded_video_starts_with_the_input_frame(tmp_path):
@@ -309,17 +155,17 @@ def test_ti2v_decoded_video_starts_with_the_input_frame(tmp_path):
 
 def test_rows_without_a_first_frame_or_with_too_many_are_refused(tmp_path):
     pipe = get_tiny_wan_i2v_pipeline(seed=0)
-    teacher = _teacher(pipe, tmp_path / "t", 1)
+    teachers = WAN22_I2V.save_teachers(pipe, tmp_path / "t", tasks=1)
     rows = [ROWS["motion"][0], {"prompt": "no frame here"}]
     with pytest.raises(ValueError, match=r"^Task 'motion' row 1 \('no frame here'\) has no `image`") as error:
-        DiffusionOPDTrainer(pipe, {"motion": teacher}, args=_args(tmp_path / "o"), train_dataset={"motion": rows})
+        DiffusionOPDTrainer(pipe, teachers, args=_args(tmp_path / "o"), train_dataset={"motion": rows})
     assert "\n" not in str(error.value)
     ti2v = get_tiny_wan_i2v_pipeline(seed=0, ti2v=True)
     rows = [{"prompt": "first and last", "image": FRAMES[:2]}]
     with pytest.raises(ValueError, match=r"row 0 \('first and last'\) has 2 input images, .* takes at most 1"):
         DiffusionOPDTrainer(
             ti2v,
-            {"motion": _teacher(ti2v, tmp_path / "t2", 1)},
+            WAN22_I2V.save_teachers(ti2v, tmp_path / "t2", tasks=1),
             args=_args(tmp_path / "o2", TINY_WAN_TI2V_I2V_SIZE),
             train_dataset={"motion": rows},
         )
@@ -332,3 +178,186 @@ def test_two_experts_keep_ddp_find_unused_parameters(tmp_path):
     assert trainer._build_accelerator_args()["kwargs_handlers"][0].find_unused_parameters is True
     with pytest.raises(ValueError, match="^`ddp_find_unused_parameters` cannot be false with two experts"):
         _trainer(tmp_path / "b", "wan22", args=_args(tmp_path / "o", ddp_find_unused_parameters=False))
+
+
+def test_generate_images_passes_the_first_frame_and_the_frame_changes_the_video():
+    """The evaluation samples each image-to-video row through `WanImageToVideoPipeline.__call__` with its first frame
+    (`image=`), its frame count and both CFG scales: the same call made by hand gives the same video, and another
+    input frame (same prompt and seed) another video."""
+    pipe = get_tiny_wan_i2v_pipeline(seed=0, two_experts=True)
+    settings = (STEPS, 3.0, TINY_WAN_I2V_SIZE, 16, TINY_WAN_FRAMES, 2.0)
+    first, second = generate_images(pipe, ["a cat walks"] * 2, [5, 5], *settings, images=[FRAMES[:1], FRAMES[1:2]])
+    assert len(first) == TINY_WAN_FRAMES and first[0].size == (TINY_WAN_I2V_SIZE[1], TINY_WAN_I2V_SIZE[0])
+    direct = pipe(
+        image=FRAMES[0],
+        prompt="a cat walks",
+        negative_prompt="",
+        num_inference_steps=STEPS,
+        guidance_scale=3.0,
+        guidance_scale_2=2.0,
+        height=TINY_WAN_I2V_SIZE[0],
+        width=TINY_WAN_I2V_SIZE[1],
+        num_frames=TINY_WAN_FRAMES,
+        max_sequence_length=16,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="pil",
+    ).frames[0]
+    assert [frame.tobytes() for frame in first] == [frame.tobytes() for frame in direct]
+    difference = [np.abs(np.asarray(a, float) - np.asarray(b, float)).max() for a, b in zip(first, second)]
+    assert min(difference) > 0  # every frame, not only the first, depends on the input frame
+
+
+def test_eval_command_shows_and_writes_each_video_after_its_input_frame(tmp_path):
+    """`trl-diffusion-opd eval` on the tiny Wan 2.1 I2V with rows carrying a first frame (a PNG path): the frame grid's
+    first column is each row's input frame (squashed to the video's size, then to the tile), every written video
+    starts with it before the pipeline's frames, and the student's (toy adapter's) video changes with the frame."""
+    prompts = {}
+    for i, (column, frame) in enumerate(zip(("brightness", "brightness@other"), FRAMES[:2])):
+        frame.save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.jsonl").write_text(json.dumps({"prompt": "a cat walks", "image": f"{i}.png"}) + "\n")
+        prompts[column] = str(tmp_path / f"{i}.jsonl")  # two sets, one row each: the same prompt and seed
+    out = tmp_path / "eval"
+    argv = [
+        "--model_name_or_path", "tiny:wan_i2v",
+        "--adapters", '{"toy": "toy:1"}',
+        "--prompts", json.dumps(prompts),
+        "--resolution", "x".join(map(str, TINY_WAN_I2V_SIZE)),
+        "--num_frames", str(TINY_WAN_FRAMES),
+        "--num_inference_steps", "2",
+        "--guidance_scale", "2.0",
+        "--max_sequence_length", "512",
+        "--output_dir", str(out),
+        "--device", "cpu",
+    ]  # fmt: skip
+    assert eval_script.main(argv) == 0
+    height, width = TINY_WAN_I2V_SIZE
+    videos = {}
+    for label in ("base", "toy"):
+        grid = np.asarray(Image.open(out / "grids" / f"{label}.png").convert("RGB"), dtype=int)
+        # 2 rows of 1 input + 5 frames at 256-pixel tiles after the 160-pixel label column, 4-pixel padding
+        assert grid.shape == (2 * (256 + 4) + 4, 160 + 6 * (256 + 4) + 4, 3)
+        for k, frame in enumerate(FRAMES[:2]):
+            squashed = frame.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+            tile = np.asarray(squashed.resize((256, 256), Image.Resampling.BICUBIC), dtype=int)
+            top = 4 + k * (256 + 4)
+            assert np.array_equal(grid[top : top + 256, 164 : 164 + 256], tile)
+            decoded = _decode(out / "videos" / label / f"{k}-0.webp")
+            assert len(decoded) == 1 + TINY_WAN_FRAMES and np.array_equal(decoded[0], np.asarray(squashed))
+            videos[label, k] = np.stack(decoded[1:]).astype(int)
+    assert np.abs(videos["toy", 0] - videos["base", 0]).max() > 0  # the adapter is on
+    assert all(np.abs(videos["toy", 0][f] - videos["toy", 1][f]).max() > 0 for f in range(TINY_WAN_FRAMES))
+
+
+def _decode(path) -> list[np.ndarray]:
+    """The frames of an animated WebP."""
+    with Image.open(path) as video:
+        frames = []
+        for index in range(video.n_frames):
+            video.seek(index)
+            frames.append(np.asarray(video.convert("RGB")))
+    return frames
+
+
+def _configs_only_base(folder, **build):
+    """A folder with the tiny pipeline's `model_index.json` and component configs but no weights: a base that fails
+    if anything tries to load it."""
+    pipe = get_tiny_wan_i2v_pipeline(seed=0, **build)
+    pipe.save_config(folder)
+    for component in ("transformer", "vae"):
+        getattr(pipe, component).save_config(folder / component)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rows": [{"prompt": "a cat walks", "image": "0.png"}, {"prompt": "no frame"}]},
+         "Task 'motion' row 1 ('no frame') has no `image`: the wan-i2v family (WanImageToVideoPipeline) generates"),
+        ({"rows": [{"prompt": "a cat walks", "image": "broken.png"}]}, "task 'motion': row 0 ('a cat walks'): "
+         "input image '{tmp}/broken.png' is not a readable image"),
+        ({"resolution": "40x48"}, "`resolution` must be a multiple of 16 for this wan-i2v pipeline (VAE scale factor 8 "
+         "x latent patch 2), got 40x48; e.g. 32x48."),
+        ({"num_frames": "6"}, "num_frames must be 1 + a multiple of 4, got 6."),
+        ({"build": {"ti2v": True}, "rows": [{"prompt": "first and last", "image": ["0.png", "0.png"]}]},
+         "Task 'motion' row 0 ('first and last') has 2 input images, but the wan-i2v family "
+         "(WanImageToVideoPipeline) takes at most 1."),
+    ],
+)  # fmt: skip
+def test_bad_i2v_input_is_one_line_before_the_base_loads(tmp_path, capsys, monkeypatch, change, message):
+    """Through `trl-diffusion-opd train`: a row without its first frame, an unreadable frame, a size off the VAE x
+    patch grid, a frame count off 4k + 1, too many frames for the checkpoint: exit 2 with one line naming the row (and
+    file), read from the base's configs alone. The base is a folder of configs without weights, and loading any
+    pipeline raises, so the check ran before any model loaded."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", forbidden)
+    monkeypatch.chdir(tmp_path)
+    FRAMES[0].save(tmp_path / "0.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = change.get("rows", [{"prompt": "a cat walks", "image": "0.png"}])
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    size = TINY_WAN_TI2V_I2V_SIZE if change.get("build") else TINY_WAN_I2V_SIZE
+    argv = [
+        "train",
+        "--model_name_or_path", _configs_only_base(tmp_path / "base", **change.get("build", {})),
+        "--teachers", '{"motion": "toy:1"}',
+        "--prompts", '{"motion": "rows.jsonl"}',
+        "--resolution", change.get("resolution", "x".join(map(str, size))),
+        "--num_frames", change.get("num_frames", str(TINY_WAN_FRAMES)),
+        "--output_dir", str(tmp_path / "out"),
+        "--report_to", "none",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"trl-diffusion-opd train: error: {message.format(tmp=tmp_path)}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_class_runs_a_text_to_video_base_as_image_to_video():
+    """`pipeline_class` (the model arguments): TI2V-5B's base, a `WanPipeline`, loads as `WanImageToVideoPipeline` on
+    the same components with `expand_timesteps`, which the family then runs from a first frame; a name that is not a
+    diffusers pipeline class, or components that do not make one, are refused in one line."""
+    pipe = registry.load_pipeline("tiny:wan22_ti2v", pipeline_class="WanImageToVideoPipeline")
+    assert type(pipe).__name__ == "WanImageToVideoPipeline" and pipe.config.expand_timesteps is True
+    assert pipe.name_or_path == "tiny:wan22_ti2v"
+    family = get_family(pipe, max_sequence_length=16, num_frames=TINY_WAN_FRAMES)
+    assert family.name == "wan-i2v" and family.expand and family.max_input_images == 1
+    with pytest.raises(ValueError, match=r"^`pipeline_class` must be a diffusers pipeline class .*, got "
+                       r"'WanImageToVideoPipelin'\. Did you mean WanImageToVideoPipeline"):  # fmt: skip
+        DiffusionModelConfig(model_name_or_path="tiny:wan22_ti2v", pipeline_class="WanImageToVideoPipelin")
+    with pytest.raises(ValueError, match="^`pipeline_class` must be a diffusers pipeline class"):
+        DiffusionModelConfig(model_name_or_path="tiny:wan22_ti2v", pipeline_class="AutoencoderKLWan")
+    with pytest.raises(
+        ValueError, match=r"^'tiny:sd3' \(StableDiffusion3Pipeline\) does not load as `pipeline_class` "
+    ):
+        registry.load_pipeline("tiny:sd3", pipeline_class="WanImageToVideoPipeline")
+
+
+def test_eval_refuses_a_row_without_its_frame_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    """`trl-diffusion-opd eval` on a configs-only image-to-video base: a prompt row without its first frame is one line
+    naming the column and row (exit 2), and nothing is loaded."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", forbidden)
+    argv = [
+        "eval",
+        "--model_name_or_path", _configs_only_base(tmp_path / "base"),
+        "--prompts", '{"brightness": ["a cat walks"]}',
+        "--resolution", "x".join(map(str, TINY_WAN_I2V_SIZE)),
+        "--num_frames", str(TINY_WAN_FRAMES),
+        "--output_dir", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "trl-diffusion-opd eval: error: Prompts 'brightness' row 0 ('a cat walks') has no `image`: the wan-i2v family "
+        "(WanImageToVideoPipeline) generates a video from each row's first frame.\n"
+    )
+    assert not (tmp_path / "eval").exists()

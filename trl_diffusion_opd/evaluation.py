@@ -1,13 +1,13 @@
 """Evaluation: the per-reward table of a base model and its adapters, image grids, and samples during training.
 
 ```python
-from trl_diffusion_opd.evaluation import evaluate_models
+from trl_diffusion_opd.evaluation import EvaluationConfig, evaluate_models
 
 result = evaluate_models(
     pipeline,  # a diffusers SD3 / FLUX pipeline
     prompts={"ocr": "data/ocr/test.txt", "pickscore": "data/pickscore/test.txt", "aesthetic": "data/pickscore/test.txt"},
     adapters={"OCR teacher": "quanhaol/DiffusionOPD/OCRTeacher/lora", "student": "sd35m-diffusion-opd"},
-    output_dir="eval",
+    config=EvaluationConfig(num_inference_steps=40, output_dir="eval"),  # or the same settings as keywords
 )
 print(result.to_markdown())
 ```
@@ -23,11 +23,13 @@ high noise, `transformer_2` for low noise; the family's `experts`), each expert'
 row's adapter name, and an expert without a file runs its base weights in that row.
 
 The training-time callbacks that sample and score the student (`RewardEvalCallback`) live in
-`trl_diffusion_opd.trainer.callbacks`; the `eval` command's arguments in `trl_diffusion_opd.scripts.eval`.
+`trl_diffusion_opd.trainer.callbacks`; the `eval` command's arguments in `trl_diffusion_opd.scripts.eval`; the grids,
+videos and comparison figure in `trl_diffusion_opd.figures`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +44,16 @@ from PIL import Image
 
 from .data import load_prompt_source, row_images
 from .families.base import get_family
+from .figures import (  # noqa: F401  (the figures were defined here: `evaluation.make_grid` etc. keep working)
+    VIDEO_FORMATS,
+    blank_like,
+    comparison_figure,
+    frame_grid,
+    frame_indices,
+    is_video,
+    make_grid,
+    save_video,
+)
 from .registry import load_pipeline
 from .rewards import Reward, as_reward, get_reward, nanmean
 from .sizes import Resolution, format_resolution, image_size
@@ -65,255 +77,6 @@ RESULTS_MARKDOWN = "results.md"
 GRIDS_DIR = "grids"
 VIDEOS_DIR = "videos"
 SAMPLES_DIR = "samples"  # as `hub.SAMPLES_DIR`: pushed with the adapter and shown by the model card
-# Video files: animated WebP (the default) and GIF through Pillow, which the Hub shows inline like images; MP4
-# through diffusers' `export_to_video` (needs imageio and imageio-ffmpeg: the extra `video`).
-VIDEO_FORMATS = ("webp", "gif", "mp4")
-
-
-# ---------------------------------------------------------------------------------------------- images
-def make_grid(rows: Sequence[Sequence[Image.Image]], size: int | None = None, padding: int = 2) -> Image.Image:
-    """One image with `rows` of images side by side (shorter rows are left blank), each resized to `size` pixels
-    square when given, else to the first image's size."""
-    images = [image for row in rows for image in row]
-    if not images:
-        raise ValueError("No images to put in a grid.")
-    width, height = (size, size) if size else images[0].size
-    columns = max(len(row) for row in rows)
-    grid = Image.new(
-        "RGB", (columns * width + (columns + 1) * padding, len(rows) * height + (len(rows) + 1) * padding), "white"
-    )
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            tile = image.convert("RGB")
-            if tile.size != (width, height):
-                tile = tile.resize((width, height), Image.Resampling.BICUBIC)
-            grid.paste(tile, (padding + c * (width + padding), padding + r * (height + padding)))
-    return grid
-
-
-def blank_like(image: Image.Image | None, like: Image.Image) -> Image.Image:
-    """`image` as a grid tile beside `like` (a white tile of `like`'s size when there is no image)."""
-    return image.convert("RGB") if image is not None else Image.new("RGB", like.size, "white")
-
-
-def is_video(sample: Any) -> bool:
-    """Whether a generated sample is a video (a list of PIL frames, as the video families decode) or one image."""
-    return isinstance(sample, (list, tuple))
-
-
-def save_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int = 16) -> Path:
-    """Write `frames` (PIL images) as a video, its format by `path`'s suffix: `.webp` (animated, lossless) or
-    `.gif` through Pillow (`diffusers.utils.export_to_gif`), `.mp4` through `diffusers.utils.export_to_video`
-    (imageio + imageio-ffmpeg: `pip install "trl-diffusion-opd[video]"`). Returns the path.
-
-    Raises:
-        ValueError: no frames, or a suffix other than `.webp`, `.gif`, `.mp4`.
-        ImportError: `.mp4` without imageio and imageio-ffmpeg.
-    """
-    path = Path(path)
-    frames = [frame.convert("RGB") for frame in frames]
-    if not frames:
-        raise ValueError(f"No frames to write to {path}.")
-    suffix = path.suffix.lower().lstrip(".")
-    if suffix not in VIDEO_FORMATS:
-        raise ValueError(f"Video format '{suffix}' of {path} is not one of {', '.join(VIDEO_FORMATS)}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == "webp":
-        # Each frame's duration in ms; `loop=0` repeats forever, as a GIF on the Hub does.
-        frames[0].save(
-            path, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0,
-            lossless=True,
-        )  # fmt: skip
-    elif suffix == "gif":
-        from diffusers.utils import export_to_gif
-
-        export_to_gif(frames, str(path), fps=fps)
-    else:
-        import importlib.util
-
-        if importlib.util.find_spec("imageio") is None or importlib.util.find_spec("imageio_ffmpeg") is None:
-            raise ImportError(
-                "Writing MP4 needs imageio and imageio-ffmpeg: pip install 'trl-diffusion-opd[video]' "
-                "(or use the video format 'webp' or 'gif')."
-            )
-        from diffusers.utils import export_to_video
-
-        export_to_video(frames, str(path), fps=fps)
-    return path
-
-
-def frame_indices(count: int, max_frames: int | None) -> list[int]:
-    """`max_frames` frame indices spread evenly over `count` frames (first and last included); all when fewer."""
-    if max_frames is None or count <= max_frames:
-        return list(range(count))
-    if max_frames == 1:
-        return [0]
-    return [round(i * (count - 1) / (max_frames - 1)) for i in range(max_frames)]
-
-
-def frame_grid(
-    videos: Sequence[Sequence[Image.Image]],
-    labels: Sequence[str] | None = None,
-    max_frames: int | None = 8,
-    tile: int | None = None,
-    label_width: int = 160,
-    font_size: int = 12,
-    padding: int = 4,
-    max_label_lines: int = 6,
-) -> Image.Image:
-    """One PNG-ready image of videos: a row per video with its frames left to right (at most `max_frames`, spread
-    evenly, first and last included), its label (e.g. the prompt) at the left.
-
-    Args:
-        videos: One list of PIL frames per row.
-        labels: One text per row; `None` draws no label column.
-        max_frames: Frames shown per row (`None`: all).
-        tile: Side of each frame in pixels (square); `None`: the first frame's size.
-        label_width: Width of the label column in pixels (when there are labels).
-        font_size, padding, max_label_lines: Text size, space between tiles and around, lines of a label.
-
-    Returns:
-        An RGB image of width `[label_width] + n · (w + padding) + padding` and height `rows · (h + padding) +
-        padding`, `n` the most frames shown in a row and `(w, h)` the tile size.
-    """
-    from PIL import ImageDraw, ImageFont
-
-    if not videos or any(len(video) == 0 for video in videos):
-        raise ValueError("`frame_grid` needs at least one video, each with at least one frame.")
-    if labels is not None and len(labels) != len(videos):
-        raise ValueError(f"{len(labels)} labels for {len(videos)} videos.")
-    rows = [[video[i] for i in frame_indices(len(video), max_frames)] for video in videos]
-    width, height = (tile, tile) if tile else rows[0][0].size
-    left = label_width if labels is not None else 0
-    columns = max(len(row) for row in rows)
-    grid = Image.new(
-        "RGB", (left + columns * (width + padding) + padding, len(rows) * (height + padding) + padding), "white"
-    )
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=font_size) if labels is not None else None
-    for r, row in enumerate(rows):
-        y = padding + r * (height + padding)
-        if labels is not None:
-            lines = _wrap(draw, str(labels[r]), font, label_width - 2 * padding, max_label_lines)
-            for i, text in enumerate(lines):
-                draw.text((padding, y + i * (font_size + 3)), text, fill="black", font=font)
-        for c, frame in enumerate(row):
-            frame = frame.convert("RGB")
-            if frame.size != (width, height):
-                frame = frame.resize((width, height), Image.Resampling.BICUBIC)
-            grid.paste(frame, (left + padding + c * (width + padding), y))
-    return grid
-
-
-def _wrap(draw, text: str, font, width: int, max_lines: int | None = None) -> list[str]:
-    """`text` in lines no wider than `width` pixels (words longer than a line are cut); `max_lines` ends with …."""
-    lines: list[str] = []
-    for word in text.split():
-        while draw.textlength(word, font=font) > width and len(word) > 1:  # a word wider than the line
-            cut = max(1, int(len(word) * width / draw.textlength(word, font=font)) - 1)
-            lines.append(word[:cut])
-            word = word[cut:]
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    if max_lines is not None and len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1].rstrip(".") + "…"
-    return lines or [""]
-
-
-def comparison_figure(
-    rows: dict[str, Sequence[Image.Image]],
-    prompts: Sequence[str],
-    table: Sequence[Sequence[str]] | None = None,
-    tile: int = 96,
-    label_width: int = 150,
-    font_size: int = 12,
-    padding: int = 6,
-    max_prompt_lines: int = 4,
-) -> Image.Image:
-    """One figure comparing models on the same prompts: a column per prompt (its text above), a row per model (its
-    name at the left), and optionally a table of scores below.
-
-    Args:
-        rows: `{model name: images}`, one image per prompt, in `prompts`' order; all rows the same length.
-        prompts: The prompt of each column.
-        table: Text cells, the first row the header (e.g. `EvaluationResult.table_rows()`); drawn below the images
-            with aligned columns (first column left-aligned, the others right-aligned).
-        tile: Side of each image in pixels (images are resized, nearest-neighbour when enlarged so that small
-            samples stay sharp).
-        label_width: Width of the model-name column in pixels.
-        font_size: Size of Pillow's default font (`ImageFont.load_default(size)`, Pillow >= 10.1).
-        padding: Space between tiles and around the figure, in pixels.
-        max_prompt_lines: Prompt text lines above a column; longer prompts end with "…".
-
-    Returns:
-        An RGB image of width `label_width + len(prompts) * (tile + padding) + padding` on a white background.
-
-    Raises:
-        ValueError: no rows, or a row without one image per prompt.
-    """
-    from PIL import ImageDraw, ImageFont
-
-    if not rows or not prompts:
-        raise ValueError("`comparison_figure` needs at least one row and one prompt.")
-    for name, images in rows.items():
-        if len(images) != len(prompts):
-            raise ValueError(f"Row '{name}' has {len(images)} images for {len(prompts)} prompts.")
-    font = ImageFont.load_default(size=font_size)
-    line = font_size + 3  # line height in pixels
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    headers = [_wrap(scratch, text, font, tile, max_prompt_lines) for text in prompts]
-    header_height = max(len(lines) for lines in headers) * line + padding
-    labels = {name: _wrap(scratch, name, font, label_width - 2 * padding) for name in rows}
-
-    widths: list[float] = []
-    if table:
-        columns = max(len(cells) for cells in table)
-        widths = [
-            max(scratch.textlength(cells[c], font=font) for cells in table if c < len(cells)) for c in range(columns)
-        ]
-    table_height = (len(table) * line + 2 * padding) if table else 0
-
-    width = label_width + len(prompts) * (tile + padding) + padding
-    width = max(width, int(sum(widths) + 3 * padding * len(widths) + 2 * padding))
-    height = padding + header_height + len(rows) * (tile + padding) + table_height
-    figure = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(figure)
-
-    for column, lines in enumerate(headers):
-        x = label_width + column * (tile + padding)
-        y = padding + header_height - padding - len(lines) * line  # the text sits just above its column
-        for i, text in enumerate(lines):
-            draw.text((x, y + i * line), text, fill="black", font=font)
-    for r, (name, images) in enumerate(rows.items()):
-        y = padding + header_height + r * (tile + padding)
-        lines = labels[name]
-        top = y + (tile - len(lines) * line) // 2
-        for i, text in enumerate(lines):
-            draw.text((padding, top + i * line), text, fill="black", font=font)
-        for column, image in enumerate(images):
-            image = image.convert("RGB")
-            if image.size != (tile, tile):
-                enlarge = image.size[0] < tile
-                resample = Image.Resampling.NEAREST if enlarge else Image.Resampling.BICUBIC
-                image = image.resize((tile, tile), resample)
-            figure.paste(image, (label_width + column * (tile + padding), y))
-    if table:
-        y = padding + header_height + len(rows) * (tile + padding) + padding
-        draw.line([(padding, y - padding // 2), (width - padding, y - padding // 2)], fill="gray")
-        for r, cells in enumerate(table):
-            x = padding
-            for c, text in enumerate(cells):
-                if c == 0:
-                    draw.text((x, y + r * line), text, fill="black", font=font)
-                else:  # numbers right-aligned under their header
-                    draw.text(
-                        (x + widths[c] - draw.textlength(text, font=font), y + r * line), text, fill="black", font=font
-                    )
-                x += widths[c] + 3 * padding
-    return figure
 
 
 def _file_name(label: str) -> str:
@@ -519,9 +282,10 @@ def generate_images(
 
     Args:
         num_frames, guidance_scale_2: Passed to the pipeline when set (video pipelines; Wan 2.2's low-noise CFG).
-        images: Editing pipelines: each prompt's input images (a list of PIL images). The pipelines take one set of
-            references per call, so each prompt is sampled by its own call, with the family's image and guidance
-            arguments (`pipeline_image_kwargs`, `pipeline_guidance_kwargs` with the negative prompt `""`).
+        images: Editing and image-to-video pipelines: each prompt's input images (a list of PIL images; Wan I2V:
+            the first frame, and a last frame where the pipeline takes one). The pipelines take one set per call,
+            so each prompt is sampled by its own call, with the family's image and guidance arguments
+            (`pipeline_image_kwargs`, `pipeline_guidance_kwargs` with the negative prompt `""`).
 
     Returns:
         One PIL image per prompt, or for a video pipeline (whose output has `frames`) one list of PIL frames.
@@ -541,14 +305,21 @@ def generate_images(
             }
             if max_sequence_length is not None:
                 kwargs["max_sequence_length"] = max_sequence_length
-            outputs += pipeline(
-                prompt=prompt,
-                num_inference_steps=num_inference_steps,
-                height=image_size(resolution)[0],
-                width=image_size(resolution)[1],
-                generator=torch.Generator("cpu").manual_seed(seed),
-                **kwargs,
-            ).images
+            if num_frames is not None:  # image-to-video pipelines
+                kwargs["num_frames"] = num_frames
+            if guidance_scale_2 is not None:
+                kwargs["guidance_scale_2"] = guidance_scale_2
+            outputs += _samples(
+                pipeline(
+                    prompt=prompt,
+                    num_inference_steps=num_inference_steps,
+                    height=image_size(resolution)[0],
+                    width=image_size(resolution)[1],
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    output_type="pil",
+                    **kwargs,
+                )
+            )
         return outputs
     kwargs = {
         "prompt": prompts,
@@ -567,7 +338,11 @@ def generate_images(
         kwargs["guidance_scale_2"] = guidance_scale_2
     if family is not None:
         kwargs.update(family.pipeline_image_kwargs([], resolution))  # FLUX.1 Kontext: `max_area`
-    output = pipeline(**kwargs)
+    return _samples(pipeline(**kwargs))
+
+
+def _samples(output) -> list:
+    """A pipeline output's images, or for a video pipeline (whose output has `frames`) its videos as lists of frames."""
     if hasattr(output, "images"):
         return output.images
     return [list(video) for video in output.frames]
@@ -598,7 +373,8 @@ class EvaluationResult:
         ranges: `{column: (low, high)}` of the normalisation behind `average`; `None` leaves a column out.
         average: `{label: mean over columns of (score - low) / (high - low)}`.
         grids: `{label: path of its image grid}` (videos: its frame grid, a row per video); a prompt set with input
-            images (editing) has a row of each sample's first input image above its samples.
+            images (editing) has a row of each sample's first input image above its samples, an image-to-video set
+            each video's input frame as its first column.
         videos: `{label: [paths of its sample videos]}` (video pipelines only).
         settings: Sampling settings and prompt counts.
         samples: `{label: [images of prompt set k]}`, the first `grid_size` images of every prompt set (the grids'
@@ -705,46 +481,24 @@ class EvaluationResult:
         (output_dir / RESULTS_MARKDOWN).write_text(self.to_markdown())
 
 
+def _with_input(video: list[Image.Image], inputs: list[Image.Image | None]) -> list[Image.Image]:
+    """`video`'s frames, after its input frame (`inputs[0]`, squashed to the video's size with Lanczos, as the
+    pipeline's `video_processor` resizes it) when it has one: how an image-to-video sample is shown and written."""
+    if not inputs or inputs[0] is None:
+        return video
+    return [inputs[0].convert("RGB").resize(video[0].size, Image.Resampling.LANCZOS), *video]
+
+
 def _column_reward(column: str) -> str:
     return column.split("@", 1)[0]
 
 
-def evaluate_models(
-    pipeline,
-    prompts: dict[str, Any],
-    adapters: dict[str, Any] | None = None,
-    rewards: dict[str, Reward | Callable] | None = None,
-    reward_kwargs: dict[str, dict[str, Any]] | None = None,
-    include_base: bool = True,
-    base_label: str = "base",
-    num_inference_steps: int = 40,
-    guidance_scale: float = 4.5,
-    resolution: Resolution = 512,
-    seed: int = 0,
-    batch_size: int = 4,
-    max_prompts: int | None = None,
-    max_sequence_length: int | None = None,
-    num_frames: int | None = None,
-    guidance_scale_2: float | None = None,
-    video_format: str = "webp",
-    fps: int = 16,
-    max_grid_frames: int | None = 8,
-    grid_size: int = 8,
-    grid_image_size: int | None = 256,
-    normalization: dict[str, Sequence[float]] | None = None,
-    output_dir: str | os.PathLike | None = None,
-    cache_dir: str | None = None,
-    token: str | bool | None = None,
-    progress: bool = True,
-) -> EvaluationResult:
-    """Generate with the base and every adapter, score every column, write the table and one grid per model.
+@dataclass
+class EvaluationConfig:
+    """The settings of `evaluate_models` (the `eval` command's, `scripts.eval.DiffusionOPDEvalArguments`, map onto
+    them): how every model samples, what is scored and what is written.
 
-    Args:
-        pipeline: The base diffusers pipeline, on its device.
-        prompts: `{column: prompt source}`; a column is a reward name or `reward@label`.
-        adapters: `{label: adapter spec}` (local folder, Hub id, or dict with `path`, `subfolder`, `revision`,
-            `weight_name`, `guidance_scale`), in row order.
-        rewards: `{column or reward name: Reward or function}` to use instead of the registry's.
+    Attributes:
         reward_kwargs: `{column or reward name: kwargs of get_reward}` (model ids, `device`, a server `url`, ...).
         include_base: Add the base model (all adapters off) as the first row, labelled `base_label`.
         num_inference_steps, guidance_scale, resolution: Sampling settings (an adapter's own `guidance_scale` wins).
@@ -754,33 +508,82 @@ def evaluate_models(
         max_sequence_length: T5 prompt length (`None`: the pipeline's default).
         num_frames: Frames per video (video pipelines; `None`: the pipeline's default).
         guidance_scale_2: CFG scale of Wan 2.2's low-noise expert (`None`: the pipeline's default, `guidance_scale`).
-        video_format: `webp`, `gif` or `mp4` (see `save_video`): the format of the sample videos.
+        video_format: `webp`, `gif` or `mp4` (see `figures.save_video`): the format of the sample videos.
         fps: Frames per second of the sample videos.
         max_grid_frames: Frames per video in the frame grids (spread evenly; `None`: all).
         grid_size: Images (videos) per prompt set in each model's grid.
         grid_image_size: Side of a grid tile in pixels (`None`: the generated size).
         normalization: `{column or reward name: [low, high]}` overriding the rewards' ranges for the Average.
         output_dir: Where `results.json`, `results.md` and `grids/<label>.png` go (a video pipeline: the frame grid,
-            a row per video, and the first `grid_size` videos of every prompt set as `videos/<label>/<set>-<i>.<format>`);
-            `None` writes nothing.
+            a row per video, and the first `grid_size` videos of every prompt set as `videos/<label>/<set>-<i>.<format>`;
+            image-to-video rows: both with the row's input frame first); `None` writes nothing.
         cache_dir, token: Hub cache and token for adapters given as Hub ids.
         progress: Show a progress bar.
     """
+
+    reward_kwargs: dict[str, dict[str, Any]] | None = None
+    include_base: bool = True
+    base_label: str = "base"
+    num_inference_steps: int = 40
+    guidance_scale: float = 4.5
+    resolution: Resolution = 512
+    seed: int = 0
+    batch_size: int = 4
+    max_prompts: int | None = None
+    max_sequence_length: int | None = None
+    num_frames: int | None = None
+    guidance_scale_2: float | None = None
+    video_format: str = "webp"
+    fps: int = 16
+    max_grid_frames: int | None = 8
+    grid_size: int = 8
+    grid_image_size: int | None = 256
+    normalization: dict[str, Sequence[float]] | None = None
+    output_dir: str | os.PathLike | None = None
+    cache_dir: str | None = None
+    token: str | bool | None = None
+    progress: bool = True
+
+
+def evaluate_models(
+    pipeline,
+    prompts: dict[str, Any],
+    adapters: dict[str, Any] | None = None,
+    rewards: dict[str, Reward | Callable] | None = None,
+    config: EvaluationConfig | None = None,
+    **settings: Any,
+) -> EvaluationResult:
+    """Generate with the base and every adapter, score every column, write the table and one grid per model.
+
+    Args:
+        pipeline: The base diffusers pipeline, on its device.
+        prompts: `{column: prompt source}`; a column is a reward name or `reward@label`.
+        adapters: `{label: adapter spec}` (local folder, Hub id, or dict with `path`, `subfolder`, `revision`,
+            `weight_name`, `guidance_scale`), in row order.
+        rewards: `{column or reward name: Reward or function}` to use instead of the registry's.
+        config: The settings (`EvaluationConfig`; `None`: its defaults).
+        **settings: Fields of `EvaluationConfig` that replace `config`'s, e.g. `output_dir="eval"`,
+            `num_inference_steps=10`.
+
+    Raises:
+        TypeError: a keyword argument that is not a field of `EvaluationConfig`.
+    """
+    config = dataclasses.replace(config or EvaluationConfig(), **settings)
     from tqdm.auto import tqdm
 
     if not prompts:
         raise ValueError("`prompts` is empty: give {reward: prompt source}.")
-    if video_format not in VIDEO_FORMATS:
-        raise ValueError(f"`video_format` must be one of {', '.join(VIDEO_FORMATS)}, got {video_format!r}.")
-    reward_kwargs = reward_kwargs or {}
+    if config.video_format not in VIDEO_FORMATS:
+        raise ValueError(f"`video_format` must be one of {', '.join(VIDEO_FORMATS)}, got {config.video_format!r}.")
+    reward_kwargs = config.reward_kwargs or {}
     rewards = rewards or {}
-    normalization = normalization or {}
+    normalization = config.normalization or {}
 
     # Prompt sets: columns with identical prompts share their images.
     sets: list[tuple[list[dict], list[str]]] = []
     keys: dict[str, int] = {}
     for column, source in prompts.items():
-        rows = load_prompt_source(source, f"prompts '{column}'")[:max_prompts]
+        rows = load_prompt_source(source, f"prompts '{column}'")[: config.max_prompts]
         key = json.dumps(rows, sort_keys=True, default=str)
         if key not in keys:
             keys[key] = len(sets)
@@ -799,9 +602,9 @@ def evaluate_models(
         explicit = normalization.get(column, normalization.get(_column_reward(column)))
         ranges[column] = tuple(float(v) for v in explicit) if explicit else scorers[column].score_range
 
-    models = [EvalModel(label=base_label)] if include_base else []
+    models = [EvalModel(label=config.base_label)] if config.include_base else []
     for label, spec in (adapters or {}).items():
-        models.append(load_adapter(pipeline, label, spec, cache_dir=cache_dir, token=token))
+        models.append(load_adapter(pipeline, label, spec, cache_dir=config.cache_dir, token=config.token))
     experts = list(pipeline_experts(pipeline)) if adapters else []
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels) or len({_file_name(label) for label in labels}) != len(labels):
@@ -816,62 +619,67 @@ def evaluate_models(
     samples: dict[str, list[list[Image.Image]]] = {}
     set_inputs: dict[int, list] = {}  # per editing prompt set, the input image of each grid column
     total = len(models) * sum(len(rows) for rows, _ in sets)
-    bar = tqdm(total=total, disable=not progress, desc="evaluating", unit="image")
+    bar = tqdm(total=total, disable=not config.progress, desc="evaluating", unit="image")
     try:
         for model in models:
             _activate(pipeline, model, has_adapters, experts)
-            scale = model.guidance_scale if model.guidance_scale is not None else guidance_scale
+            scale = model.guidance_scale if model.guidance_scale is not None else config.guidance_scale
             grid_rows, tiles = [], []  # per prompt set its samples; the grid's rows (editing sets: inputs first)
             for rows, set_columns in sets:
                 shown = []
                 template = _set_template(model, set_columns)
-                for start in range(0, len(rows), batch_size):
-                    batch = rows[start : start + batch_size]
+                for start in range(0, len(rows), config.batch_size):
+                    batch = rows[start : start + config.batch_size]
                     texts = [row["prompt"] for row in batch]
                     bar.set_postfix_str(model.label)
                     inputs = [row_images(row) for row in batch]
                     images = generate_images(
                         pipeline,
                         [template.format(prompt=text) for text in texts],
-                        [seed + start + i for i in range(len(batch))],
-                        num_inference_steps,
+                        [config.seed + start + i for i in range(len(batch))],
+                        config.num_inference_steps,
                         scale,
-                        resolution,
-                        max_sequence_length,
-                        num_frames,
-                        guidance_scale_2,
+                        config.resolution,
+                        config.max_sequence_length,
+                        config.num_frames,
+                        config.guidance_scale_2,
                         images=inputs,
                     )
                     if any(inputs) and model is models[0]:  # the grids' input row: each row's first image
                         set_inputs.setdefault(id(rows), []).extend(
-                            (row or [None])[0] for row in inputs[: max(0, grid_size - len(shown))]
+                            (row or [None])[0] for row in inputs[: max(0, config.grid_size - len(shown))]
                         )
                     for column in set_columns:
                         per_image[model.label][column].extend(scorers[column](images, texts, batch))
-                    shown.extend(images[: max(0, grid_size - len(shown))])
+                    shown.extend(images[: max(0, config.grid_size - len(shown))])
                     bar.update(len(batch))
                 if id(rows) in set_inputs:  # an editing set: its inputs above its outputs
                     tiles.append([blank_like(image, shown[0]) for image in set_inputs[id(rows)]])
                 grid_rows.append(shown)
                 tiles.append(shown)
             samples[model.label] = grid_rows
-            if output_dir is not None:
-                path = Path(output_dir) / GRIDS_DIR / f"{_file_name(model.label)}.png"
+            if config.output_dir is not None:
+                path = Path(config.output_dir) / GRIDS_DIR / f"{_file_name(model.label)}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if any(is_video(sample) for shown in grid_rows for sample in shown):
                     captions = [
                         row["prompt"] for (rows, _), shown in zip(sets, grid_rows) for row in rows[: len(shown)]
                     ]
-                    flat = [video for shown in grid_rows for video in shown]
-                    frame_grid(flat, captions, max_grid_frames, grid_image_size).save(path)
-                    folder = Path(output_dir) / VIDEOS_DIR / _file_name(model.label)
-                    videos[model.label] = [
-                        str(save_video(video, folder / f"{k}-{i}.{video_format}", fps))
-                        for k, shown in enumerate(grid_rows)
+                    # image-to-video sets: each video shown and written with its input frame first
+                    shown_videos = [
+                        _with_input(video, (set_inputs.get(id(rows)) or [])[i : i + 1])
+                        for (rows, _), shown in zip(sets, grid_rows)
                         for i, video in enumerate(shown)
                     ]
+                    frame_grid(shown_videos, captions, config.max_grid_frames, config.grid_image_size).save(path)
+                    folder = Path(config.output_dir) / VIDEOS_DIR / _file_name(model.label)
+                    names = [f"{k}-{i}" for k, shown in enumerate(grid_rows) for i in range(len(shown))]
+                    videos[model.label] = [
+                        str(save_video(video, folder / f"{name}.{config.video_format}", config.fps))
+                        for name, video in zip(names, shown_videos)
+                    ]
                 else:
-                    make_grid(tiles, grid_image_size).save(path)
+                    make_grid(tiles, config.grid_image_size).save(path)
                 grids[model.label] = str(path)
     finally:
         bar.close()  # an error then starts on its own line
@@ -890,17 +698,17 @@ def evaluate_models(
         ]
         average[label] = nanmean(normalised) if normalised else math.nan
     settings = {
-        "num_inference_steps": num_inference_steps,
+        "num_inference_steps": config.num_inference_steps,
         "scheduler": type(pipeline.scheduler).__name__,
-        "guidance_scale": guidance_scale,
-        "resolution": resolution,
-        "seed": seed,
-        "max_sequence_length": max_sequence_length,
-        **({"num_frames": num_frames} if num_frames is not None else {}),
-        **({"guidance_scale_2": guidance_scale_2} if guidance_scale_2 is not None else {}),
+        "guidance_scale": config.guidance_scale,
+        "resolution": config.resolution,
+        "seed": config.seed,
+        "max_sequence_length": config.max_sequence_length,
+        **({"num_frames": config.num_frames} if config.num_frames is not None else {}),
+        **({"guidance_scale_2": config.guidance_scale_2} if config.guidance_scale_2 is not None else {}),
         "prompts": {c: len(rows) for rows, cols in sets for c in cols},
     }
-    sample_prompts = [[row["prompt"] for row in rows[:grid_size]] for rows, _ in sets]
+    sample_prompts = [[row["prompt"] for row in rows[: config.grid_size]] for rows, _ in sets]
     sample_inputs = [set_inputs.get(id(rows), []) for rows, _ in sets]
     result = EvaluationResult(
         columns,
@@ -917,6 +725,6 @@ def evaluate_models(
         videos,
         sample_inputs,
     )
-    if output_dir is not None:
-        result.save(output_dir)
+    if config.output_dir is not None:
+        result.save(config.output_dir)
     return result

@@ -353,6 +353,15 @@ def _base_loader(ref: ModelReference, pipeline: Any = None) -> str:
     name, comment = ref.hub_id or ref.name, ""
     if ref.kind == "local":
         comment = f"# The base was a local folder ({ref.name!r}), not on the Hub: point this at your copy of it.\n"
+    # a base run as another pipeline class (`pipeline_class`: TI2V-5B as `WanImageToVideoPipeline`) is re-wrapped so
+    if pipeline is not None and getattr(pipeline, registry.LOADED_AS, None):
+        klass = type(pipeline).__name__
+        return (
+            f"from diffusers import DiffusionPipeline, {klass}\n\n"
+            'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+            f'{comment}pipe = DiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.bfloat16)\n'
+            f"pipe = {klass}.from_pipe(pipe).to(device)  # run as {klass}, as it was trained"
+        )
     return (
         "from diffusers import DiffusionPipeline\n\n"
         'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
@@ -546,7 +555,7 @@ def create_model_card(
     adapter, adapter_comment = _adapter_location(args.output_dir, hub_id)
     details = trainer._model_card_details()
     extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
-    all_tags = list(dict.fromkeys([*trainer._tag_names, trainer.family.tag, *details.get("tags", []), *extra_tags]))
+    all_tags = list(dict.fromkeys([*trainer.model_tags, *details.get("tags", []), *extra_tags]))
     datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
     samples = samples if samples is not None else sample_widgets(trainer)
     card_data = ModelCardData(

@@ -174,6 +174,8 @@ def load_named_prompts(name: str) -> list[dict[str, Any]] | None:
     return None if loader is None else loader(name)
 
 
+# Attribute of a pipeline loaded with another `pipeline_class`: the class its model_index names (`load_pipeline`).
+LOADED_AS = "_trl_diffusion_opd_loaded_as"
 # Attribute of a pipeline built in memory that records how (`record_built_pipeline`).
 _BUILT_BY = "_trl_diffusion_opd_built_by"
 
@@ -201,12 +203,16 @@ def load_pipeline(
     revision: str | None = None,
     cache_dir: str | None = None,
     token: str | bool | None = None,
+    pipeline_class: str | None = None,
 ):
     """Load a base pipeline by name: a registered name (built by its plug-in, float32 on the CPU), else a Hub id or a
     local folder through `DiffusionPipeline.from_pretrained` with `torch_dtype` (`"auto"`, `"bfloat16"`, ...).
+    `pipeline_class` (a diffusers pipeline class name) re-wraps the loaded components in that class
+    (`from_pipe`: no copy), e.g. Wan 2.2 TI2V-5B, published as a `WanPipeline`, as a `WanImageToVideoPipeline`.
 
     Raises:
-        ValueError: `name` looks like a registered name (`scheme:rest`, not a folder) but none is registered.
+        ValueError: `name` looks like a registered name (`scheme:rest`, not a folder) but none is registered, or the
+            pipeline's components do not make a `pipeline_class`.
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -214,11 +220,27 @@ def load_pipeline(
     named = get_pipeline(name)
     if named is not None:
         pipeline = named.loader()
+    else:
+        scheme = _scheme(name)
+        if scheme is not None and "/" not in scheme and not os.path.exists(name):
+            known = ", ".join(pipeline_names()) or "none"
+            raise ValueError(
+                f"'{name}' is not a registered pipeline name (registered: {known}), a Hub id or a folder."
+            )
+        dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+        pipeline = DiffusionPipeline.from_pretrained(
+            name, dtype=dtype, revision=revision, cache_dir=cache_dir, token=token
+        )
+    if pipeline_class is not None and type(pipeline).__name__ != pipeline_class:
+        import diffusers
+
+        loaded = type(pipeline).__name__
+        try:
+            pipeline = getattr(diffusers, pipeline_class).from_pipe(pipeline)
+        except (TypeError, ValueError, AttributeError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"'{name}' ({loaded}) does not load as `pipeline_class` {pipeline_class}: {message}")
+        setattr(pipeline, LOADED_AS, loaded)
+    if named is not None or pipeline_class is not None:
         pipeline.register_to_config(_name_or_path=name)
-        return pipeline
-    scheme = _scheme(name)
-    if scheme is not None and "/" not in scheme and not os.path.exists(name):
-        known = ", ".join(pipeline_names()) or "none"
-        raise ValueError(f"'{name}' is not a registered pipeline name (registered: {known}), a Hub id or a folder.")
-    dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
-    return DiffusionPipeline.from_pretrained(name, dtype=dtype, revision=revision, cache_dir=cache_dir, token=token)
+    return pipeline

@@ -60,7 +60,8 @@ import abc
 import importlib
 import inspect
 import pkgutil
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
@@ -114,6 +115,22 @@ def get_family(pipeline: DiffusionPipeline, family_kwargs: dict | None = None, *
                 return cls(pipeline, **kwargs, **family_kwargs)
     supported = ", ".join(cls.pipeline_class.__name__ for cls in _FAMILIES)
     raise ValueError(f"{type(pipeline).__name__} is not supported; supported pipelines: {supported}.")
+
+
+def family_class(pipeline_class: type) -> type[FlowMatchingFamily] | None:
+    """The family `get_family` would choose for a pipeline of class `pipeline_class` (`None`: no family), without
+    building the pipeline."""
+    _import_family_modules()
+    for klass in pipeline_class.__mro__:
+        for cls in _FAMILIES:
+            if cls.pipeline_class is klass:
+                return cls
+    return None
+
+
+# `config(component)`: a pipeline's `model_index.json` (`component=None`) or a component's `config.json`, read without
+# loading any weight (`FlowMatchingFamily.check_before_loading`).
+ConfigReader = Callable[[str | None], dict]
 
 
 def cond_select(cond: Cond, index: torch.Tensor | slice | list[int]) -> Cond:
@@ -192,6 +209,19 @@ class FlowMatchingFamily(abc.ABC):
         parameters = inspect.signature(cls.__init__).parameters.values()
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         return [p.name for p in parameters if p.name not in shared and p.kind in kinds]
+
+    @classmethod
+    def check_before_loading(
+        cls,
+        config: ConfigReader,
+        resolution: Resolution,
+        num_frames: int | None,
+        rows: Iterable[tuple[str, dict[str, Any]]],
+    ) -> None:
+        """Raise a one-line `ValueError` for what the family can refuse from the pipeline's configs alone (`config`),
+        before any weight loads: a size or frame count the model cannot run, a row (`(where, row)` pairs naming the
+        rows) whose input images it cannot take. The default checks nothing: the trainer's checks run once the
+        pipeline is built."""
 
     @property
     def transformer(self) -> torch.nn.Module:

@@ -27,13 +27,35 @@ last accepted (the trainer checks its `resolution` once, before encoding any row
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import PIL.Image
 import torch
-from diffusers import WanImageToVideoPipeline
+from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..sizes import Resolution, image_size
-from .base import Cond, cond_cat, register_family
-from .wan import WanFamily
+from .base import Cond, ConfigReader, cond_cat, register_family
+from .wan import DEFAULT_NUM_FRAMES, WanFamily
+
+
+def _with_defaults(config: dict, model_class: type) -> dict:
+    """A component's `config.json` completed with its class's defaults (older files leave some keys out)."""
+    parameters = inspect.signature(model_class.__init__).parameters.values()
+    return {**{p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}, **config}
+
+
+def check_frame_modes(images: list, where: str) -> None:
+    """The VAE takes 3-channel RGB frames: a PIL frame of another mode (RGBA, grayscale, palette; image files are
+    read as RGB) is refused in one line naming `where`."""
+    for image in images:
+        if isinstance(image, PIL.Image.Image) and image.mode != "RGB":
+            raise ValueError(
+                f"{where} has an input image of mode {image.mode}; the VAE takes RGB frames: convert it "
+                "(`image.convert('RGB')`)."
+            )
 
 
 @register_family
@@ -65,6 +87,49 @@ class WanImageToVideoFamily(WanFamily):
         self.max_input_images = 2 if last else 1
         self._size: tuple[int, int] | None = None
 
+    @classmethod
+    def check_before_loading(
+        cls,
+        config: ConfigReader,
+        resolution: Resolution,
+        num_frames: int | None,
+        rows: Iterable[tuple[str, dict[str, Any]]],
+    ) -> None:
+        """From `model_index.json`, the transformer's and the VAE's configs: sides that are multiples of the VAE's
+        spatial factor x the patch, `num_frames` = 1 + a multiple of its temporal factor, and every row with its
+        first frame (at most the images the checkpoint takes, RGB), as the family checks them once built."""
+        transformer = _with_defaults(config("transformer"), WanTransformer3DModel)
+        vae = _with_defaults(config("vae"), AutoencoderKLWan)
+        spatial, temporal = vae["scale_factor_spatial"], vae["scale_factor_temporal"]
+        multiple = spatial * int(transformer["patch_size"][-1])
+        sides = image_size(resolution)
+        if any(side % multiple for side in sides):
+            nearest = "x".join(str(max(multiple, round(side / multiple) * multiple)) for side in sides)
+            raise ValueError(
+                f"`resolution` must be a multiple of {multiple} for this {cls.name} pipeline (VAE scale factor "
+                f"{spatial} x latent patch {multiple // spatial}), got {'x'.join(map(str, sides))}; e.g. {nearest}."
+            )
+        frames = num_frames or DEFAULT_NUM_FRAMES
+        if (frames - 1) % temporal:
+            raise ValueError(f"num_frames must be 1 + a multiple of {temporal}, got {frames}.")
+        expand = bool(config(None).get("expand_timesteps", False))
+        clip = transformer.get("image_dim") is not None
+        most = 2 if not expand and (not clip or transformer.get("pos_embed_seq_len") is not None) else 1
+        for where, row in rows:
+            images = row.get("image") or []
+            images = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not images:
+                raise ValueError(
+                    f"{where} has no `image`: the {cls.name} family ({cls.pipeline_class.__name__}) generates a "
+                    "video from each row's first frame."
+                )
+            if len(images) > most:
+                raise ValueError(
+                    f"{where} has {len(images)} input images, but the {cls.name} family "
+                    f"({cls.pipeline_class.__name__}) takes at most {most}."
+                )
+            check_frame_modes(images, where)
+
     def check_resolution(self, resolution: Resolution, name: str = "resolution") -> None:
         """As the base class; the size accepted is also the one the rows' first frames are encoded at."""
         super().check_resolution(resolution, name)
@@ -94,6 +159,7 @@ class WanImageToVideoFamily(WanFamily):
 
     def _encode_frames(self, images: list) -> Cond:
         self.check_input_images(len(images), "A row")
+        check_frame_modes(images, "A row")
         pipe, (height, width) = self.pipeline, self._size
         first, last = images[0], images[1] if len(images) > 1 else None
         out = {}
@@ -158,6 +224,12 @@ class WanImageToVideoFamily(WanFamily):
             return embeds
         # FLF2V: the pipeline passes the first and last frame's tokens as two rows, which the transformer re-joins
         return embeds.reshape(embeds.shape[0] * 2, -1, embeds.shape[-1])
+
+    def pipeline_image_kwargs(self, images: list, resolution: Resolution) -> dict[str, object]:
+        """`WanImageToVideoPipeline.__call__`'s `image` (the first frame) and, with a second image, `last_image`."""
+        if not images:
+            return {}
+        return {"image": images[0], **({"last_image": images[1]} if len(images) > 1 else {})}
 
     def moved(self, v: torch.Tensor) -> torch.Tensor:
         """The velocity of the latents the sampler steps: with `expand_timesteps`, without the conditioned frame 0."""

@@ -26,6 +26,7 @@ from .utils import (
     PROG,
     TOY_PLACEHOLDER,
     DiffusionParser,
+    check_before_loading,
     config_path,
     did_you_mean,
     fail,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 class DiffusionOPDEvalArguments:
     """
     Arguments of the `trl-diffusion-opd eval` command; each field is documented by its `help`. In Python,
-    `evaluate_models` takes the same settings.
+    `evaluate_models` takes the same settings (`evaluation.EvaluationConfig`).
     """
 
     model_name_or_path: str | None = field(
@@ -223,21 +224,34 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
     """The `eval` command's job: load the base (and `toy:<seed>` adapters for the tiny models), generate, score,
     write `results.md`, `results.json` and `grids/`. Returns the `EvaluationResult`.
 
-    The prompt files and the adapters' files are checked before the base is loaded, and the resolution against the
-    base before toy adapters are written, so that a failed start leaves nothing on disk."""
+    The prompt files, the adapters' files and what the base's family refuses from its configs alone
+    (`utils.check_before_loading`: an image-to-video row without its frame, a size the model cannot run) are checked
+    before the base is loaded, and the resolution against the base before toy adapters are written, so that a
+    failed start leaves nothing on disk."""
     from ..data import load_prompt_source
-    from ..evaluation import evaluate_models, load_base_pipeline
+    from ..evaluation import EvaluationConfig, evaluate_models, load_base_pipeline
     from ..families.base import get_family
     from ..teachers import check_teacher_files, parse_teacher_spec, resolve_teacher
 
-    for column, source in eval_args.prompts.items():
-        load_prompt_source(source, f"prompts '{column}'")
+    prompt_sets = {
+        column: load_prompt_source(source, f"prompts '{column}'") for column, source in eval_args.prompts.items()
+    }
     for label, spec in toy_placeholders(eval_args.adapters or {}, what="Adapter").items():
         if spec == TOY_PLACEHOLDER or (isinstance(spec, dict) and spec.get("path") == TOY_PLACEHOLDER):
             continue
         parsed = parse_teacher_spec(label, spec)
         resolve_teacher(parsed, cache_dir=eval_args.cache_dir, token=eval_args.hub_token)
         check_teacher_files(parsed, owner=f"Adapter '{label}'")
+    check_before_loading(
+        eval_args.model_name_or_path,
+        eval_args.resolution,
+        eval_args.num_frames,
+        [prompt_sets],
+        revision=eval_args.revision,
+        cache_dir=eval_args.cache_dir,
+        token=eval_args.hub_token,
+        what="Prompts",
+    )
     pipeline = load_base_pipeline(
         eval_args.model_name_or_path,
         torch_dtype=eval_args.torch_dtype,
@@ -256,10 +270,7 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
         rank=4,
         std=1.0,
     )
-    return evaluate_models(
-        pipeline,
-        prompts=eval_args.prompts,
-        adapters=adapters,
+    config = EvaluationConfig(
         reward_kwargs=eval_args.reward_kwargs,
         include_base=eval_args.include_base,
         base_label=eval_args.base_label,
@@ -280,6 +291,7 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
         cache_dir=eval_args.cache_dir,
         token=eval_args.hub_token,
     )
+    return evaluate_models(pipeline, prompts=eval_args.prompts, adapters=adapters, config=config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from .utils import (
     TOY_PLACEHOLDER,
     TOY_TEACHERS_DIR,
     DiffusionParser,
+    check_before_loading,
     check_resolution,
     json_dict,
     load_base,
@@ -172,6 +173,16 @@ def build_trainer(
         check_teachers(script_args.teachers, cache_dir=model_args.cache_dir, token=training_args.hub_token)
         resolve_student_adapter(training_args.student_adapter, model_args.cache_dir, training_args.hub_token)
 
+    check_before_loading(
+        model_args.model_name_or_path,
+        training_args.resolution,
+        training_args.num_frames,
+        [train_dataset, eval_dataset],
+        pipeline_class=model_args.pipeline_class,
+        revision=training_args.revision,
+        cache_dir=model_args.cache_dir,
+        token=training_args.hub_token,
+    )
     pipeline = load_base(model_args, training_args)
     check_resolution(pipeline, training_args)
     # Toy teachers share part of their update (`shared_seed`), as teachers RL-tuned from one base do.

@@ -67,8 +67,8 @@ HELP_GROUPS = (
     (
         "model",
         "The base pipeline and the student LoRA.",
-        "model_name_or_path revision cache_dir torch_dtype max_sequence_length family_kwargs offload_text_encoders "
-        "prompt_cache_size student_adapter lora_r lora_alpha lora_dropout lora_target_modules lora_init use_rslora",
+        "model_name_or_path pipeline_class revision cache_dir torch_dtype max_sequence_length family_kwargs "
+        "offload_text_encoders prompt_cache_size student_adapter lora_r lora_alpha lora_dropout lora_target_modules lora_init use_rslora",
     ),
     (
         "teachers",
@@ -474,7 +474,65 @@ def load_base(model_args: DiffusionModelConfig, training_args):
             revision=training_args.revision,
             cache_dir=model_args.cache_dir,
             token=training_args.hub_token,
+            pipeline_class=model_args.pipeline_class,
         )
+
+
+def _config_reader(name: str, revision: str | None, cache_dir: str | None, token) -> Callable[[str | None], dict]:
+    """`config(component)`: `name`'s `model_index.json` (`None`) or `<component>/config.json`, from a folder or the
+    Hub, without any weight."""
+
+    def config(component: str | None) -> dict:
+        filename = "config.json" if component else "model_index.json"
+        if os.path.isdir(name):
+            path = Path(name, component or "", filename)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(
+                name, filename, subfolder=component, revision=revision, cache_dir=cache_dir, token=token
+            )
+        return json.loads(Path(path).read_text())
+
+    return config
+
+
+def check_before_loading(
+    name: str,
+    resolution,
+    num_frames: int | None,
+    datasets: list[dict[str, list] | None],
+    pipeline_class: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    what: str = "Task",
+) -> None:
+    """What the family of base `name` refuses from its configs alone (a size or frame count the model cannot run, a
+    row without the input frame an image-to-video model needs, ...: `FlowMatchingFamily.check_before_loading`), as one
+    line naming the row (`{what} '<task>' row <i>`), before any weight loads. `datasets` are `{task: rows}` (or
+    `None`). A registered base is built in memory, and one whose configs cannot be read reports that when it loads:
+    both are checked by the trainer (or the pipeline) instead."""
+    import diffusers
+
+    from ..families.base import family_class
+
+    if get_pipeline(name) is not None:
+        return
+    config = _config_reader(name, revision, cache_dir, token)
+    rows = [
+        (f"{what} '{task}' row {index} ({row['prompt']!r})", row)
+        for dataset in datasets
+        for task, task_rows in (dataset or {}).items()
+        for index, row in enumerate(task_rows)
+    ]
+    try:
+        class_name = pipeline_class or config(None).get("_class_name")
+        family = family_class(getattr(diffusers, str(class_name), None) or type(None))
+        if family is not None:
+            family.check_before_loading(config, resolution, num_frames, rows)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return
 
 
 def _map_toy_specs(specs: dict[str, Any], what: str, make: Callable[[str, int], str]) -> dict[str, Any]:

@@ -338,7 +338,9 @@ class DiffusionLoRATrainer(Trainer):
         callbacks: Extra `TrainerCallback`s.
     """
 
-    _tag_names = ["trl", "diffusers", "lora", "text-to-image"]
+    # The model card adds the family's task (`family.pipeline_tag`: text-to-image, text-to-video, image-to-video, ...)
+    # and its tag after these.
+    _tag_names = ["trl", "diffusers", "lora"]
     _name = "Diffusion LoRA"
     _paper: dict[str, str] = {}
 
@@ -454,7 +456,12 @@ class DiffusionLoRATrainer(Trainer):
         self._deferred_push = False
         self.model_accepts_loss_kwargs = False
         if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)
+            self.model.add_model_tags(self.model_tags)
+
+    @property
+    def model_tags(self) -> list[str]:
+        """The trainer's `_tag_names`, then its family's task (`pipeline_tag`) and tag: the model card's fixed tags."""
+        return list(dict.fromkeys([*self._tag_names, self.family.pipeline_tag, self.family.tag]))
 
     def _check_guidance_2(self, args: DiffusionTrainingConfig) -> None:
         if len(self.family.experts) > 1 and args.ddp_find_unused_parameters is False:

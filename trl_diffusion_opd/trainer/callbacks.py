@@ -15,7 +15,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from ..data import prompts_by_task, row_images
-from ..evaluation import SAMPLES_DIR, VIDEO_FORMATS, blank_like, frame_grid, is_video, make_grid, save_video
+from ..evaluation import SAMPLES_DIR
+from ..figures import VIDEO_FORMATS, blank_like, frame_grid, is_video, make_grid, save_video
 from ..rewards import Reward, as_reward, nanmean
 
 

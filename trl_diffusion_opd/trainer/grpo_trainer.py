@@ -78,7 +78,7 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
         callbacks: Extra `TrainerCallback`s.
     """
 
-    _tag_names = ["trl", "flow-grpo", "diffusers", "lora", "text-to-image"]
+    _tag_names = ["trl", "flow-grpo", "diffusers", "lora"]
     _name = "Flow-GRPO"
     _paper = {
         "title": "Flow-GRPO: Training Flow Matching Models via Online RL",

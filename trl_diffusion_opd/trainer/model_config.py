@@ -21,6 +21,26 @@ def _lora_inits() -> list[str]:
     return ["true", "false", *(literals or ["gaussian", "pissa", "pissa_niter_[number of iters]", "olora"])]
 
 
+def check_pipeline_class(name: str | None) -> None:
+    """`name` is `None` or a diffusers pipeline class (one line otherwise, with the nearest names)."""
+    if name is None:
+        return
+    import difflib
+
+    import diffusers
+
+    if isinstance(name, str):
+        found = getattr(diffusers, name, None)
+        if isinstance(found, type) and issubclass(found, diffusers.DiffusionPipeline):
+            return
+    known = [n for n in dir(diffusers) if n.endswith("Pipeline") and n != "DiffusionPipeline"]
+    close = difflib.get_close_matches(str(name), known, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"`pipeline_class` must be a diffusers pipeline class such as WanImageToVideoPipeline, got {name!r}.{hint}"
+    )
+
+
 @dataclass
 class DiffusionModelConfig:
     """
@@ -39,6 +59,14 @@ class DiffusionModelConfig:
     )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Hub cache for the base and the teachers; None uses HF_HUB_CACHE."}
+    )
+    pipeline_class: str | None = field(
+        default=None,
+        metadata={
+            "help": "The diffusers pipeline class to run the base as, when not the one its model_index names, e.g. "
+            "WanImageToVideoPipeline for Wan-AI/Wan2.2-TI2V-5B-Diffusers (published as a WanPipeline) given a first "
+            "frame; None uses the base's own class."
+        },
     )
     lora_r: int = field(default=32, metadata={"help": "Rank of the student LoRA (the released recipe: 32)."})
     lora_alpha: int = field(default=64, metadata={"help": "Alpha of the student LoRA (the released recipe: 64)."})
@@ -68,6 +96,7 @@ class DiffusionModelConfig:
         if not isinstance(self.model_name_or_path, str):
             raise ValueError(f"`model_name_or_path` must be a string, got {self.model_name_or_path!r}.")
         check_output_dir("cache_dir", self.cache_dir)
+        check_pipeline_class(self.pipeline_class)
         check_int("lora_r", self.lora_r, 1)
         check_number("lora_alpha", self.lora_alpha, 0, low_open=True)
         check_number("lora_dropout", self.lora_dropout, 0, 1, high_open=True)

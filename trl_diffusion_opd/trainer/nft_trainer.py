@@ -73,7 +73,7 @@ class DiffusionNFTTrainer(DiffusionRLTrainer):
         callbacks: Extra `TrainerCallback`s.
     """
 
-    _tag_names = ["trl", "diffusion-nft", "diffusers", "lora", "text-to-image"]
+    _tag_names = ["trl", "diffusion-nft", "diffusers", "lora"]
     _name = "DiffusionNFT"
     _paper = {
         "title": "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",

@@ -76,7 +76,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         callbacks: Extra `TrainerCallback`s.
     """
 
-    _tag_names = ["trl", "diffusion-opd", "diffusers", "lora", "text-to-image"]
+    _tag_names = ["trl", "diffusion-opd", "diffusers", "lora"]
     _name = "DiffusionOPD"
     _uses_input_images = True
     _paper = {

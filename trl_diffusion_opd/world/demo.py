@@ -6,7 +6,7 @@ teachers into one LoRA student on the shipped base, each task's prompts supervis
 every model is sampled on held-out scenes with the same seeds and scored with the three rewards, and the paper-style
 table (rows: base, teachers, student; columns: the rewards and their average) and one image grid per model are
 written by `trl_diffusion_opd.evaluation.evaluate_models`; `comparison.png` shows every model on the same held-out
-prompts (`trl_diffusion_opd.evaluation.comparison_figure`) above the table; the student's model card carries that table and the base's and
+prompts (`trl_diffusion_opd.figures.comparison_figure`) above the table; the student's model card carries that table and the base's and
 student's grids (`write_student_card`).
 
 The default is a quick run (30 rounds of 2 prompts per task, 32 held-out scenes per task); `DemoConfig(full=True)`
@@ -248,7 +248,7 @@ def write_student_card(
 def write_comparison(result, config: DemoConfig, path: str | Path) -> Path:
     """`comparison.png`: the first `figure_prompts` held-out prompts of every task as columns, one row per model
     (the same seeds in every row), the table below."""
-    from ..evaluation import comparison_figure
+    from ..figures import comparison_figure
 
     count = config.figure_prompts
     prompts = [text for texts in result.sample_prompts for text in texts[:count]]
