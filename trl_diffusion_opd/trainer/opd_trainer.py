@@ -825,6 +825,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             free = free_memory_bytes(self.args.device)
             prompts = self.args.per_device_train_batch_size
             self._auto_step_batch_size, reason = choose_step_batch_size(num_steps, prompts, bytes_per_prompt, free)
+            probe = self._probe_row()
+            if probe is not None:
+                reason += f", measured on the row {probe['prompt']!r} with its input image(s) (the largest)"
             logger.warning(f"step_batch_size='auto': {reason}.")
         size = self._auto_step_batch_size
         return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
