@@ -89,3 +89,39 @@ def test_rows_with_other_reference_sizes_are_separate_batches(tmp_path):
     torch.testing.assert_close(kl, (2 * kl_a + kl_b) / 3)
     assert loss == pytest.approx(loss_a + loss_b, rel=1e-6)
     assert (kl_a - kl_b).abs().max() > 0
+
+
+def test_mixed_task_and_single_query_batches_group_rows_by_reference_size(tmp_path):
+    """A mixed-task batch (`tasks_per_round`) and a single-query batch whose rows' references differ in size run as
+    one batch per size: the loss is the sum of the groups' losses, each row weighted as in the whole batch
+    (`_row_scales` of all its rows), the KL per step their row-weighted mean, the single-query MSE per row in order."""
+    trainer = FLUX_KONTEXT.trainer(tmp_path, tasks_per_round=2, query_sigma_range="0,1")
+    edit, style = EDIT_STYLE["edit"], EDIT_STYLE["style"]
+    rows = [edit[0], style[1], edit[2], style[0]]  # references 32 x 40, 48 x 32, 48 x 32, 32 x 40
+    tasks = ["edit", "style", "edit", "style"]
+    assert trainer.prompt_cache.groups(*_split(rows)) == [[0, 3], [1, 2]]
+    model = trainer.model
+    steps = trainer.args.train_timesteps_for("edit")
+    assert steps == trainer.args.train_timesteps_for("style") == 3
+    scales = trainer._row_scales(tasks, torch.tensor([steps] * 4))
+    assert scales.tolist() == pytest.approx([1 / 6] * 4)  # each task's weight over its 2 rows and 3 trained steps
+    loss, kl = trainer.task_loss(model, "mixed", rows, torch.Generator().manual_seed(3), False, tasks)
+    generator = torch.Generator().manual_seed(3)
+    parts = [
+        trainer.task_loss(model, "mixed", [rows[i] for i in g], generator, False, [tasks[i] for i in g], row_scales=s)
+        for g, s in (([0, 3], scales[[0, 3]]), ([1, 2], scales[[1, 2]]))
+    ]
+    assert loss == pytest.approx(parts[0][0] + parts[1][0], rel=1e-6)
+    torch.testing.assert_close(kl, (parts[0][1] + parts[1][1]) / 2)
+    assert (parts[0][1] - parts[1][1]).abs().max() > 0
+
+    loss, mse = trainer.single_query_loss(model, "edit", rows[:3], torch.Generator().manual_seed(5), False)
+    generator = torch.Generator().manual_seed(5)
+    first = trainer.single_query_loss(model, "edit", [rows[0]], generator, False, scales=torch.tensor([1 / 3]))
+    second = trainer.single_query_loss(model, "edit", rows[1:3], generator, False, scales=torch.full((2,), 1 / 3))
+    torch.testing.assert_close(mse, torch.cat([first[1], second[1]]))
+    assert loss == pytest.approx(first[0] + second[0], rel=1e-6) and loss > 0
+
+
+def _split(rows):
+    return [row["prompt"] for row in rows], [[row["image"]] for row in rows]
