@@ -239,8 +239,8 @@ QWEN_EDIT_AREAS = {"vae_image_size": 48 * 48, "condition_image_size": 64 * 64}
 
 @contextlib.contextmanager
 def tiny_qwen_edit_areas():
-    """The Qwen-Image-Edit pipelines at `QWEN_EDIT_AREAS` (they read their module's areas at call time; the one-reference
-    pipeline passes 1024² to `calculate_dimensions`)."""
+    """The Qwen-Image-Edit pipelines at `QWEN_EDIT_AREAS` (they read their module's areas at call time; the
+    one-reference pipeline passes 1024² to `calculate_dimensions`)."""
     area, dimensions = QWEN_EDIT_AREAS["vae_image_size"], qwen_edit_module.calculate_dimensions
     with (
         mock.patch.object(qwen_edit_plus_module, "VAE_IMAGE_SIZE", area),

@@ -3,8 +3,9 @@ row per family): the trainer's rollout at CFG > 1 and a non-square size is its p
 adapter and itself is 0, distillation lowers the KL to each teacher (each family's measured bar) and trains only the
 student, the saved student reloads with diffusers' `load_lora_weights`, and the model card names the base and tags.
 Editing rows (FLUX.1 Kontext, FLUX.2 [klein] with `image=`, Qwen-Image-Edit and -Edit-Plus) run the same checks with an
-input image per prompt row, and the trained student's velocity must depend on that image. What is a family's own (Z-Image's CFG truncation, Qwen-Image's norm rescale, Wan's expert switch, ...) is tested in
-that family's file."""
+input image per prompt row, and the trained student's velocity must depend on that image. What is a family's own
+(Z-Image's CFG truncation, Qwen-Image's norm rescale, Wan's expert switch, Kontext's preferred resolutions, ...) is
+tested in that family's file."""
 
 import pytest
 import torch

@@ -1,7 +1,8 @@
 """FLUX.2 [klein] with several reference images a row (`Flux2KleinPipeline(image=[...])`): the rollout reproduces the
 pipeline with two references at CFG > 1 and a non-square size. The family contract (`tests/test_family_contract.py`,
 row `flux2_klein_edit`) checks one reference a row and one student learning a text-to-image teacher and an editing
-teacher at once (rows without an image are text-to-image rows): KLs, reload, image dependence, the card's task kinds."""
+teacher at once (rows without an image are text-to-image rows): KLs, reload, image dependence, the card's task
+kinds."""
 
 import torch
 
