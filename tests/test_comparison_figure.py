@@ -68,3 +68,27 @@ def test_rows_must_match_the_prompts():
         comparison_figure({"base": [_tile((0, 0, 0))] * 2}, PROMPTS)
     with pytest.raises(ValueError, match="at least one row"):
         comparison_figure({}, PROMPTS)
+
+
+def test_inputs_are_the_first_row_labelled_input():
+    """Editing: each prompt's input image is drawn, pixel for pixel, as the first row ("input"), a text-only prompt's
+    cell left white; the models' rows follow unchanged."""
+    from trl_diffusion_opd.testing import get_tiny_input_image
+
+    tile, label_width, padding = 32, 150, 6
+    inputs = [get_tiny_input_image(1, tile, tile), None, get_tiny_input_image(2, tile, tile)]
+    figure = np.asarray(_figure(tile=tile, label_width=label_width, padding=padding, inputs=inputs))
+    plain = np.asarray(_figure(tile=tile, label_width=label_width, padding=padding))
+    assert figure.shape[0] == plain.shape[0] + tile + padding
+    header = figure.shape[0] - (len(COLORS) + 1) * (tile + padding)
+    for c, image in enumerate(inputs):
+        x = label_width + c * (tile + padding)
+        cell = figure[header : header + tile, x : x + tile]
+        assert (cell == (np.asarray(image) if image is not None else 255)).all()
+    assert _dark(figure[header : header + tile, :label_width]) > 10  # the label "input"
+    below = figure[header + tile + padding :]
+    assert (below == plain[plain.shape[0] - below.shape[0] :]).all()  # the models' rows, as without inputs
+    with pytest.raises(ValueError, match="`inputs` has 1 images for 3 prompts"):
+        comparison_figure({"base": [_tile((0, 0, 0))] * 3}, PROMPTS, inputs=inputs[:1])
+    with pytest.raises(ValueError, match="no model row may have that name"):
+        comparison_figure({"input": [_tile((0, 0, 0))] * 3}, PROMPTS, inputs=inputs)

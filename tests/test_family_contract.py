@@ -2,8 +2,10 @@
 row per family): the trainer's rollout at CFG > 1 and a non-square size is its pipeline's `__call__`, the KL between an
 adapter and itself is 0, distillation lowers the KL to each teacher (each family's measured bar) and trains only the
 student, the saved student reloads with diffusers' `load_lora_weights`, and the model card names the base and tags.
-What is a family's own (Z-Image's CFG truncation, Qwen-Image's norm rescale, Wan's expert switch, ...) is tested in
-that family's file."""
+Editing rows (FLUX.1 Kontext, FLUX.2 [klein] with `image=`, Qwen-Image-Edit and -Edit-Plus) run the same checks with an
+input image per prompt row, and the trained student's velocity must depend on that image. What is a family's own
+(Z-Image's CFG truncation, Qwen-Image's norm rescale, Wan's expert switch, Kontext's preferred resolutions, ...) is
+tested in that family's file."""
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from huggingface_hub import ModelCard
 from trl_diffusion_opd.families.base import get_family
 from trl_diffusion_opd.teachers import expert_weight_name
 
-from helpers import ROWS, VARIANTS, changed, offline_hub, quick_start, snapshot
+from helpers import ROWS, VARIANTS, changed, offline_hub, quick_start, snapshot, split_rows
 
 
 def _ids(rows):
@@ -81,10 +83,8 @@ def test_rollout_reproduces_the_pipeline_at_cfg_and_a_non_square_size(family, tm
     # measured 0.034 (FLUX.2 klein, whose tiny blocks barely move the velocity) to 0.75
     assert (unguided[-1] - states[-1]).abs().max() > 1e-2, "guidance did not change the rollout"
 
-    first = prompts[0]  # a prompt, or a row with its input image (image-to-video)
-    images = {"images": [[first["image"]]]} if isinstance(first, dict) and first.get("image") else {}
-    text = first["prompt"] if isinstance(first, dict) else first
-    samples = trainer.generate([text], adapter=None, num_inference_steps=2, **images)
+    first, images = split_rows(prompts[:1])
+    samples = trainer.generate(first, adapter=None, num_inference_steps=2, images=images)
     image = samples[0][0] if isinstance(samples[0], list) else samples[0]  # a video's first frame
     assert image.size == (family.size[1], family.size[0])  # PIL: (width, height)
 
@@ -92,7 +92,8 @@ def test_rollout_reproduces_the_pipeline_at_cfg_and_a_non_square_size(family, tm
 def test_kl_is_zero_between_an_adapter_and_itself(family, teachers, tmp_path):
     """A student started from a teacher's weights has KL 0 to it at every step, and a clearly positive one to the
     other teacher on the same rollouts."""
-    same, other = list(family.train)
+    same = family.same_task or next(iter(family.train))
+    (other,) = set(family.train) - {same}
     settings = {"student_adapter": teachers[same], **family.guidance, **family.same_args}
     trainer = family.trainer(tmp_path, teachers=teachers, **settings)
     rows = [row if isinstance(row, dict) else {"prompt": row} for row in family.held_out[same]]
@@ -133,12 +134,13 @@ def test_saved_student_reloads_with_load_lora_weights(family, distilled, tmp_pat
     fresh = family.build(seed=0)
     args = trainer.args
     video = {"num_frames": args.num_frames} if args.num_frames else {}
-    family_ = get_family(fresh, max_sequence_length=args.max_sequence_length, **video)
+    family_ = get_family(fresh, args.family_kwargs, max_sequence_length=args.max_sequence_length, **video)
     assert type(family_) is family.family_class
     rows = [row for rows in family.held_out.values() for row in rows][:4]
-    cond, negative = family.cond(trainer, rows), trainer._negative(4)
-    x = family_.init_latents(4, args.resolution, torch.Generator().manual_seed(1))
-    sigma = torch.tensor([1.0, 0.9, 0.5, 0.2])  # Wan 2.2: two rows on each expert
+    rows = [rows[i] for i in trainer.prompt_cache.groups(*split_rows(rows))[0]]  # references of one size
+    cond, negative = family.cond(trainer, rows), trainer._negative(len(rows))
+    x = family_.init_latents(len(rows), args.resolution, torch.Generator().manual_seed(1))
+    sigma = torch.tensor([1.0, 0.9, 0.5, 0.2])[: len(rows)]  # Wan 2.2: two rows on each expert
     guidance = family.guidance
 
     def velocity(fam):
@@ -167,6 +169,32 @@ def test_saved_student_reloads_with_load_lora_weights(family, distilled, tmp_pat
     assert family.adapted(adapted), sorted(adapted)
 
 
+def test_student_velocity_depends_on_the_input_image(family, distilled):
+    """An editing row's trained student velocity changes when its input image is replaced by another of the same size
+    (the first sampler row's, by the second's)."""
+    first, second = family.prompts[:2]
+    if not isinstance(first, dict) or "image" not in first:
+        pytest.skip("a text-to-image row: no input image")
+    assert first["image"] is not second["image"]
+    trainer, *_ = distilled
+    args = trainer.args
+    x = trainer.family.init_latents(1, args.resolution, torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        own, swapped = (
+            trainer.family.velocity(
+                trainer.pipeline.transformer,
+                x,
+                sigma,
+                family.cond(trainer, [row]),
+                negative_cond=trainer._negative(1),
+                **family.guidance,
+            )
+            for row in (first, {**first, "image": second["image"]})
+        )
+    assert (own - swapped).abs().max() > family.image_moves
+
+
 def test_model_card_names_the_base_and_tags(family, distilled):
     trainer, *_ = distilled
     trainer.create_model_card()
@@ -179,6 +207,14 @@ def test_model_card_names_the_base_and_tags(family, distilled):
     fixed = [family.pipeline_tag, "diffusers", "lora", "trl", "diffusion-opd", family.tag]
     assert sorted(data["tags"]) == sorted(fixed + list(family.train))
     assert f'DiffusionPipeline.from_pretrained("{family.base}"' in card.text
+    # Each task's kind (its rows carry input images or not, named for the family's medium); the teachers' table names
+    # it once a task takes input images.
+    video = family.pipeline_tag.endswith("-to-video")
+    text, image = ("text-to-video", "image-to-video") if video else ("text-to-image", "editing")
+    kinds = {task: image if split_rows(rows)[1] is not None else text for task, rows in family.train.items()}
+    assert trainer.task_kinds() == kinds
+    for task, kind in kinds.items():
+        assert (f"| {task} ({kind}) |" in card.text) == (image in kinds.values()), (task, kind)
     code = quick_start(card.text)
     compile(code, "quick_start", "exec")
     for snippet in family.card_code:

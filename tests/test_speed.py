@@ -148,6 +148,33 @@ def test_auto_step_batch_size_measures_one_pass_and_chunks_the_round(tmp_path, t
     assert trainer.state.global_step == 1
 
 
+def test_auto_step_batch_size_probes_with_the_largest_input_image(tmp_path, monkeypatch):
+    """With editing rows the memory probe runs on the row with the largest conditioning (the most input images, then
+    pixels: reference tokens lengthen every pass), so the chosen chunk is computed from the longer sequence."""
+    from trl_diffusion_opd.trainer import opd_trainer
+
+    from helpers import FLUX_KONTEXT
+
+    teachers = FLUX_KONTEXT.save_teachers(FLUX_KONTEXT.build(seed=0), tmp_path, 1)
+    edits = FLUX_KONTEXT.trainer(tmp_path / "edit", teachers=teachers, step_batch_size="auto")
+    # The rows' references are 32 x 40 and 48 x 32 pixels: the 48 x 32 one ("make it blue") has the most tokens.
+    assert edits._probe_row()["prompt"] == "make it blue" == FLUX_KONTEXT.train["edit"][2]["prompt"]
+    text = FLUX_KONTEXT.trainer(tmp_path / "text", teachers=teachers, step_batch_size="auto")
+    text.task_prompts = {"edit": [{"prompt": row["prompt"], "image": None} for row in FLUX_KONTEXT.train["edit"]]}
+    assert text._probe_row() is None
+    with_image, text_only = edits._saved_bytes_per_prompt(), text._saved_bytes_per_prompt()
+    # 96 output + 96 reference + 32 text tokens against 96 + 32: the reference's activations are saved too.
+    assert with_image > 1.3 * text_only
+    # Free memory for 2.5 text-only steps of 2 prompts at 80%: 2 steps per call without images, 1 with them.
+    free = 2.5 * 2 * text_only / 0.8
+    monkeypatch.setattr(opd_trainer, "free_memory_bytes", lambda device: free)
+    lines = []
+    monkeypatch.setattr(opd_trainer.logger, "warning", lines.append)
+    assert text._chunks(4) == [range(0, 2), range(2, 4)]
+    assert edits._chunks(4) == [range(k, k + 1) for k in range(4)]
+    assert "measured on the row 'make it blue' with its input image(s)" in lines[1]
+
+
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), ("3", 3), (2, 2), (None, None)])
 def test_step_batch_size_accepts_auto_and_integers(tmp_path, value, expected):
     assert DiffusionOPDConfig(str(tmp_path), step_batch_size=value).step_batch_size == expected

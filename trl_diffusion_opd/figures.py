@@ -182,9 +182,11 @@ def comparison_figure(
     font_size: int = 12,
     padding: int = 6,
     max_prompt_lines: int = 4,
+    inputs: Sequence[Image.Image | None] | None = None,
 ) -> Image.Image:
     """One figure comparing models on the same prompts: a column per prompt (its text above), a row per model (its
-    name at the left), and optionally a table of scores below.
+    name at the left), and optionally a table of scores below. With `inputs` (editing), the first row, labelled
+    "input", shows each prompt's input image above the models' outputs.
 
     Args:
         rows: `{model name: images}`, one image per prompt, in `prompts`' order; all rows the same length.
@@ -197,17 +199,26 @@ def comparison_figure(
         font_size: Size of Pillow's default font (`ImageFont.load_default(size)`, Pillow >= 10.1).
         padding: Space between tiles and around the figure, in pixels.
         max_prompt_lines: Prompt text lines above a column; longer prompts end with "…".
+        inputs: Each prompt's input image (e.g. `EvaluationResult.sample_inputs`; `None`: a text-to-image prompt,
+            left blank), drawn as the first row, "input".
 
     Returns:
         An RGB image of width `label_width + len(prompts) * (tile + padding) + padding` on a white background.
 
     Raises:
-        ValueError: no rows, or a row without one image per prompt.
+        ValueError: no rows, or a row (or `inputs`) without one image per prompt.
     """
     from PIL import ImageDraw, ImageFont
 
     if not rows or not prompts:
         raise ValueError("`comparison_figure` needs at least one row and one prompt.")
+    if inputs is not None:
+        if len(inputs) != len(prompts):
+            raise ValueError(f"`inputs` has {len(inputs)} images for {len(prompts)} prompts.")
+        if "input" in rows:
+            raise ValueError("`inputs` makes the row 'input': no model row may have that name.")
+        blank = Image.new("RGB", (tile, tile), "white")
+        rows = {"input": [blank if image is None else image for image in inputs], **rows}
     for name, images in rows.items():
         if len(images) != len(prompts):
             raise ValueError(f"Row '{name}' has {len(images)} images for {len(prompts)} prompts.")

@@ -185,6 +185,9 @@ class FlowMatchingFamily(abc.ABC):
     default_lora_targets: ClassVar[list[str]]
     # The Hub pipeline tag of the model card.
     pipeline_tag: ClassVar[str] = "text-to-image"
+    # What a task is called on the model card when its rows carry no input image / carry one.
+    text_task_kind: ClassVar[str] = "text-to-image"
+    image_task_kind: ClassVar[str] = "editing"
     # When `True`, `guidance_scale` is fed to a guidance embedding instead of doubling the batch for CFG.
     uses_guidance_embedding: bool = False
     # Input images a row may carry (`encode_prompts(prompts, images)`); 0: text-to-image only.

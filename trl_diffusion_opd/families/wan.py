@@ -122,6 +122,7 @@ class WanFamily(FlowMatchingFamily):
     name = "wan"
     tag = "wan"
     pipeline_tag = "text-to-video"
+    text_task_kind = "text-to-video"
     # Self-attention, cross-attention and MLP projections of every block (Flow-Factory's and the Wan LoRA trainers').
     default_lora_targets = [
         "attn1.to_k",

@@ -67,6 +67,7 @@ class WanImageToVideoFamily(WanFamily):
     name = "wan-i2v"
     tag = "wan"
     pipeline_tag = "image-to-video"
+    image_task_kind = "image-to-video"
     max_input_images = 2
 
     def __init__(self, pipeline, max_sequence_length=None, num_frames=None):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import PIL.Image
 import torch
 from accelerate.utils import set_seed
 from diffusers import DiffusionPipeline
@@ -691,14 +692,35 @@ class DiffusionLoRATrainer(Trainer):
         t_next = sigmas[steps.start + 1 : steps.stop + 1].repeat_interleave(batch)
         return x, t, t_next
 
+    def _probe_row(self) -> PromptRow | None:
+        """The training row with the largest conditioning, the one `_saved_bytes_per_prompt` measures: among rows
+        with input images (whose reference tokens lengthen every pass), the most images, then the most pixels;
+        `None` when no row has images (any prompt will do: the embeddings' shapes do not depend on the text)."""
+
+        def pixels(image) -> int:
+            if isinstance(image, (str, os.PathLike)):  # a path: its header only
+                with PIL.Image.open(image) as opened:
+                    return opened.width * opened.height
+            return image.width * image.height
+
+        def size(row: PromptRow) -> tuple[int, int]:
+            images = row["image"] if isinstance(row["image"], (list, tuple)) else [row["image"]]
+            return len(images), sum(pixels(image) for image in images)
+
+        rows = [row for rows in self.task_prompts.values() for row in rows if row.get("image")]
+        return max(rows, key=size, default=None)
+
     def _saved_bytes_per_prompt(self) -> int:
         """Bytes autograd saves for one prompt's student pass at the first sampler step (CFG rows included), measured
-        by one forward with grad on this device: each saved storage counted once, the model's weights not at all."""
+        by one forward with grad on this device: each saved storage counted once, the model's weights not at all.
+        The prompt is the training row with the largest conditioning (`_probe_row`), at its output size."""
         args = self.args
         transformer = self.accelerator.unwrap_model(self.model)
-        cond = self._negative(1)  # any prompt: the embeddings' shapes do not depend on the text
-        x = self.family.init_latents(1, args.resolution, self._generator("saved-bytes")).to(args.device)
-        sigma = self.family.sigmas(args.num_inference_steps, args.resolution)[:1].to(args.device)
+        row = self._probe_row()
+        cond = self._negative(1) if row is None else self.prompt_cache([row["prompt"]], [row_images(row)])
+        resolution = self.resolution_for(cond)
+        x = self.family.init_latents(1, resolution, self._generator("saved-bytes")).to(args.device)
+        sigma = self.family.sigmas(args.num_inference_steps, resolution)[:1].to(args.device)
         negative = self._negative(1) if args.guidance_scale > 1 else None
         weights = {t.untyped_storage().data_ptr() for t in [*transformer.parameters(), *transformer.buffers()]}
         seen: set[int] = set()

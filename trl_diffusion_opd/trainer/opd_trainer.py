@@ -215,7 +215,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         teachers = [
             {
                 "task": task,
-                "kind": kinds[task] if any(kind != "text-to-image" for kind in kinds.values()) else None,
+                "kind": kinds[task] if any(kind != self.family.text_task_kind for kind in kinds.values()) else None,
                 "reference": teacher_reference(spec),
                 "guidance_scale": spec.guidance_scale
                 if spec.guidance_scale is not None
@@ -255,12 +255,14 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         }
 
     def task_kinds(self) -> dict[str, str]:
-        """Each task's kind, from its training rows: `"editing"` (rows with input images), `"text-to-image"`, or
-        `"text-to-image + editing"` when it has both."""
+        """Each task's kind, from its training rows and the family's names for them: e.g. `"editing"` (every row has
+        input images), `"text-to-image"` (none has), `"text-to-image + editing"` (both); a video family says
+        `"text-to-video"` / `"image-to-video"`."""
+        text, image = self.family.text_task_kind, self.family.image_task_kind
         kinds = {}
         for task, rows in self.task_prompts.items():
             edits = sum(bool(row.get("image")) for row in rows)
-            kinds[task] = "editing" if edits == len(rows) else "text-to-image + editing" if edits else "text-to-image"
+            kinds[task] = image if edits == len(rows) else f"{text} + {image}" if edits else text
         return kinds
 
     def _scale_card_notes(self, settings: dict[str, Any]) -> str:
@@ -518,15 +520,19 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         row_tasks: list[str] | None = None,
         *,
         task_rows: int = 0,
+        row_scales: torch.Tensor | None = None,
     ) -> tuple[float, torch.Tensor]:
         """Roll out, supervise and (optionally) back-propagate one task's loss.
 
         Each teacher's means are computed only on the rows it supervises; a row's loss is the weighted mean of its
         teachers' per-step KLs (PPO-style surrogates with `loss_type="ppo"`). Rows whose conditionings differ in
-        shape (input images of other sizes, or none) are rolled out as separate batches, one after the other.
+        shape (input images of other sizes, or none) are rolled out as separate batches, one after the other, in
+        mixed-task rounds too; the KL per step is their row-weighted mean.
 
         Args:
             task_rows: Rows of the whole task when `rows` is one such batch of it (the loss is a mean over them).
+            row_scales: With `row_tasks`, the rows' loss weights when `rows` is one such batch of a mixed-task batch
+                (`_row_scales` of the whole batch: a task's weight is shared among all its rows there).
 
         With `row_tasks` (a mixed-task batch; `task` is then only a label), row i belongs to task `row_tasks[i]`: its
         teachers, student prompt template and trained steps are that task's, and its loss weight is `_row_scales`'.
@@ -540,16 +546,25 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         groups = self.prompt_cache.groups(prompts, images) if any(images) else [list(range(len(rows)))]
         if len(groups) > 1:
             if row_tasks is not None:
-                raise ValueError(
-                    "A mixed-task round (`tasks_per_round`) drew rows whose input images differ in size; mixed-task "
-                    "rounds take rows of one conditioning shape (same-size images, or none): resize the images or "
-                    "use round-robin rounds."
-                )
+                steps = torch.tensor([args.train_timesteps_for(own) for own in row_tasks])
+                scales = self._row_scales(row_tasks, steps)
             results = [
-                self.task_loss(model, task, [rows[i] for i in group], generator, backward, task_rows=len(rows))
+                self.task_loss(
+                    model,
+                    task,
+                    [rows[i] for i in group],
+                    generator,
+                    backward,
+                    None if row_tasks is None else [row_tasks[i] for i in group],
+                    task_rows=len(rows),
+                    row_scales=None if row_tasks is None else scales[group],
+                )
                 for group in groups
             ]
-            kl = sum(kl_group * len(group) / len(rows) for (_, kl_group), group in zip(results, groups))
+            # A mixed batch's groups may train fewer steps (their tasks'): rows past them add zeros, as unsplit.
+            kl = torch.zeros(max(len(kl_group) for _, kl_group in results), device=args.device)
+            for (_, kl_group), group in zip(results, groups):
+                kl[: len(kl_group)] += kl_group * len(group) / len(rows)
             return sum(loss for loss, _ in results), kl
         cond = self.prompt_cache(prompts, images)  # what the teachers see
         if row_tasks is None:
@@ -563,7 +578,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         else:
             row_steps = torch.tensor([args.train_timesteps_for(own) for own in row_tasks])
             num_steps = int(row_steps.max())
-            row_scales = self._row_scales(row_tasks, row_steps)
+            row_scales = self._row_scales(row_tasks, row_steps) if row_scales is None else row_scales
             row_kl = torch.zeros(batch, device=args.device)
         # Fused: the rollout's own forward at each trained step is the student's pass (see `_fused_rollout_step`).
         fused = backward and args.fused_rollout
@@ -711,6 +726,8 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         generator: torch.Generator,
         backward: bool,
         row_tasks: list[str] | None = None,
+        *,
+        scales: torch.Tensor | None = None,
     ) -> tuple[float, torch.Tensor]:
         """`query_mode="single"` (DanceOPD): each row is supervised at one state of its rollout.
 
@@ -718,6 +735,10 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         from `query_steps` of its task) gets one pass of each of its teachers (grouped per adapter, as `task_loss`)
         and one student pass with grad; the row's loss is the weighted velocity MSE to its teachers. `row_tasks` as
         in `task_loss`; the loss is the mean over rows (weighted by `task_weights` per task, or `_row_scales`).
+        Rows whose conditionings differ in shape (input images of other sizes) are rolled out as separate batches.
+
+        Args:
+            scales: The rows' loss weights when `rows` is one such batch of a larger one (that batch's weights).
 
         Returns:
             `(loss, mse)`: the weighted loss (a float) and the per-row velocity MSE `(B,)`.
@@ -726,15 +747,27 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         own_tasks = [task] * len(rows) if row_tasks is None else list(row_tasks)
         prompts = [row["prompt"] for row in rows]
         images = [row_images(row) for row in rows]
-        if any(images) and len(self.prompt_cache.groups(prompts, images)) > 1:
-            raise ValueError(
-                '`query_mode="single"` takes a batch of one conditioning shape; these rows\' input images differ in '
-                "size: resize them or use the default dense queries."
-            )
+        batch = len(rows)
+        if scales is None and row_tasks is None:
+            scales = torch.full((batch,), float((args.task_weights or {}).get(task, 1.0)) / batch)
+        elif scales is None:
+            scales = self._row_scales(own_tasks, torch.ones(batch))
+        groups = self.prompt_cache.groups(prompts, images) if any(images) else [list(range(batch))]
+        if len(groups) > 1:
+            mse = torch.zeros(batch, device=args.device)
+            loss = 0.0
+            for group in groups:
+                part = [rows[i] for i in group]
+                own = None if row_tasks is None else [row_tasks[i] for i in group]
+                loss_group, mse_group = self.single_query_loss(
+                    model, task, part, generator, backward, own, scales=scales[group]
+                )
+                loss += loss_group
+                mse[group] = mse_group.to(mse.device)
+            return loss, mse
         cond = self.prompt_cache(prompts, images)
         student_prompts = [args.student_prompt(own, prompt) for own, prompt in zip(own_tasks, prompts)]
         student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts, images)
-        batch = len(rows)
         choices = {own: self.query_steps(own) for own in set(own_tasks)}
         picks = [int(torch.randint(len(choices[own]), (1,), generator=generator)) for own in own_tasks]
         query = torch.tensor([choices[own][pick] for own, pick in zip(own_tasks, picks)])
@@ -756,10 +789,6 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             self.teacher_velocity(spec, owner, x[idx], t[idx], cond_select(cond, idx)) if len(idx) else None
             for (owner, spec), idx in zip(teachers, subsets)
         ]
-        if row_tasks is None:
-            scales = torch.full((batch,), float((args.task_weights or {}).get(task, 1.0)) / batch)
-        else:
-            scales = self._row_scales(own_tasks, torch.ones(batch))
         mse = torch.zeros(batch, device=x.device)
         loss = torch.zeros((), device=x.device)
         with torch.set_grad_enabled(backward), self.compute_loss_context_manager():
@@ -825,6 +854,9 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             free = free_memory_bytes(self.args.device)
             prompts = self.args.per_device_train_batch_size
             self._auto_step_batch_size, reason = choose_step_batch_size(num_steps, prompts, bytes_per_prompt, free)
+            probe = self._probe_row()
+            if probe is not None:
+                reason += f", measured on the row {probe['prompt']!r} with its input image(s) (the largest)"
             logger.warning(f"step_batch_size='auto': {reason}.")
         size = self._auto_step_batch_size
         return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
