@@ -123,7 +123,8 @@ def test_tensors_read_back_sit_in_aligned_memory_of_their_own(tmp_path):
     save_tensor_tree(tree, tmp_path / "tree.safetensors")
     save_ema_state({"decay": 0.9, "shadow_params": list(tree.values())}, tmp_path / "ema.safetensors")
     with safe_open(str(tmp_path / "tree.safetensors"), framework="pt") as handle:
-        assert handle.get_tensor("t1").data_ptr() % 16 != 0  # the case: read in place, off alignment
+        # the case: safetensors hands the tensor out where it lies in the file, off alignment
+        assert handle.get_tensor("t1").data_ptr() % 16 != 0, "safetensors now aligns: this test covers nothing"
     loaded = [*load_tensor_tree(tmp_path / "tree.safetensors").values()]
     loaded += load_ema_state(tmp_path / "ema.safetensors")["shadow_params"]
     # CPU kernels round differently on misaligned inputs: a resumed step must see what the saving run saw
