@@ -5,6 +5,7 @@ with killed and preempted subprocesses, are `tests/test_faults.py`."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import TrainerControl
 
-from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
+from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, cli
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
 from trl_diffusion_opd.trainer import checkpointing
 from trl_diffusion_opd.trainer.checkpointing import (
@@ -232,3 +233,48 @@ def test_every_rank_stops_at_the_step_where_any_rank_got_the_signal(tmp_path):
             "save": True,
             "signal": "SIGTERM",
         }
+
+
+RL_RUN = {
+    "model_name_or_path": "tiny:sd3",
+    "lora_r": 4,
+    "lora_alpha": 4,
+    "reward_funcs": ["brightness"],
+    "prompts": ["a red circle", "a blue square", "a green triangle"],
+    "resolution": 32,
+    "num_inference_steps": 2,
+    "max_sequence_length": 1,
+    "guidance_scale": 1.0,
+    "num_generations": 2,
+    "per_device_train_batch_size": 1,
+    "num_iterations": 2,
+    "learning_rate": 3e-2,
+    "seed": 0,
+    "logging_steps": 1,
+    "disable_tqdm": True,
+    "report_to": "none",
+}
+
+
+@pytest.mark.parametrize(
+    "command, settings, step",
+    [("grpo", {"noise_level": 0.7, "beta": 0.0, "max_steps": 8}, 5), ("nft", {"max_steps": 4}, 3)],
+)
+def test_resuming_a_stored_batch_read_back_off_alignment_is_bit_exact(tmp_path, command, settings, step):
+    # The GRPO run of the fault suite (and its NFT twin): checkpoint `step`, in the middle of a `num_iterations`
+    # cycle, stores the batch where safetensors reads the pooled prompt embedding off 16-byte alignment (28 and 60
+    # bytes past a 64-byte boundary here); a CPU linear layer rounds such an input differently (before the fix 28 of
+    # 30 GRPO tensors ended ~1e-7 off), so the batch must be read back into aligned memory for the resumed step to
+    # compute the uninterrupted run's bits. `test_safe_loading` checks the alignment itself.
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({**RL_RUN, **settings, "save_steps": step}))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli.main([command, "--config", str(config), "--output_dir", str(straight)]) == 0
+    checkpoint = resumed / f"checkpoint-{step}"
+    shutil.copytree(straight / checkpoint.name, checkpoint)
+    argv = ["--config", str(config), "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)]
+    assert cli.main([command, *argv]) == 0
+    ours = load_file(resumed / "pytorch_lora_weights.safetensors")
+    theirs = load_file(straight / "pytorch_lora_weights.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert [key for key in ours if not torch.equal(ours[key], theirs[key])] == []

@@ -246,11 +246,6 @@ def test_sigkill_at_seeded_moments_then_auto_resume_ends_bit_exact_with_ema(tmp_
     _assert_same_result(tmp_path / "out", reference, ROUNDS)
 
 
-@pytest.mark.skip(
-    reason="known bug, reproducible: a GRPO run (num_iterations 2) preempted after ~4 logged rounds, then killed at "
-    "the seeded writes, ends with an adapter that differs from the uninterrupted run (after 3 or 5 rounds it is "
-    "bit-exact); CI cannot run a test whose moment depends on timing until the resume is fixed"
-)
 def test_grpo_with_num_iterations_sigterm_then_sigkills_end_bit_exact(tmp_path, grpo_reference):
     reference, config, _ = grpo_reference
     output_dir = tmp_path / "out"

@@ -8,6 +8,8 @@ outside torch's allow-list.
 * `save_ema_state` / `load_ema_state`: diffusers' `EMAModel` state (shadow parameters + its scalar settings).
 * `save_tensor_tree` / `load_tensor_tree`: a nested structure of dicts (string keys), lists, tensors and JSON scalars,
   e.g. an RL trainer's generated batch; tensors keep their dtype and values bit for bit.
+
+Both loaders return tensors in memory of their own (`_owned`), never views into safetensors' read buffer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ from safetensors.torch import save_file
 
 _TENSOR = "__tensor__"
 _EMA_SCALARS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` copied into memory from torch's allocator (64-byte aligned, like the tensors a run computes).
+
+    safetensors hands out tensors that start wherever they lie in the file, behind a header of any length, so a
+    tensor read back can start at any 4-byte offset. CPU kernels take another path on such an address: a linear layer
+    on a (2, 64) input 28 bytes off alignment rounds differently in the last bit, so a resumed step that reuses a
+    stored batch would not compute what the uninterrupted run computed."""
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def load_weights_only(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:
@@ -86,9 +98,8 @@ def load_tensor_tree(path: str | os.PathLike, device: str | torch.device | None 
         if isinstance(node, dict) and _TENSOR in node:
             tensor = tensors[node[_TENSOR]]
             saved = torch.device(node["device"])
-            if saved.type != "cpu":
-                tensor = tensor.to(saved if device is None else device)
-            return tensor
+            target = saved if saved.type == "cpu" or device is None else torch.device(device)
+            return _owned(tensor) if target.type == "cpu" else tensor.to(target)
         if isinstance(node, dict):
             return {key: decode(value) for key, value in node.items()}
         if isinstance(node, list):
@@ -118,5 +129,5 @@ def load_ema_state(path: str | os.PathLike) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         count = int(metadata["num_shadow_params"])
-        shadow = [handle.get_tensor(f"shadow_params.{i}") for i in range(count)]
+        shadow = [_owned(handle.get_tensor(f"shadow_params.{i}")) for i in range(count)]
     return {**json.loads(metadata["ema"]), "shadow_params": shadow}
