@@ -72,11 +72,11 @@ from transformers import (
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
     Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3Model,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
-    Qwen3ForCausalLM,
-    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -821,7 +821,6 @@ def get_tiny_qwenimage_edit_pipeline(seed: int = 0, **kwargs) -> QwenImageEditPi
     return _to_eval(QwenImageEditPipeline(**plus.components))
 
 
-
 class _ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
     """`Qwen3VLProcessor` without a video processor (as `_ImageOnlyQwen2VLProcessor`): Qwen-Image-2.1 passes none."""
 
@@ -937,6 +936,7 @@ def get_tiny_qwenimage21_pipeline(seed: int = 0, num_layers: int = 2) -> QwenIma
         transformer=transformer,
     )
     return _to_eval(pipe)
+
 
 # Video side and frames the tiny Wan pipelines are meant to run at: 8x VAE downsampling -> 4x4 latents, 2 latent frames.
 TINY_WAN_RESOLUTION = 32
