@@ -823,8 +823,8 @@ QWENIMAGE21 = Family(
     },
     guidance={"guidance_scale": 4.0},
     size=(64, 96),  # multiples of 32
-    # With the student seeded 0, 1, 2 the held-out KL fell by 93.6 / 94.5 / 93.5% (edit) and 91.4 / 92.8 / 92.2% (t2i)
-    # on a loaded 2-core CPU (10-20 s each).
+    # With the student seeded 0, 1, 2 the held-out KL fell by 93.3 / 93.4 / 92.1% (edit) and 90.6 / 91.3 / 91.1% (t2i)
+    # on a loaded 2-core CPU (10-13 s each).
     distil={"max_steps": 60, "learning_rate": 5e-3},
     seeds=(0,),
     # The editing task first: the card's quick start shows its row (`image=`).

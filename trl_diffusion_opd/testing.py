@@ -846,7 +846,8 @@ def get_tiny_qwenimage21_pipeline(seed: int = 0, num_layers: int = 2) -> QwenIma
     diffusers' test sizes (`tests/pipelines/qwenimage21`): a 2-block single-stream block-causal transformer
     (`causal_condition`), the RGBA VAE (`z_dim` 8, 16x compression), a Qwen3-VL text encoder whose 2-block vision
     tower sees the condition images (16 px patches merged 2x2: one slot per 2x2 latent tokens), a byte-level
-    tokenizer with the chat and vision special tokens, and the default scheduler (no `sample_sigmas`).
+    tokenizer with the chat and vision special tokens, and Qwen-Image's dynamically shifted scheduler (no
+    `sample_sigmas`).
 
     Args:
         seed: All weights are a deterministic function of the seed.
@@ -928,8 +929,21 @@ def get_tiny_qwenimage21_pipeline(seed: int = 0, num_layers: int = 2) -> QwenIma
     )
     _seeded(seed, 3)
     text_encoder = Qwen3VLForConditionalGeneration(config)
+    # Qwen-Image's scheduler (exponential dynamic shift from the generated tokens, terminal 0.02), its token range
+    # scaled to the tiny sizes as in `get_tiny_qwenimage_pipeline`: the pipeline passes `mu` to it.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=4,
+        max_image_seq_len=64,
+        shift_terminal=0.02,
+    )
     pipe = QwenImage21Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
         processor=processor,
