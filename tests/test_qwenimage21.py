@@ -161,3 +161,23 @@ def test_bad_options_and_long_prompts_are_one_line_errors(pipe):
         family.encode_prompts(["a prompt much longer than sixteen tokens"])
     with pytest.raises(ValueError, match=r"the qwenimage21 family \(QwenImage21Pipeline\) takes at most 3"):
         _family(pipe).encode_prompts(["x"], [[QWEN21_IMAGES[0]] * 4])
+
+
+def test_eval_samples_with_the_pipelines_own_arguments(pipe):
+    """`generate_images` (the `eval` command's sampler) calls the pipeline with `true_cfg_scale` and without
+    `max_sequence_length`, which `QwenImage21Pipeline.__call__` does not take, for text rows and image rows alike."""
+    from trl_diffusion_opd.evaluation import generate_images
+
+    common = {
+        "num_inference_steps": 2,
+        "guidance_scale": GUIDANCE,
+        "resolution": list(SIZE),
+        "max_sequence_length": 64,
+    }
+    text = generate_images(pipe, ["two cats"], [3], **common)
+    expected = pipe("two cats", true_cfg_scale=GUIDANCE, negative_prompt="", height=SIZE[0], width=SIZE[1],
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(3)).images  # fmt: skip
+    assert text[0].size == (SIZE[1], SIZE[0])
+    assert list(text[0].getdata()) == list(expected[0].getdata())
+    edited = generate_images(pipe, ["make it red"], [3], images=[[QWEN21_IMAGES[0]]], **common)
+    assert edited[0].size == (SIZE[1], SIZE[0]) and list(edited[0].getdata()) != list(text[0].getdata())

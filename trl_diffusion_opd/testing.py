@@ -865,7 +865,12 @@ def get_tiny_qwenimage21_pipeline(seed: int = 0, num_layers: int = 2) -> QwenIma
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=4096)
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_VL_SPECIALS[1:]], True)
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=1024 * 1024
+        # the VL copy must keep the condition's size (one slot per 2x2 latent tokens): up to `output_resolution` 2048
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=32 * 32,
+        max_pixels=2560 * 2560,
     )
     processor = _ImageOnlyQwen3VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN3VL_TEMPLATE
