@@ -30,6 +30,7 @@ videos and comparison figure in `trl_diffusion_opd.figures`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -303,7 +304,7 @@ def generate_images(
                 **family.pipeline_guidance_kwargs(guidance_scale, ""),
                 **family.pipeline_image_kwargs(row, resolution),
             }
-            if max_sequence_length is not None:
+            if max_sequence_length is not None and _takes(pipeline, "max_sequence_length"):
                 kwargs["max_sequence_length"] = max_sequence_length
             if num_frames is not None:  # image-to-video pipelines
                 kwargs["num_frames"] = num_frames
@@ -321,16 +322,18 @@ def generate_images(
                 )
             )
         return outputs
+    # A pipeline without `guidance_scale` (Qwen-Image-2.1: `true_cfg_scale` only) gets its family's guidance arguments.
+    plain = family is None or _takes(pipeline, "guidance_scale")
     kwargs = {
         "prompt": prompts,
         "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
+        **({"guidance_scale": guidance_scale} if plain else family.pipeline_guidance_kwargs(guidance_scale, "")),
         "height": image_size(resolution)[0],
         "width": image_size(resolution)[1],
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         "output_type": "pil",
     }
-    if max_sequence_length is not None:
+    if max_sequence_length is not None and _takes(pipeline, "max_sequence_length"):
         kwargs["max_sequence_length"] = max_sequence_length
     if num_frames is not None:
         kwargs["num_frames"] = num_frames
@@ -339,6 +342,11 @@ def generate_images(
     if family is not None:
         kwargs.update(family.pipeline_image_kwargs([], resolution))  # FLUX.1 Kontext: `max_area`
     return _samples(pipeline(**kwargs))
+
+
+def _takes(pipeline, argument: str) -> bool:
+    """Whether the pipeline's `__call__` has the keyword `argument` (Qwen-Image-2.1's has no `max_sequence_length`)."""
+    return argument in inspect.signature(type(pipeline).__call__).parameters
 
 
 def _samples(output) -> list:

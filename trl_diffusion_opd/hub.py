@@ -625,7 +625,8 @@ def create_model_card(
         num_inference_steps=args.num_inference_steps,
         height=image_size(args.resolution)[0],
         width=image_size(args.resolution)[1],
-        max_sequence_length=args.max_sequence_length,
+        # only where the pipeline's `__call__` takes it (Qwen-Image-2.1's does not truncate prompts)
+        max_sequence_length=args.max_sequence_length if _call_takes(pipeline, "max_sequence_length") else None,
         extra_experts=[
             {"component": name, "weight_name": expert_weight_name(name)} for name in list(trainer.family.experts)[1:]
         ],
@@ -636,6 +637,13 @@ def create_model_card(
         samples=samples,
         versions=package_versions(),
     )
+
+
+def _call_takes(pipeline: Any, argument: str) -> bool:
+    """Whether `pipeline`'s `__call__` has the keyword `argument` (`True` without a pipeline)."""
+    if pipeline is None:
+        return True
+    return argument in inspect.signature(type(pipeline).__call__).parameters
 
 
 def _hf_api():

@@ -33,6 +33,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    AutoencoderKLQwenImage21,
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
@@ -40,6 +41,8 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImage21Pipeline,
+    QwenImage21Transformer2DModel,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
@@ -71,6 +74,9 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3Model,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -96,6 +102,7 @@ __all__ = [
     "get_tiny_qwenimage_edit_plus_pipeline",
     "get_tiny_qwen_tokenizer",
     "get_tiny_qwen3_tokenizer",
+    "get_tiny_qwenimage21_pipeline",
     "get_tiny_qwenimage_pipeline",
     "get_tiny_sd3_pipeline",
     "get_tiny_t5_tokenizer",
@@ -814,6 +821,142 @@ def get_tiny_qwenimage_edit_pipeline(seed: int = 0, **kwargs) -> QwenImageEditPi
     return _to_eval(QwenImageEditPipeline(**plus.components))
 
 
+class _ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """`Qwen3VLProcessor` without a video processor (as `_ImageOnlyQwen2VLProcessor`): Qwen-Image-2.1 passes none."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument is None and argument_name == "video_processor":
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+# Qwen3-VL's chat template reduced to what `QwenImage21Pipeline.__init__` renders (a system turn of text parts).
+_QWEN3VL_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for part in message.content %}{{- part.text }}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@_records_its_call
+def get_tiny_qwenimage21_pipeline(seed: int = 0, num_layers: int = 2) -> QwenImage21Pipeline:
+    """A randomly initialised `QwenImage21Pipeline` (Qwen-Image-2.1: text-to-image and image-conditioned) at
+    diffusers' test sizes (`tests/pipelines/qwenimage21`): a 2-block single-stream block-causal transformer
+    (`causal_condition`), the RGBA VAE (`z_dim` 8, 16x compression), a Qwen3-VL text encoder whose 2-block vision
+    tower sees the condition images (16 px patches merged 2x2: one slot per 2x2 latent tokens), a byte-level
+    tokenizer with the chat and vision special tokens, and Qwen-Image's dynamically shifted scheduler (no
+    `sample_sigmas`).
+
+    Args:
+        seed: All weights are a deterministic function of the seed.
+        num_layers: Transformer blocks.
+
+    Returns:
+        The pipeline in eval mode on the CPU, float32; run it at multiples of 32 pixels (64 x 96: 4 x 6 tokens) with
+        `output_resolution=64` for condition images.
+    """
+    hidden = 16
+    byte_symbols = bytes_to_unicode()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(set(byte_symbols.values())))}
+    for token in _QWEN_VL_SPECIALS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=4096)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_VL_SPECIALS[1:]], True)
+    image_processor = Qwen2VLImageProcessorPil(
+        # the VL copy must keep the condition's size (one slot per 2x2 latent tokens): up to `output_resolution` 2048
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=32 * 32,
+        max_pixels=2560 * 2560,
+    )
+    processor = _ImageOnlyQwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN3VL_TEMPLATE
+    )
+    pad_id = vocab["<|endoftext|>"]
+    config = Qwen3VLConfig(
+        text_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "vocab_size": len(tokenizer),
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "mrope_interleaved": True},
+            "rope_theta": 1000000.0,
+            "pad_token_id": pad_id,
+            "bos_token_id": pad_id,
+            "eos_token_id": pad_id,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": hidden,
+            "intermediate_size": hidden,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=vocab["<|image_pad|>"],
+        video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"],
+    )
+    _seeded(seed, 1)
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        out_channels=8,
+        num_layers=num_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=hidden,
+        mlp_ratio=2,
+        axes_dims_rope=(4, 6, 6),
+    )
+    _seeded(seed, 2)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=4,
+        decoder_base_dim=4,
+        z_dim=8,
+        dim_mult=[1] * 5,
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True, True],
+        latents_mean=[0.0] * 8,
+        latents_std=[1.0] * 8,
+    )
+    _seeded(seed, 3)
+    text_encoder = Qwen3VLForConditionalGeneration(config)
+    # Qwen-Image's scheduler (exponential dynamic shift from the generated tokens, terminal 0.02), its token range
+    # scaled to the tiny sizes as in `get_tiny_qwenimage_pipeline`: the pipeline passes `mu` to it.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=4,
+        max_image_seq_len=64,
+        shift_terminal=0.02,
+    )
+    pipe = QwenImage21Pipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        processor=processor,
+        transformer=transformer,
+    )
+    return _to_eval(pipe)
+
+
 # Video side and frames the tiny Wan pipelines are meant to run at: 8x VAE downsampling -> 4x4 latents, 2 latent frames.
 TINY_WAN_RESOLUTION = 32
 TINY_WAN_FRAMES = 5
@@ -1169,6 +1312,7 @@ TINY_PIPELINES = {
     "qwenimage": get_tiny_qwenimage_pipeline,
     "qwenimage_edit": get_tiny_qwenimage_edit_pipeline,
     "qwenimage_edit_plus": get_tiny_qwenimage_edit_plus_pipeline,
+    "qwenimage21": get_tiny_qwenimage21_pipeline,
     "zimage": get_tiny_zimage_pipeline,
     "wan": get_tiny_wan_pipeline,
     "wan22": functools.partial(get_tiny_wan_pipeline, two_experts=True),
