@@ -50,6 +50,7 @@ from .teachers import (
     EXPERT_LORA_PATTERN,
     check_lora_fits,
     check_teacher_files,
+    expert_of_weight_file,
     expert_weight_name,
     has_expert_lora,
     load_lora_teacher,
@@ -64,7 +65,7 @@ RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
 GRIDS_DIR = "grids"
 VIDEOS_DIR = "videos"
-SAMPLES_DIR = "samples"  # as `hub.SAMPLES_DIR`: pushed with the adapter and shown by the model card
+SAMPLES_DIR = "samples"  # of `output_dir`: pushed with the adapter (`hub.UPLOAD_PATTERNS`), shown by the model card
 # Video files: animated WebP (the default) and GIF through Pillow, which the Hub shows inline like images; MP4
 # through diffusers' `export_to_video` (needs imageio and imageio-ffmpeg: the extra `video`).
 VIDEO_FORMATS = ("webp", "gif", "mp4")
@@ -408,7 +409,7 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     first = next(iter(experts))
     components = getattr(pipeline, "components", {})
     for path in sorted(folder.glob(EXPERT_LORA_PATTERN)):
-        component = path.name.removeprefix("pytorch_lora_weights_").removesuffix(".safetensors")
+        component = expert_of_weight_file(path.name)
         if component in components and component not in experts:  # silently ignoring it would evaluate another model
             raise ValueError(
                 f"Adapter '{label}' ({spec.display}) holds a LoRA for '{component}' ({path.name}), which this "

@@ -48,6 +48,9 @@ from .registry import resolve_teacher_name
 # Name of the student adapter on the shared transformer; reserved, so no teacher can take it.
 STUDENT = "student"
 DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+# LoRA files of the experts after the first (`expert_weight_name`), next to the default file.
+EXPERT_LORA_PREFIX, EXPERT_LORA_SUFFIX = "pytorch_lora_weights_", ".safetensors"
+EXPERT_LORA_PATTERN = f"{EXPERT_LORA_PREFIX}*{EXPERT_LORA_SUFFIX}"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 # Folder of `output_dir` where teachers made for the base (`toy:<seed>`) are written; the `train` command writes its
@@ -343,11 +346,7 @@ def _holds_lora(folder: Path, weight_name: str | None) -> bool:
     names = [weight_name] if weight_name else [DIFFUSERS_LORA_WEIGHTS, PEFT_WEIGHTS]
     if any((folder / name).is_file() for name in names):
         return True
-    return weight_name is None and any(folder.glob("pytorch_lora_weights_*.safetensors"))  # another expert's only
-
-
-# LoRA files of the experts after the first (`expert_weight_name`), next to the default file.
-EXPERT_LORA_PATTERN = "pytorch_lora_weights_*.safetensors"
+    return weight_name is None and any(folder.glob(EXPERT_LORA_PATTERN))  # another expert's only
 
 
 def expert_weight_name(expert: str, weight_name: str | None = None) -> str | None:
@@ -355,7 +354,12 @@ def expert_weight_name(expert: str, weight_name: str | None = None) -> str | Non
     expert, `transformer`; `pytorch_lora_weights_<expert>.safetensors` for the others, e.g. Wan 2.2's low-noise
     expert, which diffusers loads with `pipe.load_lora_weights(folder, weight_name=...,
     load_into_transformer_2=True)`."""
-    return weight_name if expert == "transformer" else f"pytorch_lora_weights_{expert}.safetensors"
+    return weight_name if expert == "transformer" else f"{EXPERT_LORA_PREFIX}{expert}{EXPERT_LORA_SUFFIX}"
+
+
+def expert_of_weight_file(name: str) -> str:
+    """The expert whose LoRA a file matching `EXPERT_LORA_PATTERN` holds (the inverse of `expert_weight_name`)."""
+    return name.removeprefix(EXPERT_LORA_PREFIX).removesuffix(EXPERT_LORA_SUFFIX)
 
 
 def has_expert_lora(folder: Path, expert: str, weight_name: str | None = None) -> bool:

@@ -426,10 +426,13 @@ class DiffusionRLScriptArguments:
     eval_prompts: Any = field(default=None, metadata={"help": "Held-out prompts, in the same forms as `prompts`."})
 
     def __post_init__(self):
+        from ..rewards import parse_reward_spec
         from ..trainer.base_config import check_reward_names
 
         if isinstance(self.reward_funcs, str):
-            self.reward_funcs = [name.strip() for name in self.reward_funcs.split(",") if name.strip()]
+            self.reward_funcs = parse_reward_spec(self.reward_funcs, "reward_funcs")
+        if isinstance(self.reward_funcs, dict):
+            raise ValueError("`reward_funcs` is one list of reward names for every task, not {task: rewards}.")
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is required: one or more reward names (e.g. `--reward_funcs ocr`).")
         check_reward_names("reward_funcs", self.reward_funcs)
@@ -594,6 +597,8 @@ def run_training(trainer, script_args, training_args):
 def saved_message(output_dir: str | os.PathLike, base: str | None = None) -> str:
     """Where the student adapter and its card are, and the lines that load it on `base` (a Hub id, a folder or a
     registered name, whose quick-start code is used)."""
+    from ..teachers import DIFFUSERS_LORA_WEIGHTS
+
     folder = Path(output_dir).resolve()
     named = get_pipeline(base) if base else None
     if named is not None and named.quickstart:
@@ -602,7 +607,7 @@ def saved_message(output_dir: str | os.PathLike, base: str | None = None) -> str
         load = f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{base or "BASE"}")'
     lines = [*load.splitlines(), f'pipe.load_lora_weights("{folder}")']
     return (
-        f"Saved the student adapter to {folder / 'pytorch_lora_weights.safetensors'} and its model card to "
+        f"Saved the student adapter to {folder / DIFFUSERS_LORA_WEIGHTS} and its model card to "
         f"{folder / 'README.md'}. Load it with:\n" + "\n".join(f"    {line}" for line in lines)
     )
 

@@ -179,31 +179,13 @@ def _as_dict(value: Any, name: str) -> Any:
 def _parse_eval_rewards(value: Any) -> Any:
     """`eval_rewards` with a JSON string parsed, checked to be `None`, `"a,b"`, a list of names or
     `{task: name or [names]}` of registered rewards (`Reward` objects and functions pass through)."""
-    if isinstance(value, str) and value.strip().startswith(("{", "[")):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`eval_rewards` is not valid JSON ({error}): {value!r}") from error
-    accepted = "None, 'a,b', a list of reward names or {task: [reward names]}"
+    from ..rewards import load_reward_spec, parse_reward_spec
+
+    value = load_reward_spec(value, "eval_rewards")
     if value is None:
         return None
-    if isinstance(value, str):
-        names = [name.strip() for name in value.split(",") if name.strip()]
-    elif isinstance(value, dict):
-        names = []
-        for task, rewards in value.items():
-            if isinstance(rewards, str):
-                names += [name.strip() for name in rewards.split(",") if name.strip()]
-            elif isinstance(rewards, (list, tuple)) or rewards is None:
-                names += list(rewards or [])
-            elif not callable(rewards):
-                raise ValueError(f"`eval_rewards['{task}']` must be a reward name or a list of them, got {rewards!r}.")
-    elif isinstance(value, (list, tuple)):
-        names = list(value)
-    elif callable(value):
-        names = []
-    else:
-        raise ValueError(f"`eval_rewards` must be {accepted}, got {type(value).__name__}: {value!r}.")
+    spec = parse_reward_spec(value, "eval_rewards")
+    names = [item for items in spec.values() for item in items] if isinstance(spec, dict) else spec
     check_reward_names("eval_rewards", names)
     return value
 

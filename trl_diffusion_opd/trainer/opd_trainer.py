@@ -22,6 +22,7 @@ from ..families.base import Cond, cond_select, cond_tile
 from ..hub import teacher_reference
 from ..teachers import (
     BUILT_TEACHERS_DIR,
+    DIFFUSERS_LORA_WEIGHTS,
     STUDENT,
     HostResidentAdapters,
     TeacherSpec,
@@ -174,9 +175,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     continue
                 found = [e for e in experts if has_expert_lora(spec.local_dir, e, spec.weight_name)]
                 if not found:
-                    names = [
-                        expert_weight_name(e, spec.weight_name) or "pytorch_lora_weights.safetensors" for e in experts
-                    ]
+                    names = [expert_weight_name(e, spec.weight_name) or DIFFUSERS_LORA_WEIGHTS for e in experts]
                     raise ValueError(f"Teacher '{spec.name}' ({spec.display}) has none of the expert LoRAs {names}.")
                 for expert in found:
                     load_lora_teacher(
