@@ -186,8 +186,8 @@ def test_trainer_loads_hub_teachers_in_both_formats(hub_teachers, offline_cache,
         assert all(torch.equal(loaded[k], expected[k]) for k in expected)
         assert not any(p.requires_grad for p in loaded.values())
     spec = trainer.teacher_specs["ocr"][0]
-    assert hub.teacher_source(spec).startswith("org/DiffusionOPD/OCRTeacher/lora@")
-    assert len(hub.teacher_source(spec).split("@")[1]) == 40  # the resolved commit, for reproducibility
+    assert hub.teacher_reference(spec).name.startswith("org/DiffusionOPD/OCRTeacher/lora@")
+    assert len(hub.teacher_reference(spec).name.split("@")[1]) == 40  # the resolved commit, for reproducibility
 
 
 def test_known_base_license():

@@ -259,12 +259,6 @@ def teacher_reference(spec: TeacherSpec) -> ModelReference:
     return model_reference(spec.path, spec.subfolder, spec.revision)
 
 
-def teacher_source(spec: TeacherSpec) -> str:
-    """`id[/sub/folder]@revision` of a Hub teacher (the revision is the resolved commit when none was asked for);
-    the path-free name of a local one (`world:<task>`, the Hub id of a cache folder, or the folder's name)."""
-    return teacher_reference(spec).name
-
-
 def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
     """Widget entries `{"text": prompt, "url": "samples/<file>"}` for the card (images, or videos: `.webp`, `.gif`,
     `.mp4`).

@@ -23,7 +23,6 @@ from ..transition import SAMPLERS
 # Files of a checkpoint folder written by the trainers besides the Trainer's own (`DiffusionLoRATrainer`).
 TRAINING_WEIGHTS = "student_training_weights.safetensors"
 EMA_STATE = "ema_state.safetensors"
-LEGACY_EMA_STATE = "ema_state.pt"  # older checkpoints; read with weights_only=True
 TRAINING_ARGS = "training_args.json"
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 

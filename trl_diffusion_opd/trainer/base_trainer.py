@@ -1,6 +1,6 @@
 """`DiffusionLoRATrainer`: what every trainer of this package shares.
 
-DiffusionOPD (`trainer.py`), Flow-GRPO / GRPO-Guard (`grpo_trainer.py`) and DiffusionNFT (`nft_trainer.py`) all train
+DiffusionOPD (`opd_trainer.py`), Flow-GRPO / GRPO-Guard (`grpo_trainer.py`) and DiffusionNFT (`nft_trainer.py`) all train
 one LoRA, the *student*, on a frozen flow-matching base. This module holds their common machinery so that it exists
 once: loading the pipeline and its family, creating (or continuing) the student adapter in float32, the
 student-only optimizer, the prompt-embedding cache, EMA weights, seeded generators, sampling (`rollout`,
@@ -59,7 +59,6 @@ from ..teachers import (
 )
 from .base_config import (
     EMA_STATE,
-    LEGACY_EMA_STATE,
     TRAINING_ARGS,
     TRAINING_WEIGHTS,
     DiffusionTrainingConfig,
@@ -945,8 +944,8 @@ class DiffusionLoRATrainer(Trainer):
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"Checkpoint {folder} does not match the student adapter: {result.unexpected_keys[:3]}")
         self._load_extra_checkpoint_state(extra)
-        ema_file = next((folder / n for n in (EMA_STATE, LEGACY_EMA_STATE) if (folder / n).is_file()), None)
-        if self.ema is not None and ema_file is not None:
+        ema_file = folder / EMA_STATE
+        if self.ema is not None and ema_file.is_file():
             self.ema.load_state_dict(load_ema_state(ema_file))  # never unpickles code
             self.ema.to(self.args.device)
 
