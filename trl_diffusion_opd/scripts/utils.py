@@ -427,7 +427,7 @@ class DiffusionRLScriptArguments:
 
     def __post_init__(self):
         from ..rewards import parse_reward_spec
-        from ..trainer.base_config import check_reward_names
+        from ..trainer.config_checks import check_reward_names
 
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = parse_reward_spec(self.reward_funcs, "reward_funcs")

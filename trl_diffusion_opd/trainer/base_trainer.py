@@ -57,18 +57,16 @@ from ..teachers import (
     read_lora_folder,
     resolve_teacher,
 )
-from .base_config import (
-    EMA_STATE,
-    TRAINING_ARGS,
-    TRAINING_WEIGHTS,
-    DiffusionTrainingConfig,
-    check_checkpoint,
-)
+from .base_config import DiffusionTrainingConfig
 from .callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
 from .checkpointing import (
+    EMA_STATE,
     RESUME_AUTO,
+    TRAINING_ARGS,
+    TRAINING_WEIGHTS,
     OutputDirLock,
     StopOnSignal,
+    check_checkpoint,
     publish_checkpoint,
     remove_partial_checkpoints,
     resolve_resume,
