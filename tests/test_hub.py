@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import HubStrategy
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, hub, teachers
-from trl_diffusion_opd.teachers import parse_teacher_spec, read_lora_folder, resolve_teacher
+from trl_diffusion_opd.lora_io import read_lora_folder
+from trl_diffusion_opd.teachers import parse_teacher_spec, resolve_teacher
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache, save_toy_lora
 
 

@@ -23,7 +23,7 @@ NAME = "trl_diffusion_opd"
 # Plug-ins (`world`, `testing`) sit on top: they use the public API and nothing but the toy adapters of the
 # commands (`scripts.utils`, loaded when a `toy:` spec is asked for) imports them.
 LAYERS = [
-    {"transition", "objectives", "registry", "safe_io", "sizes", "accelerate_configs"},
+    {"transition", "objectives", "registry", "safe_io", "lora_io", "sizes", "accelerate_configs"},
     {"families", "data", "rewards", "teachers", "hub", "evaluation", "merging"},
     {"trainer", NAME},
     {"scripts", "cli"},

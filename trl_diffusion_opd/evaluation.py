@@ -42,23 +42,19 @@ from PIL import Image
 
 from .data import load_prompt_source, row_images
 from .families.base import get_family
-from .registry import load_pipeline
-from .rewards import Reward, as_reward, get_reward, nanmean
-from .sizes import Resolution, format_resolution, image_size
-from .teachers import (
+from .lora_io import (
     DIFFUSERS_LORA_WEIGHTS,
     EXPERT_LORA_PATTERN,
     check_lora_fits,
-    check_teacher_files,
     expert_of_weight_file,
     expert_weight_name,
     has_expert_lora,
-    load_lora_teacher,
     lora_file_shapes,
-    parse_teacher_spec,
-    resolve_teacher,
-    several_adapters,
 )
+from .registry import load_pipeline
+from .rewards import Reward, as_reward, get_reward, nanmean
+from .sizes import Resolution, format_resolution, image_size
+from .teachers import check_teacher_files, load_lora_teacher, parse_teacher_spec, resolve_teacher, several_adapters
 
 
 RESULTS_JSON = "results.json"
@@ -382,7 +378,7 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     `load_lora_weights` would silently skip, through PEFT with their own rank and alpha.
 
     With several experts (`pipeline_experts`; Wan 2.2 A14B), the LoRA of each further expert is its own file
-    (`teachers.expert_weight_name`: `pytorch_lora_weights_transformer_2.safetensors`, as the trainers save it) and
+    (`lora_io.expert_weight_name`: `pytorch_lora_weights_transformer_2.safetensors`, as the trainers save it) and
     loads as diffusers documents it, `pipeline.load_lora_weights(folder, weight_name=...,
     load_into_transformer_2=True)`, under the same adapter name. A folder may hold files for some experts only; the
     others then run their base weights in this row (`EvalModel.experts`).

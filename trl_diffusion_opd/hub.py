@@ -29,8 +29,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from . import registry
 from .evaluation import SAMPLES_DIR, sampler_name
+from .lora_io import DIFFUSERS_LORA_WEIGHTS, EXPERT_LORA_PATTERN, expert_weight_name
 from .sizes import format_resolution, image_size
-from .teachers import DIFFUSERS_LORA_WEIGHTS, EXPERT_LORA_PATTERN, expert_weight_name
 
 
 if TYPE_CHECKING:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from ..lora_io import DIFFUSERS_LORA_WEIGHTS
 from ..merging import COMBINATION_MEANINGS, COMBINATION_TYPES, check_merge_settings, merge_adapters, resolve_adapters
 from ..registry import load_pipeline
-from ..teachers import DIFFUSERS_LORA_WEIGHTS
 from ..trainer.base_config import TORCH_DTYPES
 from ..trainer.config_checks import check_choice, check_int, check_output_dir
 from .utils import PROG, DiffusionParser, config_path, fail, json_dict, one_line

@@ -597,7 +597,7 @@ def run_training(trainer, script_args, training_args):
 def saved_message(output_dir: str | os.PathLike, base: str | None = None) -> str:
     """Where the student adapter and its card are, and the lines that load it on `base` (a Hub id, a folder or a
     registered name, whose quick-start code is used)."""
-    from ..teachers import DIFFUSERS_LORA_WEIGHTS
+    from ..lora_io import DIFFUSERS_LORA_WEIGHTS
 
     folder = Path(output_dir).resolve()
     named = get_pipeline(base) if base else None

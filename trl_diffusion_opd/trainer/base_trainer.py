@@ -41,22 +41,11 @@ from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, image_digest, load_prompt_source, prompts_by_task, row_images
 from ..families.base import NEGATIVE_PREFIX, Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from ..hub import create_model_card, push_checkpoint, push_to_hub
+from ..lora_io import adapter_metadata, check_lora_folder, expert_weight_name, lora_config_for, read_lora_folder
 from ..registry import load_pipeline
 from ..safe_io import load_ema_state, save_ema_state
 from ..sizes import Resolution
-from ..teachers import (
-    STUDENT,
-    AdapterSwitch,
-    TeacherSpec,
-    adapter_metadata,
-    add_adapter,
-    check_lora_folder,
-    expert_weight_name,
-    lora_config_for,
-    parse_teacher_spec,
-    read_lora_folder,
-    resolve_teacher,
-)
+from ..teachers import STUDENT, AdapterSwitch, TeacherSpec, add_adapter, parse_teacher_spec, resolve_teacher
 from .base_config import DiffusionTrainingConfig
 from .callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
 from .checkpointing import (

@@ -20,16 +20,14 @@ from .. import transition
 from ..data import MixedTaskPrompts, prompts_by_task, row_images
 from ..families.base import Cond, cond_select, cond_tile
 from ..hub import teacher_reference
+from ..lora_io import DIFFUSERS_LORA_WEIGHTS, expert_weight_name, has_expert_lora
 from ..teachers import (
     BUILT_TEACHERS_DIR,
-    DIFFUSERS_LORA_WEIGHTS,
     STUDENT,
     HostResidentAdapters,
     TeacherSpec,
     build_teacher,
     check_teacher_files,
-    expert_weight_name,
-    has_expert_lora,
     load_full_teacher,
     load_lora_teacher,
     parse_teacher_spec,
