@@ -118,7 +118,7 @@ def test_trainers_live_in_trainer_beside_their_configs():
     trainer = PACKAGE / "trainer"
     for method in ("base", "rl", "opd", "grpo", "nft"):
         assert (trainer / f"{method}_trainer.py").is_file() and (trainer / f"{method}_config.py").is_file()
-    commands = {path.stem for path in (PACKAGE / "scripts").glob("*.py")} - {"__init__", "utils"}
+    commands = {path.stem for path in (PACKAGE / "scripts").glob("*.py")} - {"__init__", "utils", "launch"}
     assert commands == {"train", "grpo", "nft", "eval", "merge", "env"}
 
 
