@@ -385,11 +385,10 @@ def _state_and_means(trainer, prompts, seed):
     cond = trainer.prompt_cache(prompts)
     rollout = trainer.rollout(cond, trainer._generator("eval", seed, task))
     t_guard = rollout["sigmas"][1].item()
-    x, t, t_next = trainer._step_rows(rollout, range(args.num_train_timesteps))
+    x, t, t_next = trainer._step_rows(rollout["states"], rollout["sigmas"], range(args.num_train_timesteps))
     rows_cond = cond_tile(cond, args.num_train_timesteps)
     teachers = [trainer.teacher_means(s, task, x, t, t_next, rows_cond, t_guard) for s in trainer.teacher_specs[task]]
-    negative = trainer._negative(x.shape[0]) if args.guidance_scale > 1 else None
-    student = trainer._mean(trainer.model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard)
+    student = trainer._mean(trainer.model, x, t, t_next, rows_cond, trainer.student_guidance, t_guard)
     return {"x": x, "t": t, "t_next": t_next, "t_guard": t_guard, "teachers": teachers, "student": student}
 
 
