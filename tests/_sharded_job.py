@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.data import RoundRobinPrompts
-from trl_diffusion_opd.scripts.utils import accelerate_presets
+from trl_diffusion_opd.scripts.launch import accelerate_presets
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline
 
 

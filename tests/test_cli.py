@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from trl_diffusion_opd import DiffusionModelConfig, cli
 from trl_diffusion_opd.scripts import LIBRARY_NOISE, quiet_library_logs
+from trl_diffusion_opd.scripts import launch as script_launch
 from trl_diffusion_opd.scripts import train as train_script
 from trl_diffusion_opd.scripts import utils as script_utils
 from trl_diffusion_opd.scripts.train import DiffusionOPDScriptArguments
@@ -45,7 +46,7 @@ def _console_script() -> list[str]:
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
-    env.pop(script_utils.LAUNCHED_ENV, None)
+    env.pop(script_launch.LAUNCHED_ENV, None)
     return subprocess.run(_console_script() + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -239,7 +240,7 @@ def captured_launch(monkeypatch):
 
     calls = []
     monkeypatch.setattr(launch, "launch_command", calls.append)
-    monkeypatch.setenv(script_utils.LAUNCHED_ENV, "")  # not yet launched; restored after the test
+    monkeypatch.setenv(script_launch.LAUNCHED_ENV, "")  # not yet launched; restored after the test
     return calls
 
 
@@ -253,7 +254,7 @@ def test_accelerate_config_preset_relaunches_through_accelerate(captured_launch,
     assert namespace.module is True and namespace.training_script == "trl_diffusion_opd.scripts.train"
     # The relaunched job gets the training arguments only, and knows it was launched.
     assert namespace.training_script_args == ["--config", str(TINY), "--max_steps", "3"]
-    assert os.environ[script_utils.LAUNCHED_ENV] == "1"
+    assert os.environ[script_launch.LAUNCHED_ENV] == "1"
 
 
 def test_accelerate_options_in_yaml_and_config_file(captured_launch, tmp_path):
@@ -274,9 +275,9 @@ def test_num_processes_alone_launches_that_many_processes(captured_launch, capsy
     assert cli.main(["train", "--config", str(TINY), "--num_processes", "2"]) == 0
     (namespace,) = captured_launch
     assert namespace.multi_gpu is True and namespace.num_processes == 2 and namespace.config_file is None
-    assert script_utils.complete_launch_args(["--num_processes", "1"]) == ["--num_processes", "1"]
+    assert script_launch.complete_launch_args(["--num_processes", "1"]) == ["--num_processes", "1"]
     preset = ["--accelerate_config", "fsdp2", "--num_processes", "2"]
-    assert "--multi_gpu" not in script_utils.complete_launch_args(script_utils.resolve_accelerate_config(preset))
+    assert "--multi_gpu" not in script_launch.complete_launch_args(script_launch.resolve_accelerate_config(preset))
     assert cli.main(["train", "--config", str(TINY), "--num_processes", "2", "--cpu"]) == 2
     assert "`--cpu` with `--num_processes 2` runs one process in accelerate" in capsys.readouterr().err
     assert len(captured_launch) == 1

@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 from trl_diffusion_opd import cli
 from trl_diffusion_opd.data import prompts_by_task
 from trl_diffusion_opd.registry import load_pipeline
+from trl_diffusion_opd.scripts import launch as script_launch
 from trl_diffusion_opd.scripts import utils as script_utils
 from trl_diffusion_opd.testing import (
     TINY_RESOLUTION,
@@ -304,7 +305,7 @@ def shrink_training(config: dict, command: str, out: Path) -> dict:
     config["disable_tqdm"] = True
     config["push_to_hub"] = False  # no Hub here
     # `accelerate launch` options would relaunch the run on several processes (presets: see tests/test_sharded.py)
-    for key in [*script_utils._launch_options(), "--accelerate_config"]:
+    for key in [*script_launch.launch_options(), "--accelerate_config"]:
         config.pop(key.removeprefix("--"), None)
     return config
 

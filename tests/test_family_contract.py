@@ -12,7 +12,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from trl_diffusion_opd.families.base import get_family
-from trl_diffusion_opd.teachers import expert_weight_name
+from trl_diffusion_opd.lora_io import expert_weight_name
 
 from helpers import ROWS, VARIANTS, changed, offline_hub, quick_start, snapshot, split_rows
 

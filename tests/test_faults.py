@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from trl_diffusion_opd.scripts import utils as script_utils
+from trl_diffusion_opd.scripts import launch as script_launch
 from trl_diffusion_opd.trainer.checkpointing import OutputDirLock, checkpoint_problem
 
 
@@ -97,7 +97,7 @@ class Run:
             "FAULT_KILL_AT": str(kill_at),
             "FAULT_KILL_WHEN": when,
         }
-        env.pop(script_utils.LAUNCHED_ENV, None)
+        env.pop(script_launch.LAUNCHED_ENV, None)
         limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
         args = [sys.executable, str(RUNNER), command, "--config", str(config), "--output_dir", str(output_dir)]
         args += ["--resume_from_checkpoint", "auto", *extra]

@@ -77,9 +77,8 @@ def test_full_teacher_given_as_a_module(tmp_path, teacher_folders):
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t, t_next = torch.full((4,), 0.8), torch.full((4,), 0.6)
     cond = trainer.prompt_cache(["a red circle", "xyz", "two cats", "hi"])
-    negative = trainer._negative(4)
     with torch.no_grad(), trainer.adapters.use(None):  # the shared base with every adapter off
-        base = trainer._mean(trainer.model, x, t, t_next, cond, trainer.args.guidance_scale, negative, 0.9)
+        base = trainer._mean(trainer.model, x, t, t_next, cond, trainer.student_guidance, 0.9)
     torch.testing.assert_close(_means(trainer, "a"), base, rtol=1e-5, atol=1e-6)
     assert (_means(trainer, "b") - base).abs().max() > 1e-4
 

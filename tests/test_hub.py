@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import HubStrategy
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, hub, teachers
-from trl_diffusion_opd.teachers import parse_teacher_spec, read_lora_folder, resolve_teacher
+from trl_diffusion_opd.lora_io import read_lora_folder
+from trl_diffusion_opd.teachers import parse_teacher_spec, resolve_teacher
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_to_hub_cache, save_toy_lora
 
 
@@ -186,8 +187,8 @@ def test_trainer_loads_hub_teachers_in_both_formats(hub_teachers, offline_cache,
         assert all(torch.equal(loaded[k], expected[k]) for k in expected)
         assert not any(p.requires_grad for p in loaded.values())
     spec = trainer.teacher_specs["ocr"][0]
-    assert hub.teacher_source(spec).startswith("org/DiffusionOPD/OCRTeacher/lora@")
-    assert len(hub.teacher_source(spec).split("@")[1]) == 40  # the resolved commit, for reproducibility
+    assert hub.teacher_reference(spec).name.startswith("org/DiffusionOPD/OCRTeacher/lora@")
+    assert len(hub.teacher_reference(spec).name.split("@")[1]) == 40  # the resolved commit, for reproducibility
 
 
 def test_known_base_license():

@@ -23,7 +23,7 @@ NAME = "trl_diffusion_opd"
 # Plug-ins (`world`, `testing`) sit on top: they use the public API and nothing but the toy adapters of the
 # commands (`scripts.utils`, loaded when a `toy:` spec is asked for) imports them.
 LAYERS = [
-    {"transition", "objectives", "registry", "safe_io", "sizes", "accelerate_configs", "figures"},
+    {"transition", "objectives", "registry", "safe_io", "lora_io", "sizes", "accelerate_configs", "figures"},
     {"families", "data", "rewards", "teachers", "hub", "evaluation", "merging"},
     {"trainer", NAME},
     {"scripts", "cli"},
@@ -116,9 +116,9 @@ def test_the_core_never_imports_the_world():
 
 def test_trainers_live_in_trainer_beside_their_configs():
     trainer = PACKAGE / "trainer"
-    for method in ("opd", "grpo", "nft"):
+    for method in ("base", "rl", "opd", "grpo", "nft"):
         assert (trainer / f"{method}_trainer.py").is_file() and (trainer / f"{method}_config.py").is_file()
-    commands = {path.stem for path in (PACKAGE / "scripts").glob("*.py")} - {"__init__", "utils"}
+    commands = {path.stem for path in (PACKAGE / "scripts").glob("*.py")} - {"__init__", "utils", "launch"}
     assert commands == {"train", "grpo", "nft", "eval", "merge", "env"}
 
 

@@ -11,8 +11,8 @@ import yaml
 from safetensors import safe_open
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, cli
+from trl_diffusion_opd.lora_io import lora_config_for, read_lora_folder
 from trl_diffusion_opd.merging import check_merge_settings, merge_adapters
-from trl_diffusion_opd.teachers import lora_config_for, read_lora_folder
 from trl_diffusion_opd.testing import (
     get_tiny_flux_pipeline,
     get_tiny_sd3_pipeline,

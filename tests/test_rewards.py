@@ -61,6 +61,21 @@ def test_registry_names_lookup_and_loaded_once():
         get_reward("nope")
 
 
+def test_one_parser_reads_every_form_of_a_reward_spec():
+    reward = rewards.get_reward("brightness")
+    assert rewards.parse_reward_spec(None) == []
+    assert rewards.parse_reward_spec(" ocr, brightness ,") == ["ocr", "brightness"]
+    assert rewards.parse_reward_spec('["ocr"]') == ["ocr"]
+    assert rewards.parse_reward_spec(reward) == [reward]
+    assert rewards.parse_reward_spec('{"a": "ocr,brightness", "b": null}') == {"a": ["ocr", "brightness"], "b": []}
+    with pytest.raises(ValueError, match=r"^`eval_rewards` is not valid JSON \(Expecting"):
+        rewards.parse_reward_spec("{bad", "eval_rewards")
+    with pytest.raises(ValueError, match=r"^`x\['a'\]` must be a reward name or a list of them, got 3\.$"):
+        rewards.parse_reward_spec({"a": 3}, "x")
+    with pytest.raises(ValueError, match=r"^`x` must be None, 'a,b', a list of reward names or .*, got int: 3\.$"):
+        rewards.parse_reward_spec(3, "x")
+
+
 def test_function_reward_is_batched_and_checked():
     calls = []
 

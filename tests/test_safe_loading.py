@@ -37,7 +37,7 @@ def test_the_payload_is_real(tmp_path):
     assert marker.read_text() == "pwned"
 
 
-def test_resume_refuses_a_tampered_ema_pickle(tmp_path):
+def test_resume_never_unpickles_an_ema_state(tmp_path):
     args = FlowGRPOConfig(
         output_dir=str(tmp_path / "out"),
         max_steps=1,
@@ -67,12 +67,11 @@ def test_resume_refuses_a_tampered_ema_pickle(tmp_path):
     assert all(torch.equal(a, b.cpu()) for a, b in zip(state["shadow_params"], trainer.ema.shadow_params))
     trainer._load_from_checkpoint(str(checkpoint))  # the genuine checkpoint loads
 
-    # an older checkpoint's ema_state.pt, tampered: refused, and nothing ran
+    # a tampered pickle in the EMA state's place is never read: nothing ran
     (checkpoint / "ema_state.safetensors").unlink()
     marker = tmp_path / "ran"
     _tampered(checkpoint / "ema_state.pt", marker, **trainer.ema.state_dict())
-    with pytest.raises(pickle.UnpicklingError):
-        trainer._load_from_checkpoint(str(checkpoint))
+    trainer._load_from_checkpoint(str(checkpoint))
     assert not marker.exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trl_diffusion_opd.scripts import utils as script_utils
+from trl_diffusion_opd.scripts import launch as script_launch
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
 
 
@@ -19,23 +19,23 @@ OWN_PRESETS = ("fsdp2", "fsdp2_offload", "zero2", "zero3")
 
 
 def test_package_presets_resolve_by_name_and_hide_trl_ones():
-    presets = script_utils.accelerate_presets()
+    presets = script_launch.accelerate_presets()
     for name in OWN_PRESETS:
         assert Path(presets[name]).parent.name == "accelerate_configs"
         assert Path(presets[name]).parent.parent.name == "trl_diffusion_opd"  # ours, not TRL's zero2/zero3
     assert "multi_gpu" in presets and "fsdp1" in presets  # TRL's stay reachable
-    args = script_utils.resolve_accelerate_config(["--num_processes", "2", "--accelerate_config", "fsdp2"])
+    args = script_launch.resolve_accelerate_config(["--num_processes", "2", "--accelerate_config", "fsdp2"])
     assert args == ["--config_file", presets["fsdp2"], "--num_processes", "2"]
-    assert script_utils.resolve_accelerate_config(["--accelerate_config", "zero3.yaml"])[1] == presets["zero3"]
+    assert script_launch.resolve_accelerate_config(["--accelerate_config", "zero3.yaml"])[1] == presets["zero3"]
     with pytest.raises(ValueError, match="neither a file nor a preset.*fsdp2"):
-        script_utils.resolve_accelerate_config(["--accelerate_config", "fsdp3"])
+        script_launch.resolve_accelerate_config(["--accelerate_config", "fsdp3"])
 
 
 def test_presets_are_accelerate_configs_that_launch():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import launch_command_parser
 
-    presets = script_utils.accelerate_presets()
+    presets = script_launch.accelerate_presets()
     expected = {"fsdp2": ("FSDP", 2, False), "fsdp2_offload": ("FSDP", 2, True), "zero2": ("DEEPSPEED", 2, None)}
     expected["zero3"] = ("DEEPSPEED", 3, None)
     for name, (kind, level, offload) in expected.items():

@@ -205,7 +205,7 @@ def test_a_round_reads_back_from_the_device_once_per_task(tmp_path, teachers):
         "_rollout_begin tolist": tasks,  # host: the schedule as floats
         "_rollout_begin item": tasks,  # host: t_guard
         "task_loss item": 2 * tasks,  # host: t_guard; device: the task's loss (and its finiteness)
-        "task_loss nonzero": (teachers_per_chunk + 1) * chunks * tasks,  # host: routing subsets
+        "_supervision nonzero": (teachers_per_chunk + 1) * chunks * tasks,  # host: routing subsets
         "_fused_rollout_step __bool__": steps * tasks,  # host: whether a step is supervised
         "log tolist": 1,  # device: all metrics at once, at logging
     }

@@ -15,6 +15,7 @@ from peft import LoraConfig
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer, transition
 from trl_diffusion_opd.families.base import cond_tile
+from trl_diffusion_opd.lora_io import read_lora_folder
 from trl_diffusion_opd.scripts.train import DiffusionOPDScriptArguments
 from trl_diffusion_opd.teachers import (
     SPEC_FORMS,
@@ -23,7 +24,6 @@ from trl_diffusion_opd.teachers import (
     load_lora_teacher,
     parse_teacher_spec,
     parse_teachers,
-    read_lora_folder,
     resolve_teacher,
 )
 from trl_diffusion_opd.testing import get_tiny_sd3_pipeline, save_toy_lora
@@ -385,11 +385,10 @@ def _state_and_means(trainer, prompts, seed):
     cond = trainer.prompt_cache(prompts)
     rollout = trainer.rollout(cond, trainer._generator("eval", seed, task))
     t_guard = rollout["sigmas"][1].item()
-    x, t, t_next = trainer._step_rows(rollout, range(args.num_train_timesteps))
+    x, t, t_next = trainer._step_rows(rollout["states"], rollout["sigmas"], range(args.num_train_timesteps))
     rows_cond = cond_tile(cond, args.num_train_timesteps)
     teachers = [trainer.teacher_means(s, task, x, t, t_next, rows_cond, t_guard) for s in trainer.teacher_specs[task]]
-    negative = trainer._negative(x.shape[0]) if args.guidance_scale > 1 else None
-    student = trainer._mean(trainer.model, x, t, t_next, rows_cond, args.guidance_scale, negative, t_guard)
+    student = trainer._mean(trainer.model, x, t, t_next, rows_cond, trainer.student_guidance, t_guard)
     return {"x": x, "t": t, "t_next": t_next, "t_guard": t_guard, "teachers": teachers, "student": student}
 
 
@@ -566,7 +565,7 @@ def test_saved_lora_files_do_not_depend_on_string_hashing(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from trl_diffusion_opd.teachers import adapter_metadata
+    from trl_diffusion_opd.lora_io import adapter_metadata
 
     targets = ["attn.to_v", "attn.to_q", "attn.add_k_proj", "attn.to_out.0"]
     assert adapter_metadata(LoraConfig(r=2, target_modules=targets))["target_modules"] == sorted(targets)

@@ -55,29 +55,26 @@ from .figures import (  # noqa: F401  (the figures were defined here: `evaluatio
     make_grid,
     save_video,
 )
-from .registry import load_pipeline
-from .rewards import Reward, as_reward, get_reward, nanmean
-from .sizes import Resolution, format_resolution, image_size
-from .teachers import (
+from .lora_io import (
     DIFFUSERS_LORA_WEIGHTS,
     EXPERT_LORA_PATTERN,
     check_lora_fits,
-    check_teacher_files,
+    expert_of_weight_file,
     expert_weight_name,
     has_expert_lora,
-    load_lora_teacher,
     lora_file_shapes,
-    parse_teacher_spec,
-    resolve_teacher,
-    several_adapters,
 )
+from .registry import load_pipeline
+from .rewards import Reward, as_reward, get_reward, nanmean
+from .sizes import Resolution, format_resolution, image_size
+from .teachers import check_teacher_files, load_lora_teacher, parse_teacher_spec, resolve_teacher, several_adapters
 
 
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
 GRIDS_DIR = "grids"
 VIDEOS_DIR = "videos"
-SAMPLES_DIR = "samples"  # as `hub.SAMPLES_DIR`: pushed with the adapter and shown by the model card
+SAMPLES_DIR = "samples"  # of `output_dir`: pushed with the adapter (`hub.UPLOAD_PATTERNS`), shown by the model card
 
 
 def _file_name(label: str) -> str:
@@ -145,7 +142,7 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     `load_lora_weights` would silently skip, through PEFT with their own rank and alpha.
 
     With several experts (`pipeline_experts`; Wan 2.2 A14B), the LoRA of each further expert is its own file
-    (`teachers.expert_weight_name`: `pytorch_lora_weights_transformer_2.safetensors`, as the trainers save it) and
+    (`lora_io.expert_weight_name`: `pytorch_lora_weights_transformer_2.safetensors`, as the trainers save it) and
     loads as diffusers documents it, `pipeline.load_lora_weights(folder, weight_name=...,
     load_into_transformer_2=True)`, under the same adapter name. A folder may hold files for some experts only; the
     others then run their base weights in this row (`EvalModel.experts`).
@@ -172,7 +169,7 @@ def load_adapter(pipeline, label: str, spec: Any, cache_dir: str | None = None, 
     first = next(iter(experts))
     components = getattr(pipeline, "components", {})
     for path in sorted(folder.glob(EXPERT_LORA_PATTERN)):
-        component = path.name.removeprefix("pytorch_lora_weights_").removesuffix(".safetensors")
+        component = expert_of_weight_file(path.name)
         if component in components and component not in experts:  # silently ignoring it would evaluate another model
             raise ValueError(
                 f"Adapter '{label}' ({spec.display}) holds a LoRA for '{component}' ({path.name}), which this "

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import registry
-from .evaluation import sampler_name
+from .evaluation import SAMPLES_DIR, sampler_name
+from .lora_io import DIFFUSERS_LORA_WEIGHTS, EXPERT_LORA_PATTERN, expert_weight_name
 from .sizes import format_resolution, image_size
-from .teachers import expert_weight_name
 
 
 if TYPE_CHECKING:
@@ -40,17 +40,14 @@ if TYPE_CHECKING:
 DiffusionLoRATrainer = Any
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
-ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 CARD_NAME = "README.md"
-SAMPLES_DIR = "samples"
-# Files of `output_dir` that `push_to_hub` uploads; everything else stays local.
-# The LoRAs of a multi-expert student's further experts (Wan 2.2: `pytorch_lora_weights_transformer_2.safetensors`).
-EXPERT_WEIGHTS = "pytorch_lora_weights_*.safetensors"
+# Files of `output_dir` that `push_to_hub` uploads; everything else stays local. `EXPERT_LORA_PATTERN`: the LoRAs of
+# a multi-expert student's further experts (Wan 2.2: `pytorch_lora_weights_transformer_2.safetensors`).
 # Sample videos of the video families (`RewardEvalCallback`): animated WebP / GIF (shown inline) or MP4.
 SAMPLE_SUFFIXES = (".png", ".webp", ".gif", ".mp4")
 UPLOAD_PATTERNS = [
-    ADAPTER_WEIGHTS,
-    EXPERT_WEIGHTS,
+    DIFFUSERS_LORA_WEIGHTS,
+    EXPERT_LORA_PATTERN,
     CARD_NAME,
     *(f"{SAMPLES_DIR}/*{suffix}" for suffix in SAMPLE_SUFFIXES),
 ]
@@ -260,12 +257,6 @@ def teacher_reference(spec: TeacherSpec) -> ModelReference:
                     revision = parts[index + 1]
         return ModelReference(spec.display.split("@")[0] + (f"@{revision}" if revision else ""), "hub", spec.path)
     return model_reference(spec.path, spec.subfolder, spec.revision)
-
-
-def teacher_source(spec: TeacherSpec) -> str:
-    """`id[/sub/folder]@revision` of a Hub teacher (the revision is the resolved commit when none was asked for);
-    the path-free name of a local one (`world:<task>`, the Hub id of a cache folder, or the folder's name)."""
-    return teacher_reference(spec).name
 
 
 def sample_widgets(trainer: DiffusionLoRATrainer) -> list[dict[str, str]]:
@@ -720,8 +711,8 @@ def push_checkpoint(trainer: DiffusionLoRATrainer, checkpoint_folder: str | os.P
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
     checkpoint_folder = Path(checkpoint_folder)
     for path in [
-        checkpoint_folder / ADAPTER_WEIGHTS,
-        *checkpoint_folder.glob(EXPERT_WEIGHTS),
+        checkpoint_folder / DIFFUSERS_LORA_WEIGHTS,
+        *checkpoint_folder.glob(EXPERT_LORA_PATTERN),
         checkpoint_folder / CARD_NAME,
     ]:
         if path.is_file():

@@ -24,7 +24,7 @@ The combination types are PEFT's (`LoraModel.add_weighted_adapter`); with weight
   deltas ΔW_i and then truncate by SVD, like `svd` (any ranks).
 
 The merged adapter's scaling is 1 (alpha = r). For several experts (Wan 2.2 A14B) each expert's LoRAs are merged
-separately and written as their own file (`teachers.expert_weight_name`).
+separately and written as their own file (`lora_io.expert_weight_name`).
 """
 
 from __future__ import annotations
@@ -40,18 +40,15 @@ from peft import LoraConfig, LoraModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .families.base import get_family
-from .teachers import (
-    TeacherSpec,
+from .lora_io import (
     adapter_metadata,
     check_lora_fits,
-    check_teacher_files,
     expert_weight_name,
     has_expert_lora,
     lora_config_for,
-    parse_teacher_spec,
     read_lora_folder,
-    resolve_teacher,
 )
+from .teachers import TeacherSpec, check_teacher_files, parse_teacher_spec, resolve_teacher
 
 
 COMBINATION_TYPES = (

@@ -120,12 +120,7 @@ def save_ema_state(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def load_ema_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read what `save_ema_state` wrote, as a dict for `EMAModel.load_state_dict` (tensors on the CPU).
-
-    A legacy pickle (`*.pt`) is read with `weights_only=True`."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return load_weights_only(path)
+    """Read what `save_ema_state` wrote, as a dict for `EMAModel.load_state_dict` (tensors on the CPU)."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         count = int(metadata["num_shadow_params"])

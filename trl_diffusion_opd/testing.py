@@ -1284,7 +1284,7 @@ def save_toy_lora(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":
-        from .teachers import adapter_metadata, expert_weight_name
+        from .lora_io import adapter_metadata, expert_weight_name
 
         type(pipeline).save_lora_weights(
             folder,
@@ -1294,7 +1294,7 @@ def save_toy_lora(
         )
     elif format == "peft":
         save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
-        from .teachers import adapter_metadata
+        from .lora_io import adapter_metadata
 
         data = adapter_metadata(config)
         (folder / "adapter_config.json").write_text(json.dumps(data, indent=2, default=str))

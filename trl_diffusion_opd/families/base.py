@@ -5,7 +5,8 @@ prompts, which sigma schedule its scheduler uses, how to lay out initial latents
 (timestep convention, CFG batching or guidance embedding) and how to decode latents to images. Nothing else in the
 package branches on the model family.
 
-Adding a family (Wan 2.1, SANA, Qwen-Image, ...) is one new file in this package, e.g. `families/sana.py`:
+The families: SD3 / 3.5, FLUX.1 (+ Kontext), FLUX.2 [klein], Qwen-Image (+ Edit), Z-Image, Wan 2.1 / 2.2 (+ I2V).
+Adding one (SANA, HunyuanVideo, ...) is one new file in this package, e.g. `families/sana.py`:
 
 1. Subclass `FlowMatchingFamily` and set the class attributes `pipeline_class` (the diffusers pipeline class it
    wraps; `get_family` picks the family of the pipeline's class or of its nearest base class), `name` (a short
@@ -50,8 +51,10 @@ negative (CFG) branch sees the images too (Qwen-Image-Edit) overrides `encode_ne
 own negative in its conditioning.
 
 To test a new family, add a tiny randomly initialised pipeline to `trl_diffusion_opd.testing` (and to its
-`TINY_PIPELINES`, which makes it the base `tiny:<name>` of the CLI) and check, as `tests/test_flux.py` does, that the trainer's rollout reproduces the pipeline's own sampler, that a saved student
-reloads with the pipeline's `load_lora_weights`, and that distillation lowers the KL to each teacher.
+`TINY_PIPELINES`, which makes it the base `tiny:<name>` of the CLI) and give it a row in `tests/helpers.py`: the
+family contract suite (`tests/test_family_contract.py`) then checks that the trainer's rollout reproduces the
+pipeline's own sampler, that a saved student reloads with the pipeline's `load_lora_weights`, and that distillation
+lowers the KL to each teacher.
 """
 
 from __future__ import annotations
@@ -161,10 +164,6 @@ def split_negative(cond: Cond) -> tuple[Cond, Cond | None]:
     own = {k: v for k, v in cond.items() if not k.startswith(NEGATIVE_PREFIX)}
     negative = {k[len(NEGATIVE_PREFIX) :]: v for k, v in cond.items() if k.startswith(NEGATIVE_PREFIX)}
     return own, negative
-
-
-def cond_to(cond: Cond, device: torch.device | str) -> Cond:
-    return {k: v.to(device) for k, v in cond.items()}
 
 
 class FlowMatchingFamily(abc.ABC):

@@ -168,6 +168,51 @@ def reward_help() -> dict[str, str]:
     return {name: _REGISTRY[name][1] for name in reward_names()}
 
 
+def load_reward_spec(value: Any, name: str = "rewards") -> Any:
+    """`value` with a JSON string (one starting with `{` or `[`) parsed; anything else as it is."""
+    if isinstance(value, str) and value.strip().startswith(("{", "[")):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{name}` is not valid JSON ({error}): {value!r}") from error
+    return value
+
+
+def parse_reward_spec(value: Any, name: str = "rewards") -> list | dict[str, list]:
+    """Rewards as the configs, the commands and the callbacks take them: `None`, a name, `"a,b"`, a `Reward` or a
+    function, a list of those, `{task: any of these}`, or a JSON string of a list or mapping.
+
+    Args:
+        value: The spec.
+        name: The field named by the one-line errors.
+
+    Returns:
+        The rewards as a list, or `{task: list}` for a mapping (names stay strings; nothing is loaded).
+    """
+    value = load_reward_spec(value, name)
+    if isinstance(value, dict):
+        return {
+            task: _reward_items(
+                rewards, f"`{name}['{task}']` must be a reward name or a list of them, got {rewards!r}."
+            )
+            for task, rewards in value.items()
+        }
+    accepted = "None, 'a,b', a list of reward names or {task: [reward names]}"
+    return _reward_items(value, f"`{name}` must be {accepted}, got {type(value).__name__}: {value!r}.")
+
+
+def _reward_items(value: Any, error: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if callable(value):  # a `Reward` or a function
+        return [value]
+    raise ValueError(error)
+
+
 def _key(kwargs: dict[str, Any]) -> str:
     return json.dumps(kwargs, sort_keys=True, default=repr)
 

@@ -164,8 +164,8 @@ class DiffusionOPDEvalArguments:
     )
 
     def __post_init__(self):
-        from ..trainer.base_config import (
-            TORCH_DTYPES,
+        from ..trainer.base_config import TORCH_DTYPES
+        from ..trainer.config_checks import (
             check_choice,
             check_int,
             check_number,

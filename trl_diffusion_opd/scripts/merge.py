@@ -22,9 +22,11 @@ from pathlib import Path
 
 import yaml
 
+from ..lora_io import DIFFUSERS_LORA_WEIGHTS
 from ..merging import COMBINATION_MEANINGS, COMBINATION_TYPES, check_merge_settings, merge_adapters, resolve_adapters
 from ..registry import load_pipeline
-from ..trainer.base_config import TORCH_DTYPES, check_choice, check_int, check_output_dir
+from ..trainer.base_config import TORCH_DTYPES
+from ..trainer.config_checks import check_choice, check_int, check_output_dir
 from .utils import PROG, DiffusionParser, config_path, fail, json_dict, one_line
 
 
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = ", ".join(f"{label} {weight:g}" for label, weight in args.weights.items())
     print(
         f"Merged {len(args.adapters)} adapter(s) ({args.combination_type}; weights {weights}) into "
-        f"{folder.resolve() / 'pytorch_lora_weights.safetensors'}, with its model card README.md. Load it with "
+        f"{folder.resolve() / DIFFUSERS_LORA_WEIGHTS}, with its model card README.md. Load it with "
         f'`pipe.load_lora_weights("{folder}")`, or start a DiffusionOPD student from it with `--student_adapter {folder}`.'
     )
     return 0

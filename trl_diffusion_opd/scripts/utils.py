@@ -1,5 +1,5 @@
-"""What the training commands share: the argument parser, one-line errors, the relaunch through `accelerate launch`,
-loading the base pipeline and the prompts, `toy:<seed>` adapters, and the train-save-push job."""
+"""What the training commands share: the argument parser, one-line errors, loading the base pipeline and the prompts,
+`toy:<seed>` adapters, and the train-save-push job (which relaunches through `accelerate launch`: `launch.py`)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +23,16 @@ from trl import TrlParser
 from ..registry import get_pipeline, load_pipeline
 from ..sizes import ResolutionLike
 from . import PROG, fail, one_line, quiet_library_logs  # noqa: F401  (the commands import them from here)
+from .launch import (
+    LAUNCHED_ENV,
+    accelerate_presets,
+    complete_launch_args,
+    launch_options,
+    relaunch,
+    resolve_accelerate_config,
+    unknown_options,
+    without_tokens,
+)
 
 
 if TYPE_CHECKING:
@@ -38,8 +46,6 @@ TOY_PREFIX = "toy:"
 TOY_TEACHERS_DIR = "_toy_teachers"
 # Stands for a toy adapter while the other specs are checked, before the base exists (a Hub id never resolved).
 TOY_PLACEHOLDER = "trl-diffusion-opd/toy-adapter-not-yet-written"
-# Set in the environment of a job relaunched through accelerate, so that it trains instead of relaunching again.
-LAUNCHED_ENV = "TRL_DIFFUSION_OPD_LAUNCHED"
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -276,109 +282,6 @@ def config_path(argv: list[str]) -> str | None:
     return argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
 
 
-# ---------------------------------------------------------------------------------------------- accelerate launch
-def _launch_options() -> set[str]:
-    from accelerate.commands.launch import launch_command_parser
-
-    return {option for option in launch_command_parser()._option_string_actions if option.startswith("--")}
-
-
-def _unknown_options(strings: list[str], allowed: set[str]) -> list[str]:
-    return [s.split("=")[0] for s in strings if s.startswith("--") and s.split("=")[0] not in allowed]
-
-
-# Where `--accelerate_config NAME` looks, first to last: this package's presets (FSDP2 and DeepSpeed ZeRO set up for a
-# LoRA student on a sharded diffusion base), then TRL's (`multi_gpu`, `single_gpu`, `fsdp1`, `zero1`, ...).
-ACCELERATE_PRESET_PACKAGES = ("trl_diffusion_opd.accelerate_configs", "trl.accelerate_configs")
-
-
-def accelerate_presets() -> dict[str, str]:
-    """`{preset name: path of its YAML file}`; a name of this package's presets hides TRL's preset of that name."""
-    presets: dict[str, str] = {}
-    for package in reversed(ACCELERATE_PRESET_PACKAGES):
-        folder = resources.files(package)
-        presets.update({p.name.removesuffix(".yaml"): str(p) for p in folder.iterdir() if p.name.endswith(".yaml")})
-    return dict(sorted(presets.items()))
-
-
-def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
-    """Turn `--accelerate_config PRESET_OR_PATH` into accelerate's `--config_file PATH`; a preset is a config name
-    shipped with this package (`fsdp2`, `fsdp2_offload`, `zero2`, `zero3`) or with TRL (`multi_gpu`, `single_gpu`,
-    `fsdp1`, `zero1`, ...)."""
-    if "--accelerate_config" not in launch_args:
-        return launch_args
-    index = launch_args.index("--accelerate_config")
-    if index + 1 >= len(launch_args):
-        raise ValueError("`--accelerate_config` needs a preset name or a file.")
-    value = launch_args[index + 1]
-    if os.path.isfile(value):
-        path = value
-    else:
-        presets = accelerate_presets()
-        if value.removesuffix(".yaml") not in presets:
-            raise ValueError(
-                f"`--accelerate_config {value}` is neither a file nor a preset (presets: {list(presets)})."
-            )
-        path = presets[value.removesuffix(".yaml")]
-    return ["--config_file", path, *launch_args[:index], *launch_args[index + 2 :]]
-
-
-# accelerate's flags that choose how processes are started; without one of them (or a config file that sets a
-# distributed type) `accelerate launch --num_processes N` starts a single process.
-_DISTRIBUTED_FLAGS = ("multi_gpu", "use_fsdp", "use_deepspeed", "use_megatron_lm", "tpu")
-
-
-def complete_launch_args(launch_args: list[str]) -> list[str]:
-    """`launch_args` that start the processes they ask for: `--num_processes N` (N > 1) alone gets `--multi_gpu`
-    (data parallel: one process per GPU, or N gloo processes on a CPU), unless a config file (given, or accelerate's
-    default one) or a flag already says how to distribute.
-
-    Raises:
-        ValueError: `--cpu` with `--num_processes N` (N > 1), which accelerate runs as one process.
-    """
-    if not launch_args:
-        return launch_args
-    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
-    from accelerate.commands.launch import launch_command_parser
-
-    namespace = launch_command_parser().parse_args([*launch_args, "--module", "_"])
-    if (namespace.num_processes or 1) < 2 or any(getattr(namespace, flag) for flag in _DISTRIBUTED_FLAGS):
-        return launch_args
-    if namespace.cpu:
-        raise ValueError(
-            f"`--cpu` with `--num_processes {namespace.num_processes}` runs one process in accelerate; leave out "
-            "`--cpu` (a machine without GPUs then trains in that many CPU processes) or add `--accelerate_config "
-            "multi_gpu`."
-        )
-    config_file = namespace.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
-    if config_file is not None and load_config_from_file(config_file).distributed_type != "NO":
-        return launch_args
-    return ["--multi_gpu", *launch_args]
-
-
-def _without(args: list[str], removed: list[str]) -> list[str]:
-    """`args` without the tokens of `removed`, an ordered subsequence of it."""
-    result, position = [], 0
-    for token in args:
-        if position < len(removed) and token == removed[position]:
-            position += 1
-        else:
-            result.append(token)
-    return result
-
-
-def _relaunch(launch_args: list[str], script_argv: list[str], module: str) -> int:
-    from accelerate.commands import launch
-
-    os.environ[LAUNCHED_ENV] = "1"
-    namespace = launch.launch_command_parser().parse_args([*launch_args, "--module", module, *script_argv])
-    try:
-        launch.launch_command(namespace)
-    except subprocess.CalledProcessError as error:
-        return error.returncode or 1
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------- building blocks
 @dataclass
 class DiffusionRLScriptArguments:
@@ -426,10 +329,13 @@ class DiffusionRLScriptArguments:
     eval_prompts: Any = field(default=None, metadata={"help": "Held-out prompts, in the same forms as `prompts`."})
 
     def __post_init__(self):
-        from ..trainer.base_config import check_reward_names
+        from ..rewards import parse_reward_spec
+        from ..trainer.config_checks import check_reward_names
 
         if isinstance(self.reward_funcs, str):
-            self.reward_funcs = [name.strip() for name in self.reward_funcs.split(",") if name.strip()]
+            self.reward_funcs = parse_reward_spec(self.reward_funcs, "reward_funcs")
+        if isinstance(self.reward_funcs, dict):
+            raise ValueError("`reward_funcs` is one list of reward names for every task, not {task: rewards}.")
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is required: one or more reward names (e.g. `--reward_funcs ocr`).")
         check_reward_names("reward_funcs", self.reward_funcs)
@@ -652,6 +558,8 @@ def run_training(trainer, script_args, training_args):
 def saved_message(output_dir: str | os.PathLike, base: str | None = None) -> str:
     """Where the student adapter and its card are, and the lines that load it on `base` (a Hub id, a folder or a
     registered name, whose quick-start code is used)."""
+    from ..lora_io import DIFFUSERS_LORA_WEIGHTS
+
     folder = Path(output_dir).resolve()
     named = get_pipeline(base) if base else None
     if named is not None and named.quickstart:
@@ -660,7 +568,7 @@ def saved_message(output_dir: str | os.PathLike, base: str | None = None) -> str
         load = f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{base or "BASE"}")'
     lines = [*load.splitlines(), f'pipe.load_lora_weights("{folder}")']
     return (
-        f"Saved the student adapter to {folder / 'pytorch_lora_weights.safetensors'} and its model card to "
+        f"Saved the student adapter to {folder / DIFFUSERS_LORA_WEIGHTS} and its model card to "
         f"{folder / 'README.md'}. Load it with:\n" + "\n".join(f"    {line}" for line in lines)
     )
 
@@ -675,14 +583,14 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
         *parsed, config_rest, cli_rest = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-        allowed = _launch_options() | {"--accelerate_config"}
+        allowed = launch_options() | {"--accelerate_config"}
         known = parser.option_names() + sorted(option.removeprefix("--") for option in allowed)
-        unknown = _unknown_options(config_rest, allowed)
+        unknown = unknown_options(config_rest, allowed)
         if unknown:
             keys = [key.removeprefix("--") for key in unknown]
             return fail(prog, f"unknown key(s) in {path}: {', '.join(keys)}{did_you_mean(keys, known)}.")
         # Left-over flags must be `accelerate launch` options; a leading bare word belongs to none.
-        unknown = _unknown_options(cli_rest, allowed) or [s for s in cli_rest[:1] if not s.startswith("--")]
+        unknown = unknown_options(cli_rest, allowed) or [s for s in cli_rest[:1] if not s.startswith("--")]
         if unknown:
             hint = did_you_mean([flag.removeprefix("--") for flag in unknown], known).replace("mean ", "mean --")
             return fail(prog, f"unrecognized arguments: {' '.join(unknown)}{hint}.")
@@ -700,7 +608,7 @@ def training_main(argv: list[str], command: str, parser: DiffusionParser, build:
             )
         return fail(prog, one_line(error))
     if launch_args and not os.environ.get(LAUNCHED_ENV):
-        return _relaunch(launch_args, _without(argv, cli_rest), module)
+        return relaunch(launch_args, without_tokens(argv, cli_rest), module)
     from ..trainer.checkpointing import OutputDirBusyError, OutputDirLock
 
     script_args, training_args, model_args = parsed

@@ -1,5 +1,6 @@
 """The trainers and their configurations, one method per `<method>_trainer.py` + `<method>_config.py` (TRL's layout):
-`base_*` holds what every trainer shares, `rl_trainer.py` what the reward-driven Stage-1 trainers share.
+`base_*` holds what every trainer shares, `rl_config.py` + `rl_trainer.py` what the reward-driven Stage-1 trainers
+share.
 
 The names load on first use (module `__getattr__`), so that a command's `--help`, which needs only the configurations,
 imports no trainer (nor diffusers, which the trainers import)."""
@@ -19,7 +20,7 @@ _LAZY = {
     "DiffusionNFTTrainer": ".nft_trainer",
     "DiffusionOPDConfig": ".opd_config",
     "DiffusionOPDTrainer": ".opd_trainer",
-    "DiffusionRLConfig": ".base_config",
+    "DiffusionRLConfig": ".rl_config",
     "DiffusionRLTrainer": ".rl_trainer",
     "DiffusionTrainingConfig": ".base_config",
     "FlowGRPOConfig": ".grpo_config",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers, IDEs and the API docs see
-    from .base_config import DiffusionRLConfig, DiffusionTrainingConfig
+    from .base_config import DiffusionTrainingConfig
     from .base_trainer import DiffusionLoRATrainer
     from .callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
     from .grpo_config import FlowGRPOConfig
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # what type checkers, IDEs and the API docs see
     from .nft_trainer import DiffusionNFTTrainer
     from .opd_config import DiffusionOPDConfig
     from .opd_trainer import DiffusionOPDTrainer
+    from .rl_config import DiffusionRLConfig
     from .rl_trainer import DiffusionRLTrainer
 
 

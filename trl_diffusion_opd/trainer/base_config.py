@@ -1,161 +1,31 @@
-"""Training arguments shared by the trainers: `DiffusionTrainingConfig` (every trainer of the package) and
-`DiffusionRLConfig` (the reward-driven Stage-1 trainers). Each method's own config is `<method>_config.py`."""
+"""`DiffusionTrainingConfig`: the training arguments every trainer of the package shares. The reward-driven Stage-1
+trainers add theirs in `rl_config.py`; each method's own config is `<method>_config.py`."""
 
 from __future__ import annotations
 
-import json
-import math
 import numbers
 import os
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from ..objectives import SCALE_REWARDS
 from ..sizes import RESOLUTION_HELP, ResolutionLike, parse_resolution
 from ..transition import SAMPLERS
+from .checkpointing import check_checkpoint
+from .config_checks import (
+    _as_dict,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_output_dir,
+    check_reward_names,
+)
 
 
-# Files of a checkpoint folder written by the trainers besides the Trainer's own (`DiffusionLoRATrainer`).
-TRAINING_WEIGHTS = "student_training_weights.safetensors"
-EMA_STATE = "ema_state.safetensors"
-LEGACY_EMA_STATE = "ema_state.pt"  # older checkpoints; read with weights_only=True
-TRAINING_ARGS = "training_args.json"
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-# ---------------------------------------------------------------------------------------------- checks
-# Each check raises `ValueError("`field` must be <what is accepted>, got <value>.")`: one line that the CLI prints
-# as is, so a bad value fails at parse time, before any model is loaded.
-def _range_text(low, high, low_open: bool, high_open: bool) -> str:
-    if low is not None and high is not None:
-        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if low is not None:
-        return f" {'>' if low_open else '>='} {low}"
-    if high is not None:
-        return f" {'<' if high_open else '<='} {high}"
-    return ""
-
-
-def check_int(name: str, value: Any, minimum: int | None = None, optional: bool = False) -> int | None:
-    """`value` if it is an integer >= `minimum` (or `None` when `optional`), else a `ValueError` naming `name`."""
-    if value is None and optional:
-        return None
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (minimum is not None and value < minimum):
-        accepted = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if optional else "")
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
-    return int(value)
-
-
-def check_number(
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    optional: bool = False,
-) -> float | None:
-    """`value` if it is a finite real number in the range (`None` when `optional`), else a `ValueError` naming
-    `name`. NaN and ±inf are refused: they pass comparisons silently and surface as a non-finite loss later."""
-    if value is None and optional:
-        return None
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        accepted = f"a finite number{_range_text(low, high, low_open, high_open)}" + (" or None" if optional else "")
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """`value` if it is `True` or `False` (a string such as "no" would otherwise be truthy)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-    return value
-
-
-def check_choice(name: str, value: Any, choices) -> Any:
-    """`value` if it is one of `choices`, else a `ValueError` naming `name` and the choices."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
-    return value
-
-
-def check_output_dir(name: str, value: Any) -> None:
-    """An output folder may not exist yet, but must not be a file."""
-    if value is not None and os.path.isfile(os.path.expanduser(str(value))):
-        raise ValueError(f"`{name}` must be a folder, but '{value}' is an existing file.")
-
-
-def check_reward_names(name: str, names: list[Any]) -> None:
-    """Every item of `names` that is a string must be a registered reward (plug-ins' included)."""
-    from ..rewards import reward_names
-
-    unknown = [item for item in names if isinstance(item, str) and item not in reward_names()]
-    if unknown:
-        raise ValueError(
-            f"`{name}` names unknown reward(s) {unknown}; available rewards: {', '.join(reward_names())}."
-        )
-
-
-def check_checkpoint(folder: str | os.PathLike, name: str = "resume_from_checkpoint") -> Path:
-    """Check a checkpoint folder of these trainers before resuming from it, so that a missing or corrupt file is one
-    line naming it, not a traceback after the models are loaded.
-
-    Checked: the folder exists; `student_training_weights.safetensors` is there and is a readable safetensors file;
-    `trainer_state.json`, when present, is a JSON object; the pickled states (`optimizer.pt`, `scheduler.pt`,
-    `rng_state.pth`, ...) are complete torch archives; the other safetensors files (`ema_state.safetensors`, stored
-    RL batches) are readable.
-
-    Raises:
-        ValueError: the folder or one of its files is missing or malformed.
-    """
-    from safetensors import safe_open
-
-    path = Path(os.path.expanduser(str(folder)))
-    if not path.is_dir():
-        raise ValueError(
-            f"`{name}` must be a checkpoint folder (e.g. output_dir/checkpoint-100), but '{folder}' "
-            f"{'is a file' if path.exists() else 'does not exist'}."
-        )
-    weights = path / TRAINING_WEIGHTS
-    if not weights.is_file():
-        raise ValueError(f"`{name}`: {path} is not a checkpoint of this package (no {TRAINING_WEIGHTS}).")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            handle.keys()
-    except Exception as error:  # safetensors raises its own SafetensorError, and OSError
-        raise ValueError(f"`{name}`: {weights} is not a valid safetensors file ({_first_line(error)}).") from error
-    state = path / "trainer_state.json"
-    if state.is_file():
-        try:
-            if not isinstance(json.loads(state.read_text(encoding="utf-8")), dict):
-                raise ValueError("not a JSON object")
-        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ValueError(f"`{name}`: {state} is not valid JSON ({_first_line(error)}).") from error
-    for file in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
-        if not zipfile.is_zipfile(file):
-            raise ValueError(f"`{name}`: {file} is truncated or not a file written by torch.save.")
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
-        except Exception as error:  # safetensors raises its own SafetensorError, and OSError
-            raise ValueError(f"`{name}`: {file} is not a valid safetensors file ({_first_line(error)}).") from error
-    return path
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _has_accelerator() -> bool:
@@ -164,46 +34,16 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def _as_dict(value: Any, name: str) -> Any:
-    """Dict fields are also accepted as JSON strings (command line, environment)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`{name}` must be a dict or a JSON object string, got {value!r}: {error}") from error
-    if value is not None and not isinstance(value, dict):
-        raise ValueError(f"`{name}` must be a dict, got {type(value).__name__}: {value!r}")
-    return value
-
-
 def _parse_eval_rewards(value: Any) -> Any:
     """`eval_rewards` with a JSON string parsed, checked to be `None`, `"a,b"`, a list of names or
     `{task: name or [names]}` of registered rewards (`Reward` objects and functions pass through)."""
-    if isinstance(value, str) and value.strip().startswith(("{", "[")):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`eval_rewards` is not valid JSON ({error}): {value!r}") from error
-    accepted = "None, 'a,b', a list of reward names or {task: [reward names]}"
+    from ..rewards import load_reward_spec, parse_reward_spec
+
+    value = load_reward_spec(value, "eval_rewards")
     if value is None:
         return None
-    if isinstance(value, str):
-        names = [name.strip() for name in value.split(",") if name.strip()]
-    elif isinstance(value, dict):
-        names = []
-        for task, rewards in value.items():
-            if isinstance(rewards, str):
-                names += [name.strip() for name in rewards.split(",") if name.strip()]
-            elif isinstance(rewards, (list, tuple)) or rewards is None:
-                names += list(rewards or [])
-            elif not callable(rewards):
-                raise ValueError(f"`eval_rewards['{task}']` must be a reward name or a list of them, got {rewards!r}.")
-    elif isinstance(value, (list, tuple)):
-        names = list(value)
-    elif callable(value):
-        names = []
-    else:
-        raise ValueError(f"`eval_rewards` must be {accepted}, got {type(value).__name__}: {value!r}.")
+    spec = parse_reward_spec(value, "eval_rewards")
+    names = [item for items in spec.values() for item in items] if isinstance(spec, dict) else spec
     check_reward_names("eval_rewards", names)
     return value
 
@@ -456,81 +296,3 @@ class DiffusionTrainingConfig(TrainingArguments):
     def num_train_timesteps(self) -> int:
         """Number T of trained sampler steps, ⌊N·timestep_fraction⌋ but at least 1."""
         return max(1, int(self.num_inference_steps * self.timestep_fraction))
-
-
-@dataclass
-class DiffusionRLConfig(DiffusionTrainingConfig):
-    r"""
-    Arguments shared by the reward-driven trainers (`FlowGRPOConfig`, `DiffusionNFTConfig`): the groups of images,
-    the rewards and the advantages. Each field is documented by its `help`; the rest is [`DiffusionTrainingConfig`].
-    """
-
-    _VALID_DICT_FIELDS = DiffusionTrainingConfig._VALID_DICT_FIELDS + ["reward_weights"]
-
-    num_generations: int = field(
-        default=8,
-        metadata={"help": "Images sampled per prompt: the group whose rewards are normalised together (at least 2)."},
-    )
-    generation_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Images sampled per model call during generation; None samples the whole batch at once."},
-    )
-    num_iterations: int = field(
-        default=1,
-        metadata={
-            "help": "Optimizer steps taken on each generated batch (TRL's mu): the batch is reused, so from the "
-            "second step on the policy has moved away from the one that sampled it."
-        },
-    )
-    reward_weights: list[float] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Weight of each reward function (a list, or a JSON list string); None weighs them all 1. A "
-            "reward that returns nan for an image (e.g. OCR on a prompt without text) contributes 0 to its total."
-        },
-    )
-    scale_rewards: str = field(
-        default="batch",
-        metadata={
-            "help": "Standard deviation that divides the advantages (the mean is always the prompt's group's): "
-            "'batch' (over the whole batch: `global_std=True`, which Flow-GRPO's and DiffusionNFT's SD3.5 recipes "
-            "use), 'group' (the prompt's own group) or 'none'.",
-            "choices": list(SCALE_REWARDS),
-        },
-    )
-    adv_clip_max: float = field(
-        default=5.0,
-        metadata={"help": "Advantages are clipped to [-adv_clip_max, adv_clip_max] (the released recipes use 5)."},
-    )
-    beta: float = field(
-        default=0.0,
-        metadata={
-            "help": "Coefficient of the KL to the base model (the adapter disabled); 0.0 skips the reference calls."
-        },
-    )
-
-    def __post_init__(self):
-        if isinstance(self.reward_weights, str):
-            try:
-                self.reward_weights = json.loads(self.reward_weights)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"`reward_weights` must be a list of numbers (a JSON list on the command line): {error}"
-                ) from error
-        super().__post_init__()
-        if check_int("num_generations", self.num_generations) < 2:
-            raise ValueError(
-                f"`num_generations` must be >= 2 (advantages compare the images of one prompt), got "
-                f"{self.num_generations}."
-            )
-        check_int("generation_batch_size", self.generation_batch_size, 1, optional=True)
-        check_int("num_iterations", self.num_iterations, 1)
-        if self.reward_weights is not None:
-            if not isinstance(self.reward_weights, (list, tuple)) or not self.reward_weights:
-                raise ValueError(f"`reward_weights` must be a non-empty list of numbers, got {self.reward_weights!r}.")
-            for index, weight in enumerate(self.reward_weights):
-                check_number(f"reward_weights[{index}]", weight)
-            self.reward_weights = [float(w) for w in self.reward_weights]
-        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        check_number("adv_clip_max", self.adv_clip_max, 0, low_open=True)
-        check_number("beta", self.beta, 0)

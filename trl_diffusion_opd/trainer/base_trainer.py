@@ -1,6 +1,6 @@
 """`DiffusionLoRATrainer`: what every trainer of this package shares.
 
-DiffusionOPD (`trainer.py`), Flow-GRPO / GRPO-Guard (`grpo_trainer.py`) and DiffusionNFT (`nft_trainer.py`) all train
+DiffusionOPD (`opd_trainer.py`), Flow-GRPO / GRPO-Guard (`grpo_trainer.py`) and DiffusionNFT (`nft_trainer.py`) all train
 one LoRA, the *student*, on a frozen flow-matching base. This module holds their common machinery so that it exists
 once: loading the pipeline and its family, creating (or continuing) the student adapter in float32, the
 student-only optimizer, the prompt-embedding cache, EMA weights, seeded generators, sampling (`rollout`,
@@ -42,41 +42,28 @@ from .. import transition
 from ..data import PromptRow, RoundRobinPrompts, image_digest, load_prompt_source, prompts_by_task, row_images
 from ..families.base import NEGATIVE_PREFIX, Cond, FlowMatchingFamily, cond_cat, cond_tile, get_family
 from ..hub import create_model_card, push_checkpoint, push_to_hub
+from ..lora_io import adapter_metadata, check_lora_folder, expert_weight_name, lora_config_for, read_lora_folder
 from ..registry import load_pipeline
 from ..safe_io import load_ema_state, save_ema_state
 from ..sizes import Resolution
-from ..teachers import (
-    STUDENT,
-    AdapterSwitch,
-    TeacherSpec,
-    adapter_metadata,
-    add_adapter,
-    check_lora_folder,
-    expert_weight_name,
-    lora_config_for,
-    parse_teacher_spec,
-    read_lora_folder,
-    resolve_teacher,
-)
-from .base_config import (
-    EMA_STATE,
-    LEGACY_EMA_STATE,
-    TRAINING_ARGS,
-    TRAINING_WEIGHTS,
-    DiffusionTrainingConfig,
-    check_checkpoint,
-)
+from ..teachers import STUDENT, AdapterSwitch, TeacherSpec, add_adapter, parse_teacher_spec, resolve_teacher
+from .base_config import DiffusionTrainingConfig
 from .callbacks import DiffusersTensorBoardCallback, RewardEvalCallback
 from .checkpointing import (
+    EMA_STATE,
     RESUME_AUTO,
+    TRAINING_ARGS,
+    TRAINING_WEIGHTS,
     OutputDirLock,
     StopOnSignal,
+    check_checkpoint,
     publish_checkpoint,
     remove_partial_checkpoints,
     resolve_resume,
     staging_run_dir,
     write_error,
 )
+from .rollout import Guidance, RolloutState
 
 
 DEFAULT_TASK = "default"
@@ -513,10 +500,18 @@ class DiffusionLoRATrainer(Trainer):
                     # every row: an image-to-video family refuses one without its first frame
                     self.family.check_input_images(count, where)
 
-    def _velocity(self, transformer, x, sigma, cond, guidance_scale, negative, guidance_scale_2=None):
-        """`family.velocity`, passing the second expert's CFG scale only when one is set (image families take none)."""
-        extra = {"guidance_scale_2": guidance_scale_2} if guidance_scale_2 is not None else {}
-        return self.family.velocity(transformer, x, sigma, cond, guidance_scale, negative, **extra)
+    @property
+    def student_guidance(self) -> Guidance:
+        """The student's guidance: `guidance_scale` and `guidance_scale_2`."""
+        return Guidance(self.args.guidance_scale, self.args.guidance_scale_2)
+
+    def _velocity(self, transformer, x, sigma, cond, guidance: Guidance, negative: Cond | None = None):
+        """`family.velocity` at `guidance`, passing the second expert's scale only when one is set (image families take
+        none). `negative`: the negative conditioning of x's rows when the caller has it, else made here if needed."""
+        if negative is None and guidance.needs_negative:
+            negative = self._negative(x.shape[0])
+        extra = {"guidance_scale_2": guidance.scale_2} if guidance.scale_2 is not None else {}
+        return self.family.velocity(transformer, x, sigma, cond, guidance.scale, negative, **extra)
 
     # ------------------------------------------------------------------ hooks
     def _load_extra_models(self, transformer: torch.nn.Module, args: DiffusionTrainingConfig) -> None:
@@ -621,8 +616,8 @@ class DiffusionLoRATrainer(Trainer):
             `log_probs` `(N, B)` of the sampled transitions and their `means` `(N, B, ...)`.
         """
         args = self.args
-        state = self._rollout_begin(cond, generator, guidance_scale)
-        states, log_probs, means = [state["x"]], [], []
+        state = self._rollout_begin(cond, generator, guidance_scale, keep_states=True)
+        log_probs, means = [], []
         transformer = self.accelerator.unwrap_model(self.model)
         for _ in range(args.num_inference_steps):
             x, mean, std = self._rollout_step(state, transformer)
@@ -632,62 +627,64 @@ class DiffusionLoRATrainer(Trainer):
                 else:
                     log_probs.append(transition.step_log_prob(x, mean, std, args.sde_type, cps_log_prob))
                 means.append(mean)
-            states.append(x)
-        out = {"states": torch.stack(states), "sigmas": state["sigmas"]}
+        out = {"states": state.trajectory(), "sigmas": state.sigmas}
         if log_probs:
             out["log_probs"] = torch.stack(log_probs)
             out["means"] = torch.stack(means)
         return out
 
-    def _rollout_begin(self, cond: Cond, generator: torch.Generator, guidance_scale: float | None = None) -> dict:
-        """A rollout before its first step: initial latents `x` `(B, ...)` (drawn from `generator`), the schedule
-        `sigmas` `(N + 1,)`, its `t_guard`, the CFG scale and negative conditioning, and the step index `j = 0`.
-        `_rollout_step` advances it; `rollout` runs it to the end with no grad."""
+    def _rollout_begin(
+        self, cond: Cond, generator: torch.Generator, guidance_scale: float | None = None, keep_states: bool = False
+    ) -> RolloutState:
+        """A rollout before its first step: initial latents drawn from `generator`, the schedule, the student's
+        guidance (`guidance_scale` overrides its scale) and its negative conditioning; `keep_states` keeps the
+        trajectory. `_rollout_step` advances it; `rollout` runs it to the end with no grad."""
         args = self.args
-        guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
+        guidance = self.student_guidance
+        if guidance_scale is not None:
+            guidance = Guidance(guidance_scale, guidance.scale_2)
         batch = next(iter(cond.values())).shape[0]
         resolution = self.resolution_for(cond)
         sigmas = self.family.sigmas(args.num_inference_steps, resolution)
-        return {
-            "x": self.family.init_latents(batch, resolution, generator).to(args.device),
-            "j": 0,
-            "sigmas": sigmas,
-            # one copy to the device and one to Python per rollout, not one per step
-            "sigmas_device": to_device(sigmas, args.device),
-            "sigma_floats": sigmas.tolist(),
-            "t_guard": sigmas[1].item(),
-            "cond": cond,
-            "guidance_scale": guidance_scale,
-            "negative": self._negative(batch) if guidance_scale > 1 else None,
-            "generator": generator,
-        }
+        x = self.family.init_latents(batch, resolution, generator).to(args.device)
+        return RolloutState(
+            x=x,
+            sigmas=sigmas,
+            sigmas_device=to_device(sigmas, args.device),
+            sigma_floats=sigmas.tolist(),
+            t_guard=sigmas[1].item(),
+            cond=cond,
+            guidance=guidance,
+            negative=self._negative(batch) if guidance.needs_negative else None,
+            generator=generator,
+            states=[x] if keep_states else None,
+        )
 
-    def _rollout_step(self, state: dict, transformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _rollout_step(self, state: RolloutState, transformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One sampler step of the rollout `state` (from `_rollout_begin`) with `transformer`, under the caller's grad
         mode: returns `(x_next, mean, std)` like `transition.sample_step`; `mean` keeps the graph when grad is on,
-        `x_next` (also stored as `state["x"]`) never does, so the next step starts from a detached state."""
+        `x_next` (also stored as `state.x`, and kept in `state.states`) never does, so the next step starts from a
+        detached state."""
         args = self.args
-        x, j, sigmas = state["x"], state["j"], state["sigma_floats"]
-        sigma = state["sigmas_device"][j].expand(x.shape[0])
-        v = self._velocity(
-            transformer, x, sigma, state["cond"], state["guidance_scale"], state["negative"], args.guidance_scale_2
-        )
-        noise = (
-            to_device(torch.randn(x.shape, generator=state["generator"]), x.device) if args.noise_level > 0 else None
-        )
+        x, j, sigmas = state.x, state.j, state.sigma_floats
+        sigma = state.sigmas_device[j].expand(x.shape[0])
+        v = self._velocity(transformer, x, sigma, state.cond, state.guidance, state.negative)
+        noise = to_device(torch.randn(x.shape, generator=state.generator), x.device) if args.noise_level > 0 else None
         x_next, mean, std = transition.sample_step(
-            x, v, sigmas[j], sigmas[j + 1], args.noise_level, args.sde_type, state["t_guard"], noise=noise
+            x, v, sigmas[j], sigmas[j + 1], args.noise_level, args.sde_type, state.t_guard, noise=noise
         )
         x_next = x_next.detach()
-        state["x"], state["j"] = x_next, j + 1
+        state.x, state.j = x_next, j + 1
+        if state.states is not None:
+            state.states.append(x_next)
         return x_next, mean, std
 
-    def _step_rows(self, rollout: dict[str, torch.Tensor], steps: range):
-        """Rows for a chunk of trained steps: states, sigma, next sigma, all `(len(steps) * B, ...)`."""
-        states = rollout["states"]
+    def _step_rows(self, states: torch.Tensor, sigmas: torch.Tensor, steps: range):
+        """Rows for a chunk of trained steps of a trajectory `states` `(N + 1, B, ...)` with schedule `sigmas`
+        `(N + 1,)`: states, sigma, next sigma, all `(len(steps) * B, ...)`, step-major."""
         batch = states.shape[1]
         x = states[steps.start : steps.stop].flatten(0, 1)
-        sigmas = rollout["sigmas"].to(x.device)
+        sigmas = sigmas.to(x.device)
         t = sigmas[steps.start : steps.stop].repeat_interleave(batch)
         t_next = sigmas[steps.start + 1 : steps.stop + 1].repeat_interleave(batch)
         return x, t, t_next
@@ -721,7 +718,6 @@ class DiffusionLoRATrainer(Trainer):
         resolution = self.resolution_for(cond)
         x = self.family.init_latents(1, resolution, self._generator("saved-bytes")).to(args.device)
         sigma = self.family.sigmas(args.num_inference_steps, resolution)[:1].to(args.device)
-        negative = self._negative(1) if args.guidance_scale > 1 else None
         weights = {t.untyped_storage().data_ptr() for t in [*transformer.parameters(), *transformer.buffers()]}
         seen: set[int] = set()
         total = 0
@@ -736,7 +732,7 @@ class DiffusionLoRATrainer(Trainer):
 
         with torch.enable_grad(), self.compute_loss_context_manager():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                v = self._velocity(transformer, x, sigma, cond, args.guidance_scale, negative, args.guidance_scale_2)
+                v = self._velocity(transformer, x, sigma, cond, self.student_guidance)
         del v
         return total
 
@@ -806,7 +802,8 @@ class DiffusionLoRATrainer(Trainer):
         if guidance_scale is None:
             guidance_scale = self._default_guidance(adapter)
         cond = self.prompt_cache(prompts, images)
-        negative = self._negative(len(prompts)) if guidance_scale > 1 else None
+        guidance = Guidance(guidance_scale, args.guidance_scale_2)
+        negative = self._negative(len(prompts)) if guidance.needs_negative else None
         resolution = self.resolution_for(cond)
         sigmas = self.family.sigmas(steps, resolution)
         x = self.family.init_latents(len(prompts), resolution, self._generator("generate", seed)).to(args.device)
@@ -815,7 +812,7 @@ class DiffusionLoRATrainer(Trainer):
         with context, self.adapters.use(adapter):
             for j in range(steps):
                 sigma = sigmas[j].expand(len(prompts)).to(args.device)
-                v = self._velocity(transformer, x, sigma, cond, guidance_scale, negative, args.guidance_scale_2)
+                v = self._velocity(transformer, x, sigma, cond, guidance, negative)
                 x = transition.step_mean(x, v, sigmas[j].item(), sigmas[j + 1].item())
         return self.decode(self.family.full_latents(x, cond), resolution)
 
@@ -974,8 +971,8 @@ class DiffusionLoRATrainer(Trainer):
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"Checkpoint {folder} does not match the student adapter: {result.unexpected_keys[:3]}")
         self._load_extra_checkpoint_state(extra)
-        ema_file = next((folder / n for n in (EMA_STATE, LEGACY_EMA_STATE) if (folder / n).is_file()), None)
-        if self.ema is not None and ema_file is not None:
+        ema_file = folder / EMA_STATE
+        if self.ema is not None and ema_file.is_file():
             self.ema.load_state_dict(load_ema_state(ema_file))  # never unpickles code
             self.ema.to(self.args.device)
 

@@ -17,29 +17,18 @@ from transformers.integrations import TensorBoardCallback
 from ..data import prompts_by_task, row_images
 from ..evaluation import SAMPLES_DIR
 from ..figures import VIDEO_FORMATS, blank_like, frame_grid, is_video, make_grid, save_video
-from ..rewards import Reward, as_reward, nanmean
-
-
-def _reward_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [name.strip() for name in value.split(",") if name.strip()]
-    if isinstance(value, Reward) or callable(value):
-        return [value]
-    return list(value)
+from ..rewards import as_reward, nanmean, parse_reward_spec
 
 
 def _parse_rewards(rewards: Any, tasks: list[str]) -> dict[str, list]:
     """`{task: [reward, ...]}` from one reward, a list for every task, a `{task: reward(s)}` mapping, or JSON."""
-    if isinstance(rewards, str) and rewards.strip().startswith(("{", "[")):
-        rewards = json.loads(rewards)
-    if isinstance(rewards, dict):
-        unknown = [task for task in rewards if task not in tasks]
+    spec = parse_reward_spec(rewards)
+    if isinstance(spec, dict):
+        unknown = [task for task in spec if task not in tasks]
         if unknown:
             raise ValueError(f"Rewards are given for unknown task(s) {unknown}; tasks are {tasks}.")
-        return {task: _reward_list(rewards.get(task)) for task in tasks}
-    return {task: _reward_list(rewards) for task in tasks}
+        return {task: spec.get(task, []) for task in tasks}
+    return {task: list(spec) for task in tasks}
 
 
 def _file_part(text: str) -> str:

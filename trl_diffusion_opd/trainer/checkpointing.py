@@ -5,6 +5,8 @@
   always complete and a kill at any moment leaves the previous checkpoint as the last one. Leftover partial folders
   of a killed run are ignored by the lookups (their names do not match `checkpoint-<step>`) and removed at the next
   save (`remove_partial_checkpoints`).
+* `check_checkpoint`: a checkpoint's files (`TRAINING_WEIGHTS`, `EMA_STATE`, the Trainer's own) are complete and
+  readable before a resume loads any model.
 * `last_complete_checkpoint` / `resolve_resume`: what `resume_from_checkpoint` `true` and `auto` resume from.
 * `OutputDirLock`: `output_dir/.lock`, held with `fcntl.flock` for the whole run, so a second run writing into the
   same folder refuses to start; the OS releases it when the process dies, so a killed run never leaves it stale.
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
 import signal
 import threading
+import zipfile
 from pathlib import Path
 
 import torch
@@ -28,7 +32,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .base_config import check_checkpoint
+from .config_checks import _first_line
 
 
 logger = logging.get_logger(__name__)
@@ -38,6 +42,11 @@ LOCK_NAME = ".lock"
 RESUME_AUTO = "auto"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
+# Files of a checkpoint folder written by the trainers besides the Trainer's own (`DiffusionLoRATrainer`).
+TRAINING_WEIGHTS = "student_training_weights.safetensors"
+EMA_STATE = "ema_state.safetensors"
+TRAINING_ARGS = "training_args.json"
+
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (e.g. no space left on the device); the previous checkpoint is untouched."""
@@ -45,6 +54,54 @@ class CheckpointWriteError(OSError):
 
 class OutputDirBusyError(RuntimeError):
     """Another run holds the lock of the output folder."""
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint files
+def check_checkpoint(folder: str | os.PathLike, name: str = "resume_from_checkpoint") -> Path:
+    """Check a checkpoint folder of these trainers before resuming from it, so that a missing or corrupt file is one
+    line naming it, not a traceback after the models are loaded.
+
+    Checked: the folder exists; `student_training_weights.safetensors` is there and is a readable safetensors file;
+    `trainer_state.json`, when present, is a JSON object; the pickled states (`optimizer.pt`, `scheduler.pt`,
+    `rng_state.pth`, ...) are complete torch archives; the other safetensors files (`ema_state.safetensors`, stored
+    RL batches) are readable.
+
+    Raises:
+        ValueError: the folder or one of its files is missing or malformed.
+    """
+    from safetensors import safe_open
+
+    path = Path(os.path.expanduser(str(folder)))
+    if not path.is_dir():
+        raise ValueError(
+            f"`{name}` must be a checkpoint folder (e.g. output_dir/checkpoint-100), but '{folder}' "
+            f"{'is a file' if path.exists() else 'does not exist'}."
+        )
+    weights = path / TRAINING_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"`{name}`: {path} is not a checkpoint of this package (no {TRAINING_WEIGHTS}).")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError, and OSError
+        raise ValueError(f"`{name}`: {weights} is not a valid safetensors file ({_first_line(error)}).") from error
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            if not isinstance(json.loads(state.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"`{name}`: {state} is not valid JSON ({_first_line(error)}).") from error
+    for file in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
+        if not zipfile.is_zipfile(file):
+            raise ValueError(f"`{name}`: {file} is truncated or not a file written by torch.save.")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own SafetensorError, and OSError
+            raise ValueError(f"`{name}`: {file} is not a valid safetensors file ({_first_line(error)}).") from error
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- atomic checkpoints

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from ..objectives import RATIO_NORM_BIASES
 from ..transition import CPS_LOG_PROBS
-from .base_config import DiffusionRLConfig, check_choice, check_number
+from .config_checks import check_choice, check_number
+from .rl_config import DiffusionRLConfig
 
 
 RATIO_NORMALIZATIONS = ("none", "grpo_guard")

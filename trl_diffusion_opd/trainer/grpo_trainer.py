@@ -155,12 +155,13 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
             `beta > 0`, `kl` (to the base model), all `(len(steps) × R,)`.
         """
         args = self.args
-        x, t, t_next = self._step_rows(batch, steps)
+        x, t, t_next = self._step_rows(batch["states"], batch["sigmas"], steps)
         rows = x.shape[0]
         t_guard = batch["sigmas"][1].item()
         cond = cond_tile(batch["cond"], len(steps))
-        negative = self._negative(rows) if args.guidance_scale > 1 else None
-        v = self._velocity(model, x, t, cond, args.guidance_scale, negative, args.guidance_scale_2)
+        guidance = self.student_guidance
+        negative = self._negative(rows) if guidance.needs_negative else None
+        v = self._velocity(model, x, t, cond, guidance, negative)
         mean = transition.step_mean(x, v, t, t_next, args.noise_level, args.sde_type, t_guard)
         std = transition.step_std(t, t_next, args.noise_level, args.sde_type, t_guard)
         sample = batch["states"][steps.start + 1 : steps.stop + 1].flatten(0, 1)
@@ -182,7 +183,7 @@ class FlowGRPOTrainer(DiffusionRLTrainer):
             terms["step_weight"] = torch.ones(rows, device=x.device)
         if args.beta > 0:
             with torch.no_grad(), self.adapters.use(None):
-                v_ref = self._velocity(model, x, t, cond, args.guidance_scale, negative, args.guidance_scale_2)
+                v_ref = self._velocity(model, x, t, cond, guidance, negative)
                 ref_mean = transition.step_mean(x, v_ref, t, t_next, args.noise_level, args.sde_type, t_guard)
             terms["kl"] = transition.closed_form_kl(
                 mean, ref_mean, t, t_next, args.noise_level, args.sde_type, "reference", t_guard

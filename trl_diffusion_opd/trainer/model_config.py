@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from .base_config import check_bool, check_int, check_number, check_output_dir
+from .config_checks import check_bool, check_int, check_number, check_output_dir
 
 
 def _lora_inits() -> list[str]:

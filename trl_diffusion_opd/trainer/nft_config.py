@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base_config import DiffusionRLConfig, check_choice, check_number
+from .config_checks import check_choice, check_number
+from .rl_config import DiffusionRLConfig
 
 
 NFT_SAMPLERS = ("euler", "heun")

@@ -152,25 +152,22 @@ class DiffusionNFTTrainer(DiffusionRLTrainer):
         sigmas = self.family.sigmas(args.num_inference_steps, args.resolution)
         transformer = self.accelerator.unwrap_model(self.model)
         size = args.generation_batch_size or len(rows)
+        guidance = self.student_guidance
         finals = []
         with self.adapters.use(OLD):
             for start in range(0, len(rows), size):
                 part = cond_select(cond, list(range(start, min(start + size, len(rows)))))
                 count = len(range(start, min(start + size, len(rows))))
-                negative = self._negative(count) if args.guidance_scale > 1 else None
+                negative = self._negative(count) if guidance.needs_negative else None
                 x = self.family.init_latents(count, args.resolution, generator).to(args.device)
                 for j in range(args.num_inference_steps):
                     t, t_next = sigmas[j].item(), sigmas[j + 1].item()
                     sigma = sigmas[j].expand(count).to(args.device)
-                    velocity = self._velocity(
-                        transformer, x, sigma, part, args.guidance_scale, negative, args.guidance_scale_2
-                    )
+                    velocity = self._velocity(transformer, x, sigma, part, guidance, negative)
                     euler = transition.step_mean(x, velocity, t, t_next)
                     if args.sampler == "heun" and t_next > 0:
                         sigma_next = sigmas[j + 1].expand(count).to(args.device)
-                        v_next = self._velocity(
-                            transformer, euler, sigma_next, part, args.guidance_scale, negative, args.guidance_scale_2
-                        )
+                        v_next = self._velocity(transformer, euler, sigma_next, part, guidance, negative)
                         x = transition.heun_mean(x, velocity, v_next, t, t_next)
                     else:
                         x = euler
@@ -194,16 +191,17 @@ class DiffusionNFTTrainer(DiffusionRLTrainer):
         t_b = t.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1.0 - t_b) * x0 + t_b * noise
         cond = cond_tile(batch["cond"], len(steps))
-        negative = self._negative(x0.shape[0]) if args.guidance_scale > 1 else None
+        guidance = self.student_guidance
+        negative = self._negative(x0.shape[0]) if guidance.needs_negative else None
         with torch.no_grad(), self.adapters.use(OLD):
-            v_old = self._velocity(model, x_t, t, cond, args.guidance_scale, negative, args.guidance_scale_2)
-        v_theta = self._velocity(model, x_t, t, cond, args.guidance_scale, negative, args.guidance_scale_2)
+            v_old = self._velocity(model, x_t, t, cond, guidance, negative)
+        v_theta = self._velocity(model, x_t, t, cond, guidance, negative)
         r = nft_optimality(batch["advantages"], args.adv_clip_max).repeat(len(steps))
         terms = {"loss": nft_loss(x_t, t, v_theta, v_old, x0, r, args.nft_beta), "r": r}
         terms["old_deviation"] = (v_theta.detach() - v_old).pow(2).flatten(1).mean(1)
         if args.beta > 0:
             with torch.no_grad(), self.adapters.use(None):
-                v_ref = self._velocity(model, x_t, t, cond, args.guidance_scale, negative, args.guidance_scale_2)
+                v_ref = self._velocity(model, x_t, t, cond, guidance, negative)
             terms["kl"] = (v_theta - v_ref).pow(2).flatten(1).mean(1)
         return terms
 

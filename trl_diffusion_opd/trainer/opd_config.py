@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..transition import KL_NORMALIZATIONS
-from .base_config import DiffusionTrainingConfig, _as_dict, check_bool, check_choice, check_int, check_number
+from .base_config import DiffusionTrainingConfig
+from .config_checks import _as_dict, check_bool, check_choice, check_int, check_number
 
 
 @dataclass

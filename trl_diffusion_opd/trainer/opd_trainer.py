@@ -20,6 +20,7 @@ from .. import transition
 from ..data import MixedTaskPrompts, prompts_by_task, row_images
 from ..families.base import Cond, cond_select, cond_tile
 from ..hub import teacher_reference
+from ..lora_io import DIFFUSERS_LORA_WEIGHTS, expert_weight_name, has_expert_lora
 from ..teachers import (
     BUILT_TEACHERS_DIR,
     STUDENT,
@@ -27,8 +28,6 @@ from ..teachers import (
     TeacherSpec,
     build_teacher,
     check_teacher_files,
-    expert_weight_name,
-    has_expert_lora,
     load_full_teacher,
     load_lora_teacher,
     parse_teacher_spec,
@@ -37,6 +36,7 @@ from ..teachers import (
 )
 from .base_trainer import DiffusionLoRATrainer, choose_step_batch_size, free_memory_bytes, to_device
 from .opd_config import DiffusionOPDConfig
+from .rollout import Guidance, RolloutState
 
 
 logger = logging.get_logger(__name__)
@@ -174,9 +174,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     continue
                 found = [e for e in experts if has_expert_lora(spec.local_dir, e, spec.weight_name)]
                 if not found:
-                    names = [
-                        expert_weight_name(e, spec.weight_name) or "pytorch_lora_weights.safetensors" for e in experts
-                    ]
+                    names = [expert_weight_name(e, spec.weight_name) or DIFFUSERS_LORA_WEIGHTS for e in experts]
                     raise ValueError(f"Teacher '{spec.name}' ({spec.display}) has none of the expert LoRAs {names}.")
                 for expert in found:
                     load_lora_teacher(
@@ -377,21 +375,19 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         return specs
 
     # ------------------------------------------------------------------ one round
-    def _mean(self, transformer, x, t, t_next, cond, guidance_scale, negative, t_guard, guidance_2=None):
-        v = self._velocity(transformer, x, t, cond, guidance_scale, negative, guidance_2)
+    def _mean(self, transformer, x, t, t_next, cond, guidance: Guidance, t_guard) -> torch.Tensor:
+        v = self._velocity(transformer, x, t, cond, guidance)
         return transition.step_mean(x, v, t, t_next, self.args.noise_level, self.args.sde_type, t_guard)
 
-    def _fused_rollout_begin(self, cond: Cond, generator: torch.Generator) -> dict:
-        """A rollout for the fused on-policy pass: `_rollout_begin`'s state plus `states` `(1, B, ...)` (x_{t_0}),
-        which `_fused_rollout_step` extends chunk by chunk."""
-        rollout = self._rollout_begin(cond, generator)
-        rollout["states"] = rollout["x"].unsqueeze(0)
-        return rollout
-
     def _fused_rollout_step(
-        self, model, rollout: dict, steps: range, teachers: list[tuple[str, TeacherSpec]], weights: torch.Tensor
+        self,
+        model,
+        rollout: RolloutState,
+        steps: range,
+        teachers: list[tuple[str, TeacherSpec]],
+        weights: torch.Tensor,
     ) -> torch.Tensor:
-        """Advance a fused rollout through the trained steps `steps` and return the student's means there.
+        """Advance a fused rollout (kept states) through the trained steps `steps` and return the student's means there.
 
         The forward that draws x_{j+1} = μ_S(x_j) (+ noise) is the student's trained pass: it runs with grad (through
         `model`, so DDP / FSDP see it) and μ_S keeps its graph, while x_{j+1} is detached, exactly as the two-pass
@@ -402,49 +398,49 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         Returns:
             μ_S at `steps`, `(len(steps) * B, ...)` step-major like `_step_rows`, float32.
         """
-        batch = rollout["x"].shape[0]
-        means, states = [], [rollout["states"]]
+        batch = rollout.x.shape[0]
+        means = []
         for j in steps:
-            sigma = rollout["sigmas"][j : j + 1].repeat(batch)
+            sigma = rollout.sigmas[j : j + 1].repeat(batch)
             supervised = bool(self._expert_coverage(teachers, sigma, weights).sum() > 0)
             with torch.set_grad_enabled(supervised), self.compute_loss_context_manager():
-                x_next, mean, _ = self._rollout_step(rollout, model)
+                _, mean, _ = self._rollout_step(rollout, model)
             means.append(mean)
-            states.append(x_next.unsqueeze(0))
-        rollout["states"] = torch.cat(states)
         return torch.cat(means)
+
+    def teacher_guidance(self, spec: TeacherSpec, task: str) -> Guidance:
+        """Teacher `spec`'s guidance: its spec's scales, else `task`'s `teacher_guidance_scale[_2]`."""
+        scale = spec.guidance_scale if spec.guidance_scale is not None else self.args.teacher_guidance_for(task)
+        scale_2 = spec.guidance_scale_2
+        return Guidance(scale, self.args.teacher_guidance_2_for(task) if scale_2 is None else scale_2)
+
+    @contextlib.contextmanager
+    def _teacher(self, spec: TeacherSpec):
+        """The module that runs teacher `spec`: its own full model (lent to the device), or the shared transformer
+        with the teacher's adapter active (none for the base anchor)."""
+        if spec.name in self.full_teachers:
+            with self._on_device(self.full_teachers[spec.name]) as module:
+                yield module
+            return
+        transformer = self._unwrapped_model()
+        with self.adapters.use(None if spec is self._base_anchor else spec.name):
+            yield transformer
 
     @torch.no_grad()
     def teacher_means(self, spec: TeacherSpec, task: str, x, t, t_next, cond: Cond, t_guard: float) -> torch.Tensor:
-        """Transition means of teacher `spec` at states `x` `(R, ...)` with its own CFG, no grad, float32.
+        """Transition means of teacher `spec` at states `x` `(R, ...)` with its own guidance, no grad, float32.
 
         `task` is the task whose default teacher guidance applies when the spec sets none.
         """
-        guidance = spec.guidance_scale if spec.guidance_scale is not None else self.args.teacher_guidance_for(task)
-        guidance_2 = spec.guidance_scale_2
-        guidance_2 = self.args.teacher_guidance_2_for(task) if guidance_2 is None else guidance_2
-        negative = self._negative(x.shape[0]) if guidance > 1 else None
-        if spec.name in self.full_teachers:
-            with self._on_device(self.full_teachers[spec.name]) as module:
-                return self._mean(module, x, t, t_next, cond, guidance, negative, t_guard, guidance_2)
-        transformer = self._unwrapped_model()
-        with self.adapters.use(None if spec is self._base_anchor else spec.name):
-            return self._mean(transformer, x, t, t_next, cond, guidance, negative, t_guard, guidance_2)
+        with self._teacher(spec) as module:
+            return self._mean(module, x, t, t_next, cond, self.teacher_guidance(spec, task), t_guard)
 
     @torch.no_grad()
     def teacher_velocity(self, spec: TeacherSpec, task: str, x, t, cond: Cond) -> torch.Tensor:
-        """Velocity of teacher `spec` at states `x` `(R, ...)` and noise levels `t` `(R,)`, with its own CFG, no grad
-        (single-query supervision); `task` as in `teacher_means`."""
-        guidance = spec.guidance_scale if spec.guidance_scale is not None else self.args.teacher_guidance_for(task)
-        guidance_2 = spec.guidance_scale_2
-        guidance_2 = self.args.teacher_guidance_2_for(task) if guidance_2 is None else guidance_2
-        negative = self._negative(x.shape[0]) if guidance > 1 else None
-        if spec.name in self.full_teachers:
-            with self._on_device(self.full_teachers[spec.name]) as module:
-                return self._velocity(module, x, t, cond, guidance, negative, guidance_2)
-        transformer = self._unwrapped_model()
-        with self.adapters.use(None if spec is self._base_anchor else spec.name):
-            return self._velocity(transformer, x, t, cond, guidance, negative, guidance_2)
+        """Velocity of teacher `spec` at states `x` `(R, ...)` and noise levels `t` `(R,)`, with its own guidance, no
+        grad (single-query supervision); `task` as in `teacher_means`."""
+        with self._teacher(spec) as module:
+            return self._velocity(module, x, t, cond, self.teacher_guidance(spec, task))
 
     def _unwrapped_model(self) -> torch.nn.Module:
         """`accelerator.unwrap_model(self.model)`, cached per model: accelerate's check for compiled regions walks
@@ -510,6 +506,57 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         )
         return teachers, weights / weights.sum(1, keepdim=True)
 
+    def _expert_coverage(self, teachers: list[tuple[str, TeacherSpec]], t, row_weights) -> torch.Tensor:
+        """Zero the weight of each teacher on rows whose expert (`family.expert_index`) it has no LoRA for, and
+        renormalise the others: such a row's loss comes from the covering teachers only (none: no loss)."""
+        experts = list(self.family.experts)
+        if all(len(spec.experts) == len(experts) for _, spec in teachers):
+            return row_weights
+        index = self.family.expert_index(t).to(row_weights.device)
+        covered = torch.stack(
+            [
+                torch.isin(index, torch.tensor([experts.index(e) for e in spec.experts], device=index.device))
+                for _, spec in teachers
+            ],
+            dim=1,
+        )
+        row_weights = row_weights * covered
+        return row_weights / row_weights.sum(1, keepdim=True).clamp_min(1e-12)
+
+    def _supervision(
+        self,
+        teachers: list[tuple[str, TeacherSpec]],
+        weights: torch.Tensor,
+        t: torch.Tensor,
+        trained: torch.Tensor | None,
+        device: torch.device,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Who supervises which rows of a chunk: the routing `weights` `(R, K)` (step-major rows, as `_step_rows`)
+        restricted to the teachers covering each row's expert at noise level `t` `(R,)` and to the rows whose task
+        trains that step (`trained` `(R,)` bool, mixed-task rounds; `None`: every row). Worked out on the host and
+        copied over without blocking.
+
+        Returns:
+            `(subsets, active, weights)` on `device`: each teacher's rows, the rows some teacher supervises, and the
+            weights `(R, K)`.
+        """
+        weights = self._expert_coverage(teachers, t, weights)
+        if trained is not None:  # a row past its task's trained steps is not supervised there
+            weights = weights * trained[:, None]
+        subsets = [to_device(weights[:, k].nonzero().squeeze(1), device) for k in range(len(teachers))]
+        active = to_device((weights.sum(1) > 0).nonzero().squeeze(1), device)
+        return subsets, active, to_device(weights, device)
+
+    def _conditionings(self, rows: list[dict], own_tasks: list[str]) -> tuple[Cond, Cond]:
+        """The rows' conditioning as the teachers see it (their prompts) and as the student does (its task's prompt
+        template, `task_prompt_templates`, applied; the same object when no template changes a prompt)."""
+        prompts = [row["prompt"] for row in rows]
+        images = [row_images(row) for row in rows]
+        cond = self.prompt_cache(prompts, images)
+        student_prompts = [self.args.student_prompt(own, prompt) for own, prompt in zip(own_tasks, prompts)]
+        student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts, images)
+        return cond, student_cond
+
     def task_loss(
         self,
         model,
@@ -524,10 +571,12 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
     ) -> tuple[float, torch.Tensor]:
         """Roll out, supervise and (optionally) back-propagate one task's loss.
 
-        Each teacher's means are computed only on the rows it supervises; a row's loss is the weighted mean of its
-        teachers' per-step KLs (PPO-style surrogates with `loss_type="ppo"`). Rows whose conditionings differ in
-        shape (input images of other sizes, or none) are rolled out as separate batches, one after the other, in
-        mixed-task rounds too; the KL per step is their row-weighted mean.
+        Per chunk of trained steps: who supervises which rows (`_supervision`), the teachers' means on their rows
+        (`_teacher_targets`), the student's means in one pass (`_student_means`, or the fused rollout's own), and the
+        distillation loss (`_distillation_loss`): a row's loss is the weighted mean of its teachers' per-step KLs
+        (PPO-style surrogates with `loss_type="ppo"`). Rows whose conditionings differ in shape (input images of
+        other sizes, or none) are rolled out as separate batches, one after the other, in mixed-task rounds too; the KL
+        per step is their row-weighted mean.
 
         Args:
             task_rows: Rows of the whole task when `rows` is one such batch of it (the loss is a mean over them).
@@ -566,12 +615,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             for (_, kl_group), group in zip(results, groups):
                 kl[: len(kl_group)] += kl_group * len(group) / len(rows)
             return sum(loss for loss, _ in results), kl
-        cond = self.prompt_cache(prompts, images)  # what the teachers see
-        if row_tasks is None:
-            student_prompts = self.student_prompts(task, prompts)
-        else:
-            student_prompts = [args.student_prompt(own, prompt) for own, prompt in zip(row_tasks, prompts)]
-        student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts, images)
+        cond, student_cond = self._conditionings(rows, [task] * len(rows) if row_tasks is None else row_tasks)
         batch = len(rows)
         if row_tasks is None:
             num_steps = args.train_timesteps_for(task)
@@ -584,10 +628,12 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         fused = backward and args.fused_rollout
         # The rollout is the student's: it runs on the student's prompts (`task_prompt_templates`).
         if fused:
-            rollout = self._fused_rollout_begin(student_cond, generator)
+            rollout = self._rollout_begin(student_cond, generator, keep_states=True)
+            sigmas = rollout.sigmas
         else:
-            rollout = self.rollout(student_cond, generator)
-        t_guard = rollout["sigmas"][1].item()
+            trajectory = self.rollout(student_cond, generator)
+            states, sigmas = trajectory["states"], trajectory["sigmas"]
+        t_guard = sigmas[1].item()
         task_weight = float((args.task_weights or {}).get(task, 1.0))
         teachers, weights = self._routing(task, rows, row_tasks)
         kl_per_step = torch.zeros(num_steps, device=args.device)
@@ -595,80 +641,26 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         for steps in self._chunks(num_steps):
             if fused:
                 fused_student = self._fused_rollout_step(model, rollout, steps, teachers, weights)
-            x, t, t_next = self._step_rows(rollout, steps)
+                states = rollout.trajectory()
+            x, t, t_next = self._step_rows(states, sigmas, steps)
+            t_host = sigmas[steps.start : steps.stop].repeat_interleave(batch)
+            trained = None
+            if row_tasks is not None:
+                trained = torch.tensor(steps).repeat_interleave(batch) < row_steps.repeat(len(steps))
+            subsets, active, row_weights = self._supervision(
+                teachers, weights.repeat(len(steps), 1), t_host, trained, x.device
+            )
             rows_cond = cond_tile(cond, len(steps))
-            student_rows_cond = rows_cond if student_cond is cond else cond_tile(student_cond, len(steps))
-            # Routing is worked out on the host (rows are step-major, like x) and copied over without blocking.
-            row_weights = weights.repeat(len(steps), 1)
-            t_host = rollout["sigmas"][steps.start : steps.stop].repeat_interleave(batch)
-            row_weights = self._expert_coverage(teachers, t_host, row_weights)
-            if row_tasks is not None:  # a row past its task's trained steps is not supervised there
-                row_weights = (
-                    row_weights
-                    * (torch.tensor(steps).repeat_interleave(batch) < row_steps.repeat(len(steps)))[:, None]
-                )
-            subsets = [to_device(row_weights[:, k].nonzero().squeeze(1), x.device) for k in range(len(teachers))]
-            active = to_device((row_weights.sum(1) > 0).nonzero().squeeze(1), x.device)
-            row_weights = to_device(row_weights, x.device)
-            targets = [
-                self.teacher_means(spec, owner, x[idx], t[idx], t_next[idx], cond_select(rows_cond, idx), t_guard)
-                if len(idx)
-                else None
-                for (owner, spec), idx in zip(teachers, subsets)
-            ]
-            # Rows no teacher supervises (an expert a teacher has no LoRA for, `active` above) are left out of the
-            # student's pass, so that expert gets no gradient (not a zero one, which weight decay would still act on).
+            targets = self._teacher_targets(teachers, subsets, x, t, t_next, rows_cond, t_guard)
             with self.compute_loss_context_manager():
-                kl = torch.zeros(x.shape[0], device=x.device)
-                objective = torch.zeros(x.shape[0], device=x.device)
                 if fused:
                     student = fused_student
-                elif len(active) == x.shape[0]:
-                    negative = self._negative(x.shape[0]) if args.guidance_scale > 1 else None
-                    student = self._mean(
-                        model,
-                        x,
-                        t,
-                        t_next,
-                        student_rows_cond,
-                        args.guidance_scale,
-                        negative,
-                        t_guard,
-                        args.guidance_scale_2,
-                    )
-                elif len(active):
-                    negative = self._negative(len(active)) if args.guidance_scale > 1 else None
-                    part = self._mean(
-                        model,
-                        x[active],
-                        t[active],
-                        t_next[active],
-                        cond_select(student_rows_cond, active),
-                        args.guidance_scale,
-                        negative,
-                        t_guard,
-                        args.guidance_scale_2,
-                    )
-                    student = torch.zeros_like(x).index_copy(0, active, part)
-                for k, ((_, spec), idx, target) in enumerate(zip(teachers, subsets, targets)):
-                    if target is None:
-                        continue
-                    kl_k = transition.closed_form_kl(
-                        student[idx],
-                        target,
-                        t[idx],
-                        t_next[idx],
-                        args.noise_level,
-                        args.sde_type,
-                        args.kl_normalization,
-                        t_guard,
-                    )
-                    kl = kl.index_add(0, idx, row_weights[idx, k] * kl_k)
-                    if args.loss_type == "ppo":
-                        kl_k = self._ppo_rows(rollout, steps, idx, student[idx], target, t[idx], t_next[idx], t_guard)
-                    objective = objective.index_add(0, idx, row_weights[idx, k] * kl_k)
-                    if backward and len(teachers) > 1:  # an ensemble or routed rows: each teacher's share
-                        self._metrics[f"kl/{task}/{spec.name}"].append(kl_k.detach().mean())
+                else:
+                    student_rows_cond = rows_cond if student_cond is cond else cond_tile(student_cond, len(steps))
+                    student = self._student_means(model, x, t, t_next, student_rows_cond, t_guard, active)
+                kl, objective = self._distillation_loss(
+                    task, teachers, subsets, targets, student, row_weights, states, steps, t, t_next, t_guard, backward
+                )
                 # mean over (steps, prompts) of the whole task, chunk by chunk
                 if row_tasks is None:
                     loss = task_weight * objective.sum() / (num_steps * (task_rows or batch))
@@ -688,6 +680,79 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                 "training stopped before the update, so the last checkpoint is intact."
             )
         return loss_value, kl_per_step
+
+    def _teacher_targets(
+        self, teachers: list[tuple[str, TeacherSpec]], subsets: list[torch.Tensor], x, t, t_next, cond, t_guard
+    ) -> list[torch.Tensor | None]:
+        """Each teacher's transition means on the rows it supervises (`subsets`), one pass per teacher however many
+        rows it has; `None` for a teacher with no rows in this chunk."""
+        return [
+            self.teacher_means(spec, owner, x[idx], t[idx], t_next[idx], cond_select(cond, idx), t_guard)
+            if len(idx)
+            else None
+            for (owner, spec), idx in zip(teachers, subsets)
+        ]
+
+    def _student_means(self, model, x, t, t_next, cond, t_guard, active: torch.Tensor) -> torch.Tensor | None:
+        """The student's transition means `(R, ...)` with grad, from one pass over the rows `active` (those some
+        teacher supervises). The other rows are left out of the pass, so an expert no teacher covers gets no gradient
+        (not a zero one, which weight decay would still act on), and are zeros here; `None` when no row is active."""
+        if not len(active):
+            return None
+        every = len(active) == x.shape[0]
+        part = (x, t, t_next, cond) if every else (x[active], t[active], t_next[active], cond_select(cond, active))
+        mean = self._mean(model, *part, self.student_guidance, t_guard)
+        return mean if every else torch.zeros_like(x).index_copy(0, active, mean)
+
+    def _distillation_loss(
+        self,
+        task: str,
+        teachers: list[tuple[str, TeacherSpec]],
+        subsets: list[torch.Tensor],
+        targets: list[torch.Tensor | None],
+        student: torch.Tensor | None,
+        weights: torch.Tensor,
+        states: torch.Tensor,
+        steps: range,
+        t,
+        t_next,
+        t_guard: float,
+        log: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's per-row KL `(R,)` of the student's means to its teachers' (`transition.closed_form_kl`,
+        weighted by `weights` `(R, K)`) and the per-row objective `(R,)`: that KL, or with `loss_type="ppo"` the PPO
+        surrogate toward the same targets at the sampled next states of `states`. With `log`, each teacher's share of
+        an ensemble or of routed rows is logged as `kl/{task}/{teacher}`."""
+        args = self.args
+        kl = torch.zeros(t.shape[0], device=t.device)
+        objective = torch.zeros_like(kl)
+        for k, ((_, spec), idx, target) in enumerate(zip(teachers, subsets, targets)):
+            if target is None:
+                continue
+            kl_k = transition.closed_form_kl(
+                student[idx],
+                target,
+                t[idx],
+                t_next[idx],
+                args.noise_level,
+                args.sde_type,
+                args.kl_normalization,
+                t_guard,
+            )
+            kl = kl.index_add(0, idx, weights[idx, k] * kl_k)
+            if args.loss_type == "ppo":
+                kl_k = self._ppo_rows(states, steps, idx, student[idx], target, t[idx], t_next[idx], t_guard)
+            objective = objective.index_add(0, idx, weights[idx, k] * kl_k)
+            if log and len(teachers) > 1:
+                self._metrics[f"kl/{task}/{spec.name}"].append(kl_k.detach().mean())
+        return kl, objective
+
+    def _ppo_rows(self, states, steps, idx, student, target, t, t_next, t_guard) -> torch.Tensor:
+        args = self.args
+        sample = states[steps.start + 1 : steps.stop + 1].flatten(0, 1)[idx]
+        std = transition.step_std(t, t_next, args.noise_level, args.sde_type, t_guard)
+        old = student.detach()  # on-policy: the rollout policy is the current student
+        return transition.ppo_surrogate_loss(sample, student, old, target, std, args.ppo_clip_range)
 
     def _row_scales(self, row_tasks: list[str], row_steps: torch.Tensor) -> torch.Tensor:
         """Loss weight of each row of a mixed-task batch per trained step, `(B,)`.
@@ -765,26 +830,21 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                 loss += loss_group
                 mse[group] = mse_group.to(mse.device)
             return loss, mse
-        cond = self.prompt_cache(prompts, images)
-        student_prompts = [args.student_prompt(own, prompt) for own, prompt in zip(own_tasks, prompts)]
-        student_cond = cond if student_prompts == prompts else self.prompt_cache(student_prompts, images)
+        cond, student_cond = self._conditionings(rows, own_tasks)
         choices = {own: self.query_steps(own) for own in set(own_tasks)}
         picks = [int(torch.randint(len(choices[own]), (1,), generator=generator)) for own in own_tasks]
         query = torch.tensor([choices[own][pick] for own, pick in zip(own_tasks, picks)])
-        rollout = self._rollout_begin(student_cond, generator)
+        rollout = self._rollout_begin(student_cond, generator, keep_states=True)
         transformer = self._unwrapped_model()
-        states = [rollout["x"]]
         with torch.no_grad():
             for _ in range(int(query.max())):
-                states.append(self._rollout_step(rollout, transformer)[0])
-        x = torch.stack(states)[query.to(rollout["x"].device), torch.arange(batch, device=rollout["x"].device)]
-        t_host = rollout["sigmas"][query]
+                self._rollout_step(rollout, transformer)
+        device = rollout.x.device
+        x = rollout.trajectory()[query.to(device), torch.arange(batch, device=device)]
+        t_host = rollout.sigmas[query]
         t = to_device(t_host, x.device)
         teachers, weights = self._routing(task, rows, row_tasks)
-        weights = self._expert_coverage(teachers, t_host, weights)
-        subsets = [to_device(weights[:, k].nonzero().squeeze(1), x.device) for k in range(len(teachers))]
-        active = to_device((weights.sum(1) > 0).nonzero().squeeze(1), x.device)
-        weights = to_device(weights, x.device)
+        subsets, active, weights = self._supervision(teachers, weights, t_host, None, x.device)
         targets = [
             self.teacher_velocity(spec, owner, x[idx], t[idx], cond_select(cond, idx)) if len(idx) else None
             for (owner, spec), idx in zip(teachers, subsets)
@@ -793,15 +853,8 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         loss = torch.zeros((), device=x.device)
         with torch.set_grad_enabled(backward), self.compute_loss_context_manager():
             if len(active):
-                negative = self._negative(len(active)) if args.guidance_scale > 1 else None
                 part = self._velocity(
-                    model,
-                    x[active],
-                    t[active],
-                    cond_select(student_cond, active),
-                    args.guidance_scale,
-                    negative,
-                    args.guidance_scale_2,
+                    model, x[active], t[active], cond_select(student_cond, active), self.student_guidance
                 )
                 student = torch.zeros_like(x, dtype=part.dtype).index_copy(0, active, part)
                 for k, (idx, target) in enumerate(zip(subsets, targets)):
@@ -829,23 +882,6 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                 f"(Wan 2.2 A14B); {type(self.pipeline).__name__} has one transformer here."
             )
 
-    def _expert_coverage(self, teachers: list[tuple[str, TeacherSpec]], t, row_weights) -> torch.Tensor:
-        """Zero the weight of each teacher on rows whose expert (`family.expert_index`) it has no LoRA for, and
-        renormalise the others: such a row's loss comes from the covering teachers only (none: no loss)."""
-        experts = list(self.family.experts)
-        if all(len(spec.experts) == len(experts) for _, spec in teachers):
-            return row_weights
-        index = self.family.expert_index(t).to(row_weights.device)
-        covered = torch.stack(
-            [
-                torch.isin(index, torch.tensor([experts.index(e) for e in spec.experts], device=index.device))
-                for _, spec in teachers
-            ],
-            dim=1,
-        )
-        row_weights = row_weights * covered
-        return row_weights / row_weights.sum(1, keepdim=True).clamp_min(1e-12)
-
     def _chunks(self, num_steps: int):
         if self.args.step_batch_size != "auto":
             return super()._chunks(num_steps)
@@ -860,13 +896,6 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
             logger.warning(f"step_batch_size='auto': {reason}.")
         size = self._auto_step_batch_size
         return [range(s, min(s + size, num_steps)) for s in range(0, num_steps, size)]
-
-    def _ppo_rows(self, rollout, steps, idx, student, target, t, t_next, t_guard) -> torch.Tensor:
-        args = self.args
-        sample = rollout["states"][steps.start + 1 : steps.stop + 1].flatten(0, 1)[idx]
-        std = transition.step_std(t, t_next, args.noise_level, args.sde_type, t_guard)
-        old = student.detach()  # on-policy: the rollout policy is the current student
-        return transition.ppo_surrogate_loss(sample, student, old, target, std, args.ppo_clip_range)
 
     def training_step(self, model, inputs: dict[str, list[dict]], num_items_in_batch=None) -> torch.Tensor:
         """One round: every task in order, losses accumulated, one optimizer step afterwards (by the Trainer).

@@ -29,8 +29,8 @@ from transformers.utils import logging
 from ..objectives import group_advantages
 from ..rewards import Reward, as_reward, nanmean
 from ..safe_io import load_tensor_tree, save_tensor_tree
-from .base_config import DiffusionRLConfig
 from .base_trainer import DiffusionLoRATrainer, prompt_rows
+from .rl_config import DiffusionRLConfig
 
 
 logger = logging.get_logger(__name__)

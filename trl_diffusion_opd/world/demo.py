@@ -230,15 +230,17 @@ def write_student_card(
     Returns:
         The card's path.
     """
+    from trl_diffusion_opd.evaluation import SAMPLES_DIR
+
     folder = Path(trainer.args.output_dir)
-    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    (folder / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     widgets = []
     for label in (base_label, student_label):
         grid = result.grids.get(label)
         if grid is not None:
-            shutil.copy(grid, folder / "samples" / Path(grid).name)
+            shutil.copy(grid, folder / SAMPLES_DIR / Path(grid).name)
             text = f"{label}: held-out scenes, a row per task ({', '.join(TASKS)})"
-            widgets.append({"text": text, "url": f"samples/{Path(grid).name}"})
+            widgets.append({"text": text, "url": f"{SAMPLES_DIR}/{Path(grid).name}"})
     trainer.sample_widgets = widgets
     trainer.model_card_results = result  # kept for later cards (`push_to_hub`)
     trainer.create_model_card(output_dir=str(folder))
