@@ -51,6 +51,13 @@ METHODS.update(
         "single query": {"query_mode": "single", "query_sigma_range": "0,1"},
         "anchor: base, weight 0.1": {"anchor_teacher": "base", "anchor_weight": 0.1},
         "CFG-absorbed (teachers at CFG 2)": {"guidance_free_student": True, "teacher_guidance_scale": 2.0},
+        # Many teachers (`teacher_slices`): each world teacher loaded as 10 adapters, each owning a tenth of its task's
+        # training prompts, 30 tasks drawn 3 per round at the same 6 rows: against the 3-task mixed row above.
+        "mixed-task rounds, 30 teachers (3 of 30 x 2 rows)": {
+            "tasks_per_round": 3,
+            "rows_per_round": 6,
+            "teacher_slices": 10,
+        },
     }
 )
 
@@ -79,6 +86,7 @@ def run_method(name: str, settings: AblationSettings, folder: str, seed: int | N
     seed = settings.seed if seed is None else seed
     method = dict(METHODS[name])
     learning_rate = method.pop("learning_rate", settings.learning_rate)
+    slices = method.pop("teacher_slices", None)
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
     from transformers import TrainerCallback
@@ -172,11 +180,31 @@ def run_method(name: str, settings: AblationSettings, folder: str, seed: int | N
         progress=False,
         extra={**settings.extra, **method},
     )
+    train_teachers, train_prompts = teachers, None
+    if slices:
+        train_teachers, train_prompts, fractions = sliced_teachers(teachers, slices)
+        config.task_timestep_fraction = fractions
     callback = Checkpoints()
-    callback.trainer = student_trainer(teachers, config, Path(folder) / "student")
+    callback.trainer = student_trainer(train_teachers, config, Path(folder) / "student", rows=train_prompts)
     callback.trainer.add_callback(callback)
     callback.trainer.train()
     return {"method": name, "seed": seed, "records": callback.records, "train_cpu_s": callback.seconds}
+
+
+def sliced_teachers(teachers: dict[str, str], slices: int) -> tuple[dict[str, str], dict[str, list[dict]], dict]:
+    """Each teacher as `slices` narrower tasks (`<task>_<k>`, the same LoRA as its own adapter), task `<task>_<k>`
+    owning every `slices`-th of the task's 64 training prompts from the k-th; with each task's trained step fraction."""
+    from trl_diffusion_opd.world.demo import train_rows
+    from trl_diffusion_opd.world.teachers import RECIPES
+
+    names, rows, fractions = {}, {}, {}
+    for task, spec in teachers.items():
+        prompts = train_rows(task, 64)
+        for k in range(slices):
+            names[f"{task}_{k}"] = spec
+            rows[f"{task}_{k}"] = prompts[k::slices]
+            fractions[f"{task}_{k}"] = RECIPES[task].timestep_fraction
+    return names, rows, fractions
 
 
 def rounds_to(records: list[dict], key: str, fraction: float = 0.9, rising: bool = True) -> float | None:

@@ -22,6 +22,7 @@ METHODS = [
     "single query",
     "anchor: base, weight 0.1",
     "CFG-absorbed (teachers at CFG 2)",
+    "mixed-task rounds, 30 teachers (3 of 30 x 2 rows)",
 ]
 
 
