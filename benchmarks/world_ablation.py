@@ -222,16 +222,28 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def run_cached(name: str, seed: int, settings: AblationSettings, cache_dir: str) -> dict:
-    """`run_method` unless `<cache_dir>/<method>-seed<seed>/result.json` holds a run with the same settings."""
-    folder = Path(cache_dir) / f"{_slug(name)}-seed{seed}"
-    cached = folder / "result.json"
+def load_cached(name: str, seed: int, settings: AblationSettings, cache_dir: str) -> dict | None:
+    """The run in `<cache_dir>/<method>-seed<seed>/result.json` if it has the same settings, else `None`."""
+    cached = Path(cache_dir) / f"{_slug(name)}-seed{seed}" / "result.json"
     wanted = json.loads(json.dumps({**asdict(settings), "seed": seed, "method": METHODS[name]}))
     if cached.is_file():
         result = json.loads(cached.read_text())
         if result.get("settings") == wanted:
             return result
+    return None
+
+
+def run_cached(name: str, seed: int, settings: AblationSettings, cache_dir: str) -> dict:
+    """`run_method` unless `<cache_dir>/<method>-seed<seed>/result.json` holds a run with the same settings."""
+    result = load_cached(name, seed, settings, cache_dir)
+    if result is not None:
+        return result
+    folder = Path(cache_dir) / f"{_slug(name)}-seed{seed}"
+    cached = folder / "result.json"
+    wanted = json.loads(json.dumps({**asdict(settings), "seed": seed, "method": METHODS[name]}))
     result = {**run_method(name, settings, str(folder), seed), "settings": wanted}
+    if result["records"][-1]["round"] != settings.rounds:  # stopped by a signal: a clean stop, not a finished run
+        raise RuntimeError(f"{name} (seed {seed}) stopped after round {result['records'][-1]['round']}: not cached")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps(result) + "\n")
@@ -331,9 +343,11 @@ def run(
     folder: str | None = None,
     methods: list[str] | None = None,
     seeds: tuple[int, ...] | None = None,
+    cached_only: bool = False,
 ) -> dict:
-    """Run (or reuse from `folder`) every (method, seed) and summarise. Returns `{"settings", "results", "rows",
-    "markdown"}`; with `write`, also the results file, the RESULTS.md section and the curves PNG."""
+    """Run (or reuse from `folder`) every (method, seed) and summarise (`cached_only`: only the runs already in
+    `folder`). Returns `{"settings", "results", "rows", "markdown"}`; with `write`, also the results file, the
+    RESULTS.md section and the curves PNG."""
     import tempfile
 
     settings = settings or AblationSettings()
@@ -341,9 +355,12 @@ def run(
     methods = methods or DEFAULT_METHODS
     seeds = seeds or (settings.seed,)
     todo = [(name, seed) for seed in seeds for name in methods]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_cached, name, seed, settings, folder) for name, seed in todo]
-        results = [future.result() for future in futures]
+    if cached_only:
+        results = [r for r in (load_cached(name, seed, settings, folder) for name, seed in todo) if r is not None]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_cached, name, seed, settings, folder) for name, seed in todo]
+            results = [future.result() for future in futures]
     rows = summarize(results)
     markdown = to_markdown(rows)
     out = {"settings": asdict(settings), "results": results, "rows": rows, "markdown": markdown}
