@@ -508,6 +508,22 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
     return save_bar_chart(groups, series, path, title="The paper's comparison on the tiny world (held-out scenes)")
 
 
+# The chart's rows from the merge table (`results/paper_table_merges.json`): the best merge of each kind and the
+# students started from a merge, next to the full table's rows.
+CHART_MERGE_ROWS = ("opd_short", "opd_from_merge_short", "opd_from_merge", "merge_cat", "merge_ties", "merge_dare")
+
+
+def chart_from_results(path: Path = RESULTS_DIR / "paper_table.png") -> Path:
+    """Redraw the table's chart from the saved tables, no run: the rows of `results/paper_table.json` and the
+    `CHART_MERGE_ROWS` of `results/paper_table_merges.json` (the merge rows are measured in their own runs)."""
+    rows = json.loads((RESULTS_DIR / "paper_table.json").read_text())["rows"]
+    merges_file = RESULTS_DIR / "paper_table_merges.json"
+    if merges_file.is_file():
+        merges = {row["kind"]: row for row in json.loads(merges_file.read_text())["rows"]}
+        rows = rows + [merges[kind] for kind in CHART_MERGE_ROWS if kind in merges]
+    return bar_chart(rows, path)
+
+
 def run(
     settings: TableSettings | None = None,
     workers: int = 2,
@@ -570,7 +586,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_images", type=int, default=None, help="Held-out scenes per task.")
     parser.add_argument("--cache_dir", default=None, help="Finished jobs are kept here (resume after a stop).")
     parser.add_argument("--rows", nargs="+", default=None, choices=list(ROW_LABELS), help="Only these row kinds.")
+    parser.add_argument(
+        "--chart", action="store_true", help="Only redraw the chart from the saved tables (merge rows included)."
+    )
     args = parser.parse_args(argv)
+    if args.chart:
+        print(chart_from_results())
+        return {}
     settings = TableSettings.quick() if args.quick else TableSettings()
     if args.seeds:
         settings = replace(settings, seeds=tuple(args.seeds))

@@ -19,6 +19,12 @@ PALETTE = [
     "#7f7f7f",
     "#bcbd22",
     "#17becf",
+    # more series than ten (the paper table with its merge rows) stay distinct
+    "#393b79",
+    "#843c39",
+    "#637939",
+    "#e7ba52",
+    "#7b4173",
 ]
 
 

@@ -51,6 +51,13 @@ METHODS.update(
         "single query": {"query_mode": "single", "query_sigma_range": "0,1"},
         "anchor: base, weight 0.1": {"anchor_teacher": "base", "anchor_weight": 0.1},
         "CFG-absorbed (teachers at CFG 2)": {"guidance_free_student": True, "teacher_guidance_scale": 2.0},
+        # Many teachers (`teacher_slices`): each world teacher loaded as 10 adapters, each owning a tenth of its task's
+        # training prompts, 30 tasks drawn 3 per round at the same 6 rows: against the 3-task mixed row above.
+        "mixed-task rounds, 30 teachers (3 of 30 x 2 rows)": {
+            "tasks_per_round": 3,
+            "rows_per_round": 6,
+            "teacher_slices": 10,
+        },
     }
 )
 
@@ -79,6 +86,7 @@ def run_method(name: str, settings: AblationSettings, folder: str, seed: int | N
     seed = settings.seed if seed is None else seed
     method = dict(METHODS[name])
     learning_rate = method.pop("learning_rate", settings.learning_rate)
+    slices = method.pop("teacher_slices", None)
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
     from transformers import TrainerCallback
@@ -172,11 +180,31 @@ def run_method(name: str, settings: AblationSettings, folder: str, seed: int | N
         progress=False,
         extra={**settings.extra, **method},
     )
+    train_teachers, train_prompts = teachers, None
+    if slices:
+        train_teachers, train_prompts, fractions = sliced_teachers(teachers, slices)
+        config.task_timestep_fraction = fractions
     callback = Checkpoints()
-    callback.trainer = student_trainer(teachers, config, Path(folder) / "student")
+    callback.trainer = student_trainer(train_teachers, config, Path(folder) / "student", rows=train_prompts)
     callback.trainer.add_callback(callback)
     callback.trainer.train()
     return {"method": name, "seed": seed, "records": callback.records, "train_cpu_s": callback.seconds}
+
+
+def sliced_teachers(teachers: dict[str, str], slices: int) -> tuple[dict[str, str], dict[str, list[dict]], dict]:
+    """Each teacher as `slices` narrower tasks (`<task>_<k>`, the same LoRA as its own adapter), task `<task>_<k>`
+    owning every `slices`-th of the task's 64 training prompts from the k-th; with each task's trained step fraction."""
+    from trl_diffusion_opd.world.demo import train_rows
+    from trl_diffusion_opd.world.teachers import RECIPES
+
+    names, rows, fractions = {}, {}, {}
+    for task, spec in teachers.items():
+        prompts = train_rows(task, 64)
+        for k in range(slices):
+            names[f"{task}_{k}"] = spec
+            rows[f"{task}_{k}"] = prompts[k::slices]
+            fractions[f"{task}_{k}"] = RECIPES[task].timestep_fraction
+    return names, rows, fractions
 
 
 def rounds_to(records: list[dict], key: str, fraction: float = 0.9, rising: bool = True) -> float | None:
@@ -194,16 +222,28 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def run_cached(name: str, seed: int, settings: AblationSettings, cache_dir: str) -> dict:
-    """`run_method` unless `<cache_dir>/<method>-seed<seed>/result.json` holds a run with the same settings."""
-    folder = Path(cache_dir) / f"{_slug(name)}-seed{seed}"
-    cached = folder / "result.json"
+def load_cached(name: str, seed: int, settings: AblationSettings, cache_dir: str) -> dict | None:
+    """The run in `<cache_dir>/<method>-seed<seed>/result.json` if it has the same settings, else `None`."""
+    cached = Path(cache_dir) / f"{_slug(name)}-seed{seed}" / "result.json"
     wanted = json.loads(json.dumps({**asdict(settings), "seed": seed, "method": METHODS[name]}))
     if cached.is_file():
         result = json.loads(cached.read_text())
         if result.get("settings") == wanted:
             return result
+    return None
+
+
+def run_cached(name: str, seed: int, settings: AblationSettings, cache_dir: str) -> dict:
+    """`run_method` unless `<cache_dir>/<method>-seed<seed>/result.json` holds a run with the same settings."""
+    result = load_cached(name, seed, settings, cache_dir)
+    if result is not None:
+        return result
+    folder = Path(cache_dir) / f"{_slug(name)}-seed{seed}"
+    cached = folder / "result.json"
+    wanted = json.loads(json.dumps({**asdict(settings), "seed": seed, "method": METHODS[name]}))
     result = {**run_method(name, settings, str(folder), seed), "settings": wanted}
+    if result["records"][-1]["round"] != settings.rounds:  # stopped by a signal: a clean stop, not a finished run
+        raise RuntimeError(f"{name} (seed {seed}) stopped after round {result['records'][-1]['round']}: not cached")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps(result) + "\n")
@@ -303,9 +343,11 @@ def run(
     folder: str | None = None,
     methods: list[str] | None = None,
     seeds: tuple[int, ...] | None = None,
+    cached_only: bool = False,
 ) -> dict:
-    """Run (or reuse from `folder`) every (method, seed) and summarise. Returns `{"settings", "results", "rows",
-    "markdown"}`; with `write`, also the results file, the RESULTS.md section and the curves PNG."""
+    """Run (or reuse from `folder`) every (method, seed) and summarise (`cached_only`: only the runs already in
+    `folder`). Returns `{"settings", "results", "rows", "markdown"}`; with `write`, also the results file, the
+    RESULTS.md section and the curves PNG."""
     import tempfile
 
     settings = settings or AblationSettings()
@@ -313,9 +355,12 @@ def run(
     methods = methods or DEFAULT_METHODS
     seeds = seeds or (settings.seed,)
     todo = [(name, seed) for seed in seeds for name in methods]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_cached, name, seed, settings, folder) for name, seed in todo]
-        results = [future.result() for future in futures]
+    if cached_only:
+        results = [r for r in (load_cached(name, seed, settings, folder) for name, seed in todo) if r is not None]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_cached, name, seed, settings, folder) for name, seed in todo]
+            results = [future.result() for future in futures]
     rows = summarize(results)
     markdown = to_markdown(rows)
     out = {"settings": asdict(settings), "results": results, "rows": rows, "markdown": markdown}

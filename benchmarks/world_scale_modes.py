@@ -22,6 +22,7 @@ METHODS = [
     "single query",
     "anchor: base, weight 0.1",
     "CFG-absorbed (teachers at CFG 2)",
+    "mixed-task rounds, 30 teachers (3 of 30 x 2 rows)",
 ]
 
 
@@ -35,6 +36,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cache_dir", default=str(RESULTS_DIR / "world_ablation_runs"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--cached_only", action="store_true", help="Summarise the finished runs in --cache_dir only (run nothing)."
+    )
     args = parser.parse_args(argv)
     settings = AblationSettings(rounds=args.rounds, every=args.every, eval_images=args.eval_images)
     out = run(
@@ -44,6 +48,7 @@ def main(argv=None) -> dict:
         folder=args.cache_dir,
         methods=args.methods,
         seeds=tuple(args.seeds),
+        cached_only=args.cached_only,
     )
     if not args.no_write:
         write_results(

@@ -27,7 +27,7 @@ from typing import Any
 import datasets
 import PIL.Image
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig
@@ -63,6 +63,7 @@ from .checkpointing import (
     staging_run_dir,
     write_error,
 )
+from .module_walks import StudentGrads
 from .rollout import Guidance, RolloutState
 
 
@@ -575,6 +576,14 @@ class DiffusionLoRATrainer(Trainer):
                 raise RuntimeError(f"Parameter {name} is trainable but is not part of the student adapter.")
         return super().create_optimizer(model)
 
+    def _clip_grad_norm(self, model):
+        # Single process: clip the student's parameters (the only ones with gradients, in the model's order: the
+        # same norm to the bit) rather than `model.parameters()`, a walk over every teacher's modules.
+        grads = getattr(self, "_student_grads", None)
+        if self.accelerator.distributed_type != DistributedType.NO or grads is None or model is not grads.model:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(grads.parameters, self.args.max_grad_norm)
+
     def get_train_dataloader(self) -> DataLoader:
         rounds = RoundRobinPrompts(
             self.task_prompts, self.args.per_device_train_batch_size, self.accelerator.num_processes, self.args.seed
@@ -1071,7 +1080,10 @@ class DiffusionLoRATrainer(Trainer):
                     f"(`resume_from_checkpoint={RESUME_AUTO}`)."
                 )
             set_seed(self.args.seed)
-            result = super().train(folder, *args, **kwargs)
+            # `zero_grad` after each step over the student only (`module_walks`): no walk over the teachers' modules.
+            self._student_grads = StudentGrads(self.model)
+            with self._student_grads.installed():
+                result = super().train(folder, *args, **kwargs)
         finally:
             lock.release()
         if self.stop_on_signal.signal_name is not None:

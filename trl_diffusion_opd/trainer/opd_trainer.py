@@ -35,6 +35,7 @@ from ..teachers import (
     resolve_teacher,
 )
 from .base_trainer import DiffusionLoRATrainer, choose_step_batch_size, free_memory_bytes, to_device
+from .module_walks import ensure_eval
 from .opd_config import DiffusionOPDConfig
 from .rollout import Guidance, RolloutState
 
@@ -904,7 +905,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         if self.args.tasks_per_round is not None or self.args.query_mode != "dense":
             return self._scaled_training_step(model, inputs)
         start = time.perf_counter()
-        model.eval()
+        ensure_eval(model)  # `model.eval()`, without its walk over every adapter when nothing is training
         step = self.state.global_step
         rank = self.accelerator.process_index
         tasks = list(inputs)
@@ -932,7 +933,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         """A mixed-task round (`tasks_per_round`: all drawn rows in one rollout batch, one pass per teacher adapter)
         and/or single-query supervision (`query_mode="single"`); one optimizer step afterwards (by the Trainer)."""
         start = time.perf_counter()
-        model.eval()
+        ensure_eval(model)  # `model.eval()`, without its walk over every adapter when nothing is training
         step = self.state.global_step
         rank = self.accelerator.process_index
         single = self.args.query_mode == "single"

@@ -30,6 +30,7 @@ from ..objectives import group_advantages
 from ..rewards import Reward, as_reward, nanmean
 from ..safe_io import load_tensor_tree, save_tensor_tree
 from .base_trainer import DiffusionLoRATrainer, prompt_rows
+from .module_walks import ensure_eval
 from .rl_config import DiffusionRLConfig
 
 
@@ -139,7 +140,7 @@ class DiffusionRLTrainer(DiffusionLoRATrainer, abc.ABC):
     def training_step(self, model, inputs: dict[str, list[dict]], num_items_in_batch=None) -> torch.Tensor:
         """Generate (every `num_iterations` optimizer steps), then back-propagate the objective once."""
         start = time.perf_counter()
-        model.eval()
+        ensure_eval(model)  # `model.eval()`, without its walk over every adapter when nothing is training
         step = self.state.global_step
         if self._buffer is None or step % self.args.num_iterations == 0:
             rows = [row for task_rows in inputs.values() for row in task_rows]

@@ -151,8 +151,11 @@ def teacher_step_fractions(teachers: dict[str, str], fractions: dict[str, float]
     return dict(fractions) or None
 
 
-def student_trainer(teachers: dict[str, str], config: DemoConfig, output_dir: str | Path):
-    """The `DiffusionOPDTrainer` of `distil`, not yet trained (add callbacks to it, then `train()`)."""
+def student_trainer(
+    teachers: dict[str, str], config: DemoConfig, output_dir: str | Path, rows: dict[str, list[dict]] | None = None
+):
+    """The `DiffusionOPDTrainer` of `distil`, not yet trained (add callbacks to it, then `train()`). `rows`: each
+    task's training prompt rows (default: 64 of the world task named like the task)."""
     from peft import LoraConfig
 
     from .. import DiffusionOPDConfig, DiffusionOPDTrainer
@@ -180,7 +183,7 @@ def student_trainer(teachers: dict[str, str], config: DemoConfig, output_dir: st
     }
     args = DiffusionOPDConfig(**{**settings, **config.extra})  # `extra` may override any of them
     pipe = load_world_pipeline()
-    rows = {task: train_rows(task, 64) for task in teachers}
+    rows = rows if rows is not None else {task: train_rows(task, 64) for task in teachers}
     peft_config = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=_targets()
     )
