@@ -1,4 +1,4 @@
-"""Can one batched forward of several LoRA teachers beat separate calls on this machine? (issue #20, item 3)
+"""Can one batched forward of several LoRA teachers beat separate calls on this machine?
 
 A mixed-adapter batch (peft's `adapter_names=`) runs the base layers once over the rows of all K teachers and each
 teacher's LoRA on its own rows, so it does the same arithmetic as K separate calls; what it can save is per-call

@@ -1,4 +1,4 @@
-"""How much of each teacher's gain one student keeps on the world, and what limits it (issue 18, item 2).
+"""How much of each teacher's gain one student keeps on the world, and what limits it.
 
 Each variant distils some of the shipped world teachers with `world.demo`'s full-size settings (60 rounds of 4
 prompts per task, lr 1e-3, ODE, rank 16) plus its own `DiffusionOPDConfig` fields, then scores the student on 256

@@ -4,7 +4,7 @@ weights, 512 px, 10 steps, 3 tasks x 3 prompts, CFG 4.5, r32 LoRAs), each in a f
     python -m benchmarks.gpu_scale            # one H100/H200; writes results/released_loop_sd35m_cuda.json + RESULTS.md
     python -m benchmarks.gpu_scale --tiny     # the same code at tiny size on whatever device there is (CPU: seconds)
 
-The target of issue #20 is >= 2x the released loop's rounds/s at no more peak memory. The released loop keeps
+The target is >= 2x the released loop's rounds/s at no more peak memory. The released loop keeps
 float32 weights under fp16 autocast (as released); the trainer a bf16 base with float32 LoRA weights and gradient
 checkpointing. The trainer runs with `step_batch_size=None` (all trained steps in one call) and `=1`.
 """

@@ -1,4 +1,4 @@
-"""Host synchronisations of a DiffusionOPD round, counted on any device (issue #20, item 3).
+"""Host synchronisations of a DiffusionOPD round, counted on any device.
 
 On a GPU every `.item()`, `.tolist()`, `bool(tensor)`, `nonzero()`, `.cpu()` of a device tensor stalls the host
 until the queue drains, which exposes the Python time of the next step (`benchmarks/gpu_round.py` counts them with
@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
     for name, case in data["cases"].items():
         print(f"[host_syncs] {name}: {case['total']:g} read-backs per round", flush=True)
     if not ns.no_write:
-        title = "Host read-backs of a round (issue #20 item 3)"
+        title = "Host read-backs of a round"
         config = {"preset": ns.preset, "rounds": ns.rounds}
         before = json.loads(Path(ns.before).read_text()) if ns.before else None
         write_results("host_syncs", title, config, data, markdown(data, before))

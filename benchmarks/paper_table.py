@@ -1,4 +1,4 @@
-"""The paper's comparison on the tiny world, with seeds and costs (issue 18).
+"""The paper's comparison on the tiny world, with seeds and costs.
 
 Rows (each trained on the shipped world base, evaluated on the same held-out scenes with the same initial noise):
 

@@ -340,9 +340,7 @@ def main(argv=None) -> dict:
     data = {"results": results, "summary": summary, "total_s": total_s}
     if not ns.no_write:
         name = "peak_memory" if not cuda else f"peak_memory_{ns.preset}_cuda"
-        write_results(
-            name, f"Peak memory of a round, {ns.preset} ({device.type}) (issue #5, item 5)", run_config, data, markdown
-        )
+        write_results(name, f"Peak memory of a round, {ns.preset} ({device.type})", run_config, data, markdown)
     print(markdown, flush=True)
     return data
 

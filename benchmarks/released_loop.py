@@ -1,4 +1,4 @@
-"""The released DiffusionOPD training loop as a baseline, beside `DiffusionOPDTrainer` on the same problem (issue #20).
+"""The released DiffusionOPD training loop as a baseline, beside `DiffusionOPDTrainer` on the same problem.
 
 A re-creation of the structure of the released `scripts/train_sd3_opd.py` (Li et al., 2026), not its code: per round
 and per task, (1) the prompts go through the text encoder, (2) the student samples the trajectory with CFG through
@@ -529,7 +529,7 @@ def main(argv=None) -> dict:
     if not (ns.no_write or ns.quick):
         name = "released_loop" if device == "cpu" else f"released_loop_{preset}_{device}"
         config = {"preset": preset, **PRESETS[preset], "device": device, "tasks": len(TASKS), "cfg": 4.5}
-        title = f"Released DiffusionOPD loop vs DiffusionOPDTrainer ({preset}, {device}; issue #20 items 2-3)"
+        title = f"Released DiffusionOPD loop vs DiffusionOPDTrainer ({preset}, {device})"
         write_results(name, title, config, {"results": results, "summary": summary}, markdown(results, summary))
     return {"results": results, "summary": summary}
 

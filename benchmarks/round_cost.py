@@ -273,7 +273,7 @@ def expected_passes(trainer, tasks: list[str]) -> dict[str, int]:
 
 
 def _build(family: str, tasks: list[str], num_steps: int, batch: int, folder: Path, size="small", **overrides):
-    """A trainer on the small (issue's) or tiny (smoke test) pipeline of `family`, one toy teacher per task."""
+    """A trainer on the small or tiny (smoke test) pipeline of `family`, one toy teacher per task."""
     from trl_diffusion_opd.testing import TINY_RESOLUTION, get_tiny_flux_pipeline, get_tiny_sd3_pipeline
 
     from .common import make_trainer
@@ -631,7 +631,7 @@ def run(quick: bool = False, batch: int = 1, profile: bool = False, write: bool 
     config = {"batch_per_task": batch, "warmup_rounds": 1, "sampler": "ODE", "guidance": 4.5, **kw}
     data = {"results": [{k: v for k, v in r.items() if k != "profile"} for r in results], "overheads": overheads}
     if write:
-        write_results("round_cost", "Round cost vs floor (issue #7, items 1-2)", config, data, markdown)
+        write_results("round_cost", "Round cost vs floor", config, data, markdown)
     return data
 
 

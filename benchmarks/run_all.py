@@ -1,4 +1,4 @@
-"""Run every benchmark of issues #5 and #7 (`make bench`), each in its own process, and report the wall time.
+"""Run every benchmark (`make bench`), each in its own process, and report the wall time.
 
 python -m benchmarks.run_all              # all, about 14-16 minutes on a 2-core CPU
 python -m benchmarks.run_all --quick      # smoke check of every code path, about a minute

@@ -1,4 +1,4 @@
-"""The paper's ablations on the world's real teachers (issue 18, item 3): sampler (ODE vs SDE at a = 0.3 / 0.7) and
+"""The paper's ablations on the world's real teachers: sampler (ODE vs SDE at a = 0.3 / 0.7) and
 loss (closed-form KL vs the PPO-style surrogate).
 
 Each method distils the three shipped world teachers into a student from the same initialisation, prompts and

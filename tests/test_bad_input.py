@@ -571,6 +571,7 @@ EVAL_CASES = [
         {"reward_kwargs": {"brightness": 1}},
         "`reward_kwargs['brightness']` must be a mapping of keyword arguments, got 1.",
     ),
+    (["--family_kwargs", "[1]"], {"family_kwargs": [1]}, "`family_kwargs` must be a mapping, got list: [1]"),
     (
         ["--prompts", '{"nope@x": ["a"]}'],
         {"prompts": {"nope@x": ["a"]}},
@@ -591,6 +592,17 @@ def test_bad_eval_argument_is_one_line_before_loading(flags, kwargs, message, tm
     with pytest.raises(ValueError) as error:
         DiffusionOPDEvalArguments(**{**base, **kwargs})
     _assert_message(error.value, message, exact)
+    assert not output_dir.exists()
+
+
+def test_eval_option_the_family_lacks_is_one_line(tmp_path, capsys):
+    output_dir = tmp_path / "eval"
+    argv = ["--model_name_or_path=tiny:sd3", '--prompts={"brightness": ["a"]}', f"--output_dir={output_dir}"]
+    code, err = _cli("eval", [*argv, "--family_kwargs", '{"auto_resize": false}'], capsys)
+    assert code == 2
+    _assert_one_line(
+        err, "trl-diffusion-opd eval", "`family_kwargs` has no option 'auto_resize' for the sd3 family", False
+    )
     assert not output_dir.exists()
 
 

@@ -224,3 +224,41 @@ def test_reward_trainers_refuse_rows_with_images(tmp_path, method):
         ValueError, match=r"row 1 \('make it red'\) has input images, which the .* trainer does not use"
     ):
         trainer(get_tiny_flux_kontext_pipeline(seed=0), "brightness", args=args, train_dataset=rows)
+
+
+def test_generate_images_and_eval_take_the_familys_options(tmp_path):
+    """`family_kwargs` reach the family that samples: Kontext without `auto_resize` keeps the reference at its own size,
+    as the pipeline does with `_auto_resize=False`; an option the family does not have is one line."""
+    pipe = get_tiny_flux_kontext_pipeline(seed=0)
+    snapped, own = (
+        generate_images(pipe, ["edit"], [3], 2, 2.5, SIZE, 16, images=[[RED]], family_kwargs=options)[0]
+        for options in (None, {"auto_resize": False})
+    )
+    with torch.no_grad():
+        direct = pipe(
+            prompt="edit",
+            image=RED,
+            height=SIZE[0],
+            width=SIZE[1],
+            max_area=SIZE[0] * SIZE[1],
+            _auto_resize=False,
+            num_inference_steps=2,
+            guidance_scale=2.5,
+            max_sequence_length=16,
+            generator=torch.Generator("cpu").manual_seed(3),
+        ).images[0]
+    assert own.tobytes() == direct.tobytes()
+    assert snapped.tobytes() != own.tobytes()  # 32 x 40 snapped to 32 x 32 by default
+    with pytest.raises(ValueError, match="no option 'area'"):
+        generate_images(pipe, ["edit"], [3], 2, 2.5, SIZE, 16, images=[[RED]], family_kwargs={"area": 1})
+    result = evaluate_models(
+        pipe,
+        prompts={"brightness": [{"prompt": "edit", "image": RED}]},
+        rewards={"brightness": _brightness},
+        include_base=True,
+        family_kwargs={"auto_resize": False},
+        progress=False,
+        seed=3,
+        **SAMPLING,
+    )
+    assert result.samples["base"][0][0].tobytes() == direct.tobytes()

@@ -273,6 +273,7 @@ def generate_images(
     num_frames: int | None = None,
     guidance_scale_2: float | None = None,
     images: list | None = None,
+    family_kwargs: dict | None = None,
 ) -> list:
     """Images (or videos) from the pipeline's own sampler (the image families: the deterministic flow-matching Euler
     ODE; Wan: the Hub pipelines' UniPC solver, as users sample), one seeded generator per sample, so a sample
@@ -284,6 +285,8 @@ def generate_images(
             the first frame, and a last frame where the pipeline takes one). The pipelines take one set per call,
             so each prompt is sampled by its own call, with the family's image and guidance arguments
             (`pipeline_image_kwargs`, `pipeline_guidance_kwargs` with the negative prompt `""`).
+        family_kwargs: The family's own options, as the training config's `family_kwargs` (e.g. FLUX.1 Kontext's
+            `auto_resize`, Qwen-Image-2.1's `output_resolution`), so that samples are drawn as the student was trained.
 
     Returns:
         One PIL image per prompt, or for a video pipeline (whose output has `frames`) one list of PIL frames.
@@ -292,6 +295,8 @@ def generate_images(
         family = get_family(pipeline)
     except ValueError:  # no registered family for this pipeline class: sampled through `__call__` as it is
         family = None
+    if family is not None and family_kwargs:
+        family = get_family(pipeline, family_kwargs)  # an option the family does not have: one-line ValueError
     if images is not None and any(images):
         if family is None:
             raise ValueError(f"{type(pipeline).__name__} is not a supported editing pipeline: rows have input images.")
@@ -513,6 +518,7 @@ class EvaluationConfig:
         max_sequence_length: T5 prompt length (`None`: the pipeline's default).
         num_frames: Frames per video (video pipelines; `None`: the pipeline's default).
         guidance_scale_2: CFG scale of Wan 2.2's low-noise expert (`None`: the pipeline's default, `guidance_scale`).
+        family_kwargs: The family's own options, as in training (`generate_images`).
         video_format: `webp`, `gif` or `mp4` (see `figures.save_video`): the format of the sample videos.
         fps: Frames per second of the sample videos.
         max_grid_frames: Frames per video in the frame grids (spread evenly; `None`: all).
@@ -538,6 +544,7 @@ class EvaluationConfig:
     max_sequence_length: int | None = None
     num_frames: int | None = None
     guidance_scale_2: float | None = None
+    family_kwargs: dict[str, Any] | None = None
     video_format: str = "webp"
     fps: int = 16
     max_grid_frames: int | None = 8
@@ -649,6 +656,7 @@ def evaluate_models(
                         config.num_frames,
                         config.guidance_scale_2,
                         images=inputs,
+                        family_kwargs=config.family_kwargs,
                     )
                     if any(inputs) and model is models[0]:  # the grids' input row: each row's first image
                         set_inputs.setdefault(id(rows), []).extend(

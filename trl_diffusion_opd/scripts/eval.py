@@ -120,6 +120,13 @@ class DiffusionOPDEvalArguments:
             "help": "CFG scale of Wan 2.2 A14B's low-noise expert; None is the pipeline's default (`guidance_scale`)."
         },
     )
+    family_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Options of the model family, as in training (e.g. {"auto_resize": false} for FLUX.1 Kontext); a '
+            "JSON string on the command line. An option the family does not have is an error."
+        },
+    )
     video_format: str = field(
         default="webp",
         metadata={
@@ -173,7 +180,7 @@ class DiffusionOPDEvalArguments:
             check_reward_names,
         )
 
-        for name in ("adapters", "prompts", "reward_kwargs", "normalization"):
+        for name in ("adapters", "prompts", "reward_kwargs", "normalization", "family_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -260,7 +267,7 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
         token=eval_args.hub_token,
         device=eval_args.device,
     )
-    get_family(pipeline).check_resolution(eval_args.resolution)
+    get_family(pipeline, eval_args.family_kwargs).check_resolution(eval_args.resolution)
     # Toy adapters strong enough (std 1) to change the tiny models' images visibly.
     adapters = materialize_toy_adapters(
         eval_args.adapters or {},
@@ -283,6 +290,7 @@ def run_evaluation(eval_args: DiffusionOPDEvalArguments) -> EvaluationResult:
         max_sequence_length=eval_args.max_sequence_length,
         num_frames=eval_args.num_frames,
         guidance_scale_2=eval_args.guidance_scale_2,
+        family_kwargs=eval_args.family_kwargs,
         video_format=eval_args.video_format,
         fps=eval_args.fps,
         grid_size=eval_args.grid_size,

@@ -1080,9 +1080,13 @@ class DiffusionLoRATrainer(Trainer):
                     f"(`resume_from_checkpoint={RESUME_AUTO}`)."
                 )
             set_seed(self.args.seed)
-            # `zero_grad` after each step over the student only (`module_walks`): no walk over the teachers' modules.
-            self._student_grads = StudentGrads(self.model)
-            with self._student_grads.installed():
+            # Single process: `zero_grad` after each step over the student only (`module_walks`), no walk over the
+            # teachers' modules. Sharded runs keep the Trainer's own: FSDP2 replaces the parameters when it wraps the
+            # model, after this list would be read (its gradients would then never be cleared).
+            self._student_grads = None
+            if self.accelerator.distributed_type == DistributedType.NO:
+                self._student_grads = StudentGrads(self.model)
+            with self._student_grads.installed() if self._student_grads else contextlib.nullcontext():
                 result = super().train(folder, *args, **kwargs)
         finally:
             lock.release()
