@@ -41,6 +41,23 @@ def _brightness(images, prompts, metadata):
     ]
 
 
+def _kontext_call(pipe, image, **kwargs):
+    """The Kontext pipeline's own sample of "edit" from `image` at `SIZE` (seed 3, 2 steps, guidance 2.5)."""
+    with torch.no_grad():
+        return pipe(
+            prompt="edit",
+            image=image,
+            height=SIZE[0],
+            width=SIZE[1],
+            max_area=SIZE[0] * SIZE[1],
+            num_inference_steps=2,
+            guidance_scale=2.5,
+            max_sequence_length=16,
+            generator=torch.Generator("cpu").manual_seed(3),
+            **kwargs,
+        ).images[0]
+
+
 def test_generate_images_passes_each_rows_images_as_the_family_does():
     """Kontext takes one image and rescales the output to `max_area`: the family passes the area of the resolution
     asked for, so the sample has that size, and its input image changes it."""
@@ -52,18 +69,7 @@ def test_generate_images_passes_each_rows_images_as_the_family_does():
     }
     red, blue = generate_images(pipe, ["edit", "edit"], [3, 3], 2, 2.5, SIZE, 16, images=[[RED], [BLUE]])
     assert red.size == blue.size == (SIZE[1], SIZE[0])
-    with torch.no_grad():
-        direct = pipe(
-            prompt="edit",
-            image=RED,
-            height=SIZE[0],
-            width=SIZE[1],
-            max_area=SIZE[0] * SIZE[1],
-            num_inference_steps=2,
-            guidance_scale=2.5,
-            max_sequence_length=16,
-            generator=torch.Generator("cpu").manual_seed(3),
-        ).images[0]
+    direct = _kontext_call(pipe, RED)
     assert red.tobytes() == direct.tobytes()
     assert red.tobytes() != blue.tobytes()
 
@@ -234,19 +240,7 @@ def test_generate_images_and_eval_take_the_familys_options(tmp_path):
         generate_images(pipe, ["edit"], [3], 2, 2.5, SIZE, 16, images=[[RED]], family_kwargs=options)[0]
         for options in (None, {"auto_resize": False})
     )
-    with torch.no_grad():
-        direct = pipe(
-            prompt="edit",
-            image=RED,
-            height=SIZE[0],
-            width=SIZE[1],
-            max_area=SIZE[0] * SIZE[1],
-            _auto_resize=False,
-            num_inference_steps=2,
-            guidance_scale=2.5,
-            max_sequence_length=16,
-            generator=torch.Generator("cpu").manual_seed(3),
-        ).images[0]
+    direct = _kontext_call(pipe, RED, _auto_resize=False)
     assert own.tobytes() == direct.tobytes()
     assert snapped.tobytes() != own.tobytes()  # 32 x 40 snapped to 32 x 32 by default
     with pytest.raises(ValueError, match="no option 'area'"):
