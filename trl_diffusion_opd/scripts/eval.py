@@ -13,7 +13,6 @@ pipeline also `videos/`: the sample videos; its grids are frame grids).
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from .utils import (
     config_path,
     did_you_mean,
     fail,
+    json_dict,
     materialize_toy_adapters,
     one_line,
     quiet_library_logs,
@@ -181,17 +181,7 @@ class DiffusionOPDEvalArguments:
         )
 
         for name in ("adapters", "prompts", "reward_kwargs", "normalization", "family_kwargs"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"`{name}` must be a mapping (a JSON object on the command line): {error}"
-                    ) from error
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"`{name}` must be a mapping, got {type(value).__name__}: {value!r}")
-            setattr(self, name, value)
+            setattr(self, name, json_dict(getattr(self, name), name))
         if not self.model_name_or_path:
             raise ValueError("`model_name_or_path` is required: a Hub id, a local folder, or tiny:sd3 / tiny:flux.")
         if not self.prompts:
