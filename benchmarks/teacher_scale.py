@@ -1,14 +1,19 @@
 """Scale in the teacher count: round time and peak memory of a mixed-task DiffusionOPD round with 3, 30, 100 and 200
 LoRA teachers at the same rows per round.
 
-Every teacher is its own task (a toy LoRA teacher, `save_toy_lora`, with three prompts); a round draws
+Every teacher is its own task (a toy LoRA teacher, `save_toy_lora`; the same 600 prompts dealt out over the tasks in
+every case, so that only the number of teachers changes); a round draws
 `tasks_per_round` tasks and `rows_per_round` rows (`DiffusionOPDConfig`), rolls them out together and runs one pass
 per drawn teacher's adapter, so the work per round does not depend on how many teachers exist. Two placements:
 
-- `device`: every teacher's adapter on the device (the default);
+- `device`: every teacher's weights on the device (the default);
 - `host`: `max_teachers_on_device=budget`, the others on the host, copied in on use (least recently used out).
 
-Each case runs in its own process (peaks do not leak): build, one warm-up round, `rounds` measured rounds (median).
+Either way the teachers are flat tensors in the trainer's `TeacherBank`, run through one shared slot adapter per
+LoRA layout, so the model's modules do not grow with the teacher count.
+
+Each case runs in `repeats` processes of its own (peaks do not leak): build, one warm-up round, `rounds` measured
+rounds; the table gives the median round over all of them and the median peak.
 
 - Round time: wall seconds of a whole optimizer step (rollout, teacher passes, student passes, backward, step), and
   its CPU seconds (`time.process_time`, one torch thread), which other processes on a shared machine disturb less.
@@ -17,8 +22,8 @@ Each case runs in its own process (peaks do not leak): build, one warm-up round,
   size after the imports, over set-up and rounds; the host copies of host-resident teachers live in the same RAM there,
   so the host placement's saving is a GPU measurement (its "teacher bytes on device" column is the count the CUDA
   peak would see).
-- Switch: the time of one adapter switch here (`AdapterSwitch.activate`, one attribute write per layer) against
-  PEFT's `set_adapter` on every layer (which walks every adapter of every layer), at the case's teacher count.
+- Switch: the time of one switch to another teacher and back to the student (`AdapterSwitch.activate`: the teacher's
+  slot adapter pointed at its weights); set-up: building the trainer (loading every teacher included).
 
 Targets: round time at 200 teachers <= 1.2 x at 3; peak memory <= the 3-teacher peak + the extra adapters' bytes
 (host placement: + the budget's bytes only).
@@ -48,6 +53,7 @@ from .common import markdown_table, median, setup, write_results
 
 RESULT_TAG = "[teacher_scale:result]"
 COUNTS = (3, 30, 100, 200)
+PROMPTS = 600  # 3 per task at 200 teachers
 PRESETS = {
     # the test suite's tiny SD3: 2 blocks, hidden 32, 16x16 latents
     "tiny": {"pipeline": {}, "resolution": 32, "steps": 4},
@@ -112,21 +118,15 @@ class _Rounds(TrainerCallback):
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
 
 
-def _switch_seconds(trainer, names: list[str], repeats: int = 20) -> tuple[float, float]:
-    """Seconds of one teacher switch with `AdapterSwitch` and with PEFT's `set_adapter` on every layer."""
+def _switch_seconds(trainer, names: list[str], repeats: int = 20) -> float:
+    """Seconds of one switch to another teacher (`AdapterSwitch.activate`: its slot pointed at its weights, one
+    attribute write per adapted layer) and back to the student."""
     switch = trainer.adapters
     start = time.perf_counter()
     for index in range(repeats):
         switch.activate(names[index % len(names)])
-    fast = (time.perf_counter() - start) / repeats
-    start = time.perf_counter()
-    for index in range(repeats):
-        for layer in switch.layers:
-            layer.set_adapter(names[index % len(names)], inference_mode=True)
-    peft = (time.perf_counter() - start) / repeats
-    for layer in switch.layers:  # the student back, trainable, as `AdapterSwitch` keeps it
-        layer.set_adapter(switch.student, inference_mode=False)
-    return fast, peft
+        switch.activate(switch.student)
+    return (time.perf_counter() - start) / repeats
 
 
 def run_case(
@@ -140,7 +140,10 @@ def run_case(
     baseline_rss = _rss_bytes()
     cfg = PRESETS[preset]
     tasks = {f"t{index:03d}": path for index, path in enumerate(teachers)}
-    prompts = {task: [f"{task} scene {j}" for j in range(3)] for task in tasks}
+    # one pool of prompts for every case, dealt out over the tasks: the prompt cache (every prompt's embeddings, made
+    # before training) then weighs the same at any teacher count, and only the teachers differ
+    pool = [f"scene {j}" for j in range(PROMPTS)]
+    prompts = {task: pool[index :: len(tasks)] for index, task in enumerate(tasks)}
     start = time.perf_counter()
     args = DiffusionOPDConfig(
         output_dir=tempfile.mkdtemp(prefix="teacher_scale_"),
@@ -166,16 +169,10 @@ def run_case(
     trainer.add_callback(timer)
     trainer.train()
     names = list(tasks)
-    adapter_bytes = {
-        name: sum(p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if f".{name}." in n)
-        for name in names
-    }
-    residency = trainer.adapters.residency
-    per_adapter = (
-        residency and max(sum(h.numel() * h.element_size() for h in host) for host in residency.host.values())
-    ) or max(adapter_bytes.values())
-    on_device = residency.resident_bytes() if residency else sum(adapter_bytes.values())
-    fast, peft = _switch_seconds(trainer, names[: min(8, len(names))])
+    bank = trainer.teacher_bank
+    per_adapter = max(bank.teacher_bytes(name) for name in names)
+    on_device = bank.resident_bytes()
+    switch = _switch_seconds(trainer, names[: min(8, len(names))])
     peak = (
         timer.peak_bytes
         if device.type == "cuda"
@@ -189,12 +186,12 @@ def run_case(
         "round_s": median(timer.times),
         "round_s_all": timer.times,
         "round_cpu_s": median(timer.cpu_times),
+        "round_cpu_s_all": timer.cpu_times,
         "peak_bytes": peak,
         "adapter_bytes": per_adapter,
         "teacher_bytes_on_device": on_device,
-        "host_copies": residency.copies if residency else 0,
-        "switch_s": fast,
-        "peft_switch_s": peft,
+        "host_copies": bank.copies,
+        "switch_s": switch,
         "setup_s": setup_s,
     }
 
@@ -224,6 +221,20 @@ def _subprocess(ns, teachers_dir: Path, count: int, placement: str) -> dict:
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG) :])
     raise RuntimeError(f"case {count}:{placement} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def _merge_runs(runs: list[dict]) -> dict:
+    """One case measured in several processes: the rounds of all of them (median), the median peak and its range
+    (a process's peak resident set varies by ~1 MiB from run to run on a CPU), the other fields of the first."""
+    out = dict(runs[0])
+    out["round_s_all"] = [t for r in runs for t in r["round_s_all"]]
+    out["round_cpu_s_all"] = [t for r in runs for t in r["round_cpu_s_all"]]
+    out["round_s"], out["round_cpu_s"] = median(out["round_s_all"]), median(out["round_cpu_s_all"])
+    peaks = sorted(r["peak_bytes"] for r in runs)
+    out["peak_bytes"], out["peak_bytes_all"] = median(peaks), peaks
+    out["switch_s"] = median([r["switch_s"] for r in runs])
+    out["setup_s"] = median([r["setup_s"] for r in runs])
+    return out
 
 
 def summarize(results: list[dict]) -> dict:
@@ -257,11 +268,12 @@ HEADERS = [
     "vs 3",
     "round CPU (s)",
     "vs 3",
-    "peak memory (MiB)",
+    "peak memory (MiB): median (range)",
     "vs 3",
     "allowance (MiB)",
     "teacher bytes on device (MiB)",
-    "switch (ms): ours / PEFT",
+    "switch (ms)",
+    "set-up (s)",
 ]
 
 
@@ -274,11 +286,17 @@ def _row(r: dict) -> list:
         f"**{r['time_ratio']:.2f}x**",
         f"{r['round_cpu_s']:.3f}",
         f"**{r['cpu_ratio']:.2f}x**",
-        f"{r['peak_bytes'] / mib:.1f}",
+        f"{r['peak_bytes'] / mib:.1f}"
+        + (
+            f" ({min(r['peak_bytes_all']) / mib:.1f}-{max(r['peak_bytes_all']) / mib:.1f})"
+            if len(r.get("peak_bytes_all", [])) > 1
+            else ""
+        ),
         f"**{r['memory_ratio']:.2f}x**",
         f"{r['memory_allowance'] / mib:.1f}",
         f"{r['teacher_bytes_on_device'] / mib:.2f}",
-        f"{1e3 * r['switch_s']:.3f} / {1e3 * r['peft_switch_s']:.2f}",
+        f"{1e3 * r['switch_s']:.3f}",
+        f"{r['setup_s']:.1f}",
     ]
 
 
@@ -295,11 +313,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="3 and 12 teachers, one measured round.")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--name", default="teacher_scale", help="Results file name (results/<name>.json).")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Processes per case: rounds pooled, peak memory their median."
+    )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     setup()
     if ns.quick:
-        ns.counts, ns.rounds = [3, 12], 1
+        ns.counts, ns.rounds, ns.repeats = [3, 12], 1, 1
     teachers_dir = Path(ns.teachers_dir or Path(tempfile.gettempdir()) / f"teacher_scale_{ns.preset}")
     teachers_dir.mkdir(parents=True, exist_ok=True)
     if ns.case:
@@ -312,7 +333,8 @@ def main(argv=None) -> dict:
     results = []
     for placement in ns.placements:
         for count in ns.counts:
-            result = _subprocess(ns, teachers_dir, count, placement)
+            runs = [_subprocess(ns, teachers_dir, count, placement) for _ in range(ns.repeats)]
+            result = _merge_runs(runs)
             print(f"[teacher_scale] {count} teachers, {placement}: {result['round_s']:.3f} s/round", flush=True)
             results.append(result)
     summary = summarize(results)
@@ -324,6 +346,8 @@ def main(argv=None) -> dict:
             "tasks_per_round": ns.tasks_per_round,
             "budget": ns.budget,
             "rounds": ns.rounds,
+            "repeats": ns.repeats,
+            "prompts": PROMPTS,
         }
         write_results(
             ns.name,

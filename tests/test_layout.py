@@ -24,7 +24,7 @@ NAME = "trl_diffusion_opd"
 # commands (`scripts.utils`, loaded when a `toy:` spec is asked for) imports them.
 LAYERS = [
     {"transition", "objectives", "registry", "safe_io", "lora_io", "sizes", "accelerate_configs", "figures"},
-    {"families", "data", "rewards", "teachers", "hub", "evaluation", "merging"},
+    {"families", "data", "rewards", "teachers", "teacher_bank", "hub", "evaluation", "merging"},
     {"trainer", NAME},
     {"scripts", "cli"},
     {"testing", "world"},

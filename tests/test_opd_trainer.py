@@ -73,7 +73,10 @@ def _trainer(tmp_path, teachers, prompts=None, peft_config=None, **kwargs):
 
 
 def _snapshot(trainer):
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    """Every parameter of the model and every teacher weight in the bank (`teacher.<name>.<key>`)."""
+    out = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    bank = trainer.teacher_bank
+    return out | {f"teacher.{t}.{k}": v.clone() for t in bank.names for k, v in bank.weights(t).items()}
 
 
 def test_only_the_student_changes_and_the_optimizer_holds_only_it(tmp_path, teachers):
@@ -82,7 +85,7 @@ def test_only_the_student_changes_and_the_optimizer_holds_only_it(tmp_path, teac
     trainer.train()
     end = _snapshot(trainer)
     student = {n for n in start if ".student." in n}
-    teacher = {n for n in start if ".a." in n or ".b." in n}
+    teacher = {n for n in start if n.startswith(("teacher.a.", "teacher.b."))}
     assert student and teacher
     for name in start:
         if name in student:

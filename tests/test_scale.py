@@ -2,10 +2,12 @@
 anchor teachers and a guidance-free student supervised by CFG teachers."""
 
 import collections
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig
+from safetensors.torch import load_file
 
 from trl_diffusion_opd import DiffusionOPDConfig, DiffusionOPDTrainer
 from trl_diffusion_opd.data import MixedTaskPrompts
@@ -151,15 +153,93 @@ def test_host_resident_teachers_give_identical_losses_and_gradients(tmp_path, te
     assert hosted == plain
     assert plain_grads.keys() == hosted_grads.keys()
     assert all(torch.equal(plain_grads[n], hosted_grads[n]) for n in plain_grads)
-    residency = trainer.adapters.residency
-    assert list(residency.resident) == ["t3", "t0"]  # the two most recently used
-    assert residency.copies == 5  # t0 came back once
-    on_device = {
-        name: sum(p.numel() for p in params)
-        for name, params in residency.params.items()
-        if name not in residency.resident
-    }
-    assert on_device == {"t1": 0, "t2": 0}  # evicted teachers hold no weights in the module
+    bank = trainer.adapters.bank
+    assert list(bank.resident) == ["t3", "t0"]  # the two most recently used
+    assert bank.copies == 5  # t0 came back once
+    assert bank.resident_bytes() == 2 * bank.teacher_bytes("t0")  # the evicted teachers have no device copy
+
+
+# ---------------------------------------------------------------------------------------------- teacher bank
+@pytest.mark.parametrize("budget", [None, 1])
+def test_bank_teachers_equal_each_teacher_loaded_as_its_own_adapter(tmp_path, teachers, budget):
+    """Teachers of two layouts (rank 2 on the attention projections; rank 3, alpha 6, on `to_q` and `to_k` in
+    PEFT format) share two slot adapters; each one's velocity is bit-identical to the base with that teacher loaded
+    as a PEFT adapter of its own, in any order of switches; with a budget of one teacher on the device too (its
+    buffers reused by the next teacher of its layout, dropped for another layout)."""
+    from trl_diffusion_opd.teachers import load_lora_teacher, parse_teacher_spec, resolve_teacher
+
+    pipe = get_tiny_sd3_pipeline(with_t5=False)
+    extra = {}
+    for index in range(2):
+        folder = tmp_path / f"other{index}"
+        save_toy_lora(
+            pipe,
+            folder,
+            seed=40 + index,
+            rank=3,
+            lora_alpha=6,
+            target_modules=["to_q", "to_k"],
+            format="peft",
+            std=0.2,
+        )
+        extra[f"o{index}"] = str(folder)
+    paths = {**teachers, **extra}
+    prompts = {task: [f"{task} prompt"] for task in paths}
+    trainer = DiffusionOPDTrainer(
+        get_tiny_sd3_pipeline(with_t5=False),
+        paths,
+        args=_config(tmp_path, max_teachers_on_device=budget),
+        train_dataset=prompts,
+        peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["attn.to_q"]),
+    )
+    bank = trainer.teacher_bank
+    model = trainer.model
+    assert sorted(model.peft_config) == ["student", "teacher_slot_0", "teacher_slot_1"]
+    assert not [n for n, _ in model.named_parameters() if "teacher_slot" in n]  # no parameters: buffers
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=generator)
+    sigma = torch.tensor([0.7])
+    cond = trainer.prompt_cache(["a prompt"])
+    reference = get_tiny_sd3_pipeline(with_t5=False).transformer.eval()
+    for name in ("t1", "o0", "t0", "o1", "t1", "t2", "o1", "o0"):
+        with torch.no_grad(), trainer.adapters.use(name):
+            got = trainer.family.velocity(model, x, sigma, cond, 1.0, None)
+        if budget:
+            assert bank.resident == [name] and bank.resident_bytes() == bank.teacher_bytes(name)
+        spec = parse_teacher_spec(name, paths[name])
+        if name not in getattr(reference, "peft_config", {}):
+            load_lora_teacher(reference, spec, resolve_teacher(spec))
+        reference.set_adapter(name)
+        with torch.no_grad():
+            want = trainer.family.velocity(reference, x, sigma, cond, 1.0, None)
+        assert torch.equal(got, want), name
+    with torch.no_grad():
+        student = trainer.family.velocity(model, x, sigma, cond, 1.0, None)
+    assert not torch.equal(student, want)  # the student is back
+
+
+def test_teachers_add_no_modules_and_only_their_bytes(tmp_path, teachers):
+    """Three or thirty teachers of one layout: the same modules, parameters and adapters on the model; the bank
+    grows by exactly the teachers' weight bytes."""
+    import shutil
+
+    many = {}
+    for index in range(30):
+        many[f"m{index:02d}"] = str(shutil.copytree(teachers[TASKS[index % 4]], tmp_path / "many" / str(index)))
+    built = {}
+    for count in (3, 30):
+        paths = dict(list(many.items())[:count])
+        trainer = _trainer(tmp_path / str(count), many, tasks=list(paths), prompts={t: ["p"] for t in paths})
+        built[count] = trainer
+    small, large = built[3].model, built[30].model
+    assert len(list(small.modules())) == len(list(large.modules()))
+    assert [n for n, _ in small.named_parameters()] == [n for n, _ in large.named_parameters()]
+    bank = built[30].teacher_bank
+    per_teacher = bank.teacher_bytes("m00")
+    stored = load_file(str(Path(many["m00"]) / "pytorch_lora_weights.safetensors"))
+    assert per_teacher == sum(t.numel() * 4 for t in stored.values()) > 0  # its file's weights, in float32
+    assert bank.resident_bytes() == 30 * per_teacher
+    assert built[3].teacher_bank.resident_bytes() == 3 * per_teacher
 
 
 def test_teacher_switches_keep_only_the_student_trainable(tmp_path, teachers):

@@ -1,8 +1,9 @@
 """Teacher specifications, their resolution (local folder or Hub) and loading as adapters on the shared base.
 
-Every LoRA teacher becomes a named PEFT adapter on the one frozen transformer that also carries the student, so N
-teachers cost one copy of the base plus N small adapters. `AdapterSwitch` activates one adapter for a forward pass and
-restores the student afterwards.
+LoRA teachers run on the one frozen transformer that also carries the student, so N teachers cost one copy of the base
+plus their LoRA weights: the trainer keeps them in a `teacher_bank.TeacherBank` (flat tensors behind a few shared
+adapters); `load_lora_teacher` loads one as a PEFT adapter of its own (evaluation, scripts). `AdapterSwitch` activates
+one adapter (or a bank teacher) for a forward pass and restores the student afterwards.
 
 Accepted spec forms (strings in Python, YAML and on the command line):
 
@@ -22,7 +23,6 @@ checking those files is `lora_io`'s.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import os
@@ -39,7 +39,6 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import set_peft_model_state_dict
 
 from .lora_io import (
     DIFFUSERS_LORA_WEIGHTS,
@@ -51,6 +50,7 @@ from .lora_io import (
     has_expert_lora,
     holds_lora,
     is_full_weight_folder,
+    load_adapter_weights,
     lora_config_for,
     read_lora_folder,
 )
@@ -379,26 +379,28 @@ def load_lora_teacher(
         ValueError: a file of the adapter is malformed, the adapter targets modules the base does not have, or its
             weights do not fit its config.
     """
-    owner = owner or f"Teacher '{spec.name}'"
-    state_dict, config = read_lora_folder(folder, weight_name or spec.weight_name, owner)
-    check_lora_fits(transformer, {key: value.shape for key, value in state_dict.items()}, f"{owner} ({spec.display})")
-    lora_config = lora_config_for(state_dict, config)
+    state_dict, lora_config, label = read_teacher_lora(transformer, spec, folder, owner, weight_name)
     add_adapter(transformer, lora_config, spec.name)
-    try:
-        result = set_peft_model_state_dict(transformer, state_dict, adapter_name=spec.name)
-    except RuntimeError as error:  # shapes that disagree with the recorded rank
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ValueError(f"{owner} ({spec.display}) does not fit its own config: {' '.join(lines[:2])}") from error
-    expected = {k for k in transformer.state_dict() if f".{spec.name}." in k}
-    not_loaded = sorted(k for k in result.missing_keys if k in expected)
-    if not_loaded or result.unexpected_keys:
-        raise ValueError(
-            f"{owner} ({spec.display}) did not load exactly: missing {not_loaded[:3]}, "
-            f"unexpected {list(result.unexpected_keys)[:3]}."
-        )
+    load_adapter_weights(transformer, state_dict, spec.name, label)
     for param_name, param in transformer.named_parameters():
         if f".{spec.name}." in param_name:
             param.requires_grad_(False)
+
+
+def read_teacher_lora(
+    transformer: torch.nn.Module,
+    spec: TeacherSpec,
+    folder: Path,
+    owner: str | None = None,
+    weight_name: str | None = None,
+) -> tuple[dict[str, torch.Tensor], LoraConfig, str]:
+    """Read a LoRA teacher's weights and config and check that they fit `transformer` (`load_lora_teacher`'s
+    arguments). Returns `(state_dict, lora_config, label)`, `label` naming the teacher in messages."""
+    owner = owner or f"Teacher '{spec.name}'"
+    label = f"{owner} ({spec.display})"
+    state_dict, config = read_lora_folder(folder, weight_name or spec.weight_name, owner)
+    check_lora_fits(transformer, {key: value.shape for key, value in state_dict.items()}, label)
+    return state_dict, lora_config_for(state_dict, config), label
 
 
 def check_teacher_files(spec: TeacherSpec, owner: str | None = None) -> None:
@@ -423,7 +425,8 @@ class AdapterSwitch:
     """Activates one named adapter (or none) on a PEFT-injected transformer and restores the student.
 
     The tuner layers are listed once, so switching costs one attribute write per adapted layer. Teachers are
-    activated in inference mode (nothing requires grad); the student is restored as the only trainable adapter.
+    activated in inference mode (nothing requires grad); the student is restored as the only trainable adapter. A
+    name held by `bank` (a `teacher_bank.TeacherBank`) activates that teacher's slot adapters, pointed at its weights.
 
     Args:
         transformer: The transformer carrying the adapters.
@@ -434,8 +437,8 @@ class AdapterSwitch:
         self.student = student
         self.layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
         self._flags_set = False
-        # `HostResidentAdapters` of the teachers kept off the device, set by the trainer when there is a budget.
-        self.residency: HostResidentAdapters | None = None
+        # The trainer's `teacher_bank.TeacherBank`: its teachers run through the bank's shared slot adapters.
+        self.bank = None
 
     def activate(self, name: str | None) -> None:
         """Make `name` the only active adapter (`None`: the plain base).
@@ -444,8 +447,7 @@ class AdapterSwitch:
         other adapter frozen); later switches only say which adapter is active, since PEFT's `set_adapter` walks
         every adapter of every layer, which with hundreds of teachers costs more than their forward passes.
         """
-        if self.residency is not None and name is not None and name != self.student:
-            self.residency.fetch(name)
+        active = self.bank.activate(name) if self.bank is not None and name in self.bank else [name]
         if not self._flags_set and name == self.student:
             for layer in self.layers:
                 if layer.disable_adapters:
@@ -456,7 +458,7 @@ class AdapterSwitch:
         for layer in self.layers:
             layer._disable_adapters = name is None
             if name is not None:
-                layer._active_adapter = [name]
+                layer._active_adapter = active
 
     def use(self, name: str | None):
         """Context manager: `with switch.use("ocr"): ...` runs with that adapter, then restores the student."""
@@ -473,62 +475,6 @@ class _AdapterContext:
     def __exit__(self, *exc):
         self.switch.activate(self.switch.student)
         return False
-
-
-class HostResidentAdapters:
-    """Keeps at most `budget` of the frozen adapters `names` on the device; the others wait on the host.
-
-    An adapter off the device has empty placeholders for its weights (it is never active then, so no forward reads
-    them); `fetch` copies its host weights in, and the least recently used resident adapter leaves by pointing its
-    weights back at placeholders: its host copy is still exact since the adapter is frozen, so nothing is copied
-    back. The host copies are the weights as loaded (on the CPU); `pin` puts them in pinned memory so that each copy
-    to a CUDA device is asynchronous.
-
-    Args:
-        transformer: The module carrying the adapters.
-        names: The adapters to manage (LoRA teachers).
-        budget: Most adapters resident at once (>= 1).
-    """
-
-    def __init__(self, transformer: torch.nn.Module, names: list[str], budget: int):
-        self.budget = budget
-        self.params: dict[str, list[torch.nn.Parameter]] = {name: [] for name in names}
-        for param_name, param in transformer.named_parameters():
-            for name in names:
-                if f".{name}." in param_name:
-                    self.params[name].append(param)
-        self.host = {name: [param.data for param in params] for name, params in self.params.items()}
-        self.resident: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.copies = 0  # host-to-device copies made, for benchmarks and tests
-        for name in names:
-            self._evict(name)
-
-    def pin(self) -> None:
-        """Put the host copies in pinned memory (CUDA only)."""
-        self.host = {name: [data.pin_memory() for data in host] for name, host in self.host.items()}
-
-    def _evict(self, name: str) -> None:
-        for param in self.params[name]:
-            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-        self.resident.pop(name, None)
-
-    def fetch(self, name: str) -> None:
-        """Make `name` resident (a no-op for a name not managed here), evicting the least recently used first."""
-        if name not in self.params:
-            return
-        if name in self.resident:
-            self.resident.move_to_end(name)
-            return
-        while len(self.resident) >= self.budget:
-            self._evict(next(iter(self.resident)))
-        for param, data in zip(self.params[name], self.host[name]):
-            param.data = data.to(param.device, non_blocking=True)
-        self.resident[name] = None
-        self.copies += 1
-
-    def resident_bytes(self) -> int:
-        """Bytes of the managed adapters' weights now on the device."""
-        return sum(param.numel() * param.element_size() for name in self.resident for param in self.params[name])
 
 
 def parse_teachers(teachers: dict[str, Any], reserved: tuple[str, ...] = ()) -> dict[str, list[TeacherSpec]]:

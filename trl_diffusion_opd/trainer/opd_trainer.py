@@ -21,15 +21,14 @@ from ..data import MixedTaskPrompts, prompts_by_task, row_images
 from ..families.base import Cond, cond_select, cond_tile
 from ..hub import teacher_reference
 from ..lora_io import DIFFUSERS_LORA_WEIGHTS, expert_weight_name, has_expert_lora
+from ..teacher_bank import TeacherBank
 from ..teachers import (
     BUILT_TEACHERS_DIR,
     STUDENT,
-    HostResidentAdapters,
     TeacherSpec,
     build_teacher,
     check_teacher_files,
     load_full_teacher,
-    load_lora_teacher,
     parse_teacher_spec,
     parse_teachers,
     resolve_teacher,
@@ -155,6 +154,8 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
         expert; a teacher with files for some experts only supervises only the steps those experts run.
         """
         experts = self.family.experts
+        # LoRA teachers are flat tensors behind shared slot adapters, host-resident with a device budget
+        bank = TeacherBank(args.max_teachers_on_device)
         for specs in [self._loaded_specs()]:
             for spec in specs:
                 if spec.needs_base:  # the resolution was checked against the base first: a failed start writes nothing
@@ -170,7 +171,7 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     spec.experts = tuple(experts)
                     continue
                 if len(experts) == 1:
-                    load_lora_teacher(transformer, spec, spec.local_dir)
+                    bank.load(transformer, spec)
                     spec.experts = tuple(experts)
                     continue
                 found = [e for e in experts if has_expert_lora(spec.local_dir, e, spec.weight_name)]
@@ -178,23 +179,17 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     names = [expert_weight_name(e, spec.weight_name) or DIFFUSERS_LORA_WEIGHTS for e in experts]
                     raise ValueError(f"Teacher '{spec.name}' ({spec.display}) has none of the expert LoRAs {names}.")
                 for expert in found:
-                    load_lora_teacher(
-                        experts[expert], spec, spec.local_dir, weight_name=expert_weight_name(expert, spec.weight_name)
-                    )
+                    bank.load(experts[expert], spec, weight_name=expert_weight_name(expert, spec.weight_name))
                 spec.experts = tuple(found)
         if self._base_anchor is not None:  # the base covers every expert
             self._base_anchor.experts = tuple(experts)
-        self._residency = None
-        if args.max_teachers_on_device is not None:
-            # moved off the device before the Trainer places the model, so the device never holds them all
-            names = [spec.name for spec in self._loaded_specs() if not spec.full_weight]
-            self._residency = HostResidentAdapters(transformer, names, args.max_teachers_on_device)
+        # the slots' weights leave the parameters before the student is added and the Trainer places the model
+        bank.finalize()
+        self.teacher_bank = bank
 
     def _place_models(self, device) -> None:
-        if self._residency is not None:
-            self.adapters.residency = self._residency
-            if torch.device(device).type == "cuda":
-                self._residency.pin()
+        self.teacher_bank.to(device)
+        self.adapters.bank = self.teacher_bank
         for module in self.full_teachers.values():
             # With offload, full teachers wait on the CPU and visit the accelerator one at a time.
             module.to("cpu" if self.args.teacher_offload else device)
