@@ -176,6 +176,10 @@ def test_low_noise_teacher_supervises_only_the_low_noise_steps(tmp_path):
     specs = trainer.teacher_specs
     assert specs["geneval"][0].experts == ("transformer", "transformer_2")
     assert specs["ocr"][0].experts == ("transformer_2",)
+    # the teachers' weights as stored, keyed per expert like the student (started from the same files)
+    teacher, student = trainer.adapter_state_dict("geneval"), trainer.student_state_dict()
+    assert teacher.keys() == student.keys() and all(torch.equal(teacher[k], student[k]) for k in student)
+    assert {key.split(".")[0] for key in trainer.adapter_state_dict("ocr")} == {"transformer_2"}
 
     # Low-noise teacher only: KL only at the steps transformer_2 runs (1..3), exactly 0 at step 0.
     _, kl_steps = trainer.task_loss(

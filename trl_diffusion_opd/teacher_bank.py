@@ -66,6 +66,7 @@ class TeacherBank:
         self._slots: dict[tuple[int, str], _Slot] = {}
         # teacher -> [(slot, flat tensors: one per dtype group)]: on the device, or on the host with a budget
         self._stored: dict[str, list[tuple[_Slot, list[torch.Tensor]]]] = {}
+        self._prefixes: dict[str, list[str]] = {}  # teacher -> each part's key prefix (`weights`)
         # with a budget: the device copies of the resident teachers (least recently used first), and, during a
         # fetch, the evicted ones' buffers per (slot, dtype group), reused when the incoming teacher has that layout
         self._device: collections.OrderedDict[str, list[list[torch.Tensor]]] = collections.OrderedDict()
@@ -87,11 +88,13 @@ class TeacherBank:
         """With a budget: the teachers with a device copy, least recently used first."""
         return list(self._device)
 
-    def load(self, module: torch.nn.Module, spec: TeacherSpec, weight_name: str | None = None) -> None:
+    def load(
+        self, module: torch.nn.Module, spec: TeacherSpec, weight_name: str | None = None, prefix: str = ""
+    ) -> None:
         """Read teacher `spec`'s LoRA file for `module` (its folder's default file, or `weight_name`: another
         expert's) with `teachers.load_lora_teacher`'s checks, and `add` it."""
         state_dict, config, label = read_teacher_lora(module, spec, spec.local_dir, weight_name=weight_name)
-        self.add(module, spec.name, state_dict, config, label)
+        self.add(module, spec.name, state_dict, config, label, prefix)
 
     def add(
         self,
@@ -100,8 +103,10 @@ class TeacherBank:
         state_dict: dict[str, torch.Tensor],
         config: LoraConfig,
         label: str,
+        prefix: str = "",
     ) -> None:
-        """Store teacher `name`'s LoRA for `module` (one expert's transformer; a teacher may have one per expert).
+        """Store teacher `name`'s LoRA for `module` (one expert's transformer; a teacher may have one per expert,
+        each given the `prefix` its keys take in `weights`, e.g. `"transformer_2."`).
 
         The first teacher of a layout makes its slot (a PEFT adapter with that config); every teacher's weights are
         loaded into its slot by PEFT and read back flat, so any file PEFT loads loads here, with PEFT's checks.
@@ -124,6 +129,7 @@ class TeacherBank:
             for group in range(len(slot.sizes))
         ]
         self._stored.setdefault(name, []).append((slot, flats))
+        self._prefixes.setdefault(name, []).append(prefix)
 
     def _new_slot(self, module: torch.nn.Module, config: LoraConfig) -> _Slot:
         slot = _Slot(f"{SLOT_PREFIX}{len(self._slots)}")
@@ -214,13 +220,11 @@ class TeacherBank:
         return slots
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
-        """Teacher `name`'s weights as stored (views), in PEFT's naming relative to its module; keys of a teacher with
-        several experts' files start with the file's index (`0.`, `1.`)."""
-        parts = self._stored[name]
+        """Teacher `name`'s weights as stored (views), in PEFT's naming relative to its module (`...to_q.lora_A.weight`),
+        each part's keys after its `prefix`."""
         out = {}
-        for index, (slot, flats) in enumerate(parts):
+        for (slot, flats), prefix in zip(self._stored[name], self._prefixes[name]):
             pieces = [iter(flat.split(sizes)) for flat, sizes in zip(flats, slot.sizes)]
-            prefix = f"{index}." if len(parts) > 1 else ""
             for key, (_, _, shape, group) in zip(slot.keys, slot.entries):
                 out[prefix + key] = next(pieces[group]).view(shape)
         return out

@@ -179,7 +179,12 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                     names = [expert_weight_name(e, spec.weight_name) or DIFFUSERS_LORA_WEIGHTS for e in experts]
                     raise ValueError(f"Teacher '{spec.name}' ({spec.display}) has none of the expert LoRAs {names}.")
                 for expert in found:
-                    bank.load(experts[expert], spec, weight_name=expert_weight_name(expert, spec.weight_name))
+                    bank.load(
+                        experts[expert],
+                        spec,
+                        weight_name=expert_weight_name(expert, spec.weight_name),
+                        prefix=f"{expert}.",  # the denoiser's naming, as the student's keys
+                    )
                 spec.experts = tuple(found)
         if self._base_anchor is not None:  # the base covers every expert
             self._base_anchor.experts = tuple(experts)
@@ -197,6 +202,13 @@ class DiffusionOPDTrainer(DiffusionLoRATrainer):
                 # in pinned memory, so that each visit is an asynchronous copy (`to_device`)
                 for tensor in [*module.parameters(), *module.buffers()]:
                     tensor.data = tensor.data.pin_memory()
+
+    def adapter_state_dict(self, adapter: str = STUDENT) -> dict[str, torch.Tensor]:
+        """An adapter's LoRA weights in PEFT naming, copied to the CPU; a LoRA teacher's by its name (from the
+        `teacher_bank`, keyed as the student's)."""
+        if adapter in self.teacher_bank:
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.teacher_bank.weights(adapter).items()}
+        return super().adapter_state_dict(adapter)
 
     def _default_guidance(self, adapter: str | None) -> float:
         task = next((t for t, specs in self.teacher_specs.items() for s in specs if s.name == adapter), None)
