@@ -289,6 +289,17 @@ def test_teacher_scale_case_and_summary(tmp_path):
     assert summary["time_ratio_max"] == pytest.approx(1.1) and summary["time_target_met"]
     assert summary["memory_target_met"]
     assert len(teacher_scale._row(fake[1])) == len(teacher_scale.HEADERS)
+    # several processes per case: rounds pooled, the least peak read against the target, the median shown
+    runs = [
+        {**result, "peak_bytes": m, "round_s_all": [s], "round_cpu_s_all": [s]} for m, s in [(7, 1), (5, 3), (9, 2)]
+    ]
+    merged = teacher_scale._merge_runs(runs)
+    assert (merged["peak_bytes"], merged["peak_bytes_median"], merged["round_s"]) == (5, 7, 2)
+    # a CPU's host copies are in the measured memory: the host placement is allowed the extra teachers' bytes there
+    hosted = teacher_scale.summarize([{**f, "placement": "host", "device": "cpu"} for f in fake])["host"]
+    assert hosted["memory_target_met"]
+    on_gpu = teacher_scale.summarize([{**f, "placement": "host", "device": "cuda:0"} for f in fake])["host"]
+    assert not on_gpu["memory_target_met"]
 
 
 def test_wan_memory_counts_the_image_to_video_checkpoints():
