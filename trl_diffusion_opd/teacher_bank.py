@@ -9,8 +9,9 @@ of its own, bit for bit, since the slot is built from the teacher's own `LoraCon
 
 The slot weights are non-persistent buffers, not parameters: no optimizer, gradient, checkpoint or sharding
 (FSDP2, DeepSpeed) sees them, and switching teachers moves or gathers nothing. With a device budget
-(`max_teachers_on_device`) the teachers wait on the host and at most `budget` of them have a device copy, the least
-recently used one dropped first (its host copy stays exact: teachers are frozen).
+(`max_teachers_on_device`) the teachers wait on the host and at most `budget` of them have a device copy: the least
+recently used one leaves first (its host copy stays exact: teachers are frozen), and the incoming teacher is copied
+into its device buffers when their layouts match.
 """
 
 from __future__ import annotations
