@@ -458,7 +458,7 @@ class AdapterSwitch:
         for layer in self.layers:
             layer._disable_adapters = name is None
             if name is not None:
-                layer._active_adapter = active
+                layer._active_adapter = list(active)  # a list of its own, as PEFT keeps it
 
     def use(self, name: str | None):
         """Context manager: `with switch.use("ocr"): ...` runs with that adapter, then restores the student."""
