@@ -28,7 +28,7 @@ rounds; the table gives the median round over all of them and the least peak (an
 Targets: round time at 200 teachers <= 1.2 x at 3; peak memory <= the 3-teacher peak + the extra adapters' bytes
 (host placement: + the budget's bytes only, on CUDA; on a CPU its host copies count too, being in the same memory).
 
-    python -m benchmarks.teacher_scale                       # tiny SD3 on the CPU, a few minutes
+    python -m benchmarks.teacher_scale                       # tiny SD3 on the CPU, ~6 min (5 processes a case)
     python -m benchmarks.teacher_scale --preset small        # hidden 256, 4 blocks (the GPU variant: run on a GPU)
     python -m benchmarks.teacher_scale --quick --no-write    # smoke check
 """
